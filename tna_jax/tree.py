@@ -1,0 +1,250 @@
+"""Pytree helpers shared by every module: names of leaves, structure checks, lerp and averages.
+
+Everything in tna_jax names a parameter by its '/'-joined path (``"block1/conv1/kernel"``), the
+way git-re-basin and Flax's ``traverse_util`` do. These helpers are the one place that turns
+JAX key paths into such names, checks that two trees have the same structure (naming the first
+path that differs), and does the arithmetic that linear mode connectivity and model fusion need
+(``lerp``, ``weighted_mean``). They know nothing about models.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Path = tuple[Any, ...]
+
+__all__ = [
+    "path_str",
+    "named_leaves",
+    "leaf_names",
+    "map_with_names",
+    "check_same_structure",
+    "lerp",
+    "weighted_mean",
+    "stack",
+    "unstack",
+    "index",
+    "tree_size",
+    "tree_bytes",
+    "module_order",
+    "natural_key",
+]
+
+
+def _key_str(key: Any) -> str | None:
+    """One element of a JAX key path as text, or None for elements that carry no name."""
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        # flax.nnx wraps every array in a Variable whose payload sits under `.value`; the
+        # payload is not a separate name a user would write.
+        return None if key.name == "value" else key.name
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def path_str(path: Path) -> str:
+    """Joins a JAX key path into a '/'-separated name, e.g. ``"dense_0/kernel"``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> params = {"dense_0": {"kernel": jnp.ones((2, 3))}}
+      >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+      ['dense_0/kernel']
+    """
+    parts = [s for s in (_key_str(k) for k in path) if s is not None]
+    return "/".join(parts)
+
+
+def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+    """Returns ``[(name, leaf), ...]`` in JAX's canonical flattening order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def leaf_names(tree: PyTree) -> list[str]:
+    """The '/'-joined names of the leaves of `tree`, in flattening order."""
+    return [name for name, _ in named_leaves(tree)]
+
+
+def map_with_names(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """Like ``jax.tree.map`` but ``fn(name, leaf, *other_leaves)`` also receives the leaf's name."""
+    return jax.tree_util.tree_map_with_path(lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest)
+
+
+def check_same_structure(
+    a: PyTree, b: PyTree, *, names: tuple[str, str] = ("a", "b"), check_shapes: bool = True
+) -> None:
+    """Raises ValueError naming the first path where `a` and `b` differ in structure or shape.
+
+    Args:
+      a, b: the two pytrees.
+      names: how to call the two trees in the message (e.g. ``("params", "mask")``).
+      check_shapes: also require equal leaf shapes.
+    """
+    la, lb = named_leaves(a), named_leaves(b)
+    na, nb = [n for n, _ in la], [n for n, _ in lb]
+    if na != nb:
+        set_b = set(nb)
+        set_a = set(na)
+        only_a = [n for n in na if n not in set_b]
+        only_b = [n for n in nb if n not in set_a]
+        if only_a or only_b:
+            first = only_a[0] if only_a else only_b[0]
+            where = names[0] if only_a else names[1]
+            other = names[1] if only_a else names[0]
+            raise ValueError(
+                f"{names[0]} and {names[1]} have different structure: path {first!r} is in "
+                f"{where} but not in {other} ({len(na)} vs {len(nb)} leaves)."
+            )
+        raise ValueError(f"{names[0]} and {names[1]} have the same leaves in a different order.")
+    sa = jax.tree_util.tree_structure(a)
+    sb = jax.tree_util.tree_structure(b)
+    if sa != sb:
+        raise ValueError(
+            f"{names[0]} and {names[1]} have different tree types with the same leaf names: "
+            f"{sa} vs {sb}."
+        )
+    if check_shapes:
+        for (name, x), (_, y) in zip(la, lb):
+            if np.shape(x) != np.shape(y):
+                raise ValueError(
+                    f"{names[0]} and {names[1]} differ in shape at path {name!r}: "
+                    f"{np.shape(x)} vs {np.shape(y)}."
+                )
+
+
+def lerp(a: PyTree, b: PyTree, alpha: Any) -> PyTree:
+    """Linear interpolation ``(1 - alpha) * a + alpha * b`` of two trees, leaf by leaf.
+
+    Integer leaves (step counters) are taken from `a` when ``alpha < 0.5`` and from `b`
+    otherwise, so that interpolating whole train states is well defined. Floating leaves keep
+    their dtype; ``alpha`` may be a traced scalar (this is what ``jax.vmap`` over α maps).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> lerp({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0.25)["w"]
+      Array([0.25, 0.25], dtype=float32)
+    """
+
+    def one(x, y):
+        x = jnp.asarray(x)
+        y = jnp.asarray(y)
+        if jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.complexfloating):
+            al = jnp.asarray(alpha, dtype=jnp.promote_types(x.dtype, jnp.float32))
+            out = x + al * (y.astype(al.dtype) - x)
+            return out.astype(x.dtype)
+        return jnp.where(jnp.asarray(alpha) < 0.5, x, y)
+
+    return jax.tree.map(one, a, b)
+
+
+def weighted_mean(stacked: PyTree, weights: Any = None, *, axis: int = 0) -> PyTree:
+    """Average over the leading (model) axis of a stacked tree, optionally weighted.
+
+    Args:
+      stacked: a pytree whose leaves have a leading axis of size K (K models).
+      weights: None for the uniform average, or K non-negative weights (normalised here).
+      axis: the model axis.
+
+    Raises:
+      ValueError: weights of the wrong length, negative, or summing to zero.
+    """
+    leaves = jax.tree.leaves(stacked)
+    if not leaves:
+        return stacked
+    k = np.shape(leaves[0])[axis]
+    if weights is None:
+        return jax.tree.map(
+            lambda x: jnp.mean(x, axis=axis) if jnp.issubdtype(x.dtype, jnp.inexact)
+            else jnp.take(x, 0, axis=axis),
+            stacked,
+        )
+    w = jnp.asarray(weights, dtype=jnp.float32)
+    if w.shape != (k,):
+        raise ValueError(f"weights must have shape ({k},) to match {k} models; got {w.shape}.")
+    if not isinstance(w, jax.core.Tracer):
+        wn = np.asarray(w)
+        if np.any(wn < 0) or not np.isfinite(wn).all() or wn.sum() <= 0:
+            raise ValueError(f"weights must be finite, non-negative and not all zero; got {wn}.")
+    w = w / jnp.sum(w)
+
+    def one(x):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.take(x, 0, axis=axis)
+        shape = [1] * x.ndim
+        shape[axis] = k
+        return jnp.sum(x * w.reshape(shape).astype(x.dtype), axis=axis)
+
+    return jax.tree.map(one, stacked)
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    """Stacks a list of same-structure trees along a new leading axis."""
+    if not trees:
+        raise ValueError("stack() needs at least one tree; got an empty sequence.")
+    for i, t in enumerate(trees[1:], start=1):
+        check_same_structure(trees[0], t, names=("tree 0", f"tree {i}"))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(stacked: PyTree) -> list[PyTree]:
+    """Inverse of :func:`stack`: a list of trees, one per index of the leading axis."""
+    leaves, treedef = jax.tree.flatten(stacked)
+    if not leaves:
+        return []
+    n = np.shape(leaves[0])[0]
+    return [treedef.unflatten([x[i] for x in leaves]) for i in range(n)]
+
+
+def index(stacked: PyTree, i: Any) -> PyTree:
+    """The `i`-th tree of a stacked tree (works with traced `i`)."""
+    return jax.tree.map(lambda x: x[i], stacked)
+
+
+def tree_size(tree: PyTree) -> int:
+    """Total number of entries over all leaves."""
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Total number of bytes over all array leaves."""
+    return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sort key that orders ``layer_2`` before ``layer_10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def module_order(tree: Mapping[str, Any], weight_names: Iterable[str] = ("kernel", "embedding")) -> list[str]:
+    """Paths of the weight-bearing modules of a nested dict, in the dict's insertion order.
+
+    Flax's ``init`` returns parameters in the order the modules were called, i.e. from the
+    input to the output. JAX's own flattening sorts dict keys, so this walks the dicts
+    directly. A module counts as a layer when it holds a leaf named in `weight_names`.
+    """
+    names = set(weight_names)
+    order: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if not isinstance(node, Mapping):
+            return
+        if any(k in names and not isinstance(v, Mapping) for k, v in node.items()):
+            order.append(prefix)
+        for k, v in node.items():
+            if isinstance(v, Mapping):
+                walk(v, f"{prefix}/{k}" if prefix else str(k))
+
+    walk(tree, "")
+    return order
