@@ -1,0 +1,82 @@
+"""The pure boundary between Flax modules and the rest of tna_jax: :class:`Net`.
+
+Every model in the zoo is a Flax Linen module. :class:`Net` wraps one into two pure functions,
+``init(key) -> variables`` and ``apply(variables, x, train=..., rng=...) -> (logits, state)``,
+so that ``jax.vmap`` over seeds, ``jax.jit`` and sharding apply to whole models. ``variables``
+is ``{"params": ..., "batch_stats": ...}`` (the second only for nets with BatchNorm); ``state``
+is the updated non-parameter collections after a training step (``{}`` when there are none).
+
+Naming convention shared by all models (``anchors`` and ``align`` rely on it): weight layers have
+readable names (``dense_0``, ``conv1``, ``block2_1/conv2``, ``head``) and the normalisation of a
+layer's outputs is named ``<layer>_norm``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tna_jax import tree as tree_lib
+
+Variables = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Net:
+    """A model as pure functions.
+
+    Attributes:
+      name: registry name (``"mlp"``, ``"resnet20"``, ...).
+      module: the Flax Linen module.
+      input_shape: shape of one example (without the batch axis).
+      num_classes: number of output logits.
+      input_dtype: dtype of the inputs (float32 for images/features, int32 for token ids).
+    """
+
+    name: str
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    num_classes: int
+    input_dtype: Any = jnp.float32
+
+    def init(self, key: jax.Array) -> Variables:
+        """Initial variables for one model from one PRNG key (pure; vmap it over keys)."""
+        params_key, dropout_key = jax.random.split(key)
+        x = jnp.zeros((1, *self.input_shape), self.input_dtype)
+        variables = self.module.init({"params": params_key, "dropout": dropout_key}, x, train=False)
+        return dict(variables)
+
+    def apply(self, variables: Variables, x: jax.Array, *, train: bool = False,
+              rng: jax.Array | None = None) -> tuple[jax.Array, Variables]:
+        """Logits for a batch `x` and the updated non-parameter collections.
+
+        In training mode BatchNorm uses batch statistics and returns updated running averages
+        in the second output; in evaluation mode the second output is ``{}``.
+        """
+        mutable = [k for k in variables if k != "params"] if train else False
+        rngs = {"dropout": rng} if rng is not None else None
+        if mutable:
+            logits, state = self.module.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
+            return logits, dict(state)
+        logits = self.module.apply(variables, x, train=train, rngs=rngs)
+        return logits, {}
+
+    @property
+    def has_batch_stats(self) -> bool:
+        return "batch_stats" in jax.eval_shape(self.init, jax.random.key(0))
+
+    def layer_order(self) -> list[str]:
+        """Paths of the weight layers from input to output (Flax's call order)."""
+        variables = jax.eval_shape(self.init, jax.random.key(0))
+        return tree_lib.module_order(variables["params"])
+
+    def param_count(self) -> int:
+        return tree_lib.tree_size(jax.eval_shape(self.init, jax.random.key(0))["params"])
+
+
+ModelFactory = Callable[..., nn.Module]
