@@ -67,11 +67,11 @@ def mnist1d(cfg: Any) -> SourceOutput:
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache file is regenerated below
     # make_dataset seeds NumPy's global generator; restore it so we leave no trace.
-    state = np.random.get_state()
+    state = np.random.get_state()  # noqa: NPY002 (restoring the global generator mnist1d seeds)
     try:
         data = m1d.make_dataset(args)
     finally:
-        np.random.set_state(state)
+        np.random.set_state(state)  # noqa: NPY002
     arrays = {
         "x": data["x"].astype(np.float32), "y": data["y"].astype(np.int32),
         "x_test": data["x_test"].astype(np.float32), "y_test": data["y_test"].astype(np.int32),

@@ -1,0 +1,313 @@
+"""Tests of multi-seed training, checkpoints, resume, sharding and the experiment runner."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from util import ROOT, run_python, tiny_config
+
+from tna_jax import anchors, data, experiment, models, training
+from tna_jax import checkpoint as ckpt_lib
+from tna_jax.config import ConfigError, validate
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return data.load(tiny_config().data)
+
+
+def build(config, dataset):
+    return models.build(config.model, dataset.input_shape, dataset.num_classes)
+
+
+def init_state(config, net, runs=None):
+    runs = runs if runs is not None else training.make_runs(config)
+    keys = training.make_run_keys(config, runs)
+    base = training.make_optimizer(config.optimizer, 10, config.train.epochs)
+    factory = training.make_transform(base, config, net, training.arms_from_config(config))
+    return jax.jit(lambda k: training.init_runs(net, factory, runs, k))(keys), keys, factory
+
+
+def test_arms_and_runs_follow_the_config():
+    c = tiny_config(anchor__ratio=0.4)
+    assert [a.label for a in training.arms_from_config(c)] == ["vanilla", "TNA-PFN 0.4"]
+    c.baseline = False
+    assert [a.label for a in training.arms_from_config(c)] == ["TNA-PFN 0.4"]
+    c.prune.ratio = 0.3
+    assert [a.label for a in training.arms_from_config(c)] == ["prune 0.3"]
+    c.sweep.anchor_ratios = (0.0, 0.2, 0.2)
+    c.sweep.prune_ratios = (0.5,)
+    assert [a.label for a in training.arms_from_config(c)] == ["vanilla", "TNA-PFN 0.2", "prune 0.5"]
+    runs = training.make_runs(c)
+    assert [(r.arm_index, r.seed) for r in runs] == [(a, s) for a in range(3) for s in range(2)]
+
+
+def test_initial_masks_values_and_seed_streams(dataset):
+    c = tiny_config(anchor__ratio=0.5, prune__ratio=0.0, num_seeds=3)
+    net = build(c, dataset)
+    state, keys, _ = init_state(c, net)
+    mask = training.mask_of(state)
+    runs = training.make_runs(c)
+    vanilla = [r.index for r in runs if r.arm.method == "none"]
+    tna = [r.index for r in runs if r.arm.method == "anchor"]
+    for leaf in jax.tree.leaves(mask):
+        assert not bool(leaf[np.array(vanilla)].any())
+        assert bool(jnp.all(leaf[tna[0]] == leaf[tna[1]]))  # one mask shared by the seeds
+    fraction = anchors.mask_summary(jax.tree.map(lambda m: m[tna[0]], mask))["overall"]
+    assert 0.45 < fraction < 0.55
+    values = net.init(jax.random.wrap_key_data(keys.anchor_values[tna[0]]))["params"]
+    for p, v, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(values), jax.tree.leaves(mask)):
+        for i in tna:
+            assert bool(jnp.all(p[i][m[i]] == v[m[i]]))  # shared anchored values
+        free = ~m[tna[0]]
+        if p.ndim > 2:  # kernels (biases start at zero in every seed)
+            assert bool(jnp.any(p[tna[0]][free] != p[tna[1]][free]))  # seeds differ elsewhere
+    # Arms are paired: the vanilla run of seed s starts from seed s's init outside the mask.
+    kernel = state.params["dense_0"]["kernel"]
+    m0 = mask["dense_0"]["kernel"][tna[1]]
+    assert bool(jnp.all(kernel[vanilla[1]][~m0] == kernel[tna[1]][~m0]))
+
+
+def test_seed_options_share_or_split_streams(dataset):
+    c = tiny_config(anchor__ratio=0.5, baseline=False)
+    net = build(c, dataset)
+    c.seeds.vary = "data"
+    c.anchor.share_mask = False
+    state, keys, _ = init_state(c, net)
+    k = state.params["dense_0"]["kernel"]
+    m = training.mask_of(state)["dense_0"]["kernel"]
+    assert bool(jnp.any(m[0] != m[1]))  # one mask per seed
+    assert bool(jnp.all(k[0][~m[0] & ~m[1]] == k[1][~m[0] & ~m[1]]))  # same init
+    assert not bool(jnp.all(keys.data[0] == keys.data[1]))  # different data order
+    c.seeds.vary = "init"
+    _, keys, _ = init_state(c, net)
+    assert bool(jnp.all(keys.data[0] == keys.data[1])) and not bool(jnp.all(keys.init[0] == keys.init[1]))
+
+
+def test_fit_trains_every_run_and_anchors_and_pruned_weights_stay(dataset):
+    c = tiny_config(sweep__anchor_ratios=(0.0, 0.5), sweep__prune_ratios=(0.5,), train__epochs=4)
+    net = build(c, dataset)
+    state0, _, _ = init_state(c, net)
+    result = training.fit(c, net, dataset, log=lambda s: None)
+    assert len(result.runs) == 6
+    chex.assert_tree_shape_prefix(result.state.params, (6,))
+    assert np.all(result.test["accuracy"] > 0.15), result.test["accuracy"]  # chance is 0.1 (432 examples, 4 epochs)
+    for r in runs_of(result):
+        losses = [h["train_loss"] for h in result.history if h["run"] == r]
+        assert losses[-1] < 0.9 * losses[0], losses
+    mask = result.mask
+    runs = result.runs
+    for p0, p, m in zip(jax.tree.leaves(state0.params), jax.tree.leaves(result.state.params), jax.tree.leaves(mask)):
+        for r in runs:
+            i = r.index
+            assert bool(jnp.all(p[i][m[i]] == p0[i][m[i]]))  # anchors bit-identical
+            if r.arm.method == "prune":
+                assert bool(jnp.all(p[i][m[i]] == 0))
+            assert bool(jnp.any(p[i][~m[i]] != p0[i][~m[i]]))
+    assert len(result.history) == 4 * 6
+    assert {"epoch", "run", "arm", "seed", "train_loss", "val_accuracy"} <= set(result.history[-1])
+
+
+def runs_of(result):
+    return [r.index for r in result.runs]
+
+
+def test_vmapped_runs_match_runs_trained_one_at_a_time(dataset):
+    c = tiny_config(anchor__ratio=0.4)
+    net = build(c, dataset)
+    dd = data.to_device(dataset)
+    runs = training.make_runs(c)
+    state, keys, factory = init_state(c, net, runs)
+    update_tx = factory(0.0, jax.random.key(0))
+    epoch_fn = training.make_train_epoch(net, update_tx, num_train=dd.x_train.shape[0], batch_size=64, donate=False)
+    together = state
+    for e in range(2):
+        together, _ = epoch_fn(together, keys.data, keys.dropout, e, dd.x_train, dd.y_train)
+    for i, run in enumerate(runs):
+        single, k1, _ = init_state(c, net, [run])
+        for e in range(2):
+            single, _ = epoch_fn(single, k1.data, k1.dropout, e, dd.x_train, dd.y_train)
+        chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], single.params),
+                                    jax.tree.map(lambda x, i=i: x[i], together.params), atol=1e-5, rtol=1e-5)
+
+
+def test_eval_fn_matches_a_direct_computation(dataset):
+    c = tiny_config()
+    net = build(c, dataset)
+    dd = data.to_device(dataset)
+    variables = net.init(jax.random.key(0))
+    out = jax.jit(training.make_eval_fn(net, batch_size=97))(variables, dd.x_test, dd.y_test)
+    logits, _ = net.apply(variables, dd.x_test)
+    loss = training.cross_entropy(logits, dd.y_test).mean()
+    acc = (jnp.argmax(logits, -1) == dd.y_test).mean()
+    np.testing.assert_allclose(out["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(out["accuracy"], acc, rtol=1e-6)
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, dataset):
+    c = tiny_config(train__epochs=6, baseline=False, anchor__ratio=0.0)
+    c.optimizer.name = "sgd"
+    c.optimizer.schedule = "warmup_cosine"
+    c.optimizer.warmup_epochs = 3.0
+    c.optimizer.learning_rate = 900.0
+    net = build(c, dataset)
+    with pytest.raises(training.TrainingDiverged, match=r"training diverged: run \d \(vanilla, seed \d\) had loss .* at epoch (\d)"):
+        training.fit(c, net, dataset, workdir=str(tmp_path), log=lambda s: None)
+    steps = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).steps()
+    assert steps and max(steps) >= 1
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert max(r["epoch"] for r in lines) >= max(steps)
+    assert all(np.isfinite(r["train_loss"]) for r in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_seeds", 0, "config.num_seeds must be an integer >= 1"),
+    ("train.batch_size", -3, "config.train.batch_size must be an integer >= 1"),
+    ("anchor.ratio", 1.5, r"config.anchor.ratio must be a number in \[0.0, 1.0\]"),
+    ("anchor.granularity", "channel", "config.anchor.granularity must be one of"),
+    ("optimizer.learning_rate", float("nan"), "config.optimizer.learning_rate must be a finite number"),
+    ("optimizer.name", "rmsprop", "config.optimizer.name must be one of"),
+    ("seeds.vary", "all", "config.seeds.vary must be one of"),
+])
+def test_bad_config_values_name_the_field(field, value, message):
+    c = tiny_config()
+    section, _, leaf = field.rpartition(".")
+    node = c[section] if section else c
+    with node.unlocked() if hasattr(node, "unlocked") else nullcontext():
+        node[leaf] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(c)
+
+
+def nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_unknown_config_keys_models_and_sources_are_errors(dataset):
+    c = tiny_config()
+    c.train.epoch = 3
+    with pytest.raises(ConfigError, match=r"config.train.epoch is not a known field \(did you mean 'train.epochs'"):
+        validate(c)
+    with pytest.raises(ValueError, match=r"model.name must be one of \[.*'mlp'.*\]; got 'resnet99'"):
+        models.build({"name": "resnet99"}, (40,), 10)
+    with pytest.raises(ValueError, match=r"data.source must be one of \[.*'mnist1d'.*\]; got 'mnist2d'"):
+        data.load({"source": "mnist2d"})
+    c = tiny_config(train__batch_size=5000)
+    with pytest.raises(ValueError, match="config.train.batch_size=5000 exceeds"):
+        training.fit(c, build(c, dataset), dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workdir: resume after kill, lock, config mismatch, multi-device
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_ARGS = ["--config=configs/quickstart.py", "--config.train.epochs=4", "--config.data.num_samples=600",
+              "--config.model.width=32", "--config.model.depth=1", "--config.train.checkpoint_every=1",
+              "--config.analysis.lmc=False", "--config.train.progress=False", "--config.num_seeds=2"]
+
+
+def train_cmd(workdir, *extra):
+    return [sys.executable, "train.py", *TRAIN_ARGS, *extra, f"--workdir={workdir}"]
+
+
+def run_train(workdir, env=None, extra=()):
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    return subprocess.run(train_cmd(workdir, *extra), cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def final_digest(workdir):
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = ckpt.latest_step()
+    return step, ckpt.read_meta(step)["state_digest"]
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    killed = run_train(tmp_path / "a", env={"TNA_JAX_KILL_AT": "after_save:2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert ckpt_lib.Checkpointer(str(tmp_path / "a" / "checkpoints")).latest_step() == 2
+    assert not (tmp_path / "a" / "report.json").exists()
+    resumed = run_train(tmp_path / "a")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from the checkpoint of epoch 2" in resumed.stdout + resumed.stderr
+    straight = run_train(tmp_path / "b")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert final_digest(tmp_path / "a") == final_digest(tmp_path / "b")
+    ra = json.load(open(tmp_path / "a" / "report.json"))
+    rb = json.load(open(tmp_path / "b" / "report.json"))
+    assert ra["runs"] == rb["runs"] and ra["training"]["resumed_from"] == 2
+    lines = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["epoch"] for r in lines] == [e for e in range(1, 5) for _ in range(4)]
+
+
+def test_second_run_on_a_locked_workdir_fails_at_once_and_stale_locks_are_taken_over(tmp_path):
+    lock = experiment.WorkdirLock(str(tmp_path)).acquire()
+    try:
+        t0 = time.time()
+        busy = run_train(tmp_path)
+        assert busy.returncode != 0
+        assert f"is in use by pid {os.getpid()}" in busy.stderr
+        assert time.time() - t0 < 60
+    finally:
+        lock.release()
+    code = ("import os, signal; from tna_jax import experiment; "
+            f"experiment.WorkdirLock({str(tmp_path)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
+    dead = run_python(code)
+    assert dead.returncode == -signal.SIGKILL
+    lock = experiment.WorkdirLock(str(tmp_path)).acquire()
+    assert lock.previous_holder is not None and lock.previous_holder["pid"] != os.getpid()
+    lock.release()
+
+
+def test_resuming_with_a_different_config_names_the_fields(tmp_path, dataset):
+    c = tiny_config(train__epochs=1, analysis__lmc=False)
+    experiment.run(c, str(tmp_path))
+    c2 = tiny_config(train__epochs=2, analysis__lmc=False)
+    c2.optimizer.learning_rate = 0.01
+    with pytest.raises(ValueError, match=r"different config: optimizer.learning_rate \(was 0.05, now 0.01\)"):
+        experiment.run(c2, str(tmp_path))
+    c3 = tiny_config(train__epochs=2, analysis__lmc=False)  # more epochs is a resume
+    report = experiment.run(c3, str(tmp_path))
+    assert report["training"]["resumed_from"] == 1
+
+
+MULTI_DEVICE_CODE = """
+import json, jax, numpy as np
+import sys; sys.path.insert(0, 'tests')
+from util import tiny_config
+from tna_jax import data, models, training
+c = tiny_config(num_seeds=3, anchor__ratio=0.5)
+ds = data.load(c.data)
+net = models.build(c.model, ds.input_shape, ds.num_classes)
+res = training.fit(c, net, ds, log=lambda s: None)
+print(json.dumps({"devices": jax.device_count(), "acc": res.test["accuracy"].tolist(),
+                  "kernel": np.asarray(res.state.params["dense_0"]["kernel"]).ravel()[::97].tolist()}))
+"""
+
+
+def test_four_devices_match_one_device():
+    one = run_python(MULTI_DEVICE_CODE)
+    four = run_python(MULTI_DEVICE_CODE, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert four.returncode == 0, four.stderr[-2000:]
+    a = json.loads(one.stdout.strip().splitlines()[-1])
+    b = json.loads(four.stdout.strip().splitlines()[-1])
+    assert a["devices"] == 1 and b["devices"] == 4
+    assert len(b["acc"]) == 6  # 6 runs padded to 8 on 4 devices; padding is not reported
+    np.testing.assert_allclose(a["kernel"], b["kernel"], atol=1e-5)
+    np.testing.assert_allclose(a["acc"], b["acc"], atol=2e-3)

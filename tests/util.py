@@ -1,0 +1,42 @@
+"""Small configs and helpers shared by the tests."""
+
+import os
+import subprocess
+import sys
+
+from tna_jax.config import default_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+    """An MNIST-1D MLP config that trains in well under a second after compilation."""
+    c = default_config()
+    c.name = "tiny"
+    c.num_seeds = 2
+    c.data.num_samples = 600
+    c.model.depth = 1
+    c.model.width = 32
+    c.optimizer.name = "momentum"
+    c.optimizer.learning_rate = 0.05
+    c.train.epochs = 3
+    c.train.batch_size = 64
+    c.train.eval_batch_size = 256
+    c.train.checkpoint_every = 1
+    c.train.progress = False
+    c.analysis.num_alphas = 5
+    c.analysis.plots = False
+    for dotted, value in overrides.items():
+        node = c
+        parts = dotted.split("__")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+    return c
+
+
+def run_python(code: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh Python process from the repository root."""
+    full_env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **(env or {})}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

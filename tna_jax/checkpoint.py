@@ -1,0 +1,233 @@
+"""Checkpoints (orbax) and reports (JSON), written atomically and checked when read. No pickle.
+
+* :func:`write_json` / :func:`read_json`: a file is written to a temporary name in the same
+  directory, flushed, fsynced and renamed, so a reader sees the old file or the new one, never
+  half of one.
+* :class:`Checkpointer`: an ``orbax.checkpoint.CheckpointManager`` of numbered steps, each holding
+  the train state (any pytree of arrays), optional extra arrays (the anchor mask, saved beside the
+  state so users can read it alone) and JSON metadata. Orbax finalises a step by renaming its
+  temporary directory, so a step is either complete or absent. On top of that every save records
+  a SHA-256 digest of the arrays; :meth:`Checkpointer.restore` recomputes it, so a truncated or
+  bit-flipped file is detected and the previous good step is used instead (with a warning), or a
+  clear error names the directory when no good step is left. Restores always use an explicit
+  abstract target (shapes, dtypes, shardings): nothing in a file decides what gets built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+
+from tna_jax import tree as tree_lib
+
+__all__ = ["write_json", "read_json", "tree_digest", "Checkpointer", "CheckpointError"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged or does not match what the caller expects."""
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, (np.ndarray, jax.Array)):
+        return np.asarray(obj).tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def write_json(path: str, obj: Any, *, indent: int | None = 2) -> str:
+    """Writes `obj` as JSON to `path` atomically (temp file + fsync + rename); returns `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=indent, sort_keys=True, default=_json_default, allow_nan=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_text(path: str, text: str) -> str:
+    """Writes text to `path` atomically."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def read_json(path: str) -> Any:
+    """Reads a JSON file, with an error that names the file when it is missing or malformed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist.") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}.") from None
+
+
+def tree_digest(tree: Any) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of every leaf (host copy)."""
+    h = hashlib.sha256()
+    for name, leaf in tree_lib.named_leaves(tree):
+        arr = np.asarray(jax.device_get(leaf))
+        h.update(name.encode())
+        h.update(str(arr.shape).encode())
+        h.update(str(arr.dtype).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _abstract(tree: Any) -> Any:
+    def one(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+    return jax.tree.map(one, tree)
+
+
+class Checkpointer:
+    """Numbered checkpoints of a pytree state (plus extra arrays and JSON metadata) in `directory`.
+
+    Args:
+      directory: where the steps live (created if missing).
+      keep: how many most recent steps to keep.
+
+    Examples:
+      >>> import tempfile, jax.numpy as jnp
+      >>> ckpt = Checkpointer(tempfile.mkdtemp())
+      >>> ckpt.save(3, {"w": jnp.arange(4.0)}, meta={"epoch": 3})
+      >>> state, extras, meta = ckpt.restore({"w": jnp.zeros(4)})
+      >>> state["w"].tolist(), meta["epoch"], ckpt.latest_step()
+      ([0.0, 1.0, 2.0, 3.0], 3, 3)
+    """
+
+    def __init__(self, directory: str, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        self._manager.reload()
+        return sorted(int(s) for s in self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Any, *, extras: Any = None, meta: dict[str, Any] | None = None) -> None:
+        """Saves `state` (and `extras`, `meta`) as step `step`; complete or not at all."""
+        ocp = self._ocp
+        meta = dict(meta or {})
+        meta["state_digest"] = tree_digest(state)
+        if extras is not None:
+            meta["extras_digest"] = tree_digest(extras)
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if extras is not None:
+            items["extras"] = ocp.args.StandardSave(extras)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._manager.wait_until_finished()
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON metadata of step `step` (epoch, runs, digests)."""
+        ocp = self._ocp
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def _restore_step(self, step: int, target: Any, extras_target: Any) -> tuple[Any, Any, dict[str, Any]]:
+        ocp = self._ocp
+        path = os.path.join(self.directory, str(step))
+        meta = self.read_meta(step)
+        items = {"state": ocp.args.StandardRestore(_abstract(target))}
+        if extras_target is not None and "extras_digest" in meta:
+            items["extras"] = ocp.args.StandardRestore(_abstract(extras_target))
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        state = restored["state"]
+        tree_lib.check_same_structure(target, state, names=("expected state", f"checkpoint {path}"))
+        if tree_digest(state) != meta.get("state_digest"):
+            raise CheckpointError(f"checkpoint {path} is damaged: its arrays do not match the digest "
+                                  "recorded when it was saved (truncated or modified files).")
+        extras = restored.get("extras") if "extras" in items else None
+        if extras is not None and tree_digest(extras) != meta.get("extras_digest"):
+            raise CheckpointError(f"checkpoint {path} is damaged: its extra arrays do not match their digest.")
+        return state, extras, meta
+
+    def restore(self, target: Any, *, step: int | None = None, extras_target: Any = None,
+                fallback: bool = True) -> tuple[Any, Any, dict[str, Any]]:
+        """Restores step `step` (default: the latest good one) into the structure of `target`.
+
+        Args:
+          target: a pytree of arrays or ``jax.ShapeDtypeStruct`` (with shardings) describing the
+            state; the checkpoint must have exactly this structure, shapes and dtypes.
+          step: a specific step, or None for the latest.
+          extras_target: structure of the extra arrays, or None to skip them.
+          fallback: when the latest step is damaged, warn and try older ones.
+
+        Returns:
+          ``(state, extras, meta)``.
+
+        Raises:
+          CheckpointError: no checkpoint, or every candidate is damaged or of another model (the
+            message names the directory and what failed).
+        """
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}.")
+        candidates = [step] if step is not None else list(reversed(steps))
+        if step is not None and step not in steps:
+            raise CheckpointError(f"no checkpoint step {step} in {self.directory}; steps there: {steps}.")
+        errors = []
+        for s in candidates if fallback else candidates[:1]:
+            try:
+                return self._restore_step(s, target, extras_target)
+            except Exception as err:  # orbax/tensorstore raise many types on damaged files
+                message = f"step {s}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                errors.append(message)
+                if fallback and s != candidates[-1]:
+                    warnings.warn(f"checkpoint {os.path.join(self.directory, str(s))} could not be restored "
+                                  f"({message}); trying the previous one.", stacklevel=2)
+        raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(errors))
+
+    def delete_after(self, step: int) -> None:
+        """Deletes steps newer than `step` (used when resuming from an older, good step)."""
+        for s in self.steps():
+            if s > step:
+                self._manager.delete(s)
+
+    def close(self) -> None:
+        self._manager.close()

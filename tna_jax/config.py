@@ -1,0 +1,239 @@
+"""The experiment configuration: every field with its default, and checks that name the field.
+
+``default_config()`` is the schema: every config in ``configs/`` starts from it and overrides
+fields, and ``validate(config)`` rejects keys it does not know (a typo is an error, not a silent
+no-op) and values of the wrong type or range, naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+__all__ = ["default_config", "validate", "ConfigError", "get", "flatten", "RESUME_SAFE_FIELDS"]
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value or is unknown."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field tna_jax reads, with its default. Configs in ``configs/`` override these."""
+    c = ml_collections.ConfigDict()
+    c.name = "experiment"
+    c.kind = "train"  # which experiment runs (tna_jax.experiment.EXPERIMENTS)
+    c.seed = 0  # root of every random stream (init, data order, masks, dropout)
+    c.num_seeds = 4  # models trained at once for each arm (a batch axis)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "mnist1d"  # mnist1d | digits | synthetic | tfds:<name>
+    c.data.val_fraction = 0.1
+    c.data.num_train = 0  # 0 = all training examples
+    c.data.split_seed = 0
+    c.data.normalize = True
+    c.data.augment = "none"  # none | crop_flip (images only)
+    c.data.data_dir = ""  # tfds data directory
+    c.data.num_samples = 5000  # mnist1d / synthetic size
+    c.data.generation_seed = 42  # mnist1d / synthetic generator seed
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "mlp"
+    c.model.depth = 2
+    c.model.width = 128
+    c.model.activation = "relu"
+    c.model.norm = "none"
+    c.model.dtype = "float32"
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"  # sgd | momentum | adam | adamw | lion
+    c.optimizer.learning_rate = 0.05
+    c.optimizer.momentum = 0.9  # for momentum (and sgd when > 0 is wanted, use 'momentum')
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.schedule = "constant"  # constant | cosine | warmup_cosine
+    c.optimizer.warmup_epochs = 0.0
+    c.optimizer.grad_clip_norm = 0.0  # 0 = no clipping
+
+    c.anchor = ml_collections.ConfigDict()
+    c.anchor.ratio = 0.4  # TNA-PFN mask ratio of the main arm (0 = plain training)
+    c.anchor.granularity = "weight"  # weight | neuron
+    c.anchor.include = ""  # comma-separated regexes or first/middle/last ("" = all)
+    c.anchor.exclude = ""
+    c.anchor.share_mask = True  # one mask for every seed (the paper) or one per seed
+    c.anchor.share_values = True  # anchored entries take the same values in every seed
+    c.anchor.refresh_every = 0  # >0: a fresh mask every this many steps (FedPNU-style)
+
+    c.prune = ml_collections.ConfigDict()
+    c.prune.ratio = 0.0  # >0: prune-at-init arm instead of anchors
+
+    c.baseline = True  # also train a plain (ratio 0) arm with the same seeds
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.anchor_ratios = ()  # when either list is non-empty, the arms are exactly these
+    c.sweep.prune_ratios = ()
+
+    c.seeds = ml_collections.ConfigDict()
+    c.seeds.vary = "both"  # what differs across seeds: both | init | data
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 20
+    c.train.batch_size = 128
+    c.train.eval_batch_size = 1000
+    c.train.eval_every = 1  # epochs between validation evaluations
+    c.train.checkpoint_every = 5  # epochs between checkpoints (and at the end)
+    c.train.keep_checkpoints = 2
+    c.train.progress = True  # tqdm progress bar
+    c.train.label_smoothing = 0.0
+
+    c.analysis = ml_collections.ConfigDict()
+    c.analysis.lmc = True  # pairwise LMC barriers between the seeds of each arm
+    c.analysis.num_alphas = 25
+    c.analysis.max_pairs = 10
+    c.analysis.split = "test"
+    c.analysis.plots = True
+    return c
+
+
+# Fields that may change between a run and its resumption (they do not change the result of
+# the epochs already done).
+RESUME_SAFE_FIELDS = (
+    "train.epochs", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.progress", "analysis.", "name", "data.data_dir",
+)
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train.epochs": 20, ...}`` from a nested config."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) or isinstance(value, ml_collections.ConfigDict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def get(config: Any, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config.{field} must be {allowed}; got {value!r}.")
+
+
+def _int(config: Any, field: str, lo: int = 0, hi: int | None = None) -> None:
+    v = get(config, field)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or (hi is not None and v > hi):
+        _fail(field, v, f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+
+
+def _float(config: Any, field: str, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    v = get(config, field)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        _fail(field, v, f"a finite number in {'(' if lo_open else '['}{lo}, {hi}]")
+    if float(v) < lo or float(v) > hi or (lo_open and float(v) == lo):
+        _fail(field, v, f"a number in {'(' if lo_open else '['}{lo}, {hi}]")
+
+
+def _choice(config: Any, field: str, allowed: tuple[str, ...]) -> None:
+    v = get(config, field)
+    if v not in allowed:
+        _fail(field, v, f"one of {allowed}")
+
+
+def _bool(config: Any, field: str) -> None:
+    v = get(config, field)
+    if not isinstance(v, bool):
+        _fail(field, v, "True or False")
+
+
+def _str(config: Any, field: str) -> None:
+    v = get(config, field)
+    if not isinstance(v, str):
+        _fail(field, v, "a string")
+
+
+def _ratios(config: Any, field: str) -> None:
+    v = get(config, field)
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        _fail(field, v, "a tuple of ratios in [0, 1]")
+    for r in v:
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not (0.0 <= float(r) <= 1.0):
+            _fail(field, v, "a tuple of ratios in [0, 1]")
+
+
+MAX_SIZE = 1 << 24  # no sane experiment here asks for more seeds, epochs or examples
+
+
+def validate(config: Any, *, schema: Any = None) -> Any:
+    """Checks every field of `config`; returns it unchanged or raises :class:`ConfigError`.
+
+    Unknown keys (not in :func:`default_config`) are errors, except under ``model``, ``data``,
+    ``federated`` and ``fusion`` sub-configs, whose own modules check their fields.
+    """
+    schema = schema if schema is not None else default_config()
+    known = flatten(schema)
+    open_sections = ("model.", "federated.", "fusion.", "align.", "experiment.")
+    for name in flatten(config):
+        if name not in known and not name.startswith(open_sections):
+            close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config.{name} is not a known field{hint}.")
+    _str(config, "name")
+    _str(config, "kind")
+    _int(config, "seed", 0, 2**31 - 1)
+    _int(config, "num_seeds", 1, 4096)
+    _str(config, "data.source")
+    if not config.data.source:
+        _fail("data.source", config.data.source, "a non-empty source name")
+    _float(config, "data.val_fraction", 0.0, 0.95)
+    _int(config, "data.num_train", 0, MAX_SIZE)
+    _int(config, "data.split_seed", 0, 2**31 - 1)
+    _bool(config, "data.normalize")
+    _choice(config, "data.augment", ("none", "crop_flip"))
+    _str(config, "model.name")
+    _choice(config, "optimizer.name", ("sgd", "momentum", "adam", "adamw", "lion"))
+    _float(config, "optimizer.learning_rate", 0.0, 1e3, lo_open=True)
+    _float(config, "optimizer.momentum", 0.0, 0.9999)
+    _float(config, "optimizer.weight_decay", 0.0, 10.0)
+    _choice(config, "optimizer.schedule", ("constant", "cosine", "warmup_cosine"))
+    _float(config, "optimizer.warmup_epochs", 0.0, 1e4)
+    _float(config, "optimizer.grad_clip_norm", 0.0, 1e6)
+    _float(config, "anchor.ratio", 0.0, 1.0)
+    _choice(config, "anchor.granularity", ("weight", "neuron"))
+    _str(config, "anchor.include")
+    _str(config, "anchor.exclude")
+    _bool(config, "anchor.share_mask")
+    _bool(config, "anchor.share_values")
+    _int(config, "anchor.refresh_every", 0, MAX_SIZE)
+    _float(config, "prune.ratio", 0.0, 1.0)
+    _bool(config, "baseline")
+    _ratios(config, "sweep.anchor_ratios")
+    _ratios(config, "sweep.prune_ratios")
+    _choice(config, "seeds.vary", ("both", "init", "data"))
+    _int(config, "train.epochs", 0, MAX_SIZE)
+    _int(config, "train.batch_size", 1, MAX_SIZE)
+    _int(config, "train.eval_batch_size", 1, MAX_SIZE)
+    _int(config, "train.eval_every", 1, MAX_SIZE)
+    _int(config, "train.checkpoint_every", 1, MAX_SIZE)
+    _int(config, "train.keep_checkpoints", 1, 1000)
+    _bool(config, "train.progress")
+    _float(config, "train.label_smoothing", 0.0, 0.99)
+    _bool(config, "analysis.lmc")
+    _int(config, "analysis.num_alphas", 2, 10001)
+    _int(config, "analysis.max_pairs", 1, 100000)
+    _choice(config, "analysis.split", ("val", "test", "train"))
+    _bool(config, "analysis.plots")
+    if config.prune.ratio > 0 and config.anchor.refresh_every > 0:
+        raise ConfigError("config.anchor.refresh_every > 0 cannot be combined with prune arms "
+                          f"(config.prune.ratio={config.prune.ratio}): pruned weights must stay at zero.")
+    if len(config.sweep.prune_ratios) and config.anchor.refresh_every > 0:
+        raise ConfigError("config.anchor.refresh_every > 0 cannot be combined with config.sweep.prune_ratios.")
+    return config

@@ -1,0 +1,298 @@
+"""``run(config, workdir)``: wires data, models, training and analysis together for ``train.py``
+and notebooks. Holds no algorithm of its own.
+
+A workdir gets ``config.json``, ``metrics.jsonl`` (one line per epoch and run), ``checkpoints/``
+(orbax, with the anchor mask beside the state), ``report.json``, ``report.md`` and PNG plots.
+It is locked while a run uses it (a second run on the same workdir fails at once; a lock left by
+a killed process is taken over), and rerunning the same command resumes from the last good
+checkpoint. ``config.kind`` picks the experiment: ``"train"`` (multi-seed training with LMC
+analysis, the default) or a kind registered in :data:`EXPERIMENTS`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from tna_jax import checkpoint as ckpt_lib
+from tna_jax import config as config_lib
+
+__all__ = ["run", "EXPERIMENTS", "register", "WorkdirLock", "WorkdirBusy", "prepare_workdir", "train_experiment"]
+
+EXPERIMENTS: dict[str, Callable[[Any, str | None], dict[str, Any]]] = {}
+
+
+def register(kind: str):
+    """Decorator adding an experiment kind: ``fn(config, workdir) -> report dict``."""
+
+    def deco(fn):
+        EXPERIMENTS[kind] = fn
+        return fn
+
+    return deco
+
+
+class WorkdirBusy(RuntimeError):
+    """Another live process is using the workdir."""
+
+
+class WorkdirLock:
+    """An exclusive ``flock`` on ``<workdir>/.lock``, released when the process ends however it ends.
+
+    A second process fails at once with :class:`WorkdirBusy` naming the holder. A lock file left
+    behind by a killed process carries no lock (the kernel dropped it), so it is simply taken
+    over; the previous holder is reported.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, ".lock")
+        self._fd: int | None = None
+        self.previous_holder: dict[str, Any] | None = None
+
+    def acquire(self) -> WorkdirLock:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._read(fd)
+            os.close(fd)
+            who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}" if holder else "another process"
+            raise WorkdirBusy(f"workdir {os.path.dirname(self.path)} is in use by {who}; wait for it to "
+                              "finish or choose another --workdir.") from None
+        self.previous_holder = self._read(fd)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any] | None:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            data = os.read(fd, 4096)
+            return json.loads(data) if data else None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> WorkdirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _normalise(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=ckpt_lib._json_default))
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    return _normalise(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+
+
+def prepare_workdir(config: Any, workdir: str) -> None:
+    """Writes ``config.json``, or checks it against the existing one when resuming.
+
+    Raises:
+      ValueError: the workdir holds a run with a different config (the message lists the fields
+        that differ; only fields in ``config.RESUME_SAFE_FIELDS`` may change on resume).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    new = config_dict(config)
+    if os.path.exists(path):
+        try:
+            old = ckpt_lib.read_json(path)
+        except ValueError as err:
+            raise ValueError(f"{path} is damaged ({err}); move the workdir aside or delete config.json "
+                             "to start afresh.") from None
+        flat_old, flat_new = config_lib.flatten(old), config_lib.flatten(new)
+        differ = sorted(k for k in set(flat_old) | set(flat_new)
+                        if flat_old.get(k) != flat_new.get(k)
+                        and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in config_lib.RESUME_SAFE_FIELDS))
+        has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+            n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
+        if differ and has_ckpt:
+            shown = ", ".join(f"{k} (was {flat_old.get(k)!r}, now {flat_new.get(k)!r})" for k in differ[:6])
+            raise ValueError(f"workdir {workdir} holds a run with a different config: {shown}"
+                             + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+                             + ". Use another --workdir, or the same config to resume.")
+    ckpt_lib.write_json(path, new)
+
+
+def run(config: Any, workdir: str | None = None) -> dict[str, Any]:
+    """Runs the experiment that `config` describes and returns its report (also written to
+    ``<workdir>/report.json`` when a workdir is given)."""
+    config_lib.validate(config)
+    kind = config.get("kind", "train") if hasattr(config, "get") else "train"
+    if kind not in EXPERIMENTS:
+        _load_kinds()
+    if kind not in EXPERIMENTS:
+        raise config_lib.ConfigError(f"config.kind must be one of {sorted(EXPERIMENTS)}; got {kind!r}.")
+    if workdir is None:
+        return EXPERIMENTS[kind](config, None)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir):
+        prepare_workdir(config, workdir)
+        return EXPERIMENTS[kind](config, workdir)
+
+
+def _load_kinds() -> None:
+    """Imports the modules that register further experiment kinds."""
+    import importlib
+
+    for module in ("tna_jax.experiments",):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+
+
+# ---------------------------------------------------------------------------------------------
+# The default experiment: multi-seed training, then LMC between seeds of each arm.
+# ---------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return (float(np.mean(arr)), float(np.std(arr))) if arr.size else (float("nan"), float("nan"))
+
+
+def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]:
+    """Pairwise LMC between the seeds of each arm, and the fusion of all seeds of each arm."""
+    from tna_jax import lmc, training
+
+    eval_fn = training.make_eval_fn(net, config.train.eval_batch_size)
+    x, y = data.split(config.analysis.split)
+    alphas = lmc.default_alphas(config.analysis.num_alphas)
+    out: dict[str, Any] = {}
+    arms: dict[int, list[int]] = {}
+    for r in result.runs:
+        arms.setdefault(r.arm_index, []).append(r.index)
+    for idx in arms.values():
+        label = result.runs[idx[0]].arm.label
+        stacked = jax.tree.map(lambda v, idx=idx: v[np.asarray(idx)], result.state.variables())
+        entry: dict[str, Any] = {"runs": idx}
+        if len(idx) >= 2:
+            pairs = lmc.all_pairs(len(idx), config.analysis.max_pairs)
+            table = lmc.pairwise_barriers(eval_fn, stacked, (x, y), pairs=pairs, alphas=alphas)
+            per_pair = table["per_pair"]
+            for key in ("loss_barrier", "accuracy_barrier", "avg_endpoint_accuracy", "interp_accuracy",
+                        "avg_endpoint_loss", "interp_loss"):
+                entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std([p[key] for p in per_pair])
+            entry["pairs"] = [[idx[i], idx[j]] for i, j in table["pairs"]]
+            entry["per_pair"] = per_pair
+            entry["curve"] = {"alpha": table["paths"]["alpha"].tolist(),
+                              "accuracy": table["paths"]["accuracy"].tolist(),
+                              "loss": table["paths"]["loss"].tolist()}
+            fused = lmc.fuse(eval_fn, stacked, (x, y))
+            entry["fusion"] = {k: v for k, v in fused.items() if k != "fused"}
+        out[label] = entry
+    return out
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    head = "| " + " | ".join(c[1] for c in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(str(r.get(c[0], "")) for c in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
+    if mean is None or not np.isfinite(mean):
+        return "—"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def markdown_summary(report: dict[str, Any]) -> str:
+    """The arms table of a train report: accuracy, LMC barriers and fusion, mean ± std."""
+    rows = []
+    for arm in report["arms"]:
+        lm = report.get("lmc", {}).get(arm["arm"], {})
+        fusion = lm.get("fusion", {})
+        rows.append({
+            "arm": arm["arm"],
+            "seeds": arm["seeds"],
+            "acc": _pm(arm["test_accuracy_mean"], arm["test_accuracy_std"]),
+            "avg": _pm(lm.get("avg_endpoint_accuracy_mean"), lm.get("avg_endpoint_accuracy_std")),
+            "interp": _pm(lm.get("interp_accuracy_mean"), lm.get("interp_accuracy_std")),
+            "abar": _pm(lm.get("accuracy_barrier_mean"), lm.get("accuracy_barrier_std")),
+            "lbar": _pm(lm.get("loss_barrier_mean"), lm.get("loss_barrier_std"), scale=1.0, digits=3),
+            "fused": f"{fusion['fused_accuracy'] * 100:.1f}" if fusion else "—",
+        })
+    return _table(rows, [("arm", "arm"), ("seeds", "seeds"), ("acc", "test acc %"), ("avg", "Avg. Acc. %"),
+                         ("interp", "Interp. Acc. % (α=0.5)"), ("abar", "acc. barrier %"),
+                         ("lbar", "loss barrier"), ("fused", "all-seed fusion acc %")])
+
+
+@register("train")
+def train_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
+    """Multi-seed training of every arm, then pairwise LMC and fusion within each arm."""
+    from tna_jax import data as data_lib
+    from tna_jax import models, plotting, training
+
+    t0 = time.time()
+    dataset = data_lib.load(config.data)
+    net = models.build(config.model, dataset.input_shape, dataset.num_classes)
+    augment = None
+    if config.data.augment == "crop_flip":
+        if dataset.kind != "image":
+            raise config_lib.ConfigError(f"config.data.augment='crop_flip' needs images; {dataset.name} has "
+                                         f"{dataset.kind}.")
+        from tna_jax.data.augment import augment_images
+
+        augment = augment_images
+    result = training.fit(config, net, dataset, workdir=workdir, augment=augment)
+    report: dict[str, Any] = {
+        "name": config.name,
+        "kind": "train",
+        "data": {"name": dataset.name, "sizes": dataset.sizes(), "input_shape": list(dataset.input_shape),
+                 "num_classes": dataset.num_classes},
+        "model": {"name": net.name, "params": net.param_count()},
+        "devices": {"backend": jax.default_backend(), "count": jax.device_count()},
+        "training": {"seconds": result.seconds, "epochs": config.train.epochs, "resumed_from": result.resumed_from},
+        "arms": training.summarize(result),
+        "runs": [{**r.describe(), "test_accuracy": float(result.test["accuracy"][r.index]),
+                  "test_loss": float(result.test["loss"][r.index]),
+                  "val_accuracy": float(result.val["accuracy"][r.index])} for r in result.runs],
+    }
+    if result.mask is not None:
+        from tna_jax import anchors
+
+        report["mask"] = {r.arm.label: anchors.mask_summary(jax.tree.map(lambda m, i=r.index: m[i], result.mask))["overall"]
+                          for r in result.runs if r.seed == 0}
+    if config.analysis.lmc and config.num_seeds >= 2:
+        device_data = data_lib.to_device(dataset, normalize=config.data.normalize)
+        report["lmc"] = analyse_lmc(config, net, result, device_data)
+    report["seconds_total"] = time.time() - t0
+    text = markdown_summary(report)
+    report["markdown"] = text
+    print(text)
+    if workdir:
+        ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
+        ckpt_lib.write_text(os.path.join(workdir, "report.md"), f"# {config.name}\n\n{text}\n")
+        if config.analysis.plots and "lmc" in report:
+            curves = {label: e["curve"] for label, e in report["lmc"].items() if "curve" in e}
+            if curves:
+                plotting.plot_lmc_paths(curves, os.path.join(workdir, "lmc_paths.png"),
+                                        title=f"{config.name}: {net.name} on {dataset.name}")
+    return report

@@ -1,0 +1,145 @@
+"""Matplotlib figures from report dicts. Computes nothing; every figure is saved atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["save_figure", "plot_lmc_paths", "plot_ratio_sweep", "plot_barrier_bars", "plot_curves"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str, dpi: int = 130) -> str:
+    """Saves `fig` to `path` (PNG) through a temporary file and a rename; closes it."""
+    plt = _plt()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fig.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        plt.close(fig)
+    return path
+
+
+def plot_lmc_paths(curves: dict[str, dict[str, Any]], path: str, title: str = "Linear mode connectivity") -> str:
+    """Accuracy and loss along α, mean ± std over pairs, one line per arm.
+
+    Args:
+      curves: ``{label: {"alpha": (K,), "accuracy": (P, K), "loss": (P, K)}}``.
+      path: output PNG.
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, c in curves.items():
+        alpha = np.asarray(c["alpha"])
+        for ax, key in zip(axes, ("accuracy", "loss")):
+            vals = np.atleast_2d(np.asarray(c[key]))
+            mean, std = vals.mean(0), vals.std(0)
+            line = ax.plot(alpha, mean, label=label, marker="o", markersize=2.5)[0]
+            ax.fill_between(alpha, mean - std, mean + std, alpha=0.2, color=line.get_color())
+    axes[0].set_ylabel("test accuracy")
+    axes[1].set_ylabel("test loss")
+    for ax in axes:
+        ax.set_xlabel("α (interpolation A → B)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_ratio_sweep(rows: Sequence[dict[str, Any]], path: str, methods: Sequence[str] = ("anchor", "prune"),
+                     title: str = "LMC vs mask ratio") -> str:
+    """The paper's Figure 2: "Avg. Acc." and "Interp. Acc." against the mask ratio, the accuracy
+    barrier shaded between them, one panel per method.
+
+    Args:
+      rows: dicts with ``method``, ``ratio``, ``avg_endpoint_accuracy_mean``,
+        ``interp_accuracy_mean`` (and optional ``*_std``).
+    """
+    plt = _plt()
+    present = [m for m in methods if any(r["method"] in (m, "none") for r in rows)]
+    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.8), squeeze=False)
+    for ax, method in zip(axes[0], present):
+        sel = sorted([r for r in rows if r["method"] in (method, "none")], key=lambda r: r["ratio"])
+        ratio = np.array([r["ratio"] for r in sel])
+        avg = np.array([r["avg_endpoint_accuracy_mean"] for r in sel])
+        interp = np.array([r["interp_accuracy_mean"] for r in sel])
+        ax.plot(ratio, avg, marker="o", label="Avg. Acc.")
+        ax.plot(ratio, interp, marker="s", label="Interp. Acc.")
+        ax.fill_between(ratio, interp, avg, alpha=0.25, color="tab:red", label="accuracy barrier")
+        if all("interp_accuracy_std" in r for r in sel):
+            std = np.array([r["interp_accuracy_std"] for r in sel])
+            ax.errorbar(ratio, interp, yerr=std, fmt="none", ecolor="tab:orange", capsize=2)
+        ax.set_xlabel("mask ratio ρ" if method == "anchor" else "pruning ratio")
+        ax.set_ylabel("test accuracy")
+        ax.set_title("TNA-PFN" if method == "anchor" else "prune at init")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_barrier_bars(rows: Sequence[dict[str, Any]], path: str, group_key: str, series_key: str,
+                      value_key: str = "accuracy_barrier_mean", std_key: str | None = "accuracy_barrier_std",
+                      ylabel: str = "accuracy barrier", title: str = "") -> str:
+    """Grouped bar chart (e.g. barrier per architecture, vanilla vs TNA-PFN)."""
+    plt = _plt()
+    groups = list(dict.fromkeys(r[group_key] for r in rows))
+    series = list(dict.fromkeys(r[series_key] for r in rows))
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(groups) * max(1, len(series)) / 2 + 3), 3.8))
+    for k, s in enumerate(series):
+        vals, errs = [], []
+        for g in groups:
+            match = [r for r in rows if r[group_key] == g and r[series_key] == s]
+            vals.append(match[0][value_key] if match else np.nan)
+            errs.append(match[0].get(std_key, 0.0) if (match and std_key) else 0.0)
+        ax.bar(np.arange(len(groups)) + k * width - 0.4 + width / 2, vals, width, yerr=errs, capsize=2, label=str(s))
+    ax.set_xticks(np.arange(len(groups)))
+    ax.set_xticklabels([str(g) for g in groups], rotation=20)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_curves(series: dict[str, dict[str, Any]], path: str, xlabel: str, ylabel: str, title: str = "") -> str:
+    """Lines with optional shaded std: ``{label: {"x": [...], "y": [...] or (S, T), "std": optional}}``."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, s in series.items():
+        x = np.asarray(s["x"])
+        y = np.asarray(s["y"], dtype=float)
+        if y.ndim == 2:
+            mean, std = y.mean(0), y.std(0)
+        else:
+            mean, std = y, np.asarray(s.get("std", np.zeros_like(y)), dtype=float)
+        line = ax.plot(x, mean, label=label)[0]
+        if np.any(std > 0):
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return save_figure(fig, path)

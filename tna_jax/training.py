@@ -1,0 +1,688 @@
+"""Multi-seed training: many models as one pytree, one jitted and scanned epoch trains them all.
+
+The unit of work is a *run*: one model trained with one arm (plain, TNA-PFN at ratio ρ, or
+prune-at-init at ratio ρ) from one seed. All runs of an experiment are stacked on a leading axis
+of every array (params, BatchNorm statistics, optimizer state, keys), and
+
+* ``jax.vmap`` maps the per-run step over that axis (the anchor ratio is a traced per-run value,
+  so a whole mask-ratio sweep is one compiled program),
+* ``jax.lax.scan`` runs the steps of an epoch inside one dispatch (batches are gathered on the
+  device from per-run permutations: no host-to-device copies during training),
+* the run axis is sharded over ``jax.devices()`` with a ``Mesh`` and ``NamedSharding``, padded
+  to a multiple of the device count (padding runs are never reported).
+
+Keys are split by purpose from ``config.seed``: model init, data order (and augmentation),
+anchor mask, anchor values and dropout each have their own stream, so "same mask, different
+init" is one setting away (``config.seeds.vary``, ``config.anchor.share_mask``,
+``config.anchor.share_values``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tna_jax import anchors, faults
+from tna_jax import checkpoint as ckpt_lib
+from tna_jax import tree as tree_lib
+from tna_jax.data import DeviceData
+from tna_jax.data.batching import epoch_indices, eval_indices, gather, steps_per_epoch
+from tna_jax.models import Net
+
+PyTree = Any
+
+__all__ = [
+    "Arm", "Run", "TrainState", "RunKeys", "TrainResult", "TrainingDiverged",
+    "arms_from_config", "make_runs", "make_run_keys", "make_optimizer", "make_transform",
+    "init_runs", "make_train_epoch", "make_eval_fn", "evaluate_runs", "cross_entropy",
+    "run_mesh", "shard_runs", "fit",
+]
+
+
+class TrainingDiverged(RuntimeError):
+    """A run produced a non-finite loss; training stopped and the last good checkpoint stays."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What is trained: arms x seeds.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One training recipe: ``method`` in {"none", "anchor", "prune"} at mask ratio ``ratio``."""
+
+    method: str
+    ratio: float
+
+    @property
+    def label(self) -> str:
+        if self.method == "none" or self.ratio == 0.0:
+            return "vanilla"
+        name = "TNA-PFN" if self.method == "anchor" else "prune"
+        return f"{name} {self.ratio:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One model: an arm and a seed index; ``index`` is its place on the run axis."""
+
+    index: int
+    arm_index: int
+    arm: Arm
+    seed: int
+
+    def describe(self) -> dict[str, Any]:
+        return {"run": self.index, "arm": self.arm.label, "method": self.arm.method,
+                "ratio": self.arm.ratio, "seed": self.seed}
+
+
+def arms_from_config(config: Any) -> tuple[Arm, ...]:
+    """The arms an experiment trains.
+
+    * ``config.sweep.anchor_ratios`` / ``config.sweep.prune_ratios`` non-empty: exactly those arms
+      (ratio 0 in either list is the plain arm).
+    * otherwise the main arm (prune-at-init when ``config.prune.ratio > 0``, else TNA-PFN at
+      ``config.anchor.ratio``; ratio 0 is plain training) and, when ``config.baseline`` is set
+      and the main arm is not plain, a plain arm with the same seeds.
+    """
+    sweep_a = [float(r) for r in config.sweep.anchor_ratios]
+    sweep_p = [float(r) for r in config.sweep.prune_ratios]
+    if sweep_a or sweep_p:
+        arms = [Arm("none" if r == 0 else "anchor", r) for r in sweep_a]
+        arms += [Arm("none" if r == 0 else "prune", r) for r in sweep_p]
+        seen, unique = set(), []
+        for a in arms:
+            key = (a.method, a.ratio)
+            if key not in seen:
+                seen.add(key)
+                unique.append(a)
+        return tuple(unique)
+    if config.prune.ratio > 0:
+        main = Arm("prune", float(config.prune.ratio))
+    elif config.anchor.ratio > 0:
+        main = Arm("anchor", float(config.anchor.ratio))
+    else:
+        main = Arm("none", 0.0)
+    if config.baseline and main.method != "none":
+        return (Arm("none", 0.0), main)
+    return (main,)
+
+
+def make_runs(config: Any) -> list[Run]:
+    """All runs, arm-major: run ``a * num_seeds + s`` is arm ``a`` with seed ``s``."""
+    arms = arms_from_config(config)
+    return [Run(a * config.num_seeds + s, a, arm, s) for a, arm in enumerate(arms) for s in range(config.num_seeds)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys.
+# ---------------------------------------------------------------------------------------------
+
+PURPOSES = ("init", "data", "mask", "anchor_values", "dropout")
+
+
+class RunKeys(NamedTuple):
+    """Raw uint32 key data per run (leading run axis), one stream per purpose."""
+
+    init: jax.Array
+    data: jax.Array
+    mask: jax.Array
+    anchor_values: jax.Array
+    dropout: jax.Array
+
+
+def make_run_keys(config: Any, runs: Sequence[Run]) -> RunKeys:
+    """Per-run keys from ``config.seed``.
+
+    ``seeds.vary``: "both" (default) gives each seed its own init and data order; "init" shares
+    the data order; "data" shares the init. ``anchor.share_mask`` shares the mask key across
+    seeds; ``anchor.share_values`` makes every seed take its anchored values from one shared
+    initialisation. Runs of different arms with the same seed get the same keys (paired).
+    """
+    root = jax.random.key(config.seed)
+    purpose = {p: jax.random.fold_in(root, i) for i, p in enumerate(PURPOSES)}
+    vary = config.seeds.vary
+
+    def per_seed(name: str, seed: int, shared: bool) -> jax.Array:
+        return jax.random.key_data(jax.random.fold_in(purpose[name], 0 if shared else seed + 1))
+
+    rows = []
+    for run in runs:
+        s = run.seed
+        rows.append(RunKeys(
+            init=per_seed("init", s, vary == "data"),
+            data=per_seed("data", s, vary == "init"),
+            mask=per_seed("mask", s, config.anchor.share_mask),
+            anchor_values=per_seed("anchor_values", s, config.anchor.share_values),
+            dropout=per_seed("dropout", s, False),
+        ))
+    return RunKeys(*[jnp.stack(xs) for xs in zip(*rows)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer.
+# ---------------------------------------------------------------------------------------------
+
+
+def make_optimizer(opt_config: Any, steps_per_epoch_: int, epochs: int) -> optax.GradientTransformation:
+    """The base optimizer (without anchors) from ``config.optimizer``.
+
+    ``name``: sgd | momentum | adam | adamw | lion; ``schedule``: constant | cosine (decay to 0
+    over training) | warmup_cosine (``warmup_epochs`` of linear warm-up); ``weight_decay``
+    (decoupled for adamw/lion, added to the gradient otherwise); ``grad_clip_norm`` > 0 clips
+    by global norm first.
+    """
+    lr = float(opt_config.learning_rate)
+    total = max(1, steps_per_epoch_ * epochs)
+    if opt_config.schedule == "constant":
+        schedule: Any = lr
+    elif opt_config.schedule == "cosine":
+        schedule = optax.cosine_decay_schedule(lr, total)
+    else:
+        warmup = int(round(opt_config.warmup_epochs * steps_per_epoch_))
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(total, warmup + 1))
+    name, wd = opt_config.name, float(opt_config.weight_decay)
+    parts = []
+    if opt_config.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(opt_config.grad_clip_norm)))
+    if name in ("sgd", "momentum", "adam") and wd > 0:
+        parts.append(optax.add_decayed_weights(wd))
+    if name == "sgd":
+        parts.append(optax.sgd(schedule))
+    elif name == "momentum":
+        parts.append(optax.sgd(schedule, momentum=float(opt_config.momentum)))
+    elif name == "adam":
+        parts.append(optax.adam(schedule))
+    elif name == "adamw":
+        parts.append(optax.adamw(schedule, weight_decay=wd))
+    elif name == "lion":
+        parts.append(optax.lion(schedule, weight_decay=wd))
+    else:
+        raise ValueError(f"config.optimizer.name must be one of ('sgd', 'momentum', 'adam', 'adamw', 'lion'); got {name!r}.")
+    return optax.chain(*parts) if len(parts) > 1 else parts[0]
+
+
+def _patterns(text: str) -> list[str] | None:
+    items = [p.strip() for p in text.split(",") if p.strip()] if text else []
+    return items or None
+
+
+def anchor_options(config: Any, net: Net) -> dict[str, Any]:
+    """Keyword arguments of :func:`tna_jax.anchors.anchor_mask` from ``config.anchor``."""
+    return dict(granularity=config.anchor.granularity, include=_patterns(config.anchor.include),
+                exclude=_patterns(config.anchor.exclude), layer_order=net.layer_order())
+
+
+def make_transform(base: optax.GradientTransformation, config: Any, net: Net, arms: Sequence[Arm]
+                   ) -> Callable[[Any, Any], optax.GradientTransformation]:
+    """``tx(ratio, key)``: the optimizer of one run, with ``fixed_anchor_mask`` appended when
+    any arm masks weights. Its ``update`` reads the mask from the state only, so one instance
+    updates every run; ``init`` is called per run (inside vmap) with the run's ratio and key."""
+    if not any(a.ratio > 0 for a in arms):
+        return lambda ratio, key: base
+    refresh = config.anchor.refresh_every or None
+    opts = anchor_options(config, net)
+
+    def tx(ratio, key):
+        return optax.chain(base, anchors.fixed_anchor_mask(ratio, key, refresh_every=refresh, **opts))
+
+    return tx
+
+
+# ---------------------------------------------------------------------------------------------
+# State and initialisation.
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainState(NamedTuple):
+    """Training state of all runs (every leaf has the leading run axis).
+
+    Attributes:
+      params: model parameters.
+      model_state: non-parameter collections (``{"batch_stats": ...}`` or ``{}``).
+      opt_state: optimizer state (holds the anchor mask when anchors are used).
+      step: optimizer steps taken (int32 per run).
+    """
+
+    params: PyTree
+    model_state: PyTree
+    opt_state: PyTree
+    step: jax.Array
+
+    def variables(self, run: int | None = None) -> dict[str, PyTree]:
+        """Flax variables of one run (or all runs stacked when `run` is None)."""
+        v = {"params": self.params, **self.model_state}
+        return v if run is None else tree_lib.index(v, run)
+
+
+def find_mask(opt_state: PyTree) -> PyTree | None:
+    """The anchor mask held in an optimizer state, or None when it has no ``fixed_anchor_mask``."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, anchors.FixedAnchorMaskState):
+            found.append(node.mask)
+            return True
+        return False
+
+    jax.tree.map(lambda x: x, opt_state, is_leaf=visit)
+    return found[0] if found else None
+
+
+def mask_of(state: TrainState) -> PyTree | None:
+    """The anchor mask of a train state (see :func:`find_mask`)."""
+    return find_mask(state.opt_state)
+
+
+def init_runs(net: Net, tx_factory: Callable[[Any, Any], optax.GradientTransformation], runs: Sequence[Run],
+              keys: RunKeys) -> TrainState:
+    """Initial state of every run (vmapped over runs; jit it, or call it under a mesh).
+
+    The mask is the one the run's ``fixed_anchor_mask`` draws; anchored entries take their
+    values from the anchor-values init (shared across seeds by default) and pruned entries are
+    zero, which the transform then keeps for the whole of training.
+    """
+    ratios = jnp.asarray([r.arm.ratio for r in runs], jnp.float32)
+    prune = jnp.asarray([r.arm.method == "prune" for r in runs])
+
+    def one(init_key, mask_key, values_key, ratio, is_prune):
+        variables = net.init(jax.random.wrap_key_data(init_key))
+        params = variables.pop("params")
+        tx = tx_factory(ratio, jax.random.wrap_key_data(mask_key))
+        mask = find_mask(tx.init(params))
+        if mask is not None:
+            values = net.init(jax.random.wrap_key_data(values_key))["params"]
+            values = jax.tree.map(lambda v: jnp.where(is_prune, jnp.zeros_like(v), v), values)
+            params = jax.tree.map(lambda p, v, m: jnp.where(m, v, p), params, values, mask)
+        return TrainState(params, variables, tx.init(params), jnp.zeros((), jnp.int32))
+
+    return jax.vmap(one)(keys.init, keys.mask, keys.anchor_values, ratios, prune)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps.
+# ---------------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy with integer labels (and optional label smoothing)."""
+    logits = logits.astype(jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+        return optax.softmax_cross_entropy(logits, targets)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+class EpochMetrics(NamedTuple):
+    loss: jax.Array  # mean training loss over the epoch's steps
+    accuracy: jax.Array  # mean training accuracy
+    first_nonfinite_step: jax.Array  # -1, or the first step (in the epoch) with a non-finite loss
+    nonfinite_loss: jax.Array  # the loss value at that step
+
+
+def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: int, batch_size: int,
+                     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+                     label_smoothing: float = 0.0, donate: bool = True):
+    """Builds ``train_epoch(state, data_keys, dropout_keys, epoch, x_train, y_train)``.
+
+    One call trains every run for one epoch: vmap over runs of a ``lax.scan`` over steps. The
+    returned function is jitted with the state donated (updated in place).
+
+    Returns:
+      ``(new_state, EpochMetrics)`` with per-run metrics.
+    """
+    steps = steps_per_epoch(num_train, batch_size)
+
+    def run_epoch(state: TrainState, data_key, dropout_key, epoch, x_train, y_train):
+        data_key = jax.random.wrap_key_data(data_key)
+        order_key, aug_key = jax.random.split(jax.random.fold_in(data_key, epoch))
+        rows = epoch_indices(order_key, num_train, batch_size)
+        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(dropout_key), epoch)
+
+        def step(carry, inputs):
+            state, loss_sum, correct_sum, bad_step, bad_loss = carry
+            i, idx = inputs
+            x, y = gather(x_train, idx), gather(y_train, idx)
+            if augment is not None:
+                x = augment(jax.random.fold_in(aug_key, i), x)
+
+            def loss_fn(params):
+                logits, new_model_state = net.apply({"params": params, **state.model_state}, x, train=True,
+                                                    rng=jax.random.fold_in(dropout_key, i))
+                loss = cross_entropy(logits, y, label_smoothing).mean()
+                return loss, (logits, new_model_state)
+
+            (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            model_state = {**state.model_state, **new_model_state}
+            correct = jnp.sum(jnp.argmax(logits, -1) == y)
+            finite = jnp.isfinite(loss)
+            first_bad = (bad_step < 0) & ~finite
+            bad_step = jnp.where(first_bad, i, bad_step)
+            bad_loss = jnp.where(first_bad, loss, bad_loss)
+            new_state = TrainState(params, model_state, opt_state, state.step + 1)
+            return (new_state, loss_sum + loss, correct_sum + correct, bad_step, bad_loss), None
+
+        init = (state, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.array(-1, jnp.int32),
+                jnp.zeros((), jnp.float32))
+        (state, loss_sum, correct_sum, bad_step, bad_loss), _ = jax.lax.scan(
+            step, init, (jnp.arange(steps), rows))
+        metrics = EpochMetrics(loss_sum / steps, correct_sum / (steps * batch_size), bad_step, bad_loss)
+        return state, metrics
+
+    batched = jax.vmap(run_epoch, in_axes=(0, 0, 0, None, None, None))
+    return jax.jit(batched, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_fn(net: Net, batch_size: int = 1000) -> Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]]:
+    """``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for ONE model over a whole split.
+
+    Pure and jittable: it scans over batches of at most `batch_size` examples (padding is masked
+    out), so ``jax.vmap`` over models, α or pairs composes with it. This is the evaluation every
+    analysis in tna_jax uses (LMC paths, fusion, federated rounds).
+    """
+
+    def eval_fn(variables: PyTree, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+        n = x.shape[0]
+        rows, valid = eval_indices(n, batch_size)
+        rows, valid = jnp.asarray(rows), jnp.asarray(valid)
+
+        def body(carry, inputs):
+            loss_sum, correct_sum = carry
+            idx, ok = inputs
+            logits, _ = net.apply(variables, gather(x, idx), train=False)
+            yb = gather(y, idx)
+            loss = jnp.where(ok, cross_entropy(logits, yb), 0.0)
+            correct = jnp.where(ok, jnp.argmax(logits, -1) == yb, False)
+            return (loss_sum + loss.sum(), correct_sum + correct.sum()), None
+
+        (loss_sum, correct_sum), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros((), jnp.int32)), (rows, valid))
+        return {"loss": loss_sum / n, "accuracy": correct_sum / n}
+
+    return eval_fn
+
+
+@functools.lru_cache(maxsize=32)
+def _batched_eval(net: Net, batch_size: int):
+    return jax.jit(jax.vmap(make_eval_fn(net, batch_size), in_axes=(0, None, None)))
+
+
+def evaluate_runs(net: Net, state: TrainState, x: jax.Array, y: jax.Array, batch_size: int = 1000) -> dict[str, np.ndarray]:
+    """Loss and accuracy of every run on (x, y), in one call; NumPy arrays of shape (runs,)."""
+    out = _batched_eval(net, batch_size)(state.variables(), x, y)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding.
+# ---------------------------------------------------------------------------------------------
+
+
+def run_mesh(devices: Sequence[Any] | None = None) -> Mesh:
+    """A 1-D mesh named "runs" over `devices` (default: all devices)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    return Mesh(np.array(devices), ("runs",))
+
+
+def shard_runs(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Places every leaf with its leading (run) axis split over the mesh."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec("runs")))
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def padded_runs(runs: Sequence[Run], num_devices: int) -> list[Run]:
+    """`runs` padded (with copies of the last run) to a multiple of `num_devices`."""
+    runs = list(runs)
+    pad = (-len(runs)) % num_devices
+    return runs + [dataclasses.replace(runs[-1], index=len(runs) + i) for i in range(pad)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+      state: the final :class:`TrainState` of the real runs (padding removed), on the host mesh.
+      runs: the runs, in the order of the state's leading axis.
+      history: per-epoch metrics (list of dicts, one per epoch and run).
+      test: final per-run test metrics ``{"loss": [...], "accuracy": [...]}``.
+      val: final per-run validation metrics.
+      mask: the anchor mask of every run (stacked) or None.
+      seconds: wall time of training (excluding set-up).
+      resumed_from: the epoch training resumed from (0 for a fresh run).
+    """
+
+    state: TrainState
+    runs: list[Run]
+    history: list[dict[str, Any]]
+    test: dict[str, np.ndarray]
+    val: dict[str, np.ndarray]
+    mask: PyTree | None
+    seconds: float
+    resumed_from: int
+
+    def arm_runs(self, arm_index: int) -> list[int]:
+        return [r.index for r in self.runs if r.arm_index == arm_index]
+
+
+def _slice_runs(tree: PyTree, n: int) -> PyTree:
+    return jax.tree.map(lambda x: x[:n], tree)
+
+
+def _read_history(path: str, upto_epoch: int) -> list[dict[str, Any]]:
+    import json
+
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by a crash: everything after it is from the lost epoch
+            if row.get("epoch", 0) <= upto_epoch:
+                rows.append(row)
+    return rows
+
+
+def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
+        augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+        devices: Sequence[Any] | None = None, log: Callable[[str], None] = print,
+        on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Trains every run of `config` on `dataset` and returns a :class:`TrainResult`.
+
+    With a `workdir`: metrics go to ``metrics.jsonl`` (one line per epoch and run), orbax
+    checkpoints (state plus the anchor mask beside it) to ``checkpoints/`` every
+    ``train.checkpoint_every`` epochs and at the end; rerunning resumes from the latest good
+    checkpoint and ends bit-identical to an uninterrupted run (every epoch's randomness is a
+    function of the run's keys and the epoch number only).
+
+    Raises:
+      TrainingDiverged: a run's loss became NaN/inf (message names the run, epoch and step); the
+        last good checkpoint is kept.
+    """
+    from tna_jax.data import to_device
+
+    t_setup = time.time()
+    runs = make_runs(config)
+    arms = arms_from_config(config)
+    devices = list(devices) if devices is not None else jax.devices()
+    mesh = run_mesh(devices)
+    all_runs = padded_runs(runs, len(devices))
+    n_real = len(runs)
+
+    data: DeviceData = to_device(dataset, normalize=config.data.normalize)
+    data = replicate(data, mesh)
+    num_train = int(data.x_train.shape[0])
+    bs = int(config.train.batch_size)
+    if bs > num_train:
+        raise ValueError(f"config.train.batch_size={bs} exceeds the {num_train} training examples of "
+                         f"{dataset.name}.")
+    spe = steps_per_epoch(num_train, bs)
+    epochs = int(config.train.epochs)
+    base = make_optimizer(config.optimizer, spe, epochs)
+    tx_factory = make_transform(base, config, net, arms)
+    update_tx = tx_factory(0.0, jax.random.key(0))  # update() reads ratio/mask from the state
+    keys = shard_runs(make_run_keys(config, all_runs), mesh)
+
+    init_fn = jax.jit(lambda k: init_runs(net, tx_factory, all_runs, k),
+                      out_shardings=NamedSharding(mesh, PartitionSpec("runs")))
+    abstract_state = jax.eval_shape(lambda k: init_runs(net, tx_factory, all_runs, k), keys)
+    run_sharding = NamedSharding(mesh, PartitionSpec("runs"))
+    abstract_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=run_sharding),
+                                  abstract_state)
+
+    checkpointer = None
+    start_epoch = 0
+    history: list[dict[str, Any]] = []
+    metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
+    state = None
+    if workdir:
+        checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+        if checkpointer.latest_step() is not None:
+            state, _, meta = checkpointer.restore(abstract_state)
+            start_epoch = int(meta["epoch"])
+            checkpointer.delete_after(start_epoch)
+            log(f"resuming from the checkpoint of epoch {start_epoch} in {checkpointer.directory}")
+        history = _read_history(metrics_path, start_epoch)
+        ckpt_lib.write_text(metrics_path, "".join(_json_line(r) for r in history))
+    if state is None:
+        state = init_fn(keys)
+
+    train_epoch = make_train_epoch(net, update_tx, num_train=num_train, batch_size=bs, augment=augment,
+                                   label_smoothing=float(config.train.label_smoothing))
+
+    def save(epoch: int) -> None:
+        if checkpointer is None:
+            return
+        faults.point(f"before_save:{epoch}")
+        mask = mask_of(state)
+        checkpointer.save(epoch, state, extras=None if mask is None else {"mask": mask},
+                          meta={"epoch": epoch, "runs": [r.describe() for r in runs],
+                                "num_padded_runs": len(all_runs) - n_real})
+        faults.point(f"after_save:{epoch}")
+
+    bar = None
+    if config.train.progress and epochs > start_epoch:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs, initial=start_epoch, desc=f"{len(runs)} runs", unit="epoch", dynamic_ncols=True)
+    setup_seconds = time.time() - t_setup
+    t0 = time.time()
+    metrics_file = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115
+    try:
+        for epoch in range(start_epoch, epochs):
+            state, m = train_epoch(state, keys.data, keys.dropout, epoch, data.x_train, data.y_train)
+            m = jax.device_get(m)
+            bad = [i for i in range(n_real) if m.first_nonfinite_step[i] >= 0]
+            if bad:
+                i = bad[0]
+                run = runs[i]
+                raise TrainingDiverged(
+                    f"training diverged: run {i} ({run.arm.label}, seed {run.seed}) had loss "
+                    f"{float(m.nonfinite_loss[i])} at epoch {epoch + 1}, step {int(m.first_nonfinite_step[i]) + 1} "
+                    f"of {spe}" + (f" ({len(bad)} runs diverged)" if len(bad) > 1 else "")
+                    + f". Lower config.optimizer.learning_rate (now {config.optimizer.learning_rate})"
+                    + (f"; the last good checkpoint in {checkpointer.directory} is kept." if checkpointer else "."))
+            done = epoch + 1
+            val = None
+            if done % config.train.eval_every == 0 or done == epochs:
+                val = evaluate_runs(net, state, data.x_val, data.y_val, config.train.eval_batch_size) \
+                    if data.x_val.shape[0] else None
+            rows = []
+            for i, run in enumerate(runs):
+                row = {"epoch": done, **run.describe(), "train_loss": float(m.loss[i]),
+                       "train_accuracy": float(m.accuracy[i])}
+                if val is not None:
+                    row["val_loss"] = float(val["loss"][i])
+                    row["val_accuracy"] = float(val["accuracy"][i])
+                rows.append(row)
+            history.extend(rows)
+            if metrics_file:
+                metrics_file.write("".join(_json_line(r) for r in rows))
+                metrics_file.flush()
+                os.fsync(metrics_file.fileno())
+            faults.point(f"epoch_end:{done}")
+            if on_epoch is not None:
+                on_epoch(done, {"rows": rows})
+            if done % config.train.checkpoint_every == 0 or done == epochs:
+                save(done)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(_postfix(rows, arms, val is not None), refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file:
+            metrics_file.close()
+        if checkpointer is not None:
+            checkpointer.close()
+    seconds = time.time() - t0
+    test = evaluate_runs(net, state, data.x_test, data.y_test, config.train.eval_batch_size)
+    val = evaluate_runs(net, state, data.x_val, data.y_val, config.train.eval_batch_size) \
+        if data.x_val.shape[0] else {"loss": np.full(len(all_runs), np.nan), "accuracy": np.full(len(all_runs), np.nan)}
+    real_state = _slice_runs(state, n_real)
+    mask = mask_of(real_state)
+    log(f"trained {n_real} runs x {epochs - start_epoch} epochs in {seconds:.1f}s (set-up {setup_seconds:.1f}s, "
+        f"{len(devices)} device(s))")
+    return TrainResult(state=real_state, runs=list(runs), history=history,
+                       test={k: v[:n_real] for k, v in test.items()}, val={k: v[:n_real] for k, v in val.items()},
+                       mask=mask, seconds=seconds, resumed_from=start_epoch)
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(row, sort_keys=True) + "\n"
+
+
+def _postfix(rows: list[dict[str, Any]], arms: Sequence[Arm], has_val: bool) -> dict[str, str]:
+    key = "val_accuracy" if has_val else "train_accuracy"
+    out = {"loss": f"{np.mean([r['train_loss'] for r in rows]):.3f}"}
+    for a in arms:
+        accs = [r[key] for r in rows if r["arm"] == a.label]
+        if accs:
+            out[a.label] = f"{np.mean(accs):.3f}"
+    return out
+
+
+def summarize(result: TrainResult) -> list[dict[str, Any]]:
+    """Per-arm mean and standard deviation of the final test/validation metrics."""
+    arms: dict[int, list[Run]] = {}
+    for r in result.runs:
+        arms.setdefault(r.arm_index, []).append(r)
+    rows = []
+    for runs in arms.values():
+        idx = [r.index for r in runs]
+        acc = result.test["accuracy"][idx]
+        loss = result.test["loss"][idx]
+        rows.append({
+            "arm": runs[0].arm.label, "method": runs[0].arm.method, "ratio": runs[0].arm.ratio,
+            "seeds": len(idx),
+            "test_accuracy_mean": float(np.mean(acc)), "test_accuracy_std": float(np.std(acc)),
+            "test_loss_mean": float(np.mean(loss)), "test_loss_std": float(np.std(loss)),
+            "val_accuracy_mean": float(np.nanmean(result.val["accuracy"][idx])) if len(idx) else math.nan,
+        })
+    return rows
