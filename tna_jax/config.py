@@ -175,12 +175,13 @@ MAX_SIZE = 1 << 24  # no sane experiment here asks for more seeds, epochs or exa
 def validate(config: Any, *, schema: Any = None) -> Any:
     """Checks every field of `config`; returns it unchanged or raises :class:`ConfigError`.
 
-    Unknown keys (not in :func:`default_config`) are errors, except under ``model``, ``data``,
-    ``federated`` and ``fusion`` sub-configs, whose own modules check their fields.
+    Unknown keys (not in :func:`default_config`) are errors, except in the sections that the
+    module owning them checks: ``model`` (tna_jax.models) and the experiment-kind sections
+    ``federated``, ``fusion``, ``align``, ``grid``, ``layerwise``, ``soup``, ``cold``.
     """
     schema = schema if schema is not None else default_config()
     known = flatten(schema)
-    open_sections = ("model.", "federated.", "fusion.", "align.", "experiment.")
+    open_sections = ("model.", "federated.", "fusion.", "align.", "grid.", "layerwise.", "soup.", "cold.")
     for name in flatten(config):
         if name not in known and not name.startswith(open_sections):
             close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
