@@ -71,9 +71,21 @@ class Net:
         return "batch_stats" in jax.eval_shape(self.init, jax.random.key(0))
 
     def layer_order(self) -> list[str]:
-        """Paths of the weight layers from input to output (Flax's call order)."""
-        variables = jax.eval_shape(self.init, jax.random.key(0))
-        return tree_lib.module_order(variables["params"])
+        """Paths of the weight layers from input to output (Flax's call order).
+
+        The order is read *inside* the trace: the dicts that come out of any JAX transformation
+        (``eval_shape``, ``jit``, ``vmap``) have sorted keys, which puts ``head`` before
+        ``stage0_block0`` in a ResNet.
+        """
+        order: list[str] = []
+
+        def init(key: jax.Array) -> Variables:
+            variables = self.init(key)
+            order.extend(tree_lib.module_order(variables["params"]))
+            return variables
+
+        jax.eval_shape(init, jax.random.key(0))
+        return order
 
     def param_count(self) -> int:
         return tree_lib.tree_size(jax.eval_shape(self.init, jax.random.key(0))["params"])

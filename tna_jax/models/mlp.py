@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from tna_jax.models.layers import KERNEL_INIT
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "tanh": jnp.tanh, "silu": nn.silu}
 
@@ -18,20 +21,23 @@ class MLP(nn.Module):
       num_classes: output size.
       activation: one of ``relu``, ``gelu``, ``tanh``, ``silu``.
       norm: ``"none"`` or ``"layer"`` (LayerNorm after each hidden layer, named ``dense_i_norm``).
+      dtype: computation dtype (parameters are float32; logits are returned as float32).
     """
 
     hidden: Sequence[int]
     num_classes: int
     activation: str = "relu"
     norm: str = "none"
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         act = ACTIVATIONS[self.activation]
-        x = x.reshape((x.shape[0], -1))
+        kw = dict(dtype=self.dtype, param_dtype=jnp.float32)
+        x = x.reshape((x.shape[0], -1)).astype(self.dtype)
         for i, width in enumerate(self.hidden):
-            x = nn.Dense(width, name=f"dense_{i}")(x)
+            x = nn.Dense(width, kernel_init=KERNEL_INIT, name=f"dense_{i}", **kw)(x)
             if self.norm == "layer":
-                x = nn.LayerNorm(name=f"dense_{i}_norm")(x)
+                x = nn.LayerNorm(name=f"dense_{i}_norm", **kw)(x)
             x = act(x)
-        return nn.Dense(self.num_classes, name="head")(x)
+        return nn.Dense(self.num_classes, kernel_init=KERNEL_INIT, name="head", **kw)(x).astype(jnp.float32)
