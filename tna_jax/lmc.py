@@ -282,6 +282,12 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
             "per_pair": per_pair, "loss_barrier": lb, "accuracy_barrier": ab}
 
 
+@functools.lru_cache(maxsize=64)
+def _eval_programs(eval_fn: EvalFn) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Compiled evaluation of K stacked models and of one model, cached per eval_fn."""
+    return jax.jit(jax.vmap(eval_fn, in_axes=(0, None, None))), jax.jit(eval_fn)
+
+
 def fuse(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], weights: Any = None
          ) -> dict[str, Any]:
     """Multi-model fusion: the (weighted) average of K models against their individual metrics.
@@ -293,8 +299,9 @@ def fuse(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], we
     """
     x, y = check_data(data)
     fused = tree_lib.weighted_mean(stacked, weights)
-    ind = jax.jit(jax.vmap(eval_fn, in_axes=(0, None, None)))(stacked, x, y)
-    f = jax.jit(eval_fn)(fused, x, y)
+    many, one = _eval_programs(eval_fn)
+    ind = many(stacked, x, y)
+    f = one(fused, x, y)
     ind_acc = np.asarray(ind["accuracy"], np.float64)
     ind_loss = np.asarray(ind["loss"], np.float64)
     w = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
