@@ -46,7 +46,14 @@ def main(argv):
     configure_cpu_devices(FLAGS.cpu_devices)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-    experiment.run(FLAGS.config, FLAGS.workdir)
+    from tna_jax import training
+
+    try:
+        experiment.run(FLAGS.config, FLAGS.workdir)
+    except training.Preempted as stop:
+        logging.warning("%s", stop)
+        print(stop)
+        raise SystemExit(143) from None  # 128 + SIGTERM: the job did not finish
 
 
 if __name__ == "__main__":

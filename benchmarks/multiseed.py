@@ -69,13 +69,13 @@ class Trainer:
         self.epoch = 0
 
     def run_epoch(self):
-        self.state, m = self.epoch_fn(self.state, self.keys.data, self.keys.dropout, self.epoch,
+        self.state, m = self.epoch_fn(self.state, self.keys.data, self.keys.dropout, self.epoch, 0,
                                       self.data.x_train, self.data.y_train)
         self.epoch += 1
-        return m.loss
+        return m.loss_sum
 
     def memory_bytes(self) -> int | None:
-        lowered = self.epoch_fn.lower(self.state, self.keys.data, self.keys.dropout, 0, self.data.x_train,
+        lowered = self.epoch_fn.lower(self.state, self.keys.data, self.keys.dropout, 0, 0, self.data.x_train,
                                       self.data.y_train)
         mem = lowered.compile().memory_analysis()
         if mem is None:

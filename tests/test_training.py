@@ -130,13 +130,37 @@ def test_vmapped_runs_match_runs_trained_one_at_a_time(dataset):
     epoch_fn = training.make_train_epoch(net, update_tx, num_train=dd.x_train.shape[0], batch_size=64, donate=False)
     together = state
     for e in range(2):
-        together, _ = epoch_fn(together, keys.data, keys.dropout, e, dd.x_train, dd.y_train)
+        together, _ = epoch_fn(together, keys.data, keys.dropout, e, 0, dd.x_train, dd.y_train)
     for i, run in enumerate(runs):
         single, k1, _ = init_state(c, net, [run])
         for e in range(2):
-            single, _ = epoch_fn(single, k1.data, k1.dropout, e, dd.x_train, dd.y_train)
+            single, _ = epoch_fn(single, k1.data, k1.dropout, e, 0, dd.x_train, dd.y_train)
         chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], single.params),
                                     jax.tree.map(lambda x, i=i: x[i], together.params), atol=1e-5, rtol=1e-5)
+
+
+def test_an_epoch_in_chunks_equals_the_epoch_in_one_call(dataset):
+    c = tiny_config(anchor__ratio=0.4)
+    net = build(c, dataset)
+    dd = data.to_device(dataset)
+    state, keys, factory = init_state(c, net)
+    n = dd.x_train.shape[0]
+    kwargs = dict(num_train=n, batch_size=64, donate=False)
+    whole = training.make_train_epoch(net, factory(0.0, jax.random.key(0)), **kwargs)
+    assert n // 64 == 6
+    four = training.make_train_epoch(net, factory(0.0, jax.random.key(0)), num_steps=4, **kwargs)
+    rest = training.make_train_epoch(net, factory(0.0, jax.random.key(0)), num_steps=2, **kwargs)
+    one_call, m = whole(state, keys.data, keys.dropout, 1, 0, dd.x_train, dd.y_train)
+    chunked, start, total = state, 0, 0.0
+    while start < n // 64:
+        fn = four if start == 0 else rest
+        chunked, mc = fn(chunked, keys.data, keys.dropout, 1, start, dd.x_train, dd.y_train)
+        start += int(mc.steps[0])
+        total = total + mc.loss_sum
+    chex.assert_trees_all_equal(one_call.params, chunked.params)
+    np.testing.assert_allclose(total, m.loss_sum, rtol=1e-6)
+    with pytest.raises(ValueError, match="num_steps must be in"):
+        training.make_train_epoch(net, factory(0.0, jax.random.key(0)), num_steps=0, **kwargs)
 
 
 def test_eval_fn_matches_a_direct_computation(dataset):
@@ -161,10 +185,12 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     net = build(c, dataset)
     with pytest.raises(training.TrainingDiverged, match=r"training diverged: run \d \(vanilla, seed \d\) had loss .* at epoch (\d)"):
         training.fit(c, net, dataset, workdir=str(tmp_path), log=lambda s: None)
-    steps = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).steps()
-    assert steps and max(steps) >= 1
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"))
+    assert ckpt.steps()
+    last_good = ckpt.read_meta(ckpt.latest_step())["epoch"]
+    assert last_good >= 1
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert max(r["epoch"] for r in lines) >= max(steps)
+    assert max(r["epoch"] for r in lines) >= last_good
     assert all(np.isfinite(r["train_loss"]) for r in lines)
 
 
@@ -240,7 +266,8 @@ def final_digest(workdir):
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     killed = run_train(tmp_path / "a", env={"TNA_JAX_KILL_AT": "after_save:2"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert ckpt_lib.Checkpointer(str(tmp_path / "a" / "checkpoints")).latest_step() == 2
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "a" / "checkpoints"))
+    assert ckpt.read_meta(ckpt.latest_step())["epoch"] == 2
     assert not (tmp_path / "a" / "report.json").exists()
     resumed = run_train(tmp_path / "a")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -253,6 +280,27 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert ra["runs"] == rb["runs"] and ra["training"]["resumed_from"] == 2
     lines = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
     assert [r["epoch"] for r in lines] == [e for e in range(1, 5) for _ in range(4)]
+
+
+def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_is_bit_identical(tmp_path):
+    chunks = ["--config.train.steps_per_call=2"]
+    stopped = run_train(tmp_path / "a", env={"TNA_JAX_TERM_AT": "chunk_end:1.4"}, extra=chunks)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "stopped by SIGTERM at step 4 of 6 in epoch 2; checkpoint saved" in stopped.stdout
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "a" / "checkpoints"))
+    meta = ckpt.read_meta(ckpt.latest_step())
+    assert (meta["epoch"], meta["step_in_epoch"]) == (1, 4)
+    resumed = run_train(tmp_path / "a", extra=chunks)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from the checkpoint of epoch 1, step 4 of epoch 2" in resumed.stdout + resumed.stderr
+    straight = run_train(tmp_path / "b")  # whole epochs per call: the same steps
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert final_digest(tmp_path / "a")[1] == final_digest(tmp_path / "b")[1]
+    rows_a = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    rows_b = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert len(rows_a) == len(rows_b)
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-6)
 
 
 def test_second_run_on_a_locked_workdir_fails_at_once_and_stale_locks_are_taken_over(tmp_path):

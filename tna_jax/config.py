@@ -82,6 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.epochs = 20
     c.train.batch_size = 128
     c.train.eval_batch_size = 1000
+    c.train.steps_per_call = 0  # steps per jitted call (0 = a whole epoch); SIGTERM granularity
     c.train.eval_every = 1  # epochs between validation evaluations
     c.train.checkpoint_every = 5  # epochs between checkpoints (and at the end)
     c.train.keep_checkpoints = 2
@@ -106,7 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
 # the epochs already done).
 RESUME_SAFE_FIELDS = (
     "train.epochs", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.progress", "train.tensorboard", "analysis.", "name", "data.data_dir",
+    "train.progress", "train.tensorboard", "train.steps_per_call", "analysis.", "name", "data.data_dir",
 )
 
 
@@ -227,6 +228,7 @@ def validate(config: Any, *, schema: Any = None) -> Any:
     _int(config, "train.epochs", 0, MAX_SIZE)
     _int(config, "train.batch_size", 1, MAX_SIZE)
     _int(config, "train.eval_batch_size", 1, MAX_SIZE)
+    _int(config, "train.steps_per_call", 0, MAX_SIZE)
     _int(config, "train.eval_every", 1, MAX_SIZE)
     _int(config, "train.checkpoint_every", 1, MAX_SIZE)
     _int(config, "train.keep_checkpoints", 1, 1000)

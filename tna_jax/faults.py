@@ -12,10 +12,16 @@ import os
 import signal
 
 ENV = "TNA_JAX_KILL_AT"
+TERM_ENV = "TNA_JAX_TERM_AT"
 
 
 def point(name: str) -> None:
-    """Kills this process with SIGKILL if `name` is one of the points in ``$TNA_JAX_KILL_AT``."""
+    """SIGKILLs this process if `name` is in ``$TNA_JAX_KILL_AT``; sends it SIGTERM (a
+    preemption notice, which training honours at the next step boundary) if `name` is in
+    ``$TNA_JAX_TERM_AT``."""
     spec = os.environ.get(ENV)
     if spec and name in spec.split(","):
         os.kill(os.getpid(), signal.SIGKILL)
+    term = os.environ.get(TERM_ENV)
+    if term and name in term.split(","):
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -23,6 +23,8 @@ import dataclasses
 import functools
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -43,7 +45,7 @@ from tna_jax.models import Net
 PyTree = Any
 
 __all__ = [
-    "Arm", "Run", "TrainState", "RunKeys", "TrainResult", "TrainingDiverged",
+    "Arm", "Run", "TrainState", "RunKeys", "TrainResult", "TrainingDiverged", "Preempted",
     "arms_from_config", "make_runs", "make_run_keys", "make_optimizer", "make_transform",
     "init_runs", "make_train_epoch", "make_eval_fn", "evaluate_runs", "cross_entropy",
     "run_mesh", "shard_runs", "fit",
@@ -52,6 +54,43 @@ __all__ = [
 
 class TrainingDiverged(RuntimeError):
     """A run produced a non-finite loss; training stopped and the last good checkpoint stays."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM (or SIGINT) arrived; a checkpoint was saved at the next step boundary."""
+
+
+class _StopSignal:
+    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint and stop cleanly.
+
+    Installed only in the main thread (Python's rule for signal handlers); restores the previous
+    handlers when training ends.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means: stop now
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def message(self, epoch: int, step: int, steps_per_epoch: int, checkpointer: Any) -> str:
+        name = signal.Signals(self.signal).name if self.signal is not None else "signal"
+        where = f"after epoch {epoch}" if not step else f"at step {step} of {steps_per_epoch} in epoch {epoch + 1}"
+        saved = f"checkpoint saved in {checkpointer.directory}" if checkpointer is not None else "no workdir, nothing saved"
+        return f"stopped by {name} {where}; {saved}. Rerun the same command to resume."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,30 +364,41 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-class EpochMetrics(NamedTuple):
-    loss: jax.Array  # mean training loss over the epoch's steps
-    accuracy: jax.Array  # mean training accuracy
-    first_nonfinite_step: jax.Array  # -1, or the first step (in the epoch) with a non-finite loss
+class ChunkMetrics(NamedTuple):
+    """Per-run sums over the steps of one call (host code aggregates them into epoch means)."""
+
+    loss_sum: jax.Array  # sum of the training losses of the steps
+    correct: jax.Array  # correctly classified training examples
+    steps: jax.Array  # steps taken
+    first_nonfinite_step: jax.Array  # -1, or the first step (within the epoch) with a non-finite loss
     nonfinite_loss: jax.Array  # the loss value at that step
 
 
 def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: int, batch_size: int,
                      augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-                     label_smoothing: float = 0.0, donate: bool = True):
-    """Builds ``train_epoch(state, data_keys, dropout_keys, epoch, x_train, y_train)``.
+                     label_smoothing: float = 0.0, donate: bool = True, num_steps: int | None = None):
+    """Builds ``train_chunk(state, data_keys, dropout_keys, epoch, start, x_train, y_train)``.
 
-    One call trains every run for one epoch: vmap over runs of a ``lax.scan`` over steps. The
-    returned function is jitted with the state donated (updated in place).
+    One call trains every run for `num_steps` consecutive steps of epoch `epoch`, starting at step
+    `start` (default: the whole epoch from step 0): vmap over runs of a ``lax.scan`` over steps.
+    The epoch's batch order is a function of (data key, epoch) only, so an epoch cut into chunks
+    (or interrupted and resumed between chunks) takes exactly the same steps. The function is
+    jitted with the state donated (updated in place); `start` is traced, so every chunk of the
+    same length shares one compilation.
 
     Returns:
-      ``(new_state, EpochMetrics)`` with per-run metrics.
+      ``(new_state, ChunkMetrics)`` with per-run sums.
     """
-    steps = steps_per_epoch(num_train, batch_size)
+    steps_total = steps_per_epoch(num_train, batch_size)
+    steps = steps_total if num_steps is None else int(num_steps)
+    if not 1 <= steps <= steps_total:
+        raise ValueError(f"num_steps must be in [1, {steps_total}] (steps per epoch); got {num_steps!r}.")
 
-    def run_epoch(state: TrainState, data_key, dropout_key, epoch, x_train, y_train):
+    def run_chunk(state: TrainState, data_key, dropout_key, epoch, start, x_train, y_train):
         data_key = jax.random.wrap_key_data(data_key)
         order_key, aug_key = jax.random.split(jax.random.fold_in(data_key, epoch))
         rows = epoch_indices(order_key, num_train, batch_size)
+        rows = jax.lax.dynamic_slice_in_dim(rows, start, steps, axis=0)
         dropout_key = jax.random.fold_in(jax.random.wrap_key_data(dropout_key), epoch)
 
         def step(carry, inputs):
@@ -369,8 +419,7 @@ def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: i
             params = optax.apply_updates(state.params, updates)
             model_state = {**state.model_state, **new_model_state}
             correct = jnp.sum(jnp.argmax(logits, -1) == y)
-            finite = jnp.isfinite(loss)
-            first_bad = (bad_step < 0) & ~finite
+            first_bad = (bad_step < 0) & ~jnp.isfinite(loss)
             bad_step = jnp.where(first_bad, i, bad_step)
             bad_loss = jnp.where(first_bad, loss, bad_loss)
             new_state = TrainState(params, model_state, opt_state, state.step + 1)
@@ -379,11 +428,10 @@ def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: i
         init = (state, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.array(-1, jnp.int32),
                 jnp.zeros((), jnp.float32))
         (state, loss_sum, correct_sum, bad_step, bad_loss), _ = jax.lax.scan(
-            step, init, (jnp.arange(steps), rows))
-        metrics = EpochMetrics(loss_sum / steps, correct_sum / (steps * batch_size), bad_step, bad_loss)
-        return state, metrics
+            step, init, (start + jnp.arange(steps), rows))
+        return state, ChunkMetrics(loss_sum, correct_sum, jnp.full((), steps, jnp.int32), bad_step, bad_loss)
 
-    batched = jax.vmap(run_epoch, in_axes=(0, 0, 0, None, None, None))
+    batched = jax.vmap(run_chunk, in_axes=(0, 0, 0, None, None, None, None))
     return jax.jit(batched, donate_argnums=(0,) if donate else ())
 
 
@@ -496,15 +544,19 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
         on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Trains every run of `config` on `dataset` and returns a :class:`TrainResult`.
 
-    With a `workdir`: metrics go to ``metrics.jsonl`` (one line per epoch and run), orbax
-    checkpoints (state plus the anchor mask beside it) to ``checkpoints/`` every
+    An epoch is one jitted call, or several of ``train.steps_per_call`` steps each (the
+    granularity at which a SIGTERM is honoured). With a `workdir`: metrics go to
+    ``metrics.jsonl`` and TensorBoard (one line per epoch and run), orbax checkpoints (state plus
+    the anchor mask beside it; numbered by optimizer step) to ``checkpoints/`` every
     ``train.checkpoint_every`` epochs and at the end; rerunning resumes from the latest good
-    checkpoint and ends bit-identical to an uninterrupted run (every epoch's randomness is a
-    function of the run's keys and the epoch number only).
+    checkpoint and ends bit-identical to an uninterrupted run on the same devices (every step's
+    randomness is a function of the run's keys, the epoch and the step only).
 
     Raises:
       TrainingDiverged: a run's loss became NaN/inf (message names the run, epoch and step); the
         last good checkpoint is kept.
+      Preempted: SIGTERM/SIGINT arrived; the state was checkpointed at the next step boundary
+        (end of the current call) and training stopped.
     """
     from tna_jax.data import to_device
 
@@ -538,32 +590,58 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
                                   abstract_state)
 
     checkpointer = None
-    start_epoch = 0
+    start_epoch, start_step, partial = 0, 0, None
     state = None
     if workdir:
         checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
         if checkpointer.latest_step() is not None:
             state, _, meta = checkpointer.restore(abstract_state)
-            start_epoch = int(meta["epoch"])
-            checkpointer.delete_after(start_epoch)
-            log(f"resuming from the checkpoint of epoch {start_epoch} in {checkpointer.directory}")
+            start_epoch, start_step = int(meta["epoch"]), int(meta.get("step_in_epoch", 0))
+            partial = meta.get("partial_sums")
+            checkpointer.delete_after(start_epoch * spe + start_step)
+            where = f"epoch {start_epoch}" + (f", step {start_step} of epoch {start_epoch + 1}" if start_step else "")
+            log(f"resuming from the checkpoint of {where} in {checkpointer.directory}")
     metrics_log = logs.MetricsLog(workdir, [r.describe() for r in runs], start_epoch,
                                   tensorboard=config.train.tensorboard)
     if state is None:
         state = init_fn(keys)
 
-    train_epoch = make_train_epoch(net, update_tx, num_train=num_train, batch_size=bs, augment=augment,
-                                   label_smoothing=float(config.train.label_smoothing))
+    chunk = int(config.train.steps_per_call) or spe
+    chunk_fns: dict[int, Any] = {}
 
-    def save(epoch: int) -> None:
+    def train_chunk(num_steps: int):
+        if num_steps not in chunk_fns:
+            chunk_fns[num_steps] = make_train_epoch(
+                net, update_tx, num_train=num_train, batch_size=bs, augment=augment,
+                label_smoothing=float(config.train.label_smoothing), num_steps=num_steps)
+        return chunk_fns[num_steps]
+
+    def save(epoch: int, step_in_epoch: int = 0, sums: dict[str, np.ndarray] | None = None) -> None:
         if checkpointer is None:
             return
-        faults.point(f"before_save:{epoch}")
+        point = f"{epoch}" if not step_in_epoch else f"{epoch}.{step_in_epoch}"
+        faults.point(f"before_save:{point}")
         mask = mask_of(state)
-        checkpointer.save(epoch, state, extras=None if mask is None else {"mask": mask},
-                          meta={"epoch": epoch, "runs": [r.describe() for r in runs],
-                                "num_padded_runs": len(all_runs) - n_real})
-        faults.point(f"after_save:{epoch}")
+        meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": spe,
+                "runs": [r.describe() for r in runs], "num_padded_runs": len(all_runs) - n_real}
+        if sums is not None:
+            meta["partial_sums"] = {k: v.tolist() for k, v in sums.items()}
+        checkpointer.save(epoch * spe + step_in_epoch, state, extras=None if mask is None else {"mask": mask},
+                          meta=meta)
+        faults.point(f"after_save:{point}")
+
+    def diverged(m: Any, epoch: int) -> None:
+        bad = [i for i in range(n_real) if m.first_nonfinite_step[i] >= 0]
+        if not bad:
+            return
+        i = bad[0]
+        run = runs[i]
+        raise TrainingDiverged(
+            f"training diverged: run {i} ({run.arm.label}, seed {run.seed}) had loss "
+            f"{float(m.nonfinite_loss[i])} at epoch {epoch + 1}, step {int(m.first_nonfinite_step[i]) + 1} "
+            f"of {spe}" + (f" ({len(bad)} runs diverged)" if len(bad) > 1 else "")
+            + f". Lower config.optimizer.learning_rate (now {config.optimizer.learning_rate})"
+            + (f"; the last good checkpoint in {checkpointer.directory} is kept." if checkpointer else "."))
 
     bar = None
     if config.train.progress and epochs > start_epoch:
@@ -572,20 +650,28 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
         bar = tqdm(total=epochs, initial=start_epoch, desc=f"{len(runs)} runs", unit="epoch", dynamic_ncols=True)
     setup_seconds = time.time() - t_setup
     t0 = time.time()
+    stop = _StopSignal()
     try:
         for epoch in range(start_epoch, epochs):
-            state, m = train_epoch(state, keys.data, keys.dropout, epoch, data.x_train, data.y_train)
-            m = jax.device_get(m)
-            bad = [i for i in range(n_real) if m.first_nonfinite_step[i] >= 0]
-            if bad:
-                i = bad[0]
-                run = runs[i]
-                raise TrainingDiverged(
-                    f"training diverged: run {i} ({run.arm.label}, seed {run.seed}) had loss "
-                    f"{float(m.nonfinite_loss[i])} at epoch {epoch + 1}, step {int(m.first_nonfinite_step[i]) + 1} "
-                    f"of {spe}" + (f" ({len(bad)} runs diverged)" if len(bad) > 1 else "")
-                    + f". Lower config.optimizer.learning_rate (now {config.optimizer.learning_rate})"
-                    + (f"; the last good checkpoint in {checkpointer.directory} is kept." if checkpointer else "."))
+            step_in_epoch = start_step if epoch == start_epoch else 0
+            if epoch == start_epoch and partial:
+                sums = {k: np.asarray(v, np.float64) for k, v in partial.items()}
+            else:
+                sums = {k: np.zeros(len(all_runs), np.float64) for k in ("loss_sum", "correct", "steps")}
+            while step_in_epoch < spe:
+                n = min(chunk, spe - step_in_epoch)
+                state, m = train_chunk(n)(state, keys.data, keys.dropout, epoch, step_in_epoch,
+                                          data.x_train, data.y_train)
+                m = jax.device_get(m)
+                diverged(m, epoch)
+                sums["loss_sum"] += m.loss_sum
+                sums["correct"] += m.correct
+                sums["steps"] += m.steps
+                step_in_epoch += n
+                faults.point(f"chunk_end:{epoch}.{step_in_epoch}")
+                if stop.signal is not None and step_in_epoch < spe:
+                    save(epoch, step_in_epoch, sums)
+                    raise Preempted(stop.message(epoch, step_in_epoch, spe, checkpointer))
             done = epoch + 1
             val = None
             if done % config.train.eval_every == 0 or done == epochs:
@@ -593,8 +679,8 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
                     if data.x_val.shape[0] else None
             rows = []
             for i, run in enumerate(runs):
-                row = {"epoch": done, **run.describe(), "train_loss": float(m.loss[i]),
-                       "train_accuracy": float(m.accuracy[i])}
+                row = {"epoch": done, **run.describe(), "train_loss": float(sums["loss_sum"][i] / sums["steps"][i]),
+                       "train_accuracy": float(sums["correct"][i] / (sums["steps"][i] * bs))}
                 if val is not None:
                     row["val_loss"] = float(val["loss"][i])
                     row["val_accuracy"] = float(val["accuracy"][i])
@@ -603,12 +689,15 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
             faults.point(f"epoch_end:{done}")
             if on_epoch is not None:
                 on_epoch(done, {"rows": rows})
-            if done % config.train.checkpoint_every == 0 or done == epochs:
+            if done % config.train.checkpoint_every == 0 or done == epochs or stop.signal is not None:
                 save(done)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(_postfix(rows, arms, val is not None), refresh=False)
+            if stop.signal is not None and done < epochs:
+                raise Preempted(stop.message(done, 0, spe, checkpointer))
     finally:
+        stop.restore()
         if bar is not None:
             bar.close()
         metrics_log.close()
