@@ -183,7 +183,7 @@ def count_compiles():
     """Counts XLA compilations by function name while the block runs: ``{"jit(run_epoch)": 1}``.
 
     Uses ``jax.monitoring``'s backend-compile events (no log output). A sweep whose arms are
-    one compiled program shows exactly one compile of ``jit(run_epoch)``.
+    one compiled program shows exactly one compile of the training step function.
     """
     counts: dict[str, int] = {}
 
@@ -320,6 +320,10 @@ def markdown_summary(report: dict[str, Any]) -> str:
     return markdown_table(rows, SUMMARY_COLUMNS)
 
 
+# The jitted training function(s) of tna_jax.training (one compile = the whole sweep is one program).
+_STEP_FUNCTIONS = ("jit(run_chunk)", "jit(run_epoch)")
+
+
 @dataclasses.dataclass
 class Trained:
     """What :func:`train_and_analyse` returns: the report and the objects behind it."""
@@ -368,7 +372,7 @@ def train_and_analyse(config: Any, workdir: str | None, *, lmc: bool | None = No
         "model": {"name": net.name, "params": net.param_count(), "batch_norm": net.has_batch_stats},
         "devices": {"backend": jax.default_backend(), "count": jax.device_count()},
         "training": {"seconds": result.seconds, "epochs": config.train.epochs, "resumed_from": result.resumed_from,
-                     "runs": len(result.runs), "epoch_compiles": compiles.get("jit(run_epoch)", 0)},
+                     "runs": len(result.runs), "epoch_compiles": sum(n for f, n in compiles.items() if f in _STEP_FUNCTIONS)},
         "arms": training.summarize(result),
         "runs": [{**r.describe(), "test_accuracy": float(result.test["accuracy"][r.index]),
                   "test_loss": float(result.test["loss"][r.index]),
