@@ -168,8 +168,11 @@ def _plots(config: Any, workdir: str, rows: list[dict[str, Any]]) -> list[str]:
                 sel = sorted([r for r in rows if r["axis"] == axis and r["arm"] == arm], key=lambda r: r["x"])
                 series[arm] = {"x": [r["x"] for r in sel], "y": [r[f"{key}_mean"] for r in sel],
                                "std": [r[f"{key}_std"] for r in sel]}
-            path = os.path.join(workdir, f"{key}_vs_{axis}.png")
-            files.append(plotting.plot_curves(series, path, xlabel=axis, ylabel=ylabel,
+            xs = [r["x"] for r in rows if r["axis"] == axis]
+            # Axes spanning a factor >= 8 of positive values (widths) are drawn on a log2 scale.
+            scale = "log2" if min(xs) > 0 and max(xs) / min(xs) >= 8 else "linear"
+            path = os.path.join(workdir, f"{key}_vs_{re.sub(r'[^A-Za-z0-9_.-]+', '_', axis)}.png")
+            files.append(plotting.plot_curves(series, path, xlabel=axis, ylabel=ylabel, xscale=scale,
                                               title=f"{config.name}: {ylabel} vs {axis}"))
     flat = [r for r in rows if not r["axis"]]
     if flat:
@@ -205,7 +208,9 @@ def grid_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     text = _markdown(rows)
     print(text)
     out = {"name": config.name, "kind": "grid", "rows": rows, "variants": reports, "markdown": text,
-           "seconds_total": time.time() - t0}
+           "seconds_total": time.time() - t0,
+           # Wall time of the variants' own runs (also of those reused from an earlier invocation).
+           "seconds_variants": float(sum(r.get("seconds_total", 0.0) for r in reports.values()))}
     if workdir:
         ckpt_lib.write_json(os.path.join(workdir, "report.json"), out)
         ckpt_lib.write_text(os.path.join(workdir, "report.md"), f"# {config.name}\n\n{text}\n")
