@@ -96,6 +96,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.analysis.max_pairs = 10
     c.analysis.split = "test"
     c.analysis.plots = True
+    c.analysis.plot_ratios = ()  # ratios whose paths go into lmc_paths.png (empty = every arm)
+    c.analysis.bn_reset = True  # nets with BatchNorm: also report LMC with statistics reset at every α
+    c.analysis.bn_reset_examples = 2000  # training examples the reset uses (0 = the whole split)
+    c.analysis.chunk = 0  # >0: evaluate at most this many (pair, α) points at once (bounds memory)
     return c
 
 
@@ -236,6 +240,10 @@ def validate(config: Any, *, schema: Any = None) -> Any:
     _int(config, "analysis.max_pairs", 1, 100000)
     _choice(config, "analysis.split", ("val", "test", "train"))
     _bool(config, "analysis.plots")
+    _ratios(config, "analysis.plot_ratios")
+    _bool(config, "analysis.bn_reset")
+    _int(config, "analysis.bn_reset_examples", 0, MAX_SIZE)
+    _int(config, "analysis.chunk", 0, MAX_SIZE)
     if config.prune.ratio > 0 and config.anchor.refresh_every > 0:
         raise ConfigError("config.anchor.refresh_every > 0 cannot be combined with prune arms "
                           f"(config.prune.ratio={config.prune.ratio}): pruned weights must stay at zero.")

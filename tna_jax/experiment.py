@@ -11,6 +11,8 @@ analysis, the default) or a kind registered in :data:`EXPERIMENTS`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -25,7 +27,11 @@ import numpy as np
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
 
-__all__ = ["run", "EXPERIMENTS", "register", "WorkdirLock", "WorkdirBusy", "prepare_workdir", "train_experiment"]
+__all__ = [
+    "run", "EXPERIMENTS", "register", "WorkdirLock", "WorkdirBusy", "prepare_workdir", "train_experiment",
+    "Trained", "load_problem", "train_and_analyse", "write_train_outputs", "analyse_lmc", "lmc_stats",
+    "count_compiles", "markdown_table", "mean_std",
+]
 
 EXPERIMENTS: dict[str, Callable[[Any, str | None], dict[str, Any]]] = {}
 
@@ -168,22 +174,87 @@ def _load_kinds() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The default experiment: multi-seed training, then LMC between seeds of each arm.
+# Pieces shared by the experiment kinds.
 # ---------------------------------------------------------------------------------------------
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+@contextlib.contextmanager
+def count_compiles():
+    """Counts XLA compilations by function name while the block runs: ``{"jit(run_epoch)": 1}``.
+
+    Uses ``jax.monitoring``'s backend-compile events (no log output). A sweep whose arms are
+    one compiled program shows exactly one compile of the training step function.
+    """
+    counts: dict[str, int] = {}
+
+    def listener(event: str, seconds: float, **kwargs: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            name = str(kwargs.get("fun_name", "?"))
+            counts[name] = counts.get(name, 0) + 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and (population) standard deviation; NaN for no values."""
     arr = np.asarray(values, dtype=float)
     return (float(np.mean(arr)), float(np.std(arr))) if arr.size else (float("nan"), float("nan"))
 
 
+LMC_KEYS = ("loss_barrier", "accuracy_barrier", "avg_endpoint_accuracy", "interp_accuracy",
+            "avg_endpoint_loss", "interp_loss")
+
+
+def lmc_stats(eval_fn: Any, stacked: Any, x: Any, y: Any, *, pairs: list[tuple[int, int]], alphas: Any,
+              chunk: int | None = None) -> dict[str, Any]:
+    """Pairwise LMC of stacked models: ``<key>_mean``/``<key>_std`` over pairs for every key of
+    :data:`LMC_KEYS`, the per-pair barriers, the curves, and the fusion of all models."""
+    from tna_jax import lmc
+
+    table = lmc.pairwise_barriers(eval_fn, stacked, (x, y), pairs=pairs, alphas=alphas, chunk=chunk)
+    per_pair = table["per_pair"]
+    out: dict[str, Any] = {}
+    for key in LMC_KEYS:
+        out[f"{key}_mean"], out[f"{key}_std"] = mean_std([p[key] for p in per_pair])
+    out["per_pair"] = per_pair
+    out["curve"] = {"alpha": table["paths"]["alpha"].tolist(), "accuracy": table["paths"]["accuracy"].tolist(),
+                    "loss": table["paths"]["loss"].tolist()}
+    fused = lmc.fuse(eval_fn, stacked, (x, y))
+    out["fusion"] = {k: v for k, v in fused.items() if k != "fused"}
+    return out
+
+
+def bn_reset_eval(config: Any, net: Any, eval_fn: Any, data: Any) -> Any | None:
+    """``eval_fn`` with BatchNorm statistics reset from training data (None for nets without
+    BatchNorm or with ``analysis.bn_reset`` off). Uses the first ``analysis.bn_reset_examples``
+    training examples (0 = all) in batches of ``train.batch_size`` (the training batch size)."""
+    from tna_jax import lmc
+
+    if not (config.analysis.bn_reset and net.has_batch_stats):
+        return None
+    n = int(config.analysis.bn_reset_examples) or int(data.x_train.shape[0])
+    x_reset = data.x_train[: min(n, int(data.x_train.shape[0]))]
+    return lmc.with_bn_reset(net, eval_fn, x_reset, batch_size=min(int(config.train.batch_size), int(x_reset.shape[0])))
+
+
 def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]:
-    """Pairwise LMC between the seeds of each arm, and the fusion of all seeds of each arm."""
+    """Pairwise LMC between the seeds of each arm, and the fusion of all seeds of each arm.
+
+    For nets with BatchNorm (and ``analysis.bn_reset``, the default) every arm is reported both
+    ways: with the interpolated running statistics (top level) and with the statistics reset
+    from training data at every α (``"bn_reset"``; :func:`tna_jax.lmc.with_bn_reset`).
+    """
     from tna_jax import lmc, training
 
     eval_fn = training.make_eval_fn(net, config.train.eval_batch_size)
+    reset_fn = bn_reset_eval(config, net, eval_fn, data)
     x, y = data.split(config.analysis.split)
     alphas = lmc.default_alphas(config.analysis.num_alphas)
+    chunk = int(config.analysis.chunk) or None
     out: dict[str, Any] = {}
     arms: dict[int, list[int]] = {}
     for r in result.runs:
@@ -194,63 +265,81 @@ def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]
         entry: dict[str, Any] = {"runs": idx}
         if len(idx) >= 2:
             pairs = lmc.all_pairs(len(idx), config.analysis.max_pairs)
-            table = lmc.pairwise_barriers(eval_fn, stacked, (x, y), pairs=pairs, alphas=alphas)
-            per_pair = table["per_pair"]
-            for key in ("loss_barrier", "accuracy_barrier", "avg_endpoint_accuracy", "interp_accuracy",
-                        "avg_endpoint_loss", "interp_loss"):
-                entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std([p[key] for p in per_pair])
-            entry["pairs"] = [[idx[i], idx[j]] for i, j in table["pairs"]]
-            entry["per_pair"] = per_pair
-            entry["curve"] = {"alpha": table["paths"]["alpha"].tolist(),
-                              "accuracy": table["paths"]["accuracy"].tolist(),
-                              "loss": table["paths"]["loss"].tolist()}
-            fused = lmc.fuse(eval_fn, stacked, (x, y))
-            entry["fusion"] = {k: v for k, v in fused.items() if k != "fused"}
+            entry.update(lmc_stats(eval_fn, stacked, x, y, pairs=pairs, alphas=alphas, chunk=chunk))
+            entry["pairs"] = [[idx[i], idx[j]] for i, j in pairs]
+            if reset_fn is not None:
+                entry["bn_reset"] = lmc_stats(reset_fn, stacked, x, y, pairs=pairs, alphas=alphas, chunk=chunk)
         out[label] = entry
     return out
 
 
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """A markdown table: ``columns`` are ``(key, header)`` pairs."""
     head = "| " + " | ".join(c[1] for c in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(str(r.get(c[0], "")) for c in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
-def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
+
+def pm(mean: float | None, std: float | None, scale: float = 100.0, digits: int = 1) -> str:
+    """``"mean ± std"`` scaled (percent by default); "—" for missing values."""
     if mean is None or not np.isfinite(mean):
         return "—"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {(std or 0.0) * scale:.{digits}f}"
+
+
+SUMMARY_COLUMNS = [("arm", "arm"), ("seeds", "seeds"), ("acc", "test acc %"), ("avg", "Avg. Acc. %"),
+                   ("interp", "Interp. Acc. % (α=0.5)"), ("abar", "acc. barrier %"),
+                   ("lbar", "loss barrier"), ("fused", "all-seed fusion acc %")]
+
+
+def summary_row(label: str, seeds: Any, acc: str, lm: dict[str, Any]) -> dict[str, Any]:
+    fusion = lm.get("fusion", {})
+    return {
+        "arm": label, "seeds": seeds, "acc": acc,
+        "avg": pm(lm.get("avg_endpoint_accuracy_mean"), lm.get("avg_endpoint_accuracy_std")),
+        "interp": pm(lm.get("interp_accuracy_mean"), lm.get("interp_accuracy_std")),
+        "abar": pm(lm.get("accuracy_barrier_mean"), lm.get("accuracy_barrier_std")),
+        "lbar": pm(lm.get("loss_barrier_mean"), lm.get("loss_barrier_std"), scale=1.0, digits=3),
+        "fused": f"{fusion['fused_accuracy'] * 100:.1f}" if fusion else "—",
+    }
 
 
 def markdown_summary(report: dict[str, Any]) -> str:
-    """The arms table of a train report: accuracy, LMC barriers and fusion, mean ± std."""
+    """The arms table of a train report: accuracy, LMC barriers and fusion, mean ± std over
+    pairs (barriers) or seeds (accuracy). Nets with BatchNorm get a second row per arm with the
+    statistics reset at every α ("BN reset")."""
     rows = []
     for arm in report["arms"]:
         lm = report.get("lmc", {}).get(arm["arm"], {})
-        fusion = lm.get("fusion", {})
-        rows.append({
-            "arm": arm["arm"],
-            "seeds": arm["seeds"],
-            "acc": _pm(arm["test_accuracy_mean"], arm["test_accuracy_std"]),
-            "avg": _pm(lm.get("avg_endpoint_accuracy_mean"), lm.get("avg_endpoint_accuracy_std")),
-            "interp": _pm(lm.get("interp_accuracy_mean"), lm.get("interp_accuracy_std")),
-            "abar": _pm(lm.get("accuracy_barrier_mean"), lm.get("accuracy_barrier_std")),
-            "lbar": _pm(lm.get("loss_barrier_mean"), lm.get("loss_barrier_std"), scale=1.0, digits=3),
-            "fused": f"{fusion['fused_accuracy'] * 100:.1f}" if fusion else "—",
-        })
-    return _table(rows, [("arm", "arm"), ("seeds", "seeds"), ("acc", "test acc %"), ("avg", "Avg. Acc. %"),
-                         ("interp", "Interp. Acc. % (α=0.5)"), ("abar", "acc. barrier %"),
-                         ("lbar", "loss barrier"), ("fused", "all-seed fusion acc %")])
+        acc = pm(arm["test_accuracy_mean"], arm["test_accuracy_std"])
+        rows.append(summary_row(arm["arm"], arm["seeds"], acc, lm))
+        if "bn_reset" in lm:
+            rows.append(summary_row(f"{arm['arm']} (BN reset)", arm["seeds"], acc, lm["bn_reset"]))
+    return markdown_table(rows, SUMMARY_COLUMNS)
 
 
-@register("train")
-def train_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
-    """Multi-seed training of every arm, then pairwise LMC and fusion within each arm."""
+# The jitted training function(s) of tna_jax.training (one compile = the whole sweep is one program).
+_STEP_FUNCTIONS = ("jit(run_chunk)", "jit(run_epoch)")
+
+
+@dataclasses.dataclass
+class Trained:
+    """What :func:`train_and_analyse` returns: the report and the objects behind it."""
+
+    report: dict[str, Any]
+    net: Any
+    dataset: Any
+    result: Any
+    data: Any  # DeviceData
+
+
+def load_problem(config: Any) -> tuple[Any, Any, Any]:
+    """``(dataset, net, augment)`` from ``config.data`` and ``config.model``."""
     from tna_jax import data as data_lib
-    from tna_jax import models, plotting, training
+    from tna_jax import models
 
-    t0 = time.time()
     dataset = data_lib.load(config.data)
     net = models.build(config.model, dataset.input_shape, dataset.num_classes)
     augment = None
@@ -261,15 +350,29 @@ def train_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         from tna_jax.data.augment import augment_images
 
         augment = augment_images
-    result = training.fit(config, net, dataset, workdir=workdir, augment=augment)
+    return dataset, net, augment
+
+
+def train_and_analyse(config: Any, workdir: str | None, *, lmc: bool | None = None) -> Trained:
+    """Multi-seed training of every arm (resuming from `workdir`'s checkpoints), then the train
+    report: per-arm accuracy, masks and (when ``lmc``, default ``config.analysis.lmc``) pairwise
+    LMC and fusion. Writes nothing but what :func:`tna_jax.training.fit` writes."""
+    from tna_jax import data as data_lib
+    from tna_jax import training
+
+    t0 = time.time()
+    dataset, net, augment = load_problem(config)
+    with count_compiles() as compiles:
+        result = training.fit(config, net, dataset, workdir=workdir, augment=augment)
     report: dict[str, Any] = {
         "name": config.name,
         "kind": "train",
         "data": {"name": dataset.name, "sizes": dataset.sizes(), "input_shape": list(dataset.input_shape),
                  "num_classes": dataset.num_classes},
-        "model": {"name": net.name, "params": net.param_count()},
+        "model": {"name": net.name, "params": net.param_count(), "batch_norm": net.has_batch_stats},
         "devices": {"backend": jax.default_backend(), "count": jax.device_count()},
-        "training": {"seconds": result.seconds, "epochs": config.train.epochs, "resumed_from": result.resumed_from},
+        "training": {"seconds": result.seconds, "epochs": config.train.epochs, "resumed_from": result.resumed_from,
+                     "runs": len(result.runs), "epoch_compiles": sum(n for f, n in compiles.items() if f in _STEP_FUNCTIONS)},
         "arms": training.summarize(result),
         "runs": [{**r.describe(), "test_accuracy": float(result.test["accuracy"][r.index]),
                   "test_loss": float(result.test["loss"][r.index]),
@@ -280,19 +383,63 @@ def train_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
 
         report["mask"] = {r.arm.label: anchors.mask_summary(jax.tree.map(lambda m, i=r.index: m[i], result.mask))["overall"]
                           for r in result.runs if r.seed == 0}
-    if config.analysis.lmc and config.num_seeds >= 2:
-        device_data = data_lib.to_device(dataset, normalize=config.data.normalize)
+    device_data = data_lib.to_device(dataset, normalize=config.data.normalize)
+    if (config.analysis.lmc if lmc is None else lmc) and config.num_seeds >= 2:
         report["lmc"] = analyse_lmc(config, net, result, device_data)
     report["seconds_total"] = time.time() - t0
-    text = markdown_summary(report)
-    report["markdown"] = text
-    print(text)
+    return Trained(report=report, net=net, dataset=dataset, result=result, data=device_data)
+
+
+def _sweep_rows(report: dict[str, Any], key: str | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for arm in report["arms"]:
+        lm = report.get("lmc", {}).get(arm["arm"], {})
+        lm = lm.get(key, {}) if key else lm
+        if "interp_accuracy_mean" in lm:
+            rows.append({"method": arm["method"], "ratio": arm["ratio"], **{k: v for k, v in lm.items()
+                                                                             if k.endswith(("_mean", "_std"))}})
+    return rows
+
+
+def write_train_outputs(config: Any, workdir: str, trained: Trained) -> None:
+    """``report.json``, ``report.md`` and the plots of a train report: ``lmc_paths.png`` (the
+    arms of ``analysis.plot_ratios``, or all), and for ratio sweeps ``ratio_sweep.png`` (the
+    paper's Figure 2; ``ratio_sweep_bn_reset.png`` too for BatchNorm nets)."""
+    from tna_jax import plotting
+
+    report = trained.report
+    ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
+    sweep = bool(len(config.sweep.anchor_ratios) or len(config.sweep.prune_ratios))
+    text = f"# {config.name}\n\n{report['markdown']}\n"
+    ckpt_lib.write_text(os.path.join(workdir, "report.md"), text)
+    if not (config.analysis.plots and "lmc" in report):
+        return
+    title = f"{config.name}: {trained.net.name} on {trained.dataset.name}"
+    shown = {float(r) for r in config.analysis.plot_ratios}
+    arms = {a["arm"]: a for a in report["arms"]}
+    curves = {}
+    for label, e in report["lmc"].items():
+        if "curve" not in e or (shown and float(arms[label]["ratio"]) not in shown):
+            continue
+        curves[label] = e["curve"]
+        if "bn_reset" in e:
+            curves[f"{label} (BN reset)"] = e["bn_reset"]["curve"]
+    if curves:
+        plotting.plot_lmc_paths(curves, os.path.join(workdir, "lmc_paths.png"), title=title)
+    if sweep:
+        plotting.plot_ratio_sweep(_sweep_rows(report), os.path.join(workdir, "ratio_sweep.png"), title=title)
+        if trained.net.has_batch_stats and _sweep_rows(report, "bn_reset"):
+            plotting.plot_ratio_sweep(_sweep_rows(report, "bn_reset"), os.path.join(workdir, "ratio_sweep_bn_reset.png"),
+                                      title=f"{title} (BN reset)")
+
+
+@register("train")
+def train_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
+    """Multi-seed training of every arm, then pairwise LMC and fusion within each arm."""
+    trained = train_and_analyse(config, workdir)
+    report = trained.report
+    report["markdown"] = markdown_summary(report)
+    print(report["markdown"])
     if workdir:
-        ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
-        ckpt_lib.write_text(os.path.join(workdir, "report.md"), f"# {config.name}\n\n{text}\n")
-        if config.analysis.plots and "lmc" in report:
-            curves = {label: e["curve"] for label, e in report["lmc"].items() if "curve" in e}
-            if curves:
-                plotting.plot_lmc_paths(curves, os.path.join(workdir, "lmc_paths.png"),
-                                        title=f"{config.name}: {net.name} on {dataset.name}")
+        write_train_outputs(config, workdir, trained)
     return report

@@ -13,49 +13,71 @@ Every function is pure and takes an ``eval_fn(variables, x, y) -> {"loss", "accu
 model (``tna_jax.training.make_eval_fn``). α is a batch axis: a path is ``jax.vmap`` over α of
 "interpolate, then evaluate", optionally chunked with ``jax.lax.map(..., batch_size=chunk)`` to
 bound memory; a table over N seeds is a vmap over pairs. α outside [0, 1] is allowed and means
-extrapolation along the same line.
+extrapolation along the same line (θ_α for α < 0 lies beyond A, for α > 1 beyond B); barriers are
+still measured against the chord between the α = 0 and α = 1 points of the path.
+
+Layer-wise LMC (Adilova et al., 2024) interpolates one group of layers at a time and keeps the
+rest at A: θ_α^G = A + α · 1_G ⊙ (B − A). Groups are per-leaf boolean masks stacked on a leading
+group axis, so all groups and all α are ONE vmapped, compiled program. The cumulative variants
+interpolate the first k groups ("from_input") or the last k groups ("from_output").
+
+Networks with BatchNorm: the running statistics of θ_α are not the statistics of θ_α's
+activations (variance collapse, Jordan et al. 2023, "REPAIR"). :func:`reset_bn_stats`
+recomputes them from data and :func:`with_bn_reset` wraps an ``eval_fn`` so that every point of
+a path is evaluated after the reset (still vmappable over α).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tna_jax import anchors
 from tna_jax import tree as tree_lib
 
 PyTree = Any
 EvalFn = Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]]
 
 __all__ = [
-    "interpolate", "default_alphas", "lmc_path", "barriers", "pairwise_barriers", "fuse",
-    "check_compatible", "check_data",
+    "interpolate", "default_alphas", "lmc_path", "barriers", "all_pairs", "pairwise_barriers", "fuse",
+    "check_compatible", "check_data", "layer_groups", "layerwise_lmc", "LAYERWISE_MODES",
+    "reset_bn_stats", "with_bn_reset",
 ]
 
 
 def default_alphas(num: int = 25) -> np.ndarray:
-    """``num`` evenly spaced α in [0, 1] (25 by default, as in the paper's plots)."""
+    """``num`` evenly spaced α in [0, 1] (25 by default, as in the paper's plots).
+
+    Examples:
+      >>> default_alphas(5).tolist()
+      [0.0, 0.25, 0.5, 0.75, 1.0]
+    """
     if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 2:
         raise ValueError(f"num_alphas must be an integer >= 2; got {num!r}.")
     return np.linspace(0.0, 1.0, int(num))
 
 
 def check_compatible(a: PyTree, b: PyTree) -> None:
-    """Raises ValueError naming the first path where two models' variables differ in structure."""
+    """Raises ValueError naming the first path where two models' variables differ in structure
+    or shape (e.g. a width-64 and a width-128 MLP, or a model with and without BatchNorm)."""
     tree_lib.check_same_structure(a, b, names=("model a", "model b"))
 
 
-def check_data(data: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def check_data(data: tuple[jax.Array, jax.Array], name: str = "data") -> tuple[jax.Array, jax.Array]:
+    """Checks that `data` is a non-empty pair ``(x, y)`` of equal length; returns it."""
     if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise TypeError(f"data must be a pair (x, y); got {type(data).__name__}.")
+        raise TypeError(f"{name} must be a pair (x, y); got {type(data).__name__}.")
     x, y = data
-    if np.shape(x)[0] == 0:
-        raise ValueError("data is empty: x has 0 examples.")
-    if np.shape(x)[0] != np.shape(y)[0]:
-        raise ValueError(f"data x and y differ in length: {np.shape(x)[0]} vs {np.shape(y)[0]}.")
+    if np.ndim(x) == 0 or np.shape(x)[0] == 0:
+        raise ValueError(f"{name} is empty: x has shape {np.shape(x)}; at least one example is needed.")
+    if np.ndim(y) == 0 or np.shape(x)[0] != np.shape(y)[0]:
+        raise ValueError(f"{name} x and y differ in length: {np.shape(x)[0]} vs {np.shape(y)[:1]}.")
     return x, y
 
 
@@ -64,8 +86,24 @@ def _check_chunk(chunk: int | None) -> None:
         raise ValueError(f"chunk must be a positive integer or None; got {chunk!r}.")
 
 
+def _check_alphas(alphas: Any) -> jax.Array:
+    """The α grid as a float32 vector (default 25 points in [0, 1]); any finite values allowed."""
+    arr = default_alphas() if alphas is None else alphas
+    if not isinstance(arr, jax.core.Tracer):
+        host = np.asarray(arr, dtype=np.float64)
+        if host.ndim != 1 or host.shape[0] == 0:
+            raise ValueError(f"alphas must be a non-empty 1-D sequence; got shape {host.shape}.")
+        if not np.isfinite(host).all():
+            raise ValueError(f"alphas must be finite; got {host.tolist()}.")
+    return jnp.asarray(arr, jnp.float32)
+
+
 def interpolate(a: PyTree, b: PyTree, alpha: float | jax.Array) -> PyTree:
     """θ_α = (1 − α) a + α b over whole variable trees (params and BatchNorm statistics).
+
+    Computed as ``(1 − α) a + α b`` (:func:`tna_jax.tree.lerp`), so α = 0 returns `a` and α = 1
+    returns `b` exactly for finite float leaves. Integer leaves are taken from `a` for α < 0.5
+    and from `b` otherwise. α outside [0, 1] extrapolates along the same line.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -81,23 +119,40 @@ def _map(fn: Callable[[Any], Any], xs: Any, chunk: int | None) -> Any:
     return jax.lax.map(fn, xs, batch_size=int(chunk))
 
 
+@functools.lru_cache(maxsize=64)
+def _path_program(eval_fn: EvalFn, chunk: int | None, jit: bool) -> Callable[..., Any]:
+    """One compiled program per (eval_fn, chunk): repeated paths reuse it (no recompiles)."""
+
+    def compute(a, b, alphas, x, y):
+        return _map(lambda alpha: eval_fn(interpolate(a, b, alpha), x, y), alphas, chunk)
+
+    return jax.jit(compute) if jit else compute
+
+
 def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, alphas: Sequence[float] | jax.Array | None = None,
-             data: tuple[jax.Array, jax.Array] | None = None, chunk: int | None = None) -> dict[str, Any]:
-    """Loss and accuracy of θ_α for every α, vmapped over α.
+             data: tuple[jax.Array, jax.Array] | None = None, chunk: int | None = None, *,
+             jit: bool = True) -> dict[str, Any]:
+    """Loss and accuracy of θ_α = (1 − α) θ_A + α θ_B for every α, vmapped over α.
 
     Args:
-      eval_fn: ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one model.
+      eval_fn: ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one model
+        (:func:`tna_jax.training.make_eval_fn`; wrap it with :func:`with_bn_reset` to reset
+        BatchNorm statistics at every α).
       a, b: the endpoint variables (same structure).
       alphas: the α grid; default 25 points in [0, 1]. Values outside [0, 1] extrapolate.
       data: ``(x, y)`` to evaluate on.
-      chunk: evaluate at most this many α at once (bounds memory); None = all at once.
+      chunk: evaluate at most this many α at once (``lax.map`` with ``batch_size``: bounds
+        memory, same numbers); None = all α in one vmap.
+      jit: compile the path (cached per ``(eval_fn, chunk)``); False runs it eagerly, e.g.
+        inside another transformation.
 
     Returns:
-      ``{"alpha": (K,), "loss": (K,), "accuracy": (K,)}`` as jax arrays (jit-compatible).
+      ``{"alpha": (K,), "loss": (K,), "accuracy": (K,)}`` as jax arrays.
 
     Raises:
-      ValueError: models of different structure (naming the first mismatching path), empty data,
-        chunk < 1.
+      ValueError: models of different structure (naming the first mismatching path), empty
+        data, chunk < 1, an empty or non-finite α grid.
+      TypeError: data that is not a pair ``(x, y)``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -110,18 +165,12 @@ def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, alphas: Sequence[float] | ja
       [1.0, 0.0, 1.0]
     """
     if data is None:
-        raise ValueError("lmc_path needs data=(x, y) to evaluate on.")
+        raise ValueError("lmc_path needs data=(x, y) to evaluate on; got None.")
     x, y = check_data(data)
     _check_chunk(chunk)
     check_compatible(a, b)
-    alphas = jnp.asarray(default_alphas() if alphas is None else alphas, jnp.float32)
-    if alphas.ndim != 1 or alphas.shape[0] == 0:
-        raise ValueError(f"alphas must be a non-empty 1-D sequence; got shape {alphas.shape}.")
-
-    def at(alpha):
-        return eval_fn(interpolate(a, b, alpha), x, y)
-
-    out = _map(at, alphas, chunk)
+    alphas = _check_alphas(alphas)
+    out = _path_program(eval_fn, None if chunk is None else int(chunk), bool(jit))(a, b, alphas, x, y)
     return {"alpha": alphas, "loss": out["loss"], "accuracy": out["accuracy"]}
 
 
@@ -165,6 +214,20 @@ def all_pairs(n: int, max_pairs: int | None = None) -> list[tuple[int, int]]:
     return pairs[:max_pairs] if max_pairs else pairs
 
 
+@functools.lru_cache(maxsize=64)
+def _pairs_program(eval_fn: EvalFn, chunk: int | None, jit: bool) -> Callable[..., Any]:
+    def compute(stacked, ii, jj, pi, al, x, y):
+        def point(inputs):
+            p, alpha = inputs
+            a = tree_lib.index(stacked, ii[p])
+            b = tree_lib.index(stacked, jj[p])
+            return eval_fn(interpolate(a, b, alpha), x, y)
+
+        return _map(point, (pi, al), chunk)
+
+    return jax.jit(compute) if jit else compute
+
+
 def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], *,
                       pairs: Sequence[tuple[int, int]] | None = None,
                       alphas: Sequence[float] | None = None, chunk: int | None = None,
@@ -197,24 +260,14 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
     for i, j in pairs:
         if not (0 <= i < n and 0 <= j < n):
             raise ValueError(f"pair ({i}, {j}) is out of range for {n} models.")
-    alphas_arr = jnp.asarray(default_alphas() if alphas is None else alphas, jnp.float32)
-    ii = jnp.asarray([p[0] for p in pairs])
-    jj = jnp.asarray([p[1] for p in pairs])
+    alphas_arr = _check_alphas(alphas)
+    ii = jnp.asarray([p[0] for p in pairs], jnp.int32)
+    jj = jnp.asarray([p[1] for p in pairs], jnp.int32)
     k = alphas_arr.shape[0]
     # Flatten (pair, α) into one batch axis so chunking bounds the total work in flight.
-    pi = jnp.repeat(jnp.arange(len(pairs)), k)
+    pi = jnp.repeat(jnp.arange(len(pairs), dtype=jnp.int32), k)
     al = jnp.tile(alphas_arr, len(pairs))
-
-    def compute(stacked, x, y):
-        def point(inputs):
-            p, alpha = inputs
-            a = tree_lib.index(stacked, ii[p])
-            b = tree_lib.index(stacked, jj[p])
-            return eval_fn(interpolate(a, b, alpha), x, y)
-
-        return _map(point, (pi, al), chunk)
-
-    out = (jax.jit(compute) if jit else compute)(stacked, x, y)
+    out = _pairs_program(eval_fn, None if chunk is None else int(chunk), bool(jit))(stacked, ii, jj, pi, al, x, y)
     loss = np.asarray(out["loss"]).reshape(len(pairs), k)
     acc = np.asarray(out["accuracy"]).reshape(len(pairs), k)
     per_pair = [barriers({"alpha": alphas_arr, "loss": loss[p], "accuracy": acc[p]}) for p in range(len(pairs))]
@@ -229,6 +282,12 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
             "per_pair": per_pair, "loss_barrier": lb, "accuracy_barrier": ab}
 
 
+@functools.lru_cache(maxsize=64)
+def _eval_programs(eval_fn: EvalFn) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Compiled evaluation of K stacked models and of one model, cached per eval_fn."""
+    return jax.jit(jax.vmap(eval_fn, in_axes=(0, None, None))), jax.jit(eval_fn)
+
+
 def fuse(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], weights: Any = None
          ) -> dict[str, Any]:
     """Multi-model fusion: the (weighted) average of K models against their individual metrics.
@@ -240,8 +299,9 @@ def fuse(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], we
     """
     x, y = check_data(data)
     fused = tree_lib.weighted_mean(stacked, weights)
-    ind = jax.jit(jax.vmap(eval_fn, in_axes=(0, None, None)))(stacked, x, y)
-    f = jax.jit(eval_fn)(fused, x, y)
+    many, one = _eval_programs(eval_fn)
+    ind = many(stacked, x, y)
+    f = one(fused, x, y)
     ind_acc = np.asarray(ind["accuracy"], np.float64)
     ind_loss = np.asarray(ind["loss"], np.float64)
     w = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
@@ -255,3 +315,451 @@ def fuse(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], we
         "accuracy_barrier": mean_acc - float(f["accuracy"]),
         "loss_barrier": float(f["loss"]) - mean_loss,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-wise LMC (Adilova et al., 2024).
+# ---------------------------------------------------------------------------------------------
+
+LAYERWISE_MODES = ("single", "from_input", "from_output")
+OTHER_GROUP = "other"
+_COLLECTIONS = ("params", "batch_stats")
+
+GroupSpec = str | Sequence[str]
+
+
+def _strip_collection(names: list[str], tree: PyTree) -> list[str]:
+    """Leaf names without the Flax collection ("params/dense_0/kernel" -> "dense_0/kernel")."""
+    if isinstance(tree, Mapping) and "params" in tree:
+        return [n.split("/", 1)[1] if "/" in n else n for n in names]
+    return names
+
+
+def _layer_of(name: str, layers: set[str]) -> str | None:
+    """The weight layer a leaf belongs to: its module, or the layer whose ``<layer>_norm`` it is."""
+    module = name.rsplit("/", 1)[0] if "/" in name else ""
+    if module in layers:
+        return module
+    head, _, last = module.rpartition("/")
+    for suffix in anchors.NORM_SUFFIXES:
+        if last.endswith(suffix) and len(last) > len(suffix):
+            base = last[: -len(suffix)]
+            base = f"{head}/{base}" if head else base
+            if base in layers:
+                return base
+    return None
+
+
+def layer_groups(variables: PyTree, groups: Sequence[GroupSpec] | Mapping[str, GroupSpec] | None = None, *,
+                 layer_order: Sequence[str] | None = None) -> list[tuple[str, np.ndarray]]:
+    """Which leaves of `variables` each group selects: ``[(group name, bool vector), ...]``.
+
+    The bool vectors run over the leaves of `variables` in JAX's flattening order. Names are
+    matched without the Flax collection prefix (``"dense_0/kernel"`` for both
+    ``params/dense_0/kernel`` and a BatchNorm's ``batch_stats/dense_0_norm/mean``).
+
+    Args:
+      variables: one model's variables (``{"params", ["batch_stats"]}``) or a bare params tree.
+      groups: None (default): one group per weight layer, in `layer_order` (or
+        :func:`tna_jax.tree.module_order` of the params), holding the layer's leaves and those of
+        its ``<layer>_norm`` (scale, bias and BatchNorm statistics); leaves of no weight layer
+        (positional embeddings, stand-alone LayerNorms) form a last group named ``"other"``.
+        Otherwise a sequence (or ``{name: spec}`` mapping) of specs, one group each: a string is
+        a regular expression (``re.search`` over the leaf names); a list of strings names layers
+        (selecting the layer and its norm) or leaves exactly.
+      layer_order: the weight layers from input to output (``net.layer_order()``). Pass it: Flax
+        returns params in call order but ``jax.tree.map`` re-sorts dict keys, so after training
+        the insertion order may be alphabetical (``block10`` before ``block2``).
+
+    Raises:
+      ValueError: a group that selects nothing (naming it and listing the leaves), a bad regex,
+        or a layer of `layer_order` that the variables do not hold.
+      TypeError: a spec that is neither a string nor a list of strings.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> v = {"params": {"dense_0": {"kernel": jnp.ones((2, 2))}, "dense_0_norm": {"scale": jnp.ones(2)},
+      ...                 "head": {"kernel": jnp.ones((2, 1))}}}
+      >>> [(name, sel.tolist()) for name, sel in layer_groups(v)]
+      [('dense_0', [True, True, False]), ('head', [False, False, True])]
+    """
+    full = tree_lib.leaf_names(variables)
+    names = _strip_collection(full, variables)
+    if not names:
+        raise ValueError("variables has no leaves to group.")
+    params = variables["params"] if isinstance(variables, Mapping) and "params" in variables else variables
+    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    out: list[tuple[str, np.ndarray]] = []
+    if groups is None:
+        layers = list(layer_order) if layer_order is not None else tree_lib.module_order(params)
+        layer_set = set(layers)
+        owner = [_layer_of(n, layer_set) for n in names]
+        for layer in layers:
+            sel = np.array([o == layer for o in owner], dtype=bool)
+            if not sel.any():
+                raise ValueError(f"layer_order names layer {layer!r}, which the variables do not hold; "
+                                 f"the leaves are: {shown}.")
+            out.append((layer, sel))
+        rest = np.array([o is None for o in owner], dtype=bool)
+        if rest.any():
+            out.append((OTHER_GROUP, rest))
+        return out
+    items = list(groups.items()) if isinstance(groups, Mapping) else [(None, g) for g in groups]
+    if not items:
+        raise ValueError("groups must hold at least one group; got an empty sequence.")
+    for label, spec in items:
+        if isinstance(spec, str):
+            try:
+                regex = re.compile(spec)
+            except re.error as err:
+                raise ValueError(f"groups pattern {spec!r} is not a valid regular expression: {err}.") from None
+            sel = np.array([regex.search(n) is not None for n in names], dtype=bool)
+            label = spec if label is None else label
+        elif isinstance(spec, Sequence) and spec and all(isinstance(s, str) for s in spec):
+            wanted = list(spec)
+            sel = np.zeros(len(names), dtype=bool)
+            for w in wanted:
+                hit = np.array([n == w or f == w or _layer_of(n, {w}) == w for n, f in zip(names, full)], dtype=bool)
+                if not hit.any():
+                    raise ValueError(f"groups entry {w!r} names no layer or leaf; the leaves are: {shown}.")
+                sel |= hit
+            label = "+".join(wanted) if label is None else label
+        else:
+            raise TypeError("each group must be a regular expression (str) or a non-empty list of layer/leaf "
+                            f"names; got {type(spec).__name__} {spec!r}.")
+        if not sel.any():
+            raise ValueError(f"group {label!r} selects no leaf; the leaves are: {shown}.")
+        out.append((str(label), sel))
+    return out
+
+
+def _cumulative(named: list[tuple[str, np.ndarray]], mode: str) -> list[tuple[str, np.ndarray]]:
+    if mode == "single":
+        return named
+    seq = named if mode == "from_input" else named[::-1]
+    out, acc = [], np.zeros_like(seq[0][1])
+    for k, (name, sel) in enumerate(seq):
+        acc = acc | sel
+        label = name if k == 0 else (f"{seq[0][0]} .. {name}" if mode == "from_input" else f"{name} .. {seq[0][0]}")
+        out.append((label, acc.copy()))
+    return out
+
+
+def _masked_lerp(a: PyTree, b: PyTree, alpha: jax.Array, select: PyTree) -> PyTree:
+    """θ = lerp(a, b, α) on the leaves where `select` (one bool scalar per leaf) holds, a elsewhere."""
+
+    def one(x, y, s):
+        # α·1[s] is exactly α or 0, so selected leaves get lerp(x, y, α) (the full path's
+        # arithmetic, op for op) and the others (1 − 0) x + 0 y = x.
+        return tree_lib.lerp(x, y, alpha * s.astype(jnp.float32))
+
+    return jax.tree.map(one, a, b, select)
+
+
+@functools.lru_cache(maxsize=64)
+def _layerwise_program(eval_fn: EvalFn, chunk: int | None, jit: bool) -> Callable[..., Any]:
+    def compute(a, b, masks, gi, al, x, y):
+        def point(inputs):
+            g, alpha = inputs
+            return eval_fn(_masked_lerp(a, b, alpha, tree_lib.index(masks, g)), x, y)
+
+        return _map(point, (gi, al), chunk)
+
+    return jax.jit(compute) if jit else compute
+
+
+def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupSpec] | Mapping[str, GroupSpec] | None,
+                  data: tuple[jax.Array, jax.Array], *, alphas: Sequence[float] | None = None, mode: str = "single",
+                  chunk: int | None = None, layer_order: Sequence[str] | None = None,
+                  jit: bool = True) -> dict[str, Any]:
+    """Layer-wise linear mode connectivity: interpolate one group of layers, keep the rest at A.
+
+    For a group G with indicator 1_G over the leaves, the path is
+    θ_α^G = (1 − α 1_G) ⊙ θ_A + α 1_G ⊙ θ_B, i.e. G's leaves move from A to B and every other
+    leaf stays at A. Its barriers (:func:`barriers`) are measured against the chord between its
+    own ends, θ_A and "A with G taken from B" (Adilova et al., 2024, "Layer-wise linear mode
+    connectivity", ICLR). Modes:
+
+    * ``"single"``: one path per group;
+    * ``"from_input"``: path k interpolates groups 0..k (cumulative from the input);
+    * ``"from_output"``: path k interpolates the last k + 1 groups (cumulative from the output).
+
+    The last cumulative path interpolates every group; with the default groups (which cover
+    every leaf) it is the full LMC path of :func:`lmc_path`, number for number.
+
+    The per-group selections are stacked into a tree of bools with a leading group axis (one
+    bool per leaf and group), so all groups and all α are ONE vmapped, compiled program
+    (cached per ``(eval_fn, chunk)``: further pairs reuse it).
+
+    Args:
+      eval_fn: evaluation of one model (wrap it with :func:`with_bn_reset` for BatchNorm nets).
+      a, b: the two models' variables (same structure).
+      groups: None for one group per weight layer, or regexes / name lists
+        (see :func:`layer_groups`).
+      data: ``(x, y)``.
+      alphas: the α grid (default 25 points in [0, 1]; values outside extrapolate).
+      mode: one of :data:`LAYERWISE_MODES`.
+      chunk: evaluate at most this many (group, α) points at once.
+      layer_order: the weight layers from input to output (``net.layer_order()``).
+
+    Returns:
+      ``{"mode", "groups": [names], "members": [[leaf names]], "paths": {"alpha" (K,),
+      "loss" (G, K), "accuracy" (G, K)}, "per_group": [barriers dicts], "loss_barrier" (G,),
+      "accuracy_barrier" (G,)}``.
+
+    Raises:
+      ValueError: different structures (naming the first mismatching path), empty data,
+        chunk < 1, an unknown mode, groups that select nothing.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> def eval_fn(v, x, y):  # loss (w1 w2 - 1)^2; A = (1, 1) and B = (-1, -1) are both minima
+      ...     loss = (v["l1"]["kernel"] * v["l2"]["kernel"] - 1.0) ** 2
+      ...     return {"loss": loss, "accuracy": (loss < 0.1).astype(jnp.float32)}
+      >>> a = {"l1": {"kernel": jnp.array(1.0)}, "l2": {"kernel": jnp.array(1.0)}}
+      >>> b = {"l1": {"kernel": jnp.array(-1.0)}, "l2": {"kernel": jnp.array(-1.0)}}
+      >>> out = layerwise_lmc(eval_fn, a, b, None, (jnp.zeros(1), jnp.zeros(1)), alphas=[0.0, 0.5, 1.0])
+      >>> out["groups"], out["loss_barrier"].tolist()  # each layer alone: convex, no barrier
+      (['l1', 'l2'], [0.0, 0.0])
+      >>> full = layerwise_lmc(eval_fn, a, b, None, (jnp.zeros(1), jnp.zeros(1)), alphas=[0.0, 0.5, 1.0],
+      ...                      mode="from_input")
+      >>> full["groups"][-1], full["loss_barrier"].tolist()  # both layers: the full LMC barrier
+      ('l1 .. l2', [0.0, 1.0])
+    """
+    if mode not in LAYERWISE_MODES:
+        raise ValueError(f"mode must be one of {LAYERWISE_MODES}; got {mode!r}.")
+    if data is None:
+        raise ValueError("layerwise_lmc needs data=(x, y) to evaluate on; got None.")
+    x, y = check_data(data)
+    _check_chunk(chunk)
+    check_compatible(a, b)
+    alphas_arr = _check_alphas(alphas)
+    named = _cumulative(layer_groups(a, groups, layer_order=layer_order), mode)
+    leaf_names = tree_lib.leaf_names(a)
+    matrix = np.stack([sel for _, sel in named])  # (G, leaves)
+    treedef = jax.tree.structure(a)
+    masks = treedef.unflatten([jnp.asarray(matrix[:, i]) for i in range(matrix.shape[1])])
+    g, k = matrix.shape[0], alphas_arr.shape[0]
+    gi = jnp.repeat(jnp.arange(g, dtype=jnp.int32), k)
+    al = jnp.tile(alphas_arr, g)
+    out = _layerwise_program(eval_fn, None if chunk is None else int(chunk), bool(jit))(a, b, masks, gi, al, x, y)
+    loss = np.asarray(out["loss"]).reshape(g, k)
+    acc = np.asarray(out["accuracy"]).reshape(g, k)
+    per_group = [barriers({"alpha": alphas_arr, "loss": loss[i], "accuracy": acc[i]}) for i in range(g)]
+    return {
+        "mode": mode,
+        "groups": [name for name, _ in named],
+        "members": [[leaf_names[j] for j in np.flatnonzero(sel)] for _, sel in named],
+        "paths": {"alpha": np.asarray(alphas_arr), "loss": loss, "accuracy": acc},
+        "per_group": per_group,
+        "loss_barrier": np.array([p["loss_barrier"] for p in per_group]),
+        "accuracy_barrier": np.array([p["accuracy_barrier"] for p in per_group]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm statistics reset (REPAIR / git-re-basin's "reset_bn_stats").
+# ---------------------------------------------------------------------------------------------
+
+_MOMENTS = "bn_moments"
+
+
+def _feature_axes(ndim: int, axis: Any) -> tuple[int, ...]:
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+def _capture_moments(next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: Any) -> Any:
+    """Flax method interceptor: records the mean, the mean of squares and the count of every
+    ``nn.BatchNorm``'s input (over its reduction axes) in the ``bn_moments`` collection."""
+    import flax.linen as nn
+
+    module = context.module
+    if isinstance(module, nn.BatchNorm) and context.method_name == "__call__" and not module.is_initializing():
+        x = args[0] if args else kwargs["x"]
+        feat = _feature_axes(x.ndim, module.axis)
+        red = tuple(i for i in range(x.ndim) if i not in feat)
+        x32 = jnp.asarray(x, jnp.float32)
+        count = float(np.prod([x.shape[i] for i in red]))
+        if module.has_variable(_MOMENTS, "mean"):
+            raise ValueError(f"BatchNorm module {'/'.join(module.path)} is called more than once per forward "
+                             "pass; reset_bn_stats supports one call per module.")
+        module.put_variable(_MOMENTS, "mean", jnp.mean(x32, axis=red))
+        module.put_variable(_MOMENTS, "mean_sq", jnp.mean(jnp.square(x32), axis=red))
+        module.put_variable(_MOMENTS, "count", jnp.asarray(count, jnp.float32))
+    return next_fun(*args, **kwargs)
+
+
+def _batch_moments(net: Any, variables: PyTree, xb: jax.Array, rng: jax.Array | None) -> PyTree:
+    import flax.linen as nn
+
+    with nn.intercept_methods(_capture_moments):
+        _, state = net.module.apply(variables, xb, train=True, rngs=None if rng is None else {"dropout": rng},
+                                    mutable=["batch_stats", _MOMENTS])
+    return state.get(_MOMENTS, {})
+
+
+def reset_bn_stats(net: Any, variables: PyTree, x: jax.Array, *, batch_size: int = 500,
+                   num_batches: int | None = None, variance: str = "population",
+                   rng: jax.Array | None = None) -> PyTree:
+    """`variables` with every BatchNorm's running statistics recomputed from the inputs `x`.
+
+    The data is cut into ``B = num_batches`` (default: all full batches; the remainder of
+    ``len(x) % batch_size`` examples is dropped, one batch of ``len(x)`` when ``len(x) <
+    batch_size``) batches of ``n = batch_size`` examples. Each batch goes through the network in
+    training mode, so every BatchNorm normalises with the batch's own statistics (exactly like
+    PyTorch's ``model.train()`` forward passes in REPAIR's / git-re-basin's ``reset_bn_stats``),
+    and for every BatchNorm the batch mean μ_b and mean of squares s_b of its input are recorded
+    over its reduction axes (batch and, for convolutions, space: m elements per feature). Then
+
+    * ``mean = (1/B) Σ_b μ_b``,
+    * ``variance="population"`` (default): ``var = (1/B) Σ_b s_b − mean²``, the population
+      (biased) variance over all B·m inputs — what Flax's BatchNorm stores (it keeps biased
+      variances) when the statistics are exact;
+    * ``variance="pytorch"``: ``var = (1/B) Σ_b (s_b − μ_b²) · m / (m − 1)``, the average of the
+      per-batch unbiased variances: exactly what PyTorch's ``BatchNorm(momentum=None)``
+      cumulative moving average holds after B equal batches (``reset_running_stats()`` then one
+      pass over the loader), i.e. REPAIR's and git-re-basin's reset.
+
+    Both have the same mean; the variances differ by the law of total variance,
+    population = mean of biased batch variances + variance of the batch means, and by the factor
+    m / (m − 1): for m ≥ 100 the two agree to about 1 %. With one batch ``population`` is the
+    exact batch statistic. Pure and jittable: ``jax.vmap`` over interpolated models (α) works.
+
+    Args:
+      net: the :class:`tna_jax.models.Net` (its Flax module must use ``flax.linen.BatchNorm``).
+      variables: ``{"params", "batch_stats"}`` of one model (e.g. an interpolated one).
+      x: inputs to compute the statistics from (training data, as in the papers).
+      batch_size: examples per forward pass (the BatchNorm batch size, as in training).
+      num_batches: use only the first this many batches (None = all full batches).
+      variance: "population" or "pytorch" (see above).
+      rng: dropout key for models with dropout (None = no dropout key).
+
+    Returns:
+      `variables` with ``batch_stats`` replaced (params unchanged).
+
+    Raises:
+      ValueError: a model without ``batch_stats``, empty `x`, ``batch_size``/``num_batches`` < 1,
+        more batches than `x` holds, an unknown `variance`, or batch statistics that no
+        ``nn.BatchNorm`` produced.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from tna_jax.models import Net
+      >>> class Tiny(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train=False):
+      ...         return nn.BatchNorm(use_running_average=not train, name="bn")(x)
+      >>> net = Net("tiny", Tiny(), (1,), 1)
+      >>> v = net.init(jax.random.key(0))
+      >>> x = jnp.array([[1.0], [3.0], [5.0], [7.0]])
+      >>> new = reset_bn_stats(net, v, x, batch_size=2)  # batches {1, 3} and {5, 7}
+      >>> new["batch_stats"]["bn"]["mean"].tolist(), new["batch_stats"]["bn"]["var"].tolist()
+      ([4.0], [5.0])
+      >>> reset_bn_stats(net, v, x, batch_size=2, variance="pytorch")["batch_stats"]["bn"]["var"].tolist()
+      [2.0]
+    """
+    if not isinstance(variables, Mapping) or "batch_stats" not in variables:
+        raise ValueError("reset_bn_stats needs variables with 'batch_stats' (a model with BatchNorm); got "
+                         f"collections {sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__}.")
+    if variance not in ("population", "pytorch"):
+        raise ValueError(f"variance must be 'population' or 'pytorch'; got {variance!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    n = int(np.shape(x)[0]) if np.ndim(x) else 0
+    if n == 0:
+        raise ValueError(f"x is empty (shape {np.shape(x)}): reset_bn_stats needs at least one example.")
+    bs = min(int(batch_size), n)
+    available = n // bs
+    if num_batches is None:
+        nb = available
+    elif isinstance(num_batches, bool) or not isinstance(num_batches, (int, np.integer)) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive integer or None; got {num_batches!r}.")
+    elif num_batches > available:
+        raise ValueError(f"num_batches={num_batches} exceeds the {available} full batches of {bs} in x "
+                         f"({n} examples).")
+    else:
+        nb = int(num_batches)
+    xb = jnp.reshape(jnp.asarray(x)[: nb * bs], (nb, bs, *np.shape(x)[1:]))
+
+    probe = jax.eval_shape(lambda v, x0: _batch_moments(net, v, x0, rng), variables, xb[0])
+    stats = variables["batch_stats"]
+    stat_modules = {n.rsplit("/", 1)[0] for n in tree_lib.leaf_names(stats)}
+    got = {n.rsplit("/", 1)[0] for n in tree_lib.leaf_names(probe)}
+    if stat_modules - got:
+        missing = sorted(stat_modules - got)[0]
+        raise ValueError(f"batch_stats of module {missing!r} were not produced by a flax.linen.BatchNorm "
+                         "call in training mode; reset_bn_stats cannot recompute them.")
+
+    is_moments = lambda t: isinstance(t, Mapping) and "mean_sq" in t  # noqa: E731
+
+    def with_batch_var(m: PyTree) -> PyTree:
+        # The per-batch unbiased variance (s_b − μ_b²) · m / (m − 1), for variance="pytorch".
+        return jax.tree.map(lambda t: {**t, "batch_var": (t["mean_sq"] - jnp.square(t["mean"])) * t["count"]
+                                       / jnp.maximum(t["count"] - 1.0, 1.0)}, m, is_leaf=is_moments)
+
+    def body(acc, batch):
+        return jax.tree.map(jnp.add, acc, with_batch_var(_batch_moments(net, variables, batch, rng))), None
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(with_batch_var, probe))
+    sums, _ = jax.lax.scan(body, zeros, xb)
+
+    def new_stats(path_stats: Mapping[str, Any], path: str) -> dict[str, Any]:
+        node = sums
+        for part in path.split("/"):
+            node = node[part]
+        mean = node["mean"] / nb
+        if variance == "population":
+            var = jnp.maximum(node["mean_sq"] / nb - jnp.square(mean), 0.0)
+        else:
+            var = node["batch_var"] / nb
+        return {"mean": mean.astype(path_stats["mean"].dtype).reshape(path_stats["mean"].shape),
+                "var": var.astype(path_stats["var"].dtype).reshape(path_stats["var"].shape)}
+
+    def rebuild(node: Any, prefix: str) -> Any:
+        if isinstance(node, Mapping) and "mean" in node and "var" in node and not isinstance(node["mean"], Mapping):
+            return {**node, **new_stats(node, prefix)}
+        return {k: rebuild(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in node.items()}
+
+    return {**variables, "batch_stats": rebuild(stats, "")}
+
+
+def with_bn_reset(net: Any, eval_fn: EvalFn, x_reset: jax.Array, *, batch_size: int = 500,
+                  num_batches: int | None = None, variance: str = "population") -> EvalFn:
+    """``eval_fn`` that first recomputes BatchNorm statistics from `x_reset` (:func:`reset_bn_stats`).
+
+    Use it in place of `eval_fn` in :func:`lmc_path`, :func:`pairwise_barriers`,
+    :func:`layerwise_lmc` or :func:`fuse` to evaluate every interpolated model after a BN
+    reset (the "BN reset" variant of LMC in REPAIR and git-re-basin). Endpoints are reset too,
+    so the barrier compares like with like. The result is pure and vmappable over α; `x_reset`
+    is closed over (a constant of the compiled program).
+
+    Raises:
+      ValueError: `net` has no BatchNorm statistics, or `x_reset` is empty.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from tna_jax.models import Net
+      >>> class Tiny(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train=False):
+      ...         return nn.BatchNorm(use_running_average=not train, name="bn")(x)
+      >>> net = Net("tiny", Tiny(), (1,), 1)
+      >>> def eval_fn(v, x, y):  # reports the running mean it evaluates with
+      ...     return {"loss": v["batch_stats"]["bn"]["mean"][0], "accuracy": jnp.float32(1.0)}
+      >>> reset_eval = with_bn_reset(net, eval_fn, jnp.array([[2.0], [4.0]]), batch_size=2)
+      >>> float(reset_eval(net.init(jax.random.key(0)), None, None)["loss"])
+      3.0
+    """
+    if not getattr(net, "has_batch_stats", False):
+        raise ValueError(f"with_bn_reset needs a net with BatchNorm statistics; {getattr(net, 'name', net)!r} has none.")
+    if np.ndim(x_reset) == 0 or np.shape(x_reset)[0] == 0:
+        raise ValueError(f"x_reset is empty (shape {np.shape(x_reset)}): at least one example is needed.")
+    x_reset = jnp.asarray(x_reset)
+
+    def reset_eval(variables: PyTree, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+        fresh = reset_bn_stats(net, variables, x_reset, batch_size=batch_size, num_batches=num_batches,
+                               variance=variance)
+        return eval_fn(fresh, x, y)
+
+    return reset_eval

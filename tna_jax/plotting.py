@@ -122,8 +122,12 @@ def plot_barrier_bars(rows: Sequence[dict[str, Any]], path: str, group_key: str,
     return save_figure(fig, path)
 
 
-def plot_curves(series: dict[str, dict[str, Any]], path: str, xlabel: str, ylabel: str, title: str = "") -> str:
-    """Lines with optional shaded std: ``{label: {"x": [...], "y": [...] or (S, T), "std": optional}}``."""
+def plot_curves(series: dict[str, dict[str, Any]], path: str, xlabel: str, ylabel: str, title: str = "",
+                xscale: str = "linear") -> str:
+    """Lines with optional shaded std: ``{label: {"x": [...], "y": [...] or (S, T), "std": optional}}``.
+
+    ``xscale="log2"`` puts x on a base-2 log axis (widths), "linear" otherwise.
+    """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for label, s in series.items():
@@ -133,9 +137,14 @@ def plot_curves(series: dict[str, dict[str, Any]], path: str, xlabel: str, ylabe
             mean, std = y.mean(0), y.std(0)
         else:
             mean, std = y, np.asarray(s.get("std", np.zeros_like(y)), dtype=float)
-        line = ax.plot(x, mean, label=label)[0]
+        line = ax.plot(x, mean, label=label, marker="o", markersize=3)[0]
         if np.any(std > 0):
             ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
+    if xscale == "log2":
+        ax.set_xscale("log", base=2)
+        xs = sorted({float(v) for s in series.values() for v in np.asarray(s["x"]).ravel()})
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{v:g}" for v in xs])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -127,6 +127,10 @@ def check_same_structure(
 def lerp(a: PyTree, b: PyTree, alpha: Any) -> PyTree:
     """Linear interpolation ``(1 - alpha) * a + alpha * b`` of two trees, leaf by leaf.
 
+    Exact at the ends: ``alpha = 0`` gives `a` and ``alpha = 1`` gives `b` (value for value,
+    for finite leaves); any other real ``alpha`` (also outside [0, 1]: extrapolation) is
+    allowed.
+
     Integer leaves (step counters) are taken from `a` when ``alpha < 0.5`` and from `b`
     otherwise, so that interpolating whole train states is well defined. Floating leaves keep
     their dtype; ``alpha`` may be a traced scalar (this is what ``jax.vmap`` over α maps).
@@ -142,7 +146,9 @@ def lerp(a: PyTree, b: PyTree, alpha: Any) -> PyTree:
         y = jnp.asarray(y)
         if jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.complexfloating):
             al = jnp.asarray(alpha, dtype=jnp.promote_types(x.dtype, jnp.float32))
-            out = x + al * (y.astype(al.dtype) - x)
+            # (1 - α) x + α y, not x + α (y - x): this form returns x at α = 0 and y at α = 1
+            # exactly (for finite leaves), so path endpoints are the endpoint models.
+            out = x.astype(al.dtype) * (1 - al) + y.astype(al.dtype) * al
             return out.astype(x.dtype)
         return jnp.where(jnp.asarray(alpha) < 0.5, x, y)
 
