@@ -530,6 +530,7 @@ class Analysis:
         own points (without a child axis) are under its name and the joint ones under the child.
       unsupported: primitives without a rule (their axes were fixed).
       batch_size: the batch size the jaxpr was traced with.
+      order: the variables' leaf names in the order the computation first reads them.
     """
 
     spec: PermutationSpec
@@ -538,6 +539,7 @@ class Analysis:
     features: dict[str, list[FeaturePoint]]
     unsupported: tuple[str, ...]
     batch_size: int
+    order: tuple[str, ...] = ()
 
 
 def _call_rank(jx: Any, leaf_vars: list[Any], names: list[str]) -> Callable[[str], tuple[Any, ...]]:
@@ -733,7 +735,8 @@ def _analyze(net: Any, variables: PyTree, batch_size: int) -> Analysis:
 
     features = _features(jx, x_var, set(leaf_vars), roots, var_classes, parent_of, class_name, facs)
     return Analysis(spec=spec, jaxpr=closed, leaf_names=names, features=features,
-                    unsupported=tuple(sorted(rules.unsupported)), batch_size=batch_size)
+                    unsupported=tuple(sorted(rules.unsupported)), batch_size=batch_size,
+                    order=tuple(sorted(names, key=rank)))
 
 
 def _node_size(node: tuple[str, int, int], leaf_vars: list[Any], names: list[str], facs: _Factors) -> int:
