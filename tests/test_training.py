@@ -311,3 +311,36 @@ def test_four_devices_match_one_device():
     assert len(b["acc"]) == 6  # 6 runs padded to 8 on 4 devices; padding is not reported
     np.testing.assert_allclose(a["kernel"], b["kernel"], atol=1e-5)
     np.testing.assert_allclose(a["acc"], b["acc"], atol=2e-3)
+
+
+def read_tensorboard_scalars(logdir):
+    """Scalars from tensorboardX event files (TFRecord framing: length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for name in sorted(os.listdir(logdir)):
+        with open(os.path.join(logdir, name), "rb") as f:
+            buf = f.read()
+        pos = 0
+        while pos + 12 <= len(buf):
+            (length,) = struct.unpack("<Q", buf[pos:pos + 8])
+            event = event_pb2.Event.FromString(buf[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
+def test_tensorboard_events_match_metrics_jsonl(tmp_path, dataset):
+    c = tiny_config(train__epochs=2, anchor__ratio=0.3)
+    training.fit(c, build(c, dataset), dataset, workdir=str(tmp_path), log=lambda s: None)
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert sorted(os.listdir(tmp_path / "tensorboard")) == ["TNA-PFN_0.3", "vanilla"]
+    scalars = read_tensorboard_scalars(tmp_path / "tensorboard" / "TNA-PFN_0.3" / "seed_1")
+    mine = [r for r in rows if r["arm"] == "TNA-PFN 0.3" and r["seed"] == 1]
+    assert sorted(scalars["train/loss"]) == [1, 2]
+    for r in mine:
+        assert scalars["train/loss"][r["epoch"]] == pytest.approx(r["train_loss"], rel=1e-6)
+        assert scalars["val/accuracy"][r["epoch"]] == pytest.approx(r["val_accuracy"], rel=1e-6)

@@ -86,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 5  # epochs between checkpoints (and at the end)
     c.train.keep_checkpoints = 2
     c.train.progress = True  # tqdm progress bar
+    c.train.tensorboard = True  # TensorBoard event files in <workdir>/tensorboard
     c.train.label_smoothing = 0.0
 
     c.analysis = ml_collections.ConfigDict()
@@ -101,7 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
 # the epochs already done).
 RESUME_SAFE_FIELDS = (
     "train.epochs", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.progress", "analysis.", "name", "data.data_dir",
+    "train.progress", "train.tensorboard", "analysis.", "name", "data.data_dir",
 )
 
 
@@ -226,6 +227,7 @@ def validate(config: Any, *, schema: Any = None) -> Any:
     _int(config, "train.checkpoint_every", 1, MAX_SIZE)
     _int(config, "train.keep_checkpoints", 1, 1000)
     _bool(config, "train.progress")
+    _bool(config, "train.tensorboard")
     _float(config, "train.label_smoothing", 0.0, 0.99)
     _bool(config, "analysis.lmc")
     _int(config, "analysis.num_alphas", 2, 10001)

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tna_jax import anchors, faults
+from tna_jax import anchors, faults, logs
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import tree as tree_lib
 from tna_jax.data import DeviceData
@@ -490,23 +490,6 @@ def _slice_runs(tree: PyTree, n: int) -> PyTree:
     return jax.tree.map(lambda x: x[:n], tree)
 
 
-def _read_history(path: str, upto_epoch: int) -> list[dict[str, Any]]:
-    import json
-
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut by a crash: everything after it is from the lost epoch
-            if row.get("epoch", 0) <= upto_epoch:
-                rows.append(row)
-    return rows
-
-
 def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
         augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
         devices: Sequence[Any] | None = None, log: Callable[[str], None] = print,
@@ -556,8 +539,6 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
 
     checkpointer = None
     start_epoch = 0
-    history: list[dict[str, Any]] = []
-    metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
     state = None
     if workdir:
         checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
@@ -566,8 +547,8 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
             start_epoch = int(meta["epoch"])
             checkpointer.delete_after(start_epoch)
             log(f"resuming from the checkpoint of epoch {start_epoch} in {checkpointer.directory}")
-        history = _read_history(metrics_path, start_epoch)
-        ckpt_lib.write_text(metrics_path, "".join(_json_line(r) for r in history))
+    metrics_log = logs.MetricsLog(workdir, [r.describe() for r in runs], start_epoch,
+                                  tensorboard=config.train.tensorboard)
     if state is None:
         state = init_fn(keys)
 
@@ -591,7 +572,6 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
         bar = tqdm(total=epochs, initial=start_epoch, desc=f"{len(runs)} runs", unit="epoch", dynamic_ncols=True)
     setup_seconds = time.time() - t_setup
     t0 = time.time()
-    metrics_file = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115
     try:
         for epoch in range(start_epoch, epochs):
             state, m = train_epoch(state, keys.data, keys.dropout, epoch, data.x_train, data.y_train)
@@ -619,11 +599,7 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
                     row["val_loss"] = float(val["loss"][i])
                     row["val_accuracy"] = float(val["accuracy"][i])
                 rows.append(row)
-            history.extend(rows)
-            if metrics_file:
-                metrics_file.write("".join(_json_line(r) for r in rows))
-                metrics_file.flush()
-                os.fsync(metrics_file.fileno())
+            metrics_log.write(rows)
             faults.point(f"epoch_end:{done}")
             if on_epoch is not None:
                 on_epoch(done, {"rows": rows})
@@ -635,8 +611,7 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
     finally:
         if bar is not None:
             bar.close()
-        if metrics_file:
-            metrics_file.close()
+        metrics_log.close()
         if checkpointer is not None:
             checkpointer.close()
     seconds = time.time() - t0
@@ -647,15 +622,9 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
     mask = mask_of(real_state)
     log(f"trained {n_real} runs x {epochs - start_epoch} epochs in {seconds:.1f}s (set-up {setup_seconds:.1f}s, "
         f"{len(devices)} device(s))")
-    return TrainResult(state=real_state, runs=list(runs), history=history,
+    return TrainResult(state=real_state, runs=list(runs), history=metrics_log.rows,
                        test={k: v[:n_real] for k, v in test.items()}, val={k: v[:n_real] for k, v in val.items()},
                        mask=mask, seconds=seconds, resumed_from=start_epoch)
-
-
-def _json_line(row: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(row, sort_keys=True) + "\n"
 
 
 def _postfix(rows: list[dict[str, Any]], arms: Sequence[Arm], has_val: bool) -> dict[str, str]:

@@ -1,0 +1,99 @@
+"""Metric logs of a run: ``metrics.jsonl`` (one line per epoch and run) and TensorBoard events.
+
+``metrics.jsonl`` is append-only and fsynced every epoch; when a run resumes from the checkpoint
+of epoch e, lines of later epochs (written before a crash) are dropped, a line cut by the crash
+included, and the file is rewritten atomically. TensorBoard gets one run directory per arm and
+seed (``tensorboard/<arm>/seed_<s>``), written through tensorboardX, so the usual ``tensorboard
+--logdir <workdir>/tensorboard`` compares seeds and ratios; on resume, events from the lost
+epochs are purged with TensorBoard's own ``purge_step``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from tna_jax import checkpoint as ckpt_lib
+
+__all__ = ["MetricsLog", "read_metrics"]
+
+SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def read_metrics(path: str, upto_epoch: int | None = None) -> list[dict[str, Any]]:
+    """Complete lines of a metrics file (up to `upto_epoch`); stops at the first damaged line."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by a crash: everything after it belongs to a lost epoch
+            if upto_epoch is None or row.get("epoch", 0) <= upto_epoch:
+                rows.append(row)
+    return rows
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "run"
+
+
+class MetricsLog:
+    """Writes per-epoch, per-run metric rows to a workdir (or nowhere when `workdir` is None).
+
+    Args:
+      workdir: the run directory, or None for no files.
+      runs: ``[{"run", "arm", "seed", ...}]`` descriptions (one TensorBoard writer each).
+      resume_epoch: the epoch training resumes from (0 for a fresh run).
+      tensorboard: also write TensorBoard event files.
+    """
+
+    def __init__(self, workdir: str | None, runs: Sequence[dict[str, Any]], resume_epoch: int = 0,
+                 tensorboard: bool = True):
+        self.rows: list[dict[str, Any]] = []
+        self._file = None
+        self._writers: dict[int, Any] = {}
+        if workdir is None:
+            return
+        path = os.path.join(workdir, "metrics.jsonl")
+        self.rows = read_metrics(path, resume_epoch)
+        ckpt_lib.write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+        self._file = open(path, "a")  # noqa: SIM115 (closed in close())
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:  # optional: JSONL stays the source of truth
+                return
+            for r in runs:
+                logdir = os.path.join(workdir, "tensorboard", _safe(str(r["arm"])), f"seed_{r['seed']}")
+                self._writers[r["run"]] = SummaryWriter(logdir, purge_step=resume_epoch + 1 if resume_epoch else None,
+                                                        flush_secs=30)
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Appends rows (one per run of an epoch) and makes them durable."""
+        self.rows.extend(rows)
+        if self._file is not None:
+            self._file.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        for r in rows:
+            writer = self._writers.get(r["run"])
+            if writer is None:
+                continue
+            for key in SCALARS:
+                if key in r:
+                    split, _, metric = key.partition("_")
+                    writer.add_scalar(f"{split}/{metric}", r[key], global_step=r["epoch"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for w in self._writers.values():
+            w.close()
+        self._writers = {}
