@@ -19,6 +19,7 @@ pass ``bn_reset`` to recompute each point's running statistics (Garipov et al. d
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -90,9 +91,15 @@ def curve_point(curve: Curve, t: Any) -> PyTree:
             return ((1 - t) ** 2 * a + 2 * t * (1 - t) * c + t**2 * b).astype(a.dtype)
 
         return jax.tree.map(one, curve.a, curve.control, curve.b)
-    first = tree_lib.lerp(curve.a, curve.control, 2 * t)
-    second = tree_lib.lerp(curve.control, curve.b, 2 * t - 1)
-    return jax.tree.map(lambda x, y: jnp.where(t <= 0.5, x, y), first, second)
+    s = jnp.where(t <= 0.5, 2 * t, 2 * t - 1)
+
+    def one(a, c, b):
+        if not jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact):
+            return jnp.where(t < 0.5, a, b)
+        start, end = jnp.where(t <= 0.5, a, c), jnp.where(t <= 0.5, c, b)
+        return ((1 - s) * start + s * end).astype(a.dtype)  # exact at t = 0, ½ and 1
+
+    return jax.tree.map(one, curve.a, curve.control, curve.b)
 
 
 def _xy(data: Any, what: str) -> tuple[jax.Array, jax.Array]:
@@ -105,38 +112,14 @@ def _xy(data: Any, what: str) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(x), jnp.asarray(y)
 
 
-def train_curve(net: Any, curve: Curve, data: tuple[jax.Array, jax.Array], *, key: jax.Array,
-                epochs: int = 10, batch_size: int = 128, num_t: int = 4,
-                optimizer: optax.GradientTransformation | None = None,
-                log: Callable[[str], None] | None = None) -> tuple[Curve, list[dict[str, float]]]:
-    """Trains the control point to minimise the loss along the curve.
+@functools.lru_cache(maxsize=1)
+def _default_optimizer() -> optax.GradientTransformation:
+    return optax.adam(1e-3)
 
-    Args:
-      net: the model (:class:`tna_jax.models.Net`).
-      curve: the curve (e.g. :func:`init_curve`); its endpoints stay fixed.
-      data: training data ``(x, y)`` (device arrays).
-      key: PRNG key for batch order and the sampled t.
-      epochs: passes over the data.
-      batch_size: examples per step.
-      num_t: values of t ~ U[0, 1] per step (vmapped, same batch).
-      optimizer: optax transformation for the control point's parameters (default
-        ``optax.adam(1e-3)``).
-      log: optional callback for one line per epoch.
 
-    Returns:
-      ``(trained curve, [{"epoch", "loss"}, ...])``.
-
-    Raises:
-      ValueError: non-positive epochs/batch_size/num_t, batch larger than the data.
-    """
-    x, y = _xy(data, "data")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("num_t", num_t)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-    n = int(x.shape[0])
-    if batch_size > n:
-        raise ValueError(f"batch_size={batch_size} exceeds the {n} training examples.")
-    tx = optimizer if optimizer is not None else optax.adam(1e-3)
+@functools.lru_cache(maxsize=32)
+def _epoch_fn(net: Any, n: int, batch_size: int, num_t: int, tx: optax.GradientTransformation):
+    """One jitted epoch of curve training (cached, so repeated curves compile once)."""
     steps = steps_per_epoch(n, batch_size)
 
     def loss_fn(params, curve, xb, yb, ts, rng):
@@ -149,7 +132,6 @@ def train_curve(net: Any, curve: Curve, data: tuple[jax.Array, jax.Array], *, ke
 
         return jax.vmap(at)(ts).mean()
 
-    @jax.jit
     def epoch(params, opt_state, k, curve, x, y):
         order_key, t_key = jax.random.split(k)
         rows = epoch_indices(order_key, n, batch_size)
@@ -167,6 +149,42 @@ def train_curve(net: Any, curve: Curve, data: tuple[jax.Array, jax.Array], *, ke
                                                      (jnp.arange(steps), rows))
         return params, opt_state, total / steps
 
+    return jax.jit(epoch)
+
+
+def train_curve(net: Any, curve: Curve, data: tuple[jax.Array, jax.Array], *, key: jax.Array,
+                epochs: int = 10, batch_size: int = 128, num_t: int = 4,
+                optimizer: optax.GradientTransformation | None = None,
+                log: Callable[[str], None] | None = None) -> tuple[Curve, list[dict[str, float]]]:
+    """Trains the control point to minimise the loss along the curve.
+
+    Args:
+      net: the model (:class:`tna_jax.models.Net`).
+      curve: the curve (e.g. :func:`init_curve`); its endpoints stay fixed.
+      data: training data ``(x, y)`` (device arrays).
+      key: PRNG key for batch order and the sampled t.
+      epochs: passes over the data.
+      batch_size: examples per step.
+      num_t: values of t ~ U[0, 1] per step (vmapped, same batch).
+      optimizer: optax transformation for the control point's parameters (default
+        ``optax.adam(1e-3)``); pass the same object to repeated calls to reuse the compiled step.
+      log: optional callback for one line per epoch.
+
+    Returns:
+      ``(trained curve, [{"epoch", "loss"}, ...])``.
+
+    Raises:
+      ValueError: non-positive epochs/batch_size/num_t, batch larger than the data.
+    """
+    x, y = _xy(data, "data")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("num_t", num_t)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    n = int(x.shape[0])
+    if batch_size > n:
+        raise ValueError(f"batch_size={batch_size} exceeds the {n} training examples.")
+    tx = optimizer if optimizer is not None else _default_optimizer()
+    epoch = _epoch_fn(net, n, int(batch_size), int(num_t), tx)
     params = curve.control["params"]
     opt_state = tx.init(params)
     history = []
@@ -176,6 +194,20 @@ def train_curve(net: Any, curve: Curve, data: tuple[jax.Array, jax.Array], *, ke
         if log is not None:
             log(f"curve epoch {e + 1}/{epochs}: loss along the curve {float(loss):.4f}")
     return curve.replace(control={**curve.control, "params": params}), history
+
+
+@functools.lru_cache(maxsize=32)
+def _eval_fn(eval_fn: Callable[..., Any], chunk: int | None, bn_reset: Callable[[PyTree], PyTree] | None):
+    def run(ts, curve, x, y):
+        def at(t):
+            v = curve_point(curve, t)
+            if bn_reset is not None:
+                v = bn_reset(v)
+            return eval_fn(v, x, y)
+
+        return jax.vmap(at)(ts) if chunk is None else jax.lax.map(at, ts, batch_size=chunk)
+
+    return jax.jit(run)
 
 
 def evaluate_curve(eval_fn: Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]], curve: Curve,
@@ -200,16 +232,7 @@ def evaluate_curve(eval_fn: Callable[[PyTree, jax.Array, jax.Array], dict[str, j
     x, y = _xy(data, "data")
     ts = jnp.asarray(np.linspace(0.0, 1.0, 21) if ts is None else ts, jnp.float32)
 
-    def run(ts, curve, x, y):
-        def at(t):
-            v = curve_point(curve, t)
-            if bn_reset is not None:
-                v = bn_reset(v)
-            return eval_fn(v, x, y)
-
-        return jax.vmap(at)(ts) if chunk is None else jax.lax.map(at, ts, batch_size=int(chunk))
-
-    out = jax.device_get(jax.jit(run)(ts, curve, x, y))
+    out = jax.device_get(_eval_fn(eval_fn, None if chunk is None else int(chunk), bn_reset)(ts, curve, x, y))
     acc = np.asarray(out["accuracy"], np.float64)
     loss = np.asarray(out["loss"], np.float64)
     return {"t": np.asarray(ts), "loss": loss, "accuracy": acc, "avg_accuracy": float(acc.mean()),

@@ -844,9 +844,9 @@ def permutation_spec(net: Any, variables: PyTree | None = None) -> PermutationSp
       >>> from tna_jax import models
       >>> net = models.build({"name": "mlp", "depth": 2, "width": 16}, (40,), 10)
       >>> print(permutation_spec(net).describe())
-      2 permutations over 6 arrays
-        dense_0 (16 units): dense_0/bias[dense_0]  dense_0/kernel[:, dense_0]  dense_1/kernel[dense_0, dense_1]
-        dense_1 (16 units): dense_1/bias[dense_1]  dense_1/kernel[dense_0, dense_1]  head/kernel[dense_1, :]
+      2 permutations over 5 arrays
+        dense_0 (16 units): dense_0/kernel[:, dense_0]  dense_0/bias[dense_0]  dense_1/kernel[dense_0, dense_1]
+        dense_1 (16 units): dense_1/kernel[dense_0, dense_1]  dense_1/bias[dense_1]  head/kernel[dense_1, :]
     """
     spec = analyze(net).spec
     if variables is not None:

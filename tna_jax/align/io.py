@@ -30,7 +30,7 @@ def save_permutation(path: str, spec: PermutationSpec, perm: Permutation, *,
     Examples:
       >>> import os, tempfile, jax.numpy as jnp
       >>> from tna_jax.align.spec import dense, spec_from_axes
-      >>> spec = spec_from_axes(dense("d", None, "P"), {"params": {"d": {"kernel": jnp.ones((2, 3))}}},)
+      >>> spec = spec_from_axes(dense("d", None, "P", bias=False), {"params": {"d": {"kernel": jnp.ones((2, 3))}}})
       >>> path = save_permutation(os.path.join(tempfile.mkdtemp(), "p.json"), spec, {"P": [2, 0, 1]})
       >>> load_permutation(path, spec)["P"].tolist()
       [2, 0, 1]

@@ -28,6 +28,7 @@ of the endpoints' statistics).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -127,7 +128,17 @@ def _batches(data: Any, batch_size: int, what: str) -> jax.Array:
 def output_stats(net: Any, variables: PyTree, xs: jax.Array, targets: Sequence[str]
                  ) -> dict[str, tuple[jax.Array, jax.Array]]:
     """Per-channel mean and standard deviation of the outputs of modules `targets` over batches
-    ``xs`` of shape ``(num_batches, batch, ...)`` (evaluation mode; traceable)."""
+    ``xs`` of shape ``(num_batches, batch, ...)`` (evaluation mode; jitted, traceable)."""
+    return _stats_jit(net, tuple(targets))(variables, xs)
+
+
+@functools.lru_cache(maxsize=64)
+def _stats_jit(net: Any, targets: tuple[str, ...]):
+    return jax.jit(functools.partial(_output_stats, net, targets=targets))
+
+
+def _output_stats(net: Any, variables: PyTree, xs: jax.Array, *, targets: tuple[str, ...]
+                  ) -> dict[str, tuple[jax.Array, jax.Array]]:
     wanted = set(targets)
 
     def keep(mdl: Any, method: str) -> bool:
@@ -227,7 +238,14 @@ def repair(net: Any, a: PyTree, b: PyTree, alpha: float, data: Any, *, batch_siz
       >>> bool(jax.numpy.allclose(sd, (sd_a + sd_b) / 2, atol=1e-4))
       True
     """
-    return make_repair(net, a, b, data, batch_size=batch_size, eps=eps)(alpha)
+    x = data[0] if isinstance(data, (tuple, list)) else data
+    _batches(x, batch_size, "REPAIR")  # checks before compiling
+    return _repair_jit(net, int(batch_size), float(eps))(a, b, jnp.asarray(alpha, jnp.float32), x)
+
+
+@functools.lru_cache(maxsize=16)
+def _repair_jit(net: Any, batch_size: int, eps: float):
+    return jax.jit(lambda a, b, alpha, x: make_repair(net, a, b, x, batch_size=batch_size, eps=eps)(alpha))
 
 
 def reset_batch_stats(net: Any, variables: PyTree, data: Any, *, batch_size: int = 500) -> PyTree:
@@ -246,7 +264,18 @@ def reset_batch_stats(net: Any, variables: PyTree, data: Any, *, batch_size: int
     """
     if "batch_stats" not in variables:
         return variables
-    xs = _batches(data, batch_size, "reset_batch_stats")
+    x = data[0] if isinstance(data, (tuple, list)) else data
+    _batches(x, batch_size, "reset_batch_stats")  # checks before compiling
+    return _reset_jit(net, int(batch_size))(variables, x)
+
+
+@functools.lru_cache(maxsize=16)
+def _reset_jit(net: Any, batch_size: int):
+    return jax.jit(functools.partial(_reset, net, batch_size=batch_size))
+
+
+def _reset(net: Any, variables: PyTree, x: jax.Array, *, batch_size: int) -> PyTree:
+    xs = _batches(x, batch_size, "reset_batch_stats")
     stats = variables["batch_stats"]
     zeros = jax.tree.map(jnp.zeros_like, stats)
     ones = jax.tree.map(jnp.ones_like, stats)

@@ -303,16 +303,24 @@ def identity_permutation(spec: PermutationSpec) -> Permutation:
 
 def random_permutation(spec: PermutationSpec, key: jax.Array) -> Permutation:
     """A uniformly random element of the spec's permutation group (as NumPy int arrays)."""
-    out = {}
-    for i, name in enumerate(spec.names):
-        k = jax.random.fold_in(key, i)
-        shape = spec.shape_of(name)
-        if len(shape) == 1:
-            out[name] = np.asarray(jax.random.permutation(k, shape[0]))
-        else:
-            keys = jax.random.split(k, shape[0])
-            out[name] = np.asarray(jax.vmap(functools.partial(_row_permutation, n=shape[1]))(keys))
-    return out
+    return {k: np.asarray(v) for k, v in _random_fn(spec)(key).items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _random_fn(spec: PermutationSpec):
+    def fn(key):
+        out = {}
+        for i, name in enumerate(spec.names):
+            k = jax.random.fold_in(key, i)
+            shape = spec.shape_of(name)
+            if len(shape) == 1:
+                out[name] = jax.random.permutation(k, shape[0]).astype(jnp.int32)
+            else:
+                keys = jax.random.split(k, shape[0])
+                out[name] = jax.vmap(functools.partial(_row_permutation, n=shape[1]))(keys).astype(jnp.int32)
+        return out
+
+    return jax.jit(fn)
 
 
 def _row_permutation(key: jax.Array, n: int) -> jax.Array:
@@ -418,11 +426,19 @@ def apply_permutation(spec: PermutationSpec, perm: Mapping[str, Any], variables:
     """
     spec.check_variables(variables)
     check_permutation(spec, perm)
+    return _apply_fn(spec)({k: _as_index(v) for k, v in perm.items()}, variables)
+
+
+@functools.lru_cache(maxsize=64)
+def _apply_fn(spec: PermutationSpec):
     leaves = spec.leaves
     parent = spec.parent
 
-    def one(name: str, x: Any) -> Any:
-        lay = leaves.get(name)
-        return x if lay is None else permute_leaf(lay, parent, perm, x)
+    def fn(perm: Mapping[str, Any], variables: PyTree) -> PyTree:
+        def one(name: str, x: Any) -> Any:
+            lay = leaves.get(name)
+            return x if lay is None else permute_leaf(lay, parent, perm, x)
 
-    return tree_lib.map_with_names(one, variables)
+        return tree_lib.map_with_names(one, variables)
+
+    return jax.jit(fn)
