@@ -24,8 +24,10 @@ model's jaxpr (the list of primitive operations ``net.apply`` performs in evalua
    ``X`` (attention: the head dimension may be reordered differently in every head).
 
 Each permutation is named after the layer that writes it (the first layer, in call order, whose
-kernel has it on its last axis), e.g. ``"dense_0"``, ``"block2_1/conv1"``; otherwise after the
-first array and axis carrying it (``"block0/attn/query/kernel[1]"``).
+kernel has it on its last axis), e.g. ``"dense_0"``, ``"stage1_block0/conv1"``; a residual stream
+after the first layer writing into it (``"conv_stem"``, ``"stage1_block0/conv2"``); the parent of
+nested permutations after its first child (``"block0/attn/query:heads"``); otherwise after the
+first array and (expanded) axis carrying it (``"embed/pos[1]"``).
 
 The same analysis also tells which activations carry each permutation and are fed into a weight
 contraction; :mod:`tna_jax.align.activation_matching` uses those as the features to correlate.
@@ -203,6 +205,11 @@ class _Rules:
                     elif su:
                         self.fix_all(i, out, u)
             return
+        if name == "iota" or not ins:
+            if name != "iota":
+                self.unsupported.add(name)
+            self.fix_all(i, *outs)
+            return
         u = ins[0]
         if name == "broadcast_in_dim":
             for j, d in enumerate(p["broadcast_dimensions"]):
@@ -242,6 +249,7 @@ class _Rules:
             for k, (a, b) in enumerate(zip(lb, rb)):
                 self.same(i, lhs, a, rhs, b)
                 self.same(i, w, k, lhs, a)
+                self.same(i, w, k, rhs, b)
             k = len(lb)
             for a in range(len(_shape(lhs))):
                 if a not in lc and a not in lb:
@@ -341,9 +349,6 @@ class _Rules:
             return
         if name == "gather":
             self._gather(i, eqn, w)
-            return
-        if name == "iota":
-            self.fix_all(i, *outs)
             return
         self.unsupported.add(name)
         self.fix_all(i, *ins, *outs)
@@ -712,6 +717,11 @@ def _analyze(net: Any, variables: PyTree, batch_size: int) -> Analysis:
             name = f"{base}#{j}"
         taken.add(name)
         class_name[r] = name
+    for y in order:  # a parent of nested permutations is named after its first child: "<child>:heads"
+        kids = [x for x in order if parent_of.get(x) == y]
+        if kids and f"{class_name[kids[0]]}:heads" not in taken:
+            class_name[y] = f"{class_name[kids[0]]}:heads"
+            taken.add(class_name[y])
 
     # layouts
     layouts = []
