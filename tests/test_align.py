@@ -1,0 +1,497 @@
+"""Tests of tna_jax.align: specs, permutations, weight/activation matching, REPAIR, curves, IO."""
+
+import itertools
+import json
+import os
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.util import tiny_config
+from tna_jax import align, lmc, models, training
+from tna_jax import data as data_lib
+from tna_jax.models.base import Net
+from tna_jax.tree import map_with_names
+
+# ---------------------------------------------------------------------------------------------
+# Tiny architectures. Zoo models come from tna_jax.models (every registered name that has a tiny
+# config here); the local modules cover the patterns the derivation must handle on its own:
+# BatchNorm + a flatten into a dense layer, residual streams with projection shortcuts, and
+# multi-head attention.
+# ---------------------------------------------------------------------------------------------
+
+ZOO = {
+    "mlp": ({"name": "mlp", "depth": 2, "width": 8}, (40,)),
+    "mlp_layernorm": ({"name": "mlp", "depth": 3, "width": 6, "norm": "layer", "activation": "gelu"}, (40,)),
+}
+
+
+class TinyCNN(nn.Module):
+    """conv-BN-relu-pool, conv-BN-relu, flatten, dense, head."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        for i, c in enumerate((4, 6)):
+            x = nn.Conv(c, (3, 3), name=f"conv{i}")(x)
+            x = nn.BatchNorm(use_running_average=not train, name=f"conv{i}_norm")(x)
+            x = nn.relu(x)
+            if i == 0:
+                x = nn.max_pool(x, (2, 2), (2, 2))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(5, name="fc")(x))
+        return nn.Dense(3, name="head")(x)
+
+
+class Block(nn.Module):
+    channels: int
+    stride: int
+    norm: str
+
+    def _norm(self, name, train):
+        if self.norm == "batch":
+            return nn.BatchNorm(use_running_average=not train, name=name)
+        return nn.LayerNorm(name=name)
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        y = nn.Conv(self.channels, (3, 3), (self.stride, self.stride), use_bias=False, name="conv1")(x)
+        y = nn.relu(self._norm("conv1_norm", train)(y))
+        y = nn.Conv(self.channels, (3, 3), use_bias=False, name="conv2")(y)
+        y = self._norm("conv2_norm", train)(y)
+        if self.stride != 1 or x.shape[-1] != self.channels:
+            x = nn.Conv(self.channels, (1, 1), (self.stride, self.stride), use_bias=False, name="shortcut")(x)
+            x = self._norm("shortcut_norm", train)(x)
+        return nn.relu(x + y)
+
+
+class TinyResNet(nn.Module):
+    """Stem, two stages of two blocks (projection shortcut into stage 2), global pool, head."""
+
+    norm: str = "batch"
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(4, (3, 3), use_bias=False, name="conv1")(x)
+        x = nn.BatchNorm(use_running_average=not train, name="conv1_norm")(x) if self.norm == "batch" \
+            else nn.LayerNorm(name="conv1_norm")(x)
+        x = nn.relu(x)
+        for s, (c, stride) in enumerate(((4, 1), (6, 2))):
+            for b in range(2):
+                x = Block(c, stride if b == 0 else 1, self.norm, name=f"block{s + 1}_{b}")(x, train)
+        return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
+
+
+class TinyEncoder(nn.Module):
+    """Token embedding + learned positions, one pre-LN transformer block, mean pool, head."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        h = nn.Embed(11, 8, name="embed")(x) + self.param("pos", nn.initializers.normal(0.02), (x.shape[1], 8))
+        y = nn.LayerNorm(name="ln1")(h)
+        y = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=6, name="attn")(y, y)
+        h = h + y
+        y = nn.LayerNorm(name="ln2")(h)
+        y = nn.Dense(4, name="fc1")(nn.gelu(nn.Dense(12, name="fc0")(y)))
+        h = h + nn.Dense(8, name="proj")(y)
+        return nn.Dense(3, name="head")(nn.LayerNorm(name="ln_f")(h).mean(axis=1))
+
+
+LOCAL = {
+    "local_cnn_bn_flatten": lambda: Net("cnn", TinyCNN(), (8, 8, 1), 3),
+    "local_resnet_bn": lambda: Net("resnet", TinyResNet("batch"), (8, 8, 3), 3),
+    "local_resnet_ln": lambda: Net("resnet", TinyResNet("layer"), (8, 8, 3), 3),
+    "local_encoder": lambda: Net("encoder", TinyEncoder(), (5,), 3, input_dtype=jnp.int32),
+}
+
+
+def make_net(name):
+    if name in LOCAL:
+        return LOCAL[name]()
+    cfg, shape = ZOO[name]
+    return models.build(cfg, shape, 3)
+
+
+ARCHS = [n for n, (cfg, _) in ZOO.items() if cfg["name"] in models.REGISTRY] + list(LOCAL)
+
+
+def perturbed(net, seed):
+    """Random variables of `net` drawn with NumPy (no compilation): kernels with 1/sqrt(fan-in)
+    scale, biases, norms and BatchNorm statistics all non-trivial."""
+    rng = np.random.default_rng(int(seed))
+    shapes = jax.eval_shape(net.init, jax.random.key(0))
+
+    def one(name, s):
+        leaf = name.split("/")[-1]
+        if leaf in ("kernel", "embedding") or len(s.shape) > 1:
+            fan_in = int(np.prod(s.shape[:-1])) if leaf == "kernel" else 1
+            x = rng.normal(0.0, 1.0 / np.sqrt(max(fan_in, 1)), s.shape)
+        elif leaf == "var":
+            x = rng.uniform(0.5, 1.5, s.shape)
+        elif leaf == "scale":
+            x = 1.0 + 0.3 * rng.normal(size=s.shape)
+        else:
+            x = 0.3 * rng.normal(size=s.shape)
+        return jnp.asarray(x, s.dtype)
+
+    return map_with_names(one, shapes)
+
+
+def inputs(net, key, n=6):
+    if net.input_dtype == jnp.int32:
+        return jax.random.randint(key, (n, *net.input_shape), 0, 11)
+    return jax.random.normal(key, (n, *net.input_shape))
+
+
+def leaves_equal(a, b):
+    return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs and permutations.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_permuted_model_computes_the_same_function(arch):
+    net = make_net(arch)
+    spec = align.permutation_spec(net)
+    assert len(spec) >= 2, spec.describe()
+    v = perturbed(net, 0)
+    x = inputs(net, jax.random.key(1))
+    perm = align.random_permutation(spec, jax.random.key(2))
+    pv = align.apply_permutation(spec, perm, v)
+    chex.assert_trees_all_equal_shapes(v, pv)
+    apply = jax.jit(lambda v_: net.apply(v_, x)[0])
+    ref, out = apply(v), apply(pv)
+    assert float(jnp.max(jnp.abs(ref - out))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(ref))))
+    assert not leaves_equal(v, pv)  # the permutation really moved units
+    # leaving one array of the spec unpermuted breaks the function: the spec is not vacuous
+    path = spec.layouts[0][0]
+    partial = map_with_names(lambda name, a, b: a if name == path else b, v, pv)
+    assert float(jnp.max(jnp.abs(apply(partial) - ref))) > 1e-3
+
+
+def test_derived_mlp_spec_equals_the_hand_written_one():
+    net = models.build({"name": "mlp", "depth": 2, "width": 8, "norm": "layer"}, (40,), 10)
+    v = jax.eval_shape(net.init, jax.random.key(0))
+    hand = align.spec_from_axes({
+        **align.dense("dense_0", None, "dense_0"), **align.norm("dense_0_norm", "dense_0"),
+        **align.dense("dense_1", "dense_0", "dense_1"), **align.norm("dense_1_norm", "dense_1"),
+        **align.dense("head", "dense_1", None),
+    }, v)
+    derived = align.permutation_spec(net, v)
+    assert derived.size == hand.size == {"dense_0": 8, "dense_1": 8}
+    assert {k: sorted(x) for k, x in derived.perm_to_axes.items()} == \
+        {k: sorted(x) for k, x in hand.perm_to_axes.items()}
+    assert derived.axes_to_perm["params/dense_1/kernel"] == ("dense_0", "dense_1")
+
+
+def test_residual_streams_share_one_permutation_and_bn_statistics_are_permuted():
+    spec = align.permutation_spec(make_net("local_resnet_bn"))
+    p2a = spec.perm_to_axes
+    stream1 = {path for path, _ in p2a["conv1"]}  # stem and every block of stage 1
+    assert {"params/block1_0/conv2/kernel", "params/block1_1/conv2/kernel", "batch_stats/conv1_norm/mean",
+            "params/block2_0/shortcut/kernel"} <= stream1
+    stage2 = [n for n in spec.names if "params/block2_1/conv2/kernel" in {p for p, _ in p2a[n]}
+              and n != spec.axes_to_perm["params/block2_1/conv2/kernel"][2]]
+    assert spec.axes_to_perm["params/block2_0/shortcut/kernel"][3] in stage2
+    # stem, two stages, and one hidden permutation inside each of the four blocks
+    assert len(spec) == 1 + 1 + 4
+
+
+def test_attention_head_dimensions_are_nested_in_the_heads():
+    spec = align.permutation_spec(make_net("local_encoder"))
+    q = spec.axes_to_perm["params/attn/query/kernel"]
+    heads, qk = q[1], q[2]
+    assert spec.parent[qk] == heads and spec.size[heads] == 2 and spec.size[qk] == 3
+    vo = spec.axes_to_perm["params/attn/out/kernel"]
+    assert vo[0] == heads and spec.parent[vo[1]] == heads and vo[1] != qk
+    assert spec.shape_of(qk) == (2, 3)
+
+
+@settings(max_examples=5)
+@given(seed=st.integers(0, 2**20), arch=st.sampled_from(["local_encoder", "local_resnet_bn", "local_cnn_bn_flatten"]))
+def test_apply_permutation_is_invertible(seed, arch):
+    net = make_net(arch)
+    spec = align.permutation_spec(net)
+    v = perturbed(net, seed)
+    perm = align.random_permutation(spec, jax.random.key(seed + 1))
+    back = align.apply_permutation(spec, align.invert_permutation(spec, perm), align.apply_permutation(spec, perm, v))
+    assert leaves_equal(back, v)
+
+
+def test_flat_jaxpr_interpreter_reproduces_the_model():
+    net = make_net("local_encoder")
+    v = perturbed(net, 0)
+    x = inputs(net, jax.random.key(1), n=2)
+    closed, names, _ = align.derive.flat_jaxpr(net, v, 2)
+    assert not any(e.primitive.name in ("pjit", "jit", "custom_jvp_call") for e in closed.jaxpr.eqns)
+    assert names[0].startswith("params/") and len(names) == len(jax.tree.leaves(v))
+    run = jax.jit(lambda leaves, x: align.derive.eval_flat(closed.jaxpr, closed.consts, [*leaves, x])[0][0])
+    np.testing.assert_allclose(run(jax.tree.leaves(v), x), jax.jit(net.apply)(v, x)[0], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight matching.
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=4)
+@given(seed=st.integers(0, 2**20))
+def test_weight_matching_recovers_a_random_permutation_exactly(seed):
+    net = models.build({"name": "mlp", "depth": 3, "width": 24}, (40,), 10)
+    spec = align.permutation_spec(net)
+    a = perturbed(net, seed)
+    true = align.random_permutation(spec, jax.random.key(seed + 1))
+    b = align.apply_permutation(spec, true, a)
+    res = align.weight_matching(spec, a, b, jax.random.key(seed + 2))
+    assert res.converged and res.iterations >= 2
+    inv = align.invert_permutation(spec, true)
+    assert all(np.array_equal(res.perm[k], inv[k]) for k in spec.names)
+    assert leaves_equal(align.apply_permutation(spec, res.perm, b), a)
+
+
+def test_weight_matching_nested_heads_recovers_the_permutation():
+    net = make_net("local_encoder")
+    spec = align.permutation_spec(net)
+    a = perturbed(net, 3)
+    true = align.random_permutation(spec, jax.random.key(4))
+    b = align.apply_permutation(spec, true, a)
+    res = align.weight_matching(spec, a, b, jax.random.key(5))
+    assert leaves_equal(align.apply_permutation(spec, res.perm, b), a)
+
+
+def test_weight_matching_one_layer_equals_brute_force():
+    """With one hidden layer the problem is a single assignment: compare with all 5! orders."""
+    net = models.build({"name": "mlp", "depth": 1, "width": 5}, (7,), 3)
+    spec = align.permutation_spec(net)
+    a, b = perturbed(net, 0), perturbed(net, 1)
+    res = align.weight_matching(spec, a, b, jax.random.key(2))
+    best = max(itertools.permutations(range(5)),
+               key=lambda p: align.matching_objective(spec, {"dense_0": np.array(p)}, a, b))
+    assert tuple(res.perm["dense_0"]) == best
+    assert res.objective[-1] >= res.objective[0]
+
+
+def test_weight_matching_objective_never_decreases_between_independent_models():
+    net = models.build({"name": "mlp", "depth": 3, "width": 16}, (40,), 10)
+    spec = align.permutation_spec(net)
+    a, b = perturbed(net, 0), perturbed(net, 1)
+    res = align.weight_matching(spec, a, b, jax.random.key(2), max_iter=50)
+    obj = np.asarray(res.objective)
+    assert np.all(np.diff(obj) >= -1e-4 * np.abs(obj[:-1])) and obj[-1] > obj[0]
+    capped = align.weight_matching(spec, a, b, jax.random.key(2), max_iter=1)
+    assert capped.iterations == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation matching.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["mlp_layernorm", "local_encoder", "local_resnet_bn"])
+def test_activation_matching_finds_the_permutation_of_a_copy(arch):
+    net = make_net(arch)
+    spec = align.permutation_spec(net)
+    a = perturbed(net, 0)
+    true = align.random_permutation(spec, jax.random.key(1))
+    b = align.apply_permutation(spec, true, a)
+    perm = align.activation_matching(net, a, b, inputs(net, jax.random.key(2), n=64), batch_size=32)
+    inv = align.invert_permutation(spec, true)
+    analysis = align.analyze(net)
+    matched = [k for k in spec.names if analysis.features[k] or spec.children(k)]
+    assert matched and all(np.array_equal(perm[k], inv[k]) for k in matched)
+
+
+# ---------------------------------------------------------------------------------------------
+# REPAIR, BatchNorm reset and curves on a trained pair.
+# ---------------------------------------------------------------------------------------------
+
+
+class BNMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = x.reshape(x.shape[0], -1)
+        for i in range(2):
+            x = nn.Dense(32, name=f"dense_{i}")(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=not train, name=f"dense_{i}_norm")(x))
+        return nn.Dense(10, name="head")(x)
+
+
+def train_pair():
+    """Two BatchNorm MLPs trained from different seeds on scikit-learn's digits (one fit call)."""
+    cfg = tiny_config(anchor__ratio=0.0, baseline=False, train__epochs=6, data__source="digits")
+    dataset = data_lib.load(cfg.data)
+    net = Net("bn_mlp", BNMLP(), dataset.input_shape, dataset.num_classes)
+    result = training.fit(cfg, net, dataset, log=lambda s: None)
+    return net, result.state.variables(0), result.state.variables(1), data_lib.to_device(dataset)
+
+
+def test_repair_bn_reset_and_curve_training_on_a_trained_pair():
+    """One trained pair (training dominates the cost) for REPAIR, BN reset and curve training."""
+    net, a, b_raw, data = train_pair()
+    spec = align.permutation_spec(net)
+    b = align.apply_permutation(spec, align.weight_matching(spec, a, b_raw, jax.random.key(0)).perm, b_raw)
+    eval_fn = training.make_eval_fn(net, 500)
+    ev = jax.jit(eval_fn)
+    x_test, y_test = data.split("test")
+
+    # REPAIR and BN reset improve the midpoint of the aligned pair
+    mid = lmc.interpolate(a, b, 0.5)
+    plain = ev(mid, x_test, y_test)
+    reset = ev(align.reset_batch_stats(net, mid, data.x_train), x_test, y_test)
+    repaired = ev(align.repair(net, a, b, 0.5, data.x_train), x_test, y_test)
+    print({"plain": plain, "reset": reset, "repair": repaired})
+    assert float(reset["loss"]) < float(plain["loss"])
+    assert float(repaired["loss"]) < float(plain["loss"])
+    assert float(repaired["accuracy"]) >= float(plain["accuracy"])
+
+    # REPAIR: the repaired midpoint's pre-activation statistics are the average of the endpoints'
+    xs = data.x_train[:500].reshape(2, 250, *data.x_train.shape[1:])
+    rep = align.repair(net, a, b, 0.5, data.x_train[:500], batch_size=250)
+    got, sa, sb = (align.output_stats(net, v, xs, ["dense_1_norm"])["dense_1_norm"] for v in (rep, a, b))
+    np.testing.assert_allclose(got[1], (sa[1] + sb[1]) / 2, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(got[0], (sa[0] + sb[0]) / 2, atol=1e-3)
+
+    # BN reset: the running statistics become the statistics of the data
+    x = data.x_train[:400]
+    r = align.reset_batch_stats(net, a, x, batch_size=400)
+    h = x.reshape(400, -1) @ a["params"]["dense_0"]["kernel"] + a["params"]["dense_0"]["bias"]
+    np.testing.assert_allclose(r["batch_stats"]["dense_0_norm"]["mean"], h.mean(0), atol=1e-4)
+    np.testing.assert_allclose(r["batch_stats"]["dense_0_norm"]["var"], h.var(0), rtol=1e-3, atol=1e-4)
+
+    # curve training between the unaligned endpoints lowers the loss in the middle of the curve
+    curve = align.init_curve(a, b_raw)
+    ts = [0.0, 0.5, 1.0]
+    before = align.evaluate_curve(eval_fn, curve, data.split("test"), ts)
+    trained, hist = align.train_curve(net, curve, (data.x_train, data.y_train), key=jax.random.key(0), epochs=3,
+                                      batch_size=64, optimizer=optax.adam(3e-3))
+    after = align.evaluate_curve(eval_fn, trained, data.split("test"), ts)
+    print(before["loss"], after["loss"], hist)
+    assert after["loss"][1] < before["loss"][1]
+    np.testing.assert_allclose(after["loss"][[0, 2]], before["loss"][[0, 2]], atol=1e-6)  # endpoints fixed
+    assert len(hist) == 3
+
+
+@pytest.mark.parametrize("kind", ["bezier", "polychain"])
+def test_curve_endpoints_are_the_endpoints(kind):
+    net = make_net("mlp")
+    a, b = perturbed(net, 0), perturbed(net, 1)
+    curve = align.init_curve(a, b, kind).replace(control=perturbed(net, 2))
+    assert leaves_equal(align.curve_point(curve, 0.0), a)
+    assert leaves_equal(align.curve_point(curve, 1.0), b)
+    mid = align.curve_point(curve, 0.5)
+    expected = curve.control if kind == "polychain" else jax.tree.map(
+        lambda x, c, y: 0.25 * x + 0.5 * c + 0.25 * y, a, curve.control, b)
+    chex.assert_trees_all_close(mid, expected, atol=1e-5)
+    straight = align.init_curve(a, b, kind)  # the initial control point is the midpoint: a line
+    chex.assert_trees_all_close(align.curve_point(straight, 0.3), lmc.interpolate(a, b, 0.3), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_permutation_and_curve_round_trip(tmp_path):
+    net = make_net("local_encoder")
+    spec = align.permutation_spec(net)
+    perm = align.random_permutation(spec, jax.random.key(0))
+    path = align.save_permutation(str(tmp_path / "perm.json"), spec, perm, meta={"pair": [0, 1]})
+    loaded = align.load_permutation(path, spec)
+    assert all(np.array_equal(loaded[k], perm[k]) for k in spec.names)
+    assert json.load(open(path))["meta"] == {"pair": [0, 1]}
+    other = align.permutation_spec(make_net("mlp"))
+    with pytest.raises(ValueError, match="another permutation spec"):
+        align.load_permutation(path, other)
+    a, b = perturbed(net, 1), perturbed(net, 2)
+    curve = align.init_curve(a, b, "polychain")
+    align.save_curve(str(tmp_path / "curve"), curve)
+    back = align.load_curve(str(tmp_path / "curve"), a)
+    assert back.kind == "polychain" and leaves_equal(back.control, curve.control) and leaves_equal(back.b, b)
+    assert not any(f.endswith((".pkl", ".pickle")) for _, _, fs in os.walk(tmp_path) for f in fs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_problem():
+    net = models.build({"name": "mlp", "depth": 2, "width": 8}, (40,), 10)
+    spec = align.permutation_spec(net)
+    v = perturbed(net, 0)
+    wide = perturbed(models.build({"name": "mlp", "depth": 2, "width": 9}, (40,), 10), 0)
+    with pytest.raises(ValueError, match=r"shape \(40, 9\) at 'params/dense_0/kernel'.*expects \(40, 8\)"):
+        align.apply_permutation(spec, align.identity_permutation(spec), wide)
+    renamed = {"params": {("layer_0" if k == "dense_0" else k): x for k, x in v["params"].items()}}
+    with pytest.raises(ValueError, match="names 'params/dense_0/kernel' but b has no such array"):
+        align.weight_matching(spec, v, renamed, jax.random.key(0))
+    with pytest.raises(ValueError, match="'params/dense_x/kernel'"):
+        align.spec_from_axes({"params/dense_x/kernel": (None, "P")}, v)
+    with pytest.raises(ValueError, match="different sizes"):
+        align.spec_from_axes({**align.dense("dense_0", None, "P"), "params/head/kernel": (None, "P")}, v)
+    with pytest.raises(ValueError, match="2 entries but the array has 1 axes"):
+        align.spec_from_axes({"params/dense_0/bias": ("P", None)}, v)
+    bad = align.identity_permutation(spec)
+    bad["dense_0"] = np.zeros(8, np.int32)
+    with pytest.raises(ValueError, match="'dense_0'.* not a permutation"):
+        align.apply_permutation(spec, bad, v)
+    with pytest.raises(ValueError, match=r"missing \['dense_1'\]"):
+        align.apply_permutation(spec, {"dense_0": np.arange(8)}, v)
+    with pytest.raises(ValueError, match="max_iter"):
+        align.weight_matching(spec, v, v, jax.random.key(0), max_iter=0)
+    with pytest.raises(ValueError, match="too small for activation statistics.*'dense_0' has 8 units"):
+        align.activation_matching(net, v, v, jnp.ones((4, 40)))
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        align.activation_matching(net, v, v, jnp.ones((1, 40)))
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        align.repair(net, v, v, 0.5, jnp.ones((1, 40)))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        align.init_curve(v, v, "spline")
+    with pytest.raises(ValueError, match="path 'params/dense_0/bias'"):
+        align.init_curve(v, {"params": {k: x for k, x in v["params"].items() if k != "dense_0"}})
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment kind, in a tiny smoke mode.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_align_compare_smoke(tmp_path):
+    from configs.align_compare import get_config
+    from tna_jax import experiment
+
+    c = get_config()
+    c.num_seeds = 2
+    c.align.tasks = {"mlp": {"data": {"source": "mnist1d", "num_samples": 400},
+                             "model": {"name": "mlp", "depth": 2, "width": 16}, "train": {"epochs": 2}}}
+    c.align.curve_epochs = 1
+    c.align.curve_pairs = 1
+    c.align.stats_examples = 100
+    c.align.stats_batch = 50
+    c.align.repair_alphas = 3
+    c.analysis.num_alphas = 5
+    c.train.eval_batch_size = 256
+    report = experiment.run(c, str(tmp_path))
+    t = report["tasks"]["mlp"]
+    assert [(r["arm"], r["method"]) for r in t["rows"]] == [
+        (arm, m) for arm in ("vanilla", "TNA-PFN 0.4") for m in ("none", "WM", "AM", "WM + REPAIR")]
+    for r in t["rows"]:
+        assert r["pairs"] == 1 and 0.0 <= r["accuracy_barrier_mean"] <= 1.0 and np.isfinite(r["loss_barrier_mean"])
+    assert [it["arm"] for it in t["wm_iterations"]] == ["vanilla", "TNA-PFN 0.4"]
+    assert all(it["iterations_mean"] >= 1 for it in t["wm_iterations"])
+    assert {c_["arm"] for c_ in t["curves"]} == {"vanilla", "TNA-PFN 0.4"}
+    for name in ("report.json", "report.md", "lmc_mlp.png", "curves_mlp.png", "mlp/metrics.jsonl"):
+        assert (tmp_path / name).exists(), name
+    assert "WM sweeps to converge" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="config.align.bogus is not a known field"):
+        c.align.bogus = 1
+        experiment.run(c, None)

@@ -1,0 +1,864 @@
+"""Deriving a model's permutation spec from its computation, not by hand.
+
+git-re-basin writes a ``PermutationSpec`` by hand for every architecture. Here it is read off the
+model's jaxpr (the list of primitive operations ``net.apply`` performs in evaluation mode):
+
+1. The jaxpr is traced with every ``jit``/``custom_jvp``/``custom_vjp`` call inlined, so it is
+   one flat list of primitives.
+2. Every axis of every intermediate array is a node. Each primitive *links* the axes that must
+   be reordered together for the output to be the same reordering of the inputs: an elementwise
+   op links equal axes of its operands and output; ``dot_general`` links the two contracted axes
+   and passes the free axes to the output; a convolution links its input channels with the
+   kernel's input axis and the kernel's output axis with the output channels; a reshape links
+   the factors it merges or splits (so a convolution's channels survive a flatten into a dense
+   layer, and attention's ``(heads, head_dim)`` survive the head split), reductions keep the
+   axes they do not reduce.
+3. Axes that cannot be reordered are *fixed*: the model's input and output, constants, ``iota``,
+   spatial axes of convolutions and pools, sliced/padded/concatenated/gathered axes, and every
+   axis of a primitive without a rule (listed in :attr:`Analysis.unsupported`; being fixed is
+   always safe, it only means fewer symmetries).
+4. The connected groups of linked axes (union-find) that touch at least one parameter and no
+   fixed axis are the permutations. Residual streams come out as one permutation because the
+   additions link them. A permutation ``X`` is *nested* in ``Y`` when every array that carries
+   ``X`` also carries ``Y`` and no operation mixes different positions of ``Y`` while keeping
+   ``X`` (attention: the head dimension may be reordered differently in every head).
+
+Each permutation is named after the layer that writes it (the first layer, in call order, whose
+kernel has it on its last axis), e.g. ``"dense_0"``, ``"stage1_block0/conv1"``; a residual stream
+after the first layer writing into it (``"conv_stem"``, ``"stage1_block0/conv2"``); the parent of
+nested permutations after its first child (``"block0/attn/query:heads"``); otherwise after the
+first array and (expanded) axis carrying it (``"embed/pos[1]"``).
+
+The same analysis also tells which activations carry each permutation and are fed into a weight
+contraction; :mod:`tna_jax.align.activation_matching` uses those as the features to correlate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.extend.core as jcore
+import numpy as np
+
+from tna_jax import tree as tree_lib
+from tna_jax.align.spec import LeafLayout, PermutationSpec
+
+PyTree = Any
+
+__all__ = ["permutation_spec", "analyze", "Analysis", "FeaturePoint", "flat_jaxpr", "eval_flat"]
+
+# ---------------------------------------------------------------------------------------------
+# 1. A flat jaxpr.
+# ---------------------------------------------------------------------------------------------
+
+_INLINE = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+           "custom_vjp_call_jaxpr", "remat", "checkpoint", "remat2"}
+
+
+def _sub_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
+    if eqn.primitive.name not in _INLINE:
+        return None
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        sub = eqn.params.get(key)
+        if isinstance(sub, jcore.ClosedJaxpr):
+            return sub.jaxpr, list(sub.consts)
+        if isinstance(sub, jcore.Jaxpr):
+            return sub, []
+    return None
+
+
+def eval_flat(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
+              capture: frozenset[Any] | set[Any] = frozenset()) -> tuple[list[Any], dict[Any, Any]]:
+    """Evaluates `jaxpr` primitive by primitive, inlining calls; returns the outputs and the values
+    of the variables in `capture` (traceable: use it under ``jit``/``vmap``)."""
+    env: dict[Any, Any] = {}
+    captured: dict[Any, Any] = {}
+
+    def read(v: Any) -> Any:
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    def run(jx: Any, cs: Sequence[Any], xs: Sequence[Any]) -> list[Any]:
+        for v, c in zip(jx.constvars, cs):
+            env[v] = c
+        for v, a in zip(jx.invars, xs):
+            env[v] = a
+        for eqn in jx.eqns:
+            invals = [read(v) for v in eqn.invars]
+            sub = _sub_jaxpr(eqn)
+            if sub is not None:
+                outs = run(sub[0], sub[1], invals)
+            else:
+                params = eqn.primitive.get_bind_params(eqn.params)
+                if isinstance(params, tuple):  # older JAX: (subfuns, params)
+                    outs = eqn.primitive.bind(*params[0], *invals, **params[1])
+                else:
+                    outs = eqn.primitive.bind(*invals, **params)
+                if not eqn.primitive.multiple_results:
+                    outs = [outs]
+            for v, o in zip(eqn.outvars, outs):
+                if not isinstance(v, jcore.DropVar):
+                    env[v] = o
+                    if v in capture:
+                        captured[v] = o
+        return [read(v) for v in jx.outvars]
+
+    outs = run(jaxpr, consts, args)
+    return outs, captured
+
+
+def flat_jaxpr(net: Any, variables: PyTree, batch_size: int = 2) -> tuple[Any, list[str], Any]:
+    """The flat (call-free) jaxpr of ``net.apply(variables, x)[0]`` in evaluation mode.
+
+    Returns ``(closed_jaxpr, leaf_names, treedef)``: the jaxpr's inputs are the leaves of
+    `variables` (named by `leaf_names`, in flattening order) followed by ``x`` of shape
+    ``(batch_size, *net.input_shape)``.
+    """
+    leaves, treedef = jax.tree.flatten(variables)
+    names = [n for n, _ in tree_lib.named_leaves(variables)]
+    abstract = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves]
+    x = jax.ShapeDtypeStruct((batch_size, *net.input_shape), net.input_dtype)
+
+    def fwd(*args):
+        v = jax.tree.unflatten(treedef, args[:-1])
+        return net.apply(v, args[-1], train=False)[0]
+
+    closed = jax.make_jaxpr(fwd)(*abstract, x)
+
+    def inlined(*args):
+        return eval_flat(closed.jaxpr, closed.consts, args)[0]
+
+    return jax.make_jaxpr(inlined)(*abstract, x), names, treedef
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Linking rules, one per primitive.
+# ---------------------------------------------------------------------------------------------
+
+_ELEMENTWISE = set("""
+add sub mul div max min pow atan2 rem and or xor not eq ne lt le gt ge nextafter neg exp exp2 log
+log1p expm1 tanh logistic sin cos tan asin acos atan sinh cosh asinh acosh atanh sqrt rsqrt cbrt
+abs sign floor ceil round is_finite integer_pow square erf erfc erf_inv lgamma digamma
+convert_element_type copy copy_p stop_gradient reduce_precision real imag conj select_n clamp
+add_any shift_left shift_right_logical shift_right_arithmetic population_count clz
+""".split())
+_REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "reduce_xor"}
+_ARG_REDUCE = {"argmax", "argmin"}
+_WINDOW = {"reduce_window_sum", "reduce_window_max", "reduce_window_min"}
+_CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
+
+
+def _is_var(v: Any) -> bool:
+    return not isinstance(v, (jcore.Literal, jcore.DropVar))
+
+
+def _shape(v: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in v.aval.shape)
+
+
+class _Rules:
+    """Collects relations ``("same", u, a, v, b)``, ``("reshape", w, u)``, ``("fix", u, a)``."""
+
+    def __init__(self) -> None:
+        self.rel: list[tuple[int, tuple[Any, ...]]] = []
+        self.unsupported: set[str] = set()
+
+    def same(self, i: int, u: Any, a: int, v: Any, b: int) -> None:
+        if _is_var(u) and _is_var(v):
+            self.rel.append((i, ("same", u, a, v, b)))
+
+    def fix(self, i: int, u: Any, a: int) -> None:
+        if _is_var(u):
+            self.rel.append((i, ("fix", u, a)))
+
+    def fix_all(self, i: int, *vs: Any) -> None:
+        for v in vs:
+            if _is_var(v):
+                for a in range(len(_shape(v))):
+                    self.fix(i, v, a)
+
+    def eqn(self, i: int, eqn: Any) -> None:
+        name = eqn.primitive.name
+        ins = list(eqn.invars)
+        outs = [v for v in eqn.outvars if _is_var(v)]
+        p = eqn.params
+        if not outs:
+            return
+        w = outs[0]
+        rw = len(_shape(w))
+        if name in _ELEMENTWISE:
+            for out in outs:
+                for u in ins:
+                    if not _is_var(u):
+                        continue
+                    su, so = _shape(u), _shape(out)
+                    if len(su) == len(so):  # equal axes link; size-1 axes of u broadcast
+                        for a in range(len(so)):
+                            if su[a] == so[a]:
+                                self.same(i, out, a, u, a)
+                            elif su[a] != 1:
+                                self.fix(i, out, a)
+                                self.fix(i, u, a)
+                    elif su:
+                        self.fix_all(i, out, u)
+            return
+        if name == "iota" or not ins:
+            if name != "iota":
+                self.unsupported.add(name)
+            self.fix_all(i, *outs)
+            return
+        u = ins[0]
+        if name == "broadcast_in_dim":
+            for j, d in enumerate(p["broadcast_dimensions"]):
+                if _shape(u)[j] == _shape(w)[d]:
+                    self.same(i, w, d, u, j)
+            return
+        if name == "reshape":
+            if p.get("dimensions") is None:
+                self.rel.append((i, ("reshape", w, u)))
+            else:
+                self.fix_all(i, w, u)
+            return
+        if name == "squeeze":
+            dims = {d % len(_shape(u)) for d in p["dimensions"]}
+            kept = [a for a in range(len(_shape(u))) if a not in dims]
+            for k, a in enumerate(kept):
+                self.same(i, w, k, u, a)
+            return
+        if name == "transpose":
+            for k, a in enumerate(p["permutation"]):
+                self.same(i, w, k, u, a)
+            return
+        if name in _REDUCE or name in _ARG_REDUCE:
+            axes = set(p["axes"])
+            kept = [a for a in range(len(_shape(u))) if a not in axes]
+            for k, a in enumerate(kept):
+                self.same(i, w, k, u, a)
+            if name in _ARG_REDUCE:
+                for a in axes:
+                    self.fix(i, u, a)
+            return
+        if name == "dot_general":
+            (lc, rc), (lb, rb) = p["dimension_numbers"]
+            lhs, rhs = ins[0], ins[1]
+            for a, b in zip(lc, rc):
+                self.same(i, lhs, a, rhs, b)
+            for k, (a, b) in enumerate(zip(lb, rb)):
+                self.same(i, lhs, a, rhs, b)
+                self.same(i, w, k, lhs, a)
+                self.same(i, w, k, rhs, b)
+            k = len(lb)
+            for a in range(len(_shape(lhs))):
+                if a not in lc and a not in lb:
+                    self.same(i, w, k, lhs, a)
+                    k += 1
+            for b in range(len(_shape(rhs))):
+                if b not in rc and b not in rb:
+                    self.same(i, w, k, rhs, b)
+                    k += 1
+            return
+        if name == "conv_general_dilated":
+            dn = p["dimension_numbers"]
+            lhs, rhs = ins[0], ins[1]
+            if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+                self.fix_all(i, lhs, rhs, w)
+                return
+            ls, rs, os_ = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+            self.same(i, lhs, ls[0], w, os_[0])
+            self.same(i, lhs, ls[1], rhs, rs[1])
+            self.same(i, rhs, rs[0], w, os_[1])
+            for a in ls[2:]:
+                self.fix(i, lhs, a)
+            for a in rs[2:]:
+                self.fix(i, rhs, a)
+            for a in os_[2:]:
+                self.fix(i, w, a)
+            return
+        if name in _WINDOW:
+            n = len(_shape(u))
+            wd = p["window_dimensions"]
+            st = p["window_strides"]
+            pad = p["padding"]
+            bd = p.get("base_dilation", (1,) * n)
+            wdl = p.get("window_dilation", (1,) * n)
+            for a in range(n):
+                if wd[a] == 1 and st[a] == 1 and tuple(pad[a]) == (0, 0) and bd[a] == 1 and wdl[a] == 1:
+                    self.same(i, w, a, u, a)
+                else:
+                    self.fix(i, w, a)
+                    self.fix(i, u, a)
+            return
+        if name in _CUMULATIVE:
+            for a in range(rw):
+                if a == p["axis"]:
+                    self.fix(i, w, a)
+                    self.fix(i, u, a)
+                else:
+                    self.same(i, w, a, u, a)
+            return
+        if name == "concatenate":
+            d = p["dimension"]
+            for v in ins:
+                for a in range(rw):
+                    if a == d:
+                        self.fix(i, v, a)
+                    else:
+                        self.same(i, w, a, v, a)
+            self.fix(i, w, d)
+            return
+        if name == "pad":
+            for a, cfg in enumerate(p["padding_config"]):
+                if tuple(cfg) == (0, 0, 0):
+                    self.same(i, w, a, u, a)
+                else:
+                    self.fix(i, w, a)
+                    self.fix(i, u, a)
+            return
+        if name == "slice":
+            strides = p.get("strides") or (1,) * rw
+            for a in range(rw):
+                full = p["start_indices"][a] == 0 and p["limit_indices"][a] == _shape(u)[a] and strides[a] == 1
+                if full:
+                    self.same(i, w, a, u, a)
+                else:
+                    self.fix(i, w, a)
+                    self.fix(i, u, a)
+            self.fix_all(i, *ins[1:])
+            return
+        if name == "dynamic_slice":
+            for a in range(rw):
+                if p["slice_sizes"][a] == _shape(u)[a]:
+                    self.same(i, w, a, u, a)
+                else:
+                    self.fix(i, w, a)
+                    self.fix(i, u, a)
+            return
+        if name == "dynamic_update_slice":
+            upd = ins[1]
+            for a in range(rw):
+                if _shape(upd)[a] == _shape(u)[a]:
+                    self.same(i, w, a, u, a)
+                    self.same(i, w, a, upd, a)
+                else:
+                    self.fix(i, w, a)
+                    self.fix(i, u, a)
+                    self.fix(i, upd, a)
+            return
+        if name == "gather":
+            self._gather(i, eqn, w)
+            return
+        self.unsupported.add(name)
+        self.fix_all(i, *ins, *outs)
+
+    def _gather(self, i: int, eqn: Any, w: Any) -> None:
+        operand, indices = eqn.invars[0], eqn.invars[1]
+        p = eqn.params
+        dn = p["dimension_numbers"]
+        try:
+            offset, collapsed, start_map = dn.offset_dims, dn.collapsed_slice_dims, dn.start_index_map
+            op_batch = getattr(dn, "operand_batching_dims", ())
+            idx_batch = getattr(dn, "start_indices_batching_dims", ())
+        except AttributeError:
+            self.unsupported.add("gather")
+            self.fix_all(i, operand, indices, w)
+            return
+        if op_batch or idx_batch:
+            self.fix_all(i, operand, indices, w)
+            return
+        sizes = p["slice_sizes"]
+        kept = [a for a in range(len(_shape(operand))) if a not in collapsed]
+        for a in range(len(_shape(operand))):
+            if a in collapsed or a in start_map:
+                self.fix(i, operand, a)
+        for k, a in enumerate(kept):
+            d = offset[k]
+            if sizes[a] == _shape(operand)[a] and a not in start_map:
+                self.same(i, w, d, operand, a)
+            else:
+                self.fix(i, w, d)
+        # the remaining output axes are the batch axes of the indices (all but the last)
+        batch_out = [d for d in range(len(_shape(w))) if d not in offset]
+        idx_axes = list(range(len(_shape(indices)) - 1))
+        if len(batch_out) == len(idx_axes):
+            for d, a in zip(batch_out, idx_axes):
+                self.same(i, w, d, indices, a)
+        else:
+            self.fix_all(i, indices)
+            for d in batch_out:
+                self.fix(i, w, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Factorisation of axes through reshapes, then union-find over factor nodes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _bounds(factors: Sequence[int]) -> set[int]:
+    out, s = {1}, 1
+    for f in reversed(factors):
+        s *= f
+        out.add(s)
+    return out
+
+
+def _refine(f1: Sequence[int], f2: Sequence[int]) -> tuple[int, ...] | None:
+    """The common refinement of two row-major factorisations of the same size, or None."""
+    if tuple(f1) == tuple(f2):
+        return tuple(f1)
+    b = sorted(_bounds(f1) | _bounds(f2))
+    if any(b[k + 1] % b[k] for k in range(len(b) - 1)):
+        return None
+    return tuple(reversed([b[k + 1] // b[k] for k in range(len(b) - 1)]))
+
+
+class _Factors:
+    def __init__(self) -> None:
+        self.fac: dict[tuple[Any, int], tuple[int, ...]] = {}
+        self.bad: set[tuple[Any, int]] = set()
+
+    def get(self, v: Any, a: int) -> tuple[int, ...]:
+        got = self.fac.get((v, a))
+        if got is not None:
+            return got
+        n = _shape(v)[a]
+        return (n,) if n > 1 else ()
+
+    def flat(self, v: Any) -> list[int]:
+        return [f for a in range(len(_shape(v))) for f in self.get(v, a)]
+
+    def set(self, v: Any, a: int, f: tuple[int, ...]) -> bool:
+        if (v, a) in self.bad or self.get(v, a) == f:
+            return False
+        self.fac[(v, a)] = f
+        return True
+
+    def mark_bad(self, v: Any, a: int) -> bool:
+        if (v, a) in self.bad:
+            return False
+        self.bad.add((v, a))
+        n = _shape(v)[a]
+        self.fac[(v, a)] = (n,) if n > 1 else ()
+        return True
+
+    def solve(self, rels: Sequence[tuple[int, tuple[Any, ...]]]) -> None:
+        changed, rounds = True, 0
+        while changed and rounds < 100:
+            changed, rounds = False, rounds + 1
+            for _, r in rels:
+                if r[0] == "same":
+                    _, u, a, v, b = r
+                    if (u, a) in self.bad or (v, b) in self.bad:
+                        changed |= self.mark_bad(u, a) | self.mark_bad(v, b)
+                        continue
+                    f = _refine(self.get(u, a), self.get(v, b))
+                    if f is None:
+                        changed |= self.mark_bad(u, a) | self.mark_bad(v, b)
+                    else:
+                        changed |= self.set(u, a, f) | self.set(v, b, f)
+                elif r[0] == "reshape":
+                    _, w, u = r
+                    axes = [(w, a) for a in range(len(_shape(w)))] + [(u, a) for a in range(len(_shape(u)))]
+                    if any(x in self.bad for x in axes):
+                        for x in axes:
+                            changed |= self.mark_bad(*x)
+                        continue
+                    f = _refine(self.flat(w), self.flat(u))
+                    if f is None:
+                        for x in axes:
+                            changed |= self.mark_bad(*x)
+                        continue
+                    for v in (w, u):
+                        k = 0
+                        for a, n in enumerate(_shape(v)):
+                            part: list[int] = []
+                            prod = 1
+                            while prod < n:
+                                prod *= f[k]
+                                part.append(f[k])
+                                k += 1
+                            changed |= self.set(v, a, tuple(part))
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[Any, Any] = {}
+
+    def find(self, x: Any) -> Any:
+        self.parent.setdefault(x, x)
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, x: Any, y: Any) -> None:
+        rx, ry = self.find(x), self.find(y)
+        if rx != ry:
+            self.parent[ry] = rx
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The analysis.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturePoint:
+    """An activation that carries a permutation and feeds a weight contraction.
+
+    Attributes:
+      var: the jaxpr variable holding it.
+      factors: its expanded shape.
+      axis: the expanded axis of the permutation's units.
+      parent_axis: for nested permutations, the expanded axis of the parent's units.
+    """
+
+    var: Any
+    factors: tuple[int, ...]
+    axis: int
+    parent_axis: int | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Analysis:
+    """What :func:`analyze` finds: the spec, the flat jaxpr it came from and the activation points.
+
+    Attributes:
+      spec: the :class:`PermutationSpec`.
+      jaxpr: the flat closed jaxpr (inputs: variables leaves, then ``x``).
+      leaf_names: names of the variables leaves, in the jaxpr's input order.
+      features: ``{perm name: [FeaturePoint, ...]}``; for a parent of nested permutations, its
+        own points (without a child axis) are under its name and the joint ones under the child.
+      unsupported: primitives without a rule (their axes were fixed).
+      batch_size: the batch size the jaxpr was traced with.
+      order: the variables' leaf names in the order the computation first reads them.
+    """
+
+    spec: PermutationSpec
+    jaxpr: Any
+    leaf_names: list[str]
+    features: dict[str, list[FeaturePoint]]
+    unsupported: tuple[str, ...]
+    batch_size: int
+    order: tuple[str, ...] = ()
+
+
+def _call_rank(jx: Any, leaf_vars: list[Any], names: list[str]) -> Callable[[str], tuple[Any, ...]]:
+    """Orders arrays by where the computation first reads them (Flax's call order)."""
+    first: dict[Any, int] = {}
+    for i, eqn in enumerate(jx.eqns):
+        for v in eqn.invars:
+            if _is_var(v) and v not in first:
+                first[v] = i
+    pos = {names[k]: first.get(v, len(jx.eqns)) for k, v in enumerate(leaf_vars)}
+
+    def rank(path: str) -> tuple[Any, ...]:
+        return (pos.get(path, len(jx.eqns)), not path.startswith("params/"), tuple(tree_lib.natural_key(path)))
+
+    return rank
+
+
+def analyze(net: Any, variables: PyTree | None = None, *, batch_size: int = 2) -> Analysis:
+    """Derives the permutation spec of `net` and the activations that carry each permutation.
+
+    Args:
+      net: a :class:`tna_jax.models.Net` (anything with ``apply``, ``init``, ``input_shape``,
+        ``input_dtype``).
+      variables: the model's variables (or their ``jax.ShapeDtypeStruct``); default from
+        ``net.init``.
+      batch_size: batch size of the traced jaxpr (activation matching traces at its own).
+
+    Returns:
+      an :class:`Analysis`.
+    """
+    if variables is None:
+        variables = jax.eval_shape(net.init, jax.random.key(0))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), variables)
+    signature = tuple((n, tuple(np.shape(x)), str(x.dtype)) for n, x in tree_lib.named_leaves(abstract))
+    try:
+        return _analyze_cached(net, int(batch_size), signature, _Frozen(abstract))
+    except TypeError:  # an unhashable net
+        return _analyze(net, abstract, int(batch_size))
+
+
+class _Frozen:
+    """Carries a pytree through ``lru_cache`` without taking part in the key."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Frozen)
+
+
+@functools.lru_cache(maxsize=64)
+def _analyze_cached(net: Any, batch_size: int, signature: tuple[Any, ...], abstract: _Frozen) -> Analysis:
+    del signature
+    return _analyze(net, abstract.value, batch_size)
+
+
+def _analyze(net: Any, variables: PyTree, batch_size: int) -> Analysis:
+    closed, names, _ = flat_jaxpr(net, variables, batch_size)
+    jx = closed.jaxpr
+    n_leaves = len(names)
+    leaf_vars = list(jx.invars[:n_leaves])
+    x_var = jx.invars[n_leaves]
+
+    rules = _Rules()
+    for i, eqn in enumerate(jx.eqns):
+        rules.eqn(i, eqn)
+    facs = _Factors()
+    facs.solve(rules.rel)
+
+    uf = _UnionFind()
+    fixed: set[Any] = set()
+    links: dict[int, list[tuple[Any, Any]]] = {}
+
+    def nodes(v: Any, a: int) -> list[tuple[Any, int, int]]:
+        return [(v, a, k) for k in range(len(facs.get(v, a)))]
+
+    def all_nodes(v: Any) -> list[tuple[Any, int, int]]:
+        return [n for a in range(len(_shape(v))) for n in nodes(v, a)]
+
+    for i, r in rules.rel:
+        if r[0] == "fix":
+            fixed.update(nodes(r[1], r[2]))
+        elif r[0] == "same":
+            _, u, a, v, b = r
+            nu, nv = nodes(u, a), nodes(v, b)
+            if (u, a) in facs.bad or (v, b) in facs.bad or len(nu) != len(nv):
+                fixed.update(nu)
+                fixed.update(nv)
+                for x in nu[1:] + nv:
+                    if nu:
+                        uf.union(nu[0], x)
+                continue
+            for x, y in zip(nu, nv):
+                uf.union(x, y)
+                links.setdefault(i, []).append((x, y))
+        else:
+            _, w, u = r
+            nw, nu = all_nodes(w), all_nodes(u)
+            bad = any((w, a) in facs.bad for a in range(len(_shape(w)))) or \
+                any((u, a) in facs.bad for a in range(len(_shape(u))))
+            if bad or len(nw) != len(nu):
+                fixed.update(nw)
+                fixed.update(nu)
+                continue
+            for x, y in zip(nw, nu):
+                uf.union(x, y)
+                links.setdefault(i, []).append((x, y))
+    fixed.update(all_nodes(x_var))
+    for v in jx.outvars:
+        if _is_var(v):
+            fixed.update(all_nodes(v))
+    for v in jx.constvars:
+        fixed.update(all_nodes(v))
+    fixed_roots = {uf.find(n) for n in fixed}
+
+    # permutable classes: roots of parameter nodes that are not fixed
+    leaf_of = {v: names[k] for k, v in enumerate(leaf_vars)}
+    root_nodes: dict[Any, list[tuple[str, int, int]]] = {}
+    for v in leaf_vars:
+        for node in all_nodes(v):
+            r = uf.find(node)
+            if r not in fixed_roots:
+                root_nodes.setdefault(r, []).append((leaf_of[v], node[1], node[2]))
+    roots = set(root_nodes)
+
+    # every variable of the jaxpr and the permutable classes it carries
+    all_vars: list[Any] = list(jx.invars) + [v for e in jx.eqns for v in e.outvars if _is_var(v)]
+    var_classes: dict[Any, dict[Any, list[tuple[Any, int, int]]]] = {}
+    for v in all_vars:
+        cls: dict[Any, list[tuple[Any, int, int]]] = {}
+        for node in all_nodes(v):
+            r = uf.find(node)
+            if r in roots:
+                cls.setdefault(r, []).append(node)
+        var_classes[v] = cls
+
+    parent_of = _nesting(jx, roots, var_classes, links, uf)
+
+    # names
+    rank = _call_rank(jx, leaf_vars, names)
+    expanded = {v: [f for a in range(len(_shape(v))) for f in (facs.get(v, a) or (1,))] for v in leaf_vars}
+
+    def node_pos(v: Any, a: int, k: int) -> int:
+        return sum(len(facs.get(v, b) or (1,)) for b in range(a)) + k
+
+    class_name: dict[Any, str] = {}
+    taken: set[str] = set()
+    order = sorted(roots, key=lambda r: min((*rank(p), a, k) for p, a, k in root_nodes[r]))
+    for r in order:
+        cands = []
+        for path, a, k in root_nodes[r]:
+            v = leaf_vars[names.index(path)]
+            leaf = path.split("/")[-1]
+            is_last = node_pos(v, a, k) == len(expanded[v]) - 1
+            if path.startswith("params/") and leaf in ("kernel", "embedding") and is_last:
+                cands.append((rank(path), "/".join(path.split("/")[1:-1])))
+        if cands:
+            name = min(cands)[1]
+        else:
+            path, a, k = min(root_nodes[r], key=lambda t: (rank(t[0]), t[1], t[2]))
+            v = leaf_vars[names.index(path)]
+            short = path[len("params/"):] if path.startswith("params/") else path
+            name = f"{short}[{node_pos(v, a, k)}]"
+        base, j = name, 1
+        while name in taken:
+            j += 1
+            name = f"{base}#{j}"
+        taken.add(name)
+        class_name[r] = name
+    for y in order:  # a parent of nested permutations is named after its first child: "<child>:heads"
+        kids = [x for x in order if parent_of.get(x) == y]
+        if kids and f"{class_name[kids[0]]}:heads" not in taken:
+            class_name[y] = f"{class_name[kids[0]]}:heads"
+            taken.add(class_name[y])
+
+    # layouts
+    layouts = []
+    for v in leaf_vars:
+        perms: list[str | None] = []
+        for a in range(len(_shape(v))):
+            fa = facs.get(v, a)
+            if not fa:
+                perms.append(None)
+                continue
+            for k in range(len(fa)):
+                r = uf.find((v, a, k))
+                perms.append(class_name[r] if r in roots else None)
+        if any(p is not None for p in perms):
+            layouts.append((leaf_of[v], LeafLayout(_shape(v), tuple(expanded[v]), tuple(perms))))
+    layouts.sort(key=lambda t: rank(t[0]))
+    sizes = {class_name[r]: int(_node_size(root_nodes[r][0], leaf_vars, names, facs)) for r in order}
+    spec = PermutationSpec(tuple((class_name[r], sizes[class_name[r]]) for r in order),
+                           tuple((class_name[r], class_name[parent_of[r]] if r in parent_of else None) for r in order),
+                           tuple(layouts))
+
+    features = _features(jx, x_var, set(leaf_vars), roots, var_classes, parent_of, class_name, facs)
+    return Analysis(spec=spec, jaxpr=closed, leaf_names=names, features=features,
+                    unsupported=tuple(sorted(rules.unsupported)), batch_size=batch_size,
+                    order=tuple(sorted(names, key=rank)))
+
+
+def _node_size(node: tuple[str, int, int], leaf_vars: list[Any], names: list[str], facs: _Factors) -> int:
+    path, a, k = node
+    v = leaf_vars[names.index(path)]
+    return facs.get(v, a)[k]
+
+
+def _nesting(jx: Any, roots: set[Any], var_classes: dict[Any, dict[Any, Any]],
+             links: dict[int, list[tuple[Any, Any]]], uf: _UnionFind) -> dict[Any, Any]:
+    """``{child root: parent root}`` for permutations that may be reordered per parent position."""
+    parent_of: dict[Any, Any] = {}
+    for x in roots:
+        carriers = [v for v, cls in var_classes.items() if x in cls]
+        if any(len(var_classes[v][x]) != 1 for v in carriers):
+            continue
+        common = None
+        for v in carriers:
+            s = set(var_classes[v]) - {x}
+            common = s if common is None else common & s
+        if not common or len(common) != 1:
+            continue
+        y = next(iter(common))
+        if any(len(var_classes[v][y]) != 1 for v in carriers):
+            continue
+        ok = True
+        for i, eqn in enumerate(jx.eqns):
+            eq_links = {frozenset(p) for p in links.get(i, [])}
+            for u in eqn.invars:
+                if not _is_var(u) or not {x, y} <= set(var_classes.get(u, {})):
+                    continue
+                for w in eqn.outvars:
+                    if not _is_var(w) or x not in var_classes.get(w, {}):
+                        continue
+                    if y not in var_classes[w] or \
+                            frozenset((var_classes[u][y][0], var_classes[w][y][0])) not in eq_links:
+                        ok = False
+                        break
+                if not ok:
+                    break
+            if not ok:
+                break
+        if ok:
+            parent_of[x] = y
+    # one level only: a parent may not itself be nested
+    return {x: y for x, y in parent_of.items() if y not in parent_of}
+
+
+def _features(jx: Any, x_var: Any, leaf_vars: set[Any], roots: set[Any], var_classes: dict[Any, Any],
+              parent_of: dict[Any, Any], class_name: dict[Any, str], facs: _Factors) -> dict[str, list[FeaturePoint]]:
+    """Activations (functions of the input) that a weight contraction consumes along a permuted axis."""
+    depends = {x_var}
+    for eqn in jx.eqns:
+        if any(_is_var(v) and v in depends for v in eqn.invars):
+            depends.update(v for v in eqn.outvars if _is_var(v))
+    found: dict[Any, set[Any]] = {}
+    for eqn in jx.eqns:
+        name = eqn.primitive.name
+        contracted: list[tuple[Any, int]] = []
+        if name == "dot_general":
+            (lc, rc), _ = eqn.params["dimension_numbers"]
+            contracted = [(eqn.invars[0], a) for a in lc] + [(eqn.invars[1], b) for b in rc]
+        elif name == "conv_general_dilated" and eqn.params["feature_group_count"] == 1:
+            dn = eqn.params["dimension_numbers"]
+            contracted = [(eqn.invars[0], dn.lhs_spec[1]), (eqn.invars[1], dn.rhs_spec[1])]
+        for u, a in contracted:
+            if not _is_var(u) or u not in depends or u in leaf_vars:
+                continue
+            for r, nodes_ in var_classes.get(u, {}).items():
+                if any(n[1] == a for n in nodes_):
+                    found.setdefault(u, set()).add(r)
+    out: dict[str, list[FeaturePoint]] = {class_name[r]: [] for r in roots}
+    for u, rs in found.items():
+        factors = tuple(f for a in range(len(_shape(u))) for f in (facs.get(u, a) or (1,)))
+
+        def pos(node: tuple[Any, int, int], u: Any = u) -> int:
+            return sum(len(facs.get(u, b) or (1,)) for b in range(node[1])) + node[2]
+
+        cls = var_classes[u]
+        for r in sorted(rs, key=lambda r: class_name[r]):
+            if r in parent_of and parent_of[r] in cls:
+                out[class_name[r]].append(FeaturePoint(u, factors, pos(cls[r][0]), pos(cls[parent_of[r]][0])))
+            elif r in parent_of:
+                continue
+            else:
+                kids = [c for c, p in parent_of.items() if p == r and c in cls]
+                if kids and any(c in rs for c in kids):
+                    continue  # counted jointly with its child
+                out[class_name[r]].append(FeaturePoint(u, factors, pos(cls[r][0])))
+    return out
+
+
+def permutation_spec(net: Any, variables: PyTree | None = None) -> PermutationSpec:
+    """The permutation spec of `net`, derived from its computation (see the module docstring).
+
+    Args:
+      net: a :class:`tna_jax.models.Net`.
+      variables: optional variables to check the spec against (shapes); the spec itself depends
+        only on the architecture.
+
+    Returns:
+      a :class:`PermutationSpec` covering ``params`` and ``batch_stats``.
+
+    Examples:
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 2, "width": 16}, (40,), 10)
+      >>> print(permutation_spec(net).describe())
+      2 permutations over 5 arrays
+        dense_0 (16 units): dense_0/kernel[:, dense_0]  dense_0/bias[dense_0]  dense_1/kernel[dense_0, dense_1]
+        dense_1 (16 units): dense_1/kernel[dense_0, dense_1]  dense_1/bias[dense_1]  head/kernel[dense_1, :]
+    """
+    spec = analyze(net).spec
+    if variables is not None:
+        spec.check_variables(variables)
+    return spec

@@ -1,0 +1,390 @@
+"""The ``align_compare`` experiment: post-training alignment against training-time alignment.
+
+For every task (a dataset + model, ``config.align.tasks``), trains ``num_seeds`` models plain and
+with TNA-PFN in one program (:func:`tna_jax.training.fit`), then for seed pairs within each arm
+measures the linear-mode-connectivity barriers of
+
+* ``none``: the raw pair (vanilla, or TNA-PFN: training-time alignment alone),
+* ``WM``: weight matching (Git Re-Basin) of the second model to the first,
+* ``AM``: activation matching (correlation of activations),
+* ``WM + REPAIR``: weight matching, then REPAIR of every interpolated model,
+
+the relative distance ``‖θ_A − P θ_B‖ / ‖θ_A‖``, the number of weight-matching sweeps to
+converge (with and without anchors), and mode-connecting Bezier curves trained between the raw
+and the WM-aligned endpoints (average and minimum accuracy along the curve). BatchNorm networks
+are evaluated with their statistics reset on training data at every point of every path and
+curve (otherwise every method looks broken by variance collapse). Writes ``report.json``,
+``report.md`` and plots; each task's training lives in ``<workdir>/<task>/`` and resumes.
+
+    python train.py --config configs/align_compare.py --workdir runs/align
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from tna_jax import align, lmc, models, plotting, training
+from tna_jax import checkpoint as ckpt_lib
+from tna_jax import config as config_lib
+from tna_jax import data as data_lib
+from tna_jax import tree as tree_lib
+from tna_jax.experiment import prepare_workdir, register
+
+__all__ = ["align_compare", "align_defaults", "check_align_options", "task_config"]
+
+METHODS = ("none", "WM", "AM", "WM + REPAIR")
+
+
+def align_defaults() -> ml_collections.ConfigDict:
+    """The ``config.align`` section with its defaults."""
+    c = ml_collections.ConfigDict()
+    c.tasks = ml_collections.ConfigDict()  # name -> overrides of the top-level config; empty = one task
+    c.run = ""  # comma-separated subset of the tasks ("" = all)
+    c.max_pairs = 6  # seed pairs per arm
+    c.wm_max_iter = 100
+    c.stats_examples = 1000  # training examples for activation statistics, REPAIR and BN reset
+    c.stats_batch = 250
+    c.repair_alphas = 11
+    c.chunk = 0  # evaluate at most this many (pair, α) points at once (0 = all)
+    c.curve_kind = "bezier"
+    c.curve_pairs = 2  # pairs per arm that get curves (0 = none)
+    c.curve_epochs = 10
+    c.curve_batch = 128
+    c.curve_num_t = 4
+    c.curve_lr = 1e-3
+    c.curve_points = 21
+    return c
+
+
+def check_align_options(config: Any) -> ml_collections.ConfigDict:
+    """``config.align`` merged over :func:`align_defaults`, checked field by field.
+
+    Raises:
+      tna_jax.config.ConfigError: unknown ``align.*`` field, bad value, unknown task in ``run``.
+    """
+    opts = align_defaults()
+    given = config.get("align", ml_collections.ConfigDict()) if hasattr(config, "get") else config.align
+    for key in given.keys():
+        if key not in opts:
+            raise config_lib.ConfigError(f"config.align.{key} is not a known field; known: {sorted(opts)}.")
+        if key == "tasks":
+            opts.tasks = given.tasks
+        else:
+            opts[key] = given[key]
+
+    def integer(field: str, lo: int) -> None:
+        v = opts[field]
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise config_lib.ConfigError(f"config.align.{field} must be an integer >= {lo}; got {v!r}.")
+
+    for field, lo in (("max_pairs", 1), ("wm_max_iter", 1), ("stats_examples", 2), ("stats_batch", 1),
+                      ("repair_alphas", 2), ("chunk", 0), ("curve_pairs", 0), ("curve_epochs", 1),
+                      ("curve_batch", 1), ("curve_num_t", 1), ("curve_points", 2)):
+        integer(field, lo)
+    if opts.curve_kind not in align.curves.KINDS:
+        raise config_lib.ConfigError(f"config.align.curve_kind must be one of {align.curves.KINDS}; "
+                                     f"got {opts.curve_kind!r}.")
+    lr = opts.curve_lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise config_lib.ConfigError(f"config.align.curve_lr must be a positive number; got {lr!r}.")
+    names = list(opts.tasks.keys()) or ["main"]
+    wanted = [t.strip() for t in str(opts.run).split(",") if t.strip()]
+    for t in wanted:
+        if t not in names:
+            raise config_lib.ConfigError(f"config.align.run names task {t!r}; the tasks are {names}.")
+    return opts
+
+
+def _merge(base: ml_collections.ConfigDict, overrides: Any, prefix: str) -> None:
+    for key, value in overrides.items():
+        if key == "model" and "name" in value and value["name"] != base.model.name:
+            base.model = ml_collections.ConfigDict(dict(value))  # another model: its own fields only
+        elif isinstance(value, (ml_collections.ConfigDict, dict)):
+            if key not in base:
+                raise config_lib.ConfigError(f"config.align.tasks.{prefix}{key} is not a section of the config.")
+            _merge(base[key], value, f"{prefix}{key}.")
+        else:
+            if key not in base and not prefix.startswith("model."):
+                raise config_lib.ConfigError(f"config.align.tasks.{prefix}{key} is not a field of the config.")
+            base[key] = value
+
+
+def task_config(config: Any, name: str) -> ml_collections.ConfigDict:
+    """The full config of one task: the top-level config with the task's overrides applied."""
+    cfg = copy.deepcopy(config)
+    tasks = config.align.tasks if "align" in config and "tasks" in config.align else {}
+    with cfg.unlocked():
+        if name in tasks:
+            _merge(cfg, tasks[name], f"{name}.")
+        if "align" in cfg:
+            del cfg["align"]
+        cfg.kind = "train"
+        cfg.name = f"{config.name}/{name}"
+    config_lib.validate(cfg)
+    return cfg
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    return (float(np.mean(arr)), float(np.std(arr))) if arr.size else (math.nan, math.nan)
+
+
+def _rel_distance(a: Any, b: Any) -> float:
+    pa, pb = a["params"], b["params"]
+    num = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
+    den = sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(pa))
+    return math.sqrt(num / den)
+
+
+def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> dict[str, Any]:
+    t0 = time.time()
+    dataset = data_lib.load(cfg.data)
+    net = models.build(cfg.model, dataset.input_shape, dataset.num_classes)
+    augment = None
+    if cfg.data.augment == "crop_flip":
+        from tna_jax.data.augment import augment_images
+
+        augment = augment_images
+    if workdir:
+        prepare_workdir(cfg, workdir)
+    result = training.fit(cfg, net, dataset, workdir=workdir, augment=augment, log=log)
+    t_train = time.time() - t0
+    data = data_lib.to_device(dataset, normalize=cfg.data.normalize)
+    x_eval, y_eval = data.split(cfg.analysis.split)
+    n_stats = min(int(opts.stats_examples), int(data.x_train.shape[0]))
+    x_stats = data.x_train[:n_stats]
+    sbatch = min(int(opts.stats_batch), n_stats)
+    spec = align.permutation_spec(net)
+    eval_fn = training.make_eval_fn(net, cfg.train.eval_batch_size)
+    has_bn = net.has_batch_stats
+    reset = (lambda v: align.reset_batch_stats(net, v, x_stats, batch_size=sbatch)) if has_bn else None
+
+    def path_eval(v, x, y):
+        return eval_fn(v if reset is None else reset(v), x, y)
+
+    alphas = lmc.default_alphas(cfg.analysis.num_alphas)
+    r_alphas = jnp.asarray(lmc.default_alphas(opts.repair_alphas), jnp.float32)
+    chunk = int(opts.chunk) or None
+    key = jax.random.key(cfg.seed)
+    log(f"[{name}] {net.name} on {dataset.name}: {len(spec)} permutations; trained in {t_train:.0f}s")
+
+    # 1. alignments of every pair within every arm
+    arms: dict[int, list[int]] = {}
+    for r in result.runs:
+        arms.setdefault(r.arm_index, []).append(r.index)
+    jobs = []  # (arm label, arm index, pairs, models, {method: [aligned b per pair]}, wm info)
+    iters = []
+    for arm_index, idx in arms.items():
+        label = result.runs[idx[0]].arm.label
+        ms = [result.state.variables(i) for i in idx]
+        pairs = lmc.all_pairs(len(idx), opts.max_pairs)
+        if not pairs:
+            continue
+        aligned: dict[str, list[Any]] = {"none": [ms[j] for _, j in pairs], "WM": [], "AM": []}
+        wm_info = []
+        for p, (i, j) in enumerate(pairs):
+            t = time.time()
+            res = align.weight_matching(spec, ms[i], ms[j], jax.random.fold_in(key, 1000 * arm_index + p),
+                                        max_iter=opts.wm_max_iter)
+            wm_info.append({"pair": [idx[i], idx[j]], "iterations": res.iterations, "converged": res.converged,
+                            "seconds": time.time() - t, "objective_start": res.objective[0],
+                            "objective_end": res.objective[-1]})
+            aligned["WM"].append(align.apply_permutation(spec, res.perm, ms[j]))
+            perm = align.activation_matching(net, ms[i], ms[j], x_stats, batch_size=sbatch)
+            aligned["AM"].append(align.apply_permutation(spec, perm, ms[j]))
+        it_mean, it_std = _mean_std([w["iterations"] for w in wm_info])
+        iters.append({"arm": label, "pairs": len(pairs), "iterations_mean": it_mean, "iterations_std": it_std,
+                      "iterations": [w["iterations"] for w in wm_info],
+                      "converged": sum(w["converged"] for w in wm_info),
+                      "seconds_mean": _mean_std([w["seconds"] for w in wm_info])[0], "per_pair": wm_info})
+        jobs.append((label, arm_index, pairs, ms, aligned))
+    log(f"[{name}] matched {sum(len(j[2]) for j in jobs)} pairs")
+
+    # 2. every (arm, method, pair) path in one vmapped, chunked evaluation
+    entries, stack = [], []
+    for label, _, pairs, ms, aligned in jobs:
+        for method in ("none", "WM", "AM"):
+            for (i, _), b in zip(pairs, aligned[method]):
+                entries.append((label, method, _rel_distance(ms[i], b)))
+                stack += [ms[i], b]
+    table = lmc.pairwise_barriers(path_eval, tree_lib.stack(stack), (x_eval, y_eval),
+                                  pairs=[(2 * k, 2 * k + 1) for k in range(len(entries))], alphas=alphas, chunk=chunk)
+    rows, paths = [], {}
+    for label, _, _, _, _ in jobs:
+        for method in ("none", "WM", "AM"):
+            sel = [k for k, e in enumerate(entries) if e[0] == label and e[1] == method]
+            rows.append(_row(label, method, [table["per_pair"][k] for k in sel], [entries[k][2] for k in sel]))
+            paths[f"{label} · {method}"] = {"alpha": table["paths"]["alpha"].tolist(),
+                                            "accuracy": table["paths"]["accuracy"][sel].tolist(),
+                                            "loss": table["paths"]["loss"][sel].tolist()}
+    log(f"[{name}] evaluated {len(entries)} linear paths")
+
+    # 3. REPAIR along the WM-aligned paths (one compiled program for all pairs)
+    @jax.jit
+    def repair_path(a, b, al):
+        fn = align.make_repair(net, a, b, x_stats, batch_size=sbatch)
+        return jax.lax.map(lambda a_: eval_fn(fn(a_), x_eval, y_eval), al)
+
+    for label, _, pairs, ms, aligned in jobs:
+        per_pair, acc, loss = [], [], []
+        for (i, _), b in zip(pairs, aligned["WM"]):
+            out = jax.device_get(repair_path(ms[i], b, r_alphas))
+            path = {"alpha": np.asarray(r_alphas), "loss": np.asarray(out["loss"]),
+                    "accuracy": np.asarray(out["accuracy"])}
+            per_pair.append(lmc.barriers(path))
+            acc.append(path["accuracy"].tolist())
+            loss.append(path["loss"].tolist())
+        dist = [e[2] for e in entries if e[0] == label and e[1] == "WM"]
+        rows.append(_row(label, "WM + REPAIR", per_pair, dist))
+        paths[f"{label} · WM + REPAIR"] = {"alpha": np.asarray(r_alphas).tolist(), "accuracy": acc, "loss": loss}
+    rows.sort(key=lambda r: ([j[0] for j in jobs].index(r["arm"]), METHODS.index(r["method"])))
+    log(f"[{name}] REPAIR done")
+
+    # 4. curves between raw and WM-aligned endpoints
+    curve_rows: list[dict[str, Any]] = []
+    curve_plots: dict[str, Any] = {}
+    tx = optax.adam(float(opts.curve_lr))
+    for label, arm_index, pairs, ms, aligned in jobs:
+        for p, (i, j) in enumerate(pairs[: opts.curve_pairs]):
+            curve_rows.append(_curves(net, eval_fn, opts, tx, label, (arms[arm_index][i], arms[arm_index][j]),
+                                      ms[i], {"none": ms[j], "WM": aligned["WM"][p]}, data, (x_eval, y_eval),
+                                      reset, jax.random.fold_in(key, 7919 + 100 * arm_index + p), curve_plots))
+    log(f"[{name}] trained {2 * len(curve_rows)} curves")
+    return {
+        "task": name, "data": {"name": dataset.name, "sizes": dataset.sizes()},
+        "model": {"name": net.name, "params": net.param_count(), "batch_norm": has_bn,
+                  "config": config_lib.flatten(cfg.model.to_dict())},
+        "spec": {"permutations": len(spec), "sizes": dict(spec.sizes), "describe": spec.describe()},
+        "arms": training.summarize(result), "rows": rows, "wm_iterations": iters,
+        "curves": _curve_summary(curve_rows), "curve_pairs": curve_rows, "paths": paths,
+        "curve_paths": curve_plots, "seconds": {"train": t_train, "total": time.time() - t0},
+        "settings": {"epochs": cfg.train.epochs, "num_seeds": cfg.num_seeds, "anchor_ratio": cfg.anchor.ratio},
+    }
+
+
+def _row(arm: str, method: str, per_pair: list[dict[str, float]], dist: list[float]) -> dict[str, Any]:
+    row: dict[str, Any] = {"arm": arm, "method": method, "pairs": len(per_pair)}
+    for key in ("accuracy_barrier", "loss_barrier", "interp_accuracy", "avg_endpoint_accuracy", "interp_loss"):
+        row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([p[key] for p in per_pair])
+    row["distance_mean"], row["distance_std"] = _mean_std(dist)
+    return row
+
+
+def _curves(net, eval_fn, opts, tx, label, pair, a, bs, data, eval_data, reset, key, plots) -> dict[str, Any]:
+    ts = np.linspace(0.0, 1.0, int(opts.curve_points))
+    out: dict[str, Any] = {"arm": label, "pair": list(pair)}
+    for method, b in bs.items():
+        line = align.evaluate_curve(eval_fn, align.init_curve(a, b, "polychain"), eval_data, ts, bn_reset=reset)
+        curve = align.init_curve(a, b, opts.curve_kind)
+        curve, hist = align.train_curve(net, curve, (data.x_train, data.y_train), key=key,
+                                        epochs=int(opts.curve_epochs),
+                                        batch_size=min(int(opts.curve_batch), int(data.x_train.shape[0])),
+                                        num_t=int(opts.curve_num_t), optimizer=tx)
+        ev = align.evaluate_curve(eval_fn, curve, eval_data, ts, bn_reset=reset)
+        out[method] = {"line_avg_accuracy": line["avg_accuracy"], "line_min_accuracy": line["min_accuracy"],
+                       "curve_avg_accuracy": ev["avg_accuracy"], "curve_min_accuracy": ev["min_accuracy"],
+                       "curve_max_loss": ev["max_loss"], "train_loss_first": hist[0]["loss"],
+                       "train_loss_last": hist[-1]["loss"]}
+        for kind, e in (("line", line), (opts.curve_kind, ev)):
+            entry = plots.setdefault(f"{label} · {method} · {kind}", {"x": ts.tolist(), "y": []})
+            entry["y"].append(e["accuracy"].tolist())
+    return out
+
+
+def _curve_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        sel = [r for r in rows if r["arm"] == arm]
+        entry: dict[str, Any] = {"arm": arm, "pairs": len(sel)}
+        for method in ("none", "WM"):
+            for key in ("line_avg_accuracy", "line_min_accuracy", "curve_avg_accuracy", "curve_min_accuracy"):
+                entry[f"{method}_{key}_mean"], entry[f"{method}_{key}_std"] = _mean_std([r[method][key] for r in sel])
+        out.append(entry)
+    return out
+
+
+def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
+    if mean is None or not np.isfinite(mean):
+        return "—"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report's tables as Markdown."""
+    parts = []
+    for name, t in report["tasks"].items():
+        parts.append(f"## {name}: {t['model']['name']} on {t['data']['name']} "
+                     f"({t['spec']['permutations']} permutations, BatchNorm: {t['model']['batch_norm']})\n")
+        accs = ", ".join(f"{a['arm']} {_pm(a['test_accuracy_mean'], a['test_accuracy_std'])}" for a in t["arms"])
+        parts.append(f"Endpoint test accuracy (%): {accs}.\n")
+        head = ("| arm | alignment | pairs | acc. barrier % | loss barrier | Interp. Acc. % (α=0.5) | "
+                "Avg. Acc. % | ‖θ_A − Pθ_B‖/‖θ_A‖ |\n|---|---|---|---|---|---|---|---|")
+        lines = [head]
+        for r in t["rows"]:
+            lines.append(f"| {r['arm']} | {r['method']} | {r['pairs']} | "
+                         f"{_pm(r['accuracy_barrier_mean'], r['accuracy_barrier_std'])} | "
+                         f"{_pm(r['loss_barrier_mean'], r['loss_barrier_std'], 1.0, 3)} | "
+                         f"{_pm(r['interp_accuracy_mean'], r['interp_accuracy_std'])} | "
+                         f"{_pm(r['avg_endpoint_accuracy_mean'], r['avg_endpoint_accuracy_std'])} | "
+                         f"{_pm(r['distance_mean'], r['distance_std'], 1.0, 3)} |")
+        parts.append("\n".join(lines) + "\n")
+        lines = ["| arm | pairs | WM sweeps to converge | converged | seconds per match |", "|---|---|---|---|---|"]
+        for it in t["wm_iterations"]:
+            lines.append(f"| {it['arm']} | {it['pairs']} | {it['iterations_mean']:.2f} ± {it['iterations_std']:.2f} "
+                         f"({', '.join(str(i) for i in it['iterations'])}) | {it['converged']}/{it['pairs']} | "
+                         f"{it['seconds_mean']:.2f} |")
+        parts.append("\n".join(lines) + "\n")
+        if t["curves"]:
+            lines = ["| arm | pairs | endpoints | line avg / min acc. % | Bezier avg / min acc. % |",
+                     "|---|---|---|---|---|"]
+            for c in t["curves"]:
+                for method, what in (("none", "unaligned"), ("WM", "WM-aligned")):
+                    lines.append(
+                        f"| {c['arm']} | {c['pairs']} | {what} | "
+                        f"{_pm(c[f'{method}_line_avg_accuracy_mean'], c[f'{method}_line_avg_accuracy_std'])} / "
+                        f"{_pm(c[f'{method}_line_min_accuracy_mean'], c[f'{method}_line_min_accuracy_std'])} | "
+                        f"{_pm(c[f'{method}_curve_avg_accuracy_mean'], c[f'{method}_curve_avg_accuracy_std'])} / "
+                        f"{_pm(c[f'{method}_curve_min_accuracy_mean'], c[f'{method}_curve_min_accuracy_std'])} |")
+            parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+@register("align_compare")
+def align_compare(config: Any, workdir: str | None) -> dict[str, Any]:
+    """Runs every task of ``config.align.tasks`` (see the module docstring); returns the report."""
+    opts = check_align_options(config)
+    names = list(opts.tasks.keys()) or ["main"]
+    wanted = [t.strip() for t in str(opts.run).split(",") if t.strip()] or names
+    t0 = time.time()
+    report: dict[str, Any] = {"name": config.name, "kind": "align_compare", "tasks": {},
+                              "devices": {"backend": jax.default_backend(), "count": jax.device_count()}}
+    for name in wanted:
+        cfg = task_config(config, name)
+        task_dir = os.path.join(workdir, name) if workdir else None
+        report["tasks"][name] = _run_task(name, cfg, opts, task_dir, print)
+    report["seconds_total"] = time.time() - t0
+    text = markdown(report)
+    report["markdown"] = text
+    print(text)
+    if workdir:
+        ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
+        ckpt_lib.write_text(os.path.join(workdir, "report.md"), f"# {config.name}\n\n{text}\n")
+        if config.analysis.plots:
+            for name, t in report["tasks"].items():
+                plotting.plot_lmc_paths(t["paths"], os.path.join(workdir, f"lmc_{name}.png"),
+                                        title=f"{name}: {t['model']['name']} on {t['data']['name']}")
+                if t["curve_paths"]:
+                    plotting.plot_curves(t["curve_paths"], os.path.join(workdir, f"curves_{name}.png"),
+                                         xlabel="t along the path", ylabel="test accuracy",
+                                         title=f"{name}: line vs trained {opts.curve_kind} curve")
+    return report
