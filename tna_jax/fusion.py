@@ -1,0 +1,599 @@
+"""Fusing fine-tuned models: uniform and greedy model soups, and ColD fusion.
+
+**Model soups** (Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models
+improves accuracy without increasing inference time", ICML 2022). K models fine-tuned from one
+pretrained model, stacked on a leading axis θ ∈ R^{K×P}:
+
+* uniform soup  θ_soup = (1/K) Σ_k θ_k;
+* greedy soup   sort the candidates by held-out accuracy, start from the best one, and add the
+  next candidate to the soup only if the held-out accuracy of the new average is not lower:
+  S ← S ∪ {k} iff Acc(mean(θ_{S∪{k}})) ≥ Acc(mean(θ_S)) (their Algorithm 1). The greedy soup is
+  never worse on the held-out set than its first ingredient, the best single model.
+
+A soup with ingredient weights w ∈ R^K is ``tree.weighted_mean(stacked, w)``, so every soup,
+ingredient (one-hot w) and trial of the greedy loop is "a weight row, averaged, then
+evaluated". Candidates are evaluated with ONE ``jax.vmap`` of ``training.make_eval_fn`` over the
+candidate axis; the greedy loop itself is sequential by definition (each decision depends on the
+previous ones) and runs as a ``lax.scan`` inside the same jitted program.
+
+**ColD fusion** (Don-Yehiya et al., "ColD Fusion: Collaborative Descent for Distributed
+Multitask Finetuning", ACL 2023). C contributors, each with its own task, share a model θ^r:
+in round r every contributor fine-tunes θ^r on its own task, and the new shared model is the
+average of the contributors' models, θ^{r+1} = (1/C) Σ_c θ_c^r. With TNA-PFN (Li et al.,
+"Improving Model Fusion by Training-time Neuron Alignment with Fixed Neuron Anchors"), every
+contributor keeps the anchored entries of the shared model fixed while fine-tuning (one mask from
+a key all contributors share, fixed for all rounds or drawn afresh each round), so
+θ^{r+1} ⊙ m = θ^r ⊙ m exactly.
+
+Task heads differ between contributors (one task has 4 classes, another 2), so the head is not
+part of the shared model: every contributor keeps its own head across rounds, and only the body
+(every parameter outside ``head``) is averaged. To train all contributors as one ``jax.vmap``,
+heads are *padded* to the largest class count: a padded class has a zero kernel column and a
+bias of ``PAD_LOGIT`` (−1e9), frozen by the same optax mask as the anchors. Its logit is −1e9, so
+its softmax probability and gradient are exactly 0 and it never wins an argmax: the standard
+``training.make_eval_fn`` and cross-entropy work unchanged on padded heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tna_jax import anchors, lmc
+from tna_jax import tree as tree_lib
+from tna_jax.training import cross_entropy
+
+PyTree = Any
+EvalFn = Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]]
+
+PAD_LOGIT = -1e9  # bias of a padded class: exp(PAD_LOGIT - logsumexp) == 0 in float32
+
+__all__ = [
+    "PAD_LOGIT", "SoupResult", "stack_candidates", "num_candidates", "evaluate_candidates",
+    "evaluate_soups", "uniform_soup", "greedy_soup", "split_head", "merge_head", "pad_head",
+    "ColdTasks", "stack_tasks", "cold_masks", "make_cold_round", "cold_fusion",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates.
+# ---------------------------------------------------------------------------------------------
+
+
+def stack_candidates(candidates: Sequence[PyTree]) -> PyTree:
+    """Stacks K models of the same structure on a new leading axis.
+
+    Raises:
+      ValueError: no candidates; candidates whose structure or shapes differ (the message names
+        the candidate and the first mismatching parameter path).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> stack_candidates([{"w": jnp.zeros(2)}, {"w": jnp.ones(2)}])["w"].shape
+      (2, 2)
+    """
+    if isinstance(candidates, Mapping) or not isinstance(candidates, Sequence):
+        raise TypeError(f"candidates must be a list of models (pytrees); got {type(candidates).__name__}.")
+    if len(candidates) == 0:
+        raise ValueError("candidates must hold at least one model; got an empty list.")
+    for i, c in enumerate(candidates[1:], start=1):
+        tree_lib.check_same_structure(candidates[0], c, names=("candidate 0", f"candidate {i}"))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *candidates)
+
+
+def num_candidates(stacked: PyTree, name: str = "stacked") -> int:
+    """K, the size of the leading (candidate) axis; checks that every leaf has it.
+
+    Raises:
+      ValueError: no arrays, a scalar leaf, K = 0, or leaves with different leading sizes.
+    """
+    named = tree_lib.named_leaves(stacked)
+    if not named:
+        raise ValueError(f"{name} holds no arrays; it must be K models stacked on a leading axis.")
+    sizes = {}
+    for path, leaf in named:
+        shape = np.shape(leaf)
+        if not shape:
+            raise ValueError(f"{name} leaf {path!r} is a scalar; every leaf needs the leading candidate axis.")
+        sizes.setdefault(shape[0], path)
+    if len(sizes) > 1:
+        shown = ", ".join(f"{k} at {p!r}" for k, p in sizes.items())
+        raise ValueError(f"{name} leaves disagree on the number of candidates: {shown}.")
+    k = next(iter(sizes))
+    if k == 0:
+        raise ValueError(f"{name} holds 0 candidates; a soup needs at least one.")
+    return int(k)
+
+
+def _map(fn: Callable[[Any], Any], xs: Any, chunk: int | None) -> Any:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+        raise ValueError(f"chunk must be a positive integer or None; got {chunk!r}.")
+    return jax.vmap(fn)(xs) if chunk is None else jax.lax.map(fn, xs, batch_size=int(chunk))
+
+
+def evaluate_candidates(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array],
+                        *, chunk: int | None = None) -> dict[str, np.ndarray]:
+    """Loss and accuracy of each of K stacked models: one jitted ``vmap`` of `eval_fn`.
+
+    Args:
+      eval_fn: ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one model
+        (``training.make_eval_fn``).
+      stacked: K models' variables on a leading axis.
+      data: ``(x, y)``.
+      chunk: evaluate at most this many models at once (``lax.map`` with ``batch_size``).
+
+    Returns:
+      ``{"loss": (K,), "accuracy": (K,)}`` NumPy arrays.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> def eval_fn(v, x, y):
+      ...     return {"loss": jnp.mean((x * v["w"] - y) ** 2), "accuracy": jnp.mean(x * v["w"] == y)}
+      >>> out = evaluate_candidates(eval_fn, {"w": jnp.array([1.0, 2.0])}, (jnp.ones(3), jnp.ones(3)))
+      >>> out["accuracy"].tolist(), out["loss"].tolist()
+      ([1.0, 0.0], [0.0, 1.0])
+    """
+    x, y = lmc.check_data(data)
+    num_candidates(stacked)
+    out = jax.jit(lambda s, x, y: _map(lambda v: eval_fn(v, x, y), s, chunk))(stacked, x, y)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _check_weight_rows(weights: Any, k: int) -> jax.Array:
+    w = np.asarray(weights, np.float64)
+    if w.ndim != 2 or w.shape[1] != k or w.shape[0] == 0:
+        raise ValueError(f"weights must have shape (num_soups, {k}) for {k} candidates; got {w.shape}.")
+    if not np.isfinite(w).all() or (w < 0).any() or (w.sum(axis=1) <= 0).any():
+        bad = int(np.argmax(~np.isfinite(w).all(axis=1) | (w < 0).any(axis=1) | (w.sum(axis=1) <= 0)))
+        raise ValueError(f"weights rows must be finite, non-negative and not all zero; row {bad} is {w[bad].tolist()}.")
+    return jnp.asarray(w, jnp.float32)
+
+
+def evaluate_soups(eval_fn: EvalFn, stacked: PyTree, weights: Any, data: tuple[jax.Array, jax.Array],
+                   *, chunk: int | None = None) -> dict[str, np.ndarray]:
+    """Loss and accuracy of S soups of K stacked models, one soup per row of `weights` (S, K).
+
+    Each row is normalised to sum to 1; a one-hot row is a single ingredient, a row of ones the
+    uniform soup. The S soups are evaluated with one jitted ``vmap`` over rows (chunked with
+    `chunk` to bound memory: each soup in flight is a full copy of the model).
+
+    Returns:
+      ``{"loss": (S,), "accuracy": (S,)}`` NumPy arrays.
+
+    Raises:
+      ValueError: weights of the wrong shape, negative, non-finite or with an all-zero row.
+    """
+    x, y = lmc.check_data(data)
+    k = num_candidates(stacked)
+    w = _check_weight_rows(weights, k)
+
+    def compute(stacked, w, x, y):
+        return _map(lambda row: eval_fn(tree_lib.weighted_mean(stacked, row), x, y), w, chunk)
+
+    out = jax.jit(compute)(stacked, w, x, y)
+    return {k_: np.asarray(v) for k_, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Soups.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SoupResult:
+    """A soup and how it was made.
+
+    Attributes:
+      params: the soup's variables (one model).
+      weights: (K,) ingredient weights, summing to 1 (uniform over the ingredients).
+      ingredients: candidate indices in the soup, in the order they were added.
+      held_out_accuracy, held_out_loss: the soup's metrics on the held-out data it was chosen on.
+      individual_accuracy, individual_loss: (K,) each candidate's held-out metrics.
+      order: (K,) candidates sorted by held-out accuracy, best first (ties: lower index first).
+      trials: the greedy loop, one dict per tried candidate: ``{"candidate", "accuracy", "loss",
+        "accepted"}`` (empty for the uniform soup).
+    """
+
+    params: PyTree
+    weights: np.ndarray
+    ingredients: list[int]
+    held_out_accuracy: float
+    held_out_loss: float
+    individual_accuracy: np.ndarray
+    individual_loss: np.ndarray
+    order: np.ndarray
+    trials: list[dict[str, Any]]
+
+    @property
+    def best_index(self) -> int:
+        """The candidate with the best held-out accuracy (the greedy soup's first ingredient)."""
+        return int(self.order[0])
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready numbers (everything but the parameters)."""
+        return {"weights": self.weights.tolist(), "ingredients": list(self.ingredients),
+                "held_out_accuracy": self.held_out_accuracy, "held_out_loss": self.held_out_loss,
+                "individual_accuracy": self.individual_accuracy.tolist(),
+                "individual_loss": self.individual_loss.tolist(), "order": self.order.tolist(),
+                "trials": list(self.trials)}
+
+
+def _order(acc: np.ndarray) -> np.ndarray:
+    return np.argsort(-np.asarray(acc, np.float64), kind="stable")
+
+
+def uniform_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, jax.Array],
+                 weights: Any = None) -> SoupResult:
+    """The uniform soup (1/K) Σ θ_k (or a weighted one), with its held-out metrics.
+
+    A thin wrapper of ``lmc.fuse``, which evaluates the K candidates (vmapped) and their average.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> def eval_fn(v, x, y):
+      ...     return {"loss": jnp.mean((x * v["w"] - y) ** 2), "accuracy": jnp.mean(jnp.abs(x * v["w"] - y) < 0.5)}
+      >>> soup = uniform_soup(eval_fn, {"w": jnp.array([0.0, 2.0])}, (jnp.ones(4), jnp.ones(4)))
+      >>> float(soup.params["w"]), soup.held_out_accuracy, soup.individual_accuracy.tolist()
+      (1.0, 1.0, [0.0, 0.0])
+    """
+    k = num_candidates(stacked)
+    fused = lmc.fuse(eval_fn, stacked, held_out, weights)
+    w = np.full(k, 1.0 / k) if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
+    ind_acc = np.asarray(fused["individual_accuracy"])
+    return SoupResult(params=fused["fused"], weights=w, ingredients=[int(i) for i in np.nonzero(w > 0)[0]],
+                      held_out_accuracy=fused["fused_accuracy"], held_out_loss=fused["fused_loss"],
+                      individual_accuracy=ind_acc, individual_loss=np.asarray(fused["individual_loss"]),
+                      order=_order(ind_acc), trials=[])
+
+
+def greedy_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, jax.Array],
+                *, chunk: int | None = None) -> SoupResult:
+    """Wortsman et al.'s greedy soup, chosen on `held_out`, as one jitted program.
+
+    1. Evaluate the K candidates on the held-out data (one ``vmap`` over candidates).
+    2. Sort them by held-out accuracy, best first; the soup starts as the best candidate.
+    3. For each next candidate k in that order: if the held-out accuracy of the uniform average
+       of soup ∪ {k} is ≥ the current soup's, add k (ties are accepted, as in the paper).
+
+    Step 3 is a ``lax.scan`` over the sorted candidates whose carry is the soup's weight vector,
+    so the soup is never materialised on the host until the end. By construction the result's
+    held-out accuracy is ≥ that of the best single candidate, its first ingredient.
+
+    Args:
+      eval_fn: evaluation of one model (``training.make_eval_fn``).
+      stacked: K candidates on a leading axis (see :func:`stack_candidates`).
+      held_out: ``(x, y)`` the soup is chosen on (a validation split, not the test split).
+      chunk: evaluate at most this many candidates at once in step 1.
+
+    Returns:
+      A :class:`SoupResult`.
+
+    Raises:
+      ValueError: no candidates, candidates of different structure, empty held-out data.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> def eval_fn(v, x, y):  # accuracy = fraction of targets within 0.5 of w
+      ...     return {"loss": jnp.mean((v["w"] - y) ** 2), "accuracy": jnp.mean(jnp.abs(v["w"] - y) < 0.5)}
+      >>> cands = {"w": jnp.array([0.9, 5.0, 1.2])}
+      >>> soup = greedy_soup(eval_fn, cands, (jnp.zeros(4), jnp.array([1.0, 1.0, 1.0, 2.0])))
+      >>> soup.ingredients, [t["accepted"] for t in soup.trials]
+      ([0, 2], [True, False])
+    """
+    x, y = lmc.check_data(held_out)
+    k = num_candidates(stacked)
+
+    def compute(stacked, x, y):
+        ind = _map(lambda v: eval_fn(v, x, y), stacked, chunk)
+        order = jnp.argsort(-ind["accuracy"], stable=True)
+        w0 = jax.nn.one_hot(order[0], k, dtype=jnp.float32)
+        first = (w0, ind["accuracy"][order[0]], ind["loss"][order[0]])
+
+        def step(carry, cand):
+            w, acc, loss = carry
+            trial = w.at[cand].set(1.0)
+            m = eval_fn(tree_lib.weighted_mean(stacked, trial), x, y)
+            accept = m["accuracy"] >= acc
+            new = (jnp.where(accept, trial, w), jnp.where(accept, m["accuracy"], acc),
+                   jnp.where(accept, m["loss"], loss))
+            return new, (m["accuracy"], m["loss"], accept)
+
+        (w, acc, loss), trials = jax.lax.scan(step, first, order[1:])
+        return ind, order, w, acc, loss, trials
+
+    ind, order, w, acc, loss, trials = jax.jit(compute)(stacked, x, y)
+    order = np.asarray(order)
+    w = np.asarray(w, np.float64)
+    t_acc, t_loss, t_ok = (np.asarray(t) for t in trials)
+    trial_rows = [{"candidate": int(c), "accuracy": float(a), "loss": float(lo), "accepted": bool(ok)}
+                  for c, a, lo, ok in zip(order[1:], t_acc, t_loss, t_ok)]
+    ingredients = [int(order[0])] + [r["candidate"] for r in trial_rows if r["accepted"]]
+    weights = w / w.sum()
+    params = jax.jit(tree_lib.weighted_mean)(stacked, jnp.asarray(weights, jnp.float32))
+    return SoupResult(params=params, weights=weights, ingredients=ingredients,
+                      held_out_accuracy=float(acc), held_out_loss=float(loss),
+                      individual_accuracy=np.asarray(ind["accuracy"]), individual_loss=np.asarray(ind["loss"]),
+                      order=order, trials=trial_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads: the part of a model that is not shared.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_head_name(params: Mapping[str, Any], head: str) -> None:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict of modules; got {type(params).__name__}.")
+    if head not in params:
+        raise ValueError(f"head={head!r} is not a top-level module of the params; they have {sorted(params)}.")
+
+
+def split_head(params: Mapping[str, Any], head: str = "head") -> tuple[dict[str, Any], Any]:
+    """``(body, head_params)``: the params without the top-level module `head`, and that module.
+
+    Works on stacked params too (the split is by name, not by shape).
+
+    Examples:
+      >>> body, h = split_head({"dense_0": {"kernel": 1}, "head": {"kernel": 2}})
+      >>> body, h
+      ({'dense_0': {'kernel': 1}}, {'kernel': 2})
+    """
+    _check_head_name(params, head)
+    return {k: v for k, v in params.items() if k != head}, params[head]
+
+
+def merge_head(body: Mapping[str, Any], head_params: Any, head: str = "head") -> dict[str, Any]:
+    """Inverse of :func:`split_head` (the head goes last, as Flax orders it)."""
+    if head in body:
+        raise ValueError(f"body already has a module named {head!r}.")
+    return {**body, head: head_params}
+
+
+def pad_head(head_params: Mapping[str, Any], max_classes: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pads a Dense head ``{"kernel": (d, n), "bias": (n,)}`` to `max_classes` outputs.
+
+    Padded classes get a zero kernel column and bias :data:`PAD_LOGIT`, so their logit is −1e9:
+    zero probability, zero gradient, never the argmax.
+
+    Returns:
+      ``(padded_head, frozen)``: the padded head and a boolean tree, True on padded entries, to
+      freeze with ``anchors.fixed_anchor_mask(mask=...)`` (exactly, whatever the optimizer does).
+
+    Raises:
+      ValueError: not a Dense head, or `max_classes` below its number of classes.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> h, frozen = pad_head({"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}, 4)
+      >>> h["bias"].tolist(), frozen["kernel"][0].tolist()
+      ([0.0, 0.0, -1000000000.0, -1000000000.0], [False, False, True, True])
+    """
+    if not isinstance(head_params, Mapping) or set(head_params) != {"kernel", "bias"}:
+        keys = sorted(head_params) if isinstance(head_params, Mapping) else type(head_params).__name__
+        raise ValueError(f"pad_head needs a Dense head with 'kernel' and 'bias'; got {keys}.")
+    kernel, bias = head_params["kernel"], head_params["bias"]
+    n = int(np.shape(bias)[-1])
+    if isinstance(max_classes, bool) or not isinstance(max_classes, (int, np.integer)) or max_classes < n:
+        raise ValueError(f"max_classes must be an integer >= the head's {n} classes; got {max_classes!r}.")
+    pad = int(max_classes) - n
+    kernel = jnp.pad(jnp.asarray(kernel), [(0, 0)] * (np.ndim(kernel) - 1) + [(0, pad)])
+    bias = jnp.pad(jnp.asarray(bias), [(0, 0)] * (np.ndim(bias) - 1) + [(0, pad)], constant_values=PAD_LOGIT)
+    valid = jnp.arange(max_classes) >= n
+    frozen = {"kernel": jnp.broadcast_to(valid, kernel.shape), "bias": jnp.broadcast_to(valid, bias.shape)}
+    return {"kernel": kernel, "bias": bias}, frozen
+
+
+# ---------------------------------------------------------------------------------------------
+# ColD fusion.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ColdTasks:
+    """The contributors' training data, padded to a common size so contributors are a vmap axis.
+
+    Attributes:
+      x: (C, N_max, ...) inputs; rows ``n[c]`` and beyond are padding.
+      y: (C, N_max) int32 labels.
+      n: (C,) real example counts.
+      num_classes: (C,) class counts of the tasks.
+      names: task names.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    n: np.ndarray
+    num_classes: np.ndarray
+    names: tuple[str, ...]
+
+    @property
+    def max_classes(self) -> int:
+        return int(np.max(self.num_classes))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def stack_tasks(tasks: Sequence[tuple[np.ndarray, np.ndarray, int]], names: Sequence[str] | None = None) -> ColdTasks:
+    """Pads C tasks' ``(x_train, y_train, num_classes)`` to one array per field.
+
+    Raises:
+      ValueError: no tasks; inputs of different shapes; labels outside ``[0, num_classes)``;
+        an empty task.
+    """
+    if len(tasks) == 0:
+        raise ValueError("tasks must hold at least one (x, y, num_classes) task; got none.")
+    names = tuple(names) if names is not None else tuple(f"task_{i}" for i in range(len(tasks)))
+    if len(names) != len(tasks):
+        raise ValueError(f"names has {len(names)} entries for {len(tasks)} tasks.")
+    shape = np.shape(tasks[0][0])[1:]
+    n_max = max(len(t[1]) for t in tasks)
+    xs, ys, ns, ks = [], [], [], []
+    for name, (x, y, k) in zip(names, tasks):
+        x, y = np.asarray(x), np.asarray(y, np.int32)
+        if x.shape[1:] != shape:
+            raise ValueError(f"task {name!r} has inputs of shape {x.shape[1:]}; task {names[0]!r} has {shape}.")
+        if len(y) == 0 or len(x) != len(y):
+            raise ValueError(f"task {name!r} must have as many labels as inputs and at least one; got {len(x)} and {len(y)}.")
+        if y.min() < 0 or y.max() >= k:
+            raise ValueError(f"task {name!r} has labels in [{y.min()}, {y.max()}], outside [0, {k - 1}].")
+        pad = n_max - len(y)
+        xs.append(np.concatenate([x, np.zeros((pad, *shape), x.dtype)]))
+        ys.append(np.concatenate([y, np.zeros(pad, np.int32)]))
+        ns.append(len(y))
+        ks.append(int(k))
+    return ColdTasks(np.stack(xs), np.stack(ys), np.asarray(ns, np.int32), np.asarray(ks, np.int32), names)
+
+
+def cold_masks(body: PyTree, frozen_heads: PyTree, key: jax.Array | None, ratio: float, round_index: int, *,
+               refresh: bool = False, head: str = "head", **mask_kwargs: Any) -> tuple[PyTree, PyTree]:
+    """The masks of one ColD round: the anchor mask of the shared body and every contributor's
+    full optimizer mask (body anchors plus its frozen padded head entries).
+
+    The body mask is ``anchors.anchor_mask(body, k, ratio)`` with ``k = key`` (fixed mask) or
+    ``k = fold_in(key, round_index)`` (``refresh=True``: a fresh mask each round, as FedPNU).
+    ``ratio = 0`` (or ``key=None``) gives plain ColD fusion.
+
+    Returns:
+      ``(body_mask, masks)`` where `masks` has the contributor axis of `frozen_heads`.
+    """
+    if ratio > 0:
+        if key is None:
+            raise ValueError(f"cold_masks needs a key for ratio={ratio}.")
+        k = jax.random.fold_in(key, round_index) if refresh else key
+        body_mask = anchors.anchor_mask(body, k, ratio, **mask_kwargs)
+    else:
+        body_mask = jax.tree.map(lambda p: jnp.zeros(np.shape(p), bool), body)
+    c = num_candidates(frozen_heads, "frozen_heads")
+    stacked_body = jax.tree.map(lambda m: jnp.broadcast_to(m, (c, *m.shape)), body_mask)
+    return body_mask, merge_head(stacked_body, frozen_heads, head)
+
+
+def make_cold_round(net: Any, base_tx: optax.GradientTransformation, *, steps: int, batch_size: int,
+                    head: str = "head", weights: Any = None) -> Callable[..., tuple[PyTree, PyTree, PyTree, jax.Array]]:
+    """One ColD fusion round for C contributors as one jitted program.
+
+    ``round_fn(shared, heads, body_mask, masks, tasks_x, tasks_y, tasks_n, keys)`` returns
+    ``(new_shared, new_heads, contributors, losses)``:
+
+    1. each contributor c starts from ``merge_head(shared, heads[c])`` and a fresh optimizer state
+       of ``optax.chain(base_tx, fixed_anchor_mask(mask=masks[c]))``, and takes `steps` steps of
+       `batch_size` examples drawn uniformly (with replacement) from its ``tasks_n[c]`` examples,
+       with dropout keyed by ``keys[c]`` (a ``jax.vmap`` over contributors of a ``lax.scan``);
+    2. ``new_shared`` is the (weighted) mean of the contributors' bodies; entries in `body_mask`
+       are copied from `shared`, so anchors stay bit-exact (the mean of C equal floats may differ
+       from them in the last bit);
+    3. ``new_heads`` are the contributors' heads (never averaged); ``contributors`` their full
+       fine-tuned params (stacked), ``losses`` (C,) their mean training losses.
+
+    Args:
+      net: the model (``tna_jax.models.Net``); its head must be the top-level module `head`.
+      base_tx: the optimizer (without anchors); its state is reset every round.
+      steps: optimizer steps per contributor and round.
+      batch_size: examples per step.
+      head: name of the head module.
+      weights: None (uniform, as in ColD fusion) or (C,) averaging weights.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
+
+    def contributor(shared, head_params, mask, x, y, n, key):
+        params = merge_head(shared, head_params, head)
+        tx = optax.chain(base_tx, anchors.fixed_anchor_mask(mask=mask))
+        opt_state = tx.init(params)
+
+        def step(carry, i):
+            params, opt_state = carry
+            k = jax.random.fold_in(key, i)
+            idx = jax.random.randint(jax.random.fold_in(k, 0), (batch_size,), 0, n)
+
+            def loss_fn(p):
+                logits, _ = net.apply({"params": p}, jnp.take(x, idx, axis=0), train=True,
+                                      rng=jax.random.fold_in(k, 1))
+                return cross_entropy(logits, jnp.take(y, idx, axis=0)).mean()
+
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, _), losses = jax.lax.scan(step, (params, opt_state), jnp.arange(steps))
+        return params, losses.mean()
+
+    def round_fn(shared, heads, body_mask, masks, tasks_x, tasks_y, tasks_n, keys):
+        contributors, losses = jax.vmap(contributor, in_axes=(None, 0, 0, 0, 0, 0, 0))(
+            shared, heads, masks, tasks_x, tasks_y, tasks_n, keys)
+        bodies, new_heads = split_head(contributors, head)
+        mean = tree_lib.weighted_mean(bodies, weights)
+        new_shared = jax.tree.map(lambda m, old, new: jnp.where(m, old, new), body_mask, shared, mean)
+        return new_shared, new_heads, contributors, losses
+
+    return jax.jit(round_fn)
+
+
+def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Mapping[str, Any],
+                heads: Sequence[Any], tasks: ColdTasks, *, rounds: int, steps: int, batch_size: int,
+                key: jax.Array, anchor_ratio: float = 0.0, refresh_mask: bool = False,
+                head: str = "head", evaluate: Callable[[int, PyTree, PyTree, PyTree | None], dict[str, Any]] | None = None,
+                mask_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """ColD fusion of ``len(tasks)`` contributors for `rounds` rounds, optionally with TNA-PFN.
+
+    Args:
+      net: the model; ``pretrained`` are its params (``{"params": ...}["params"]``) with the body
+        to share; the pretrained head, if any, is ignored.
+      base_tx: the contributors' optimizer (reset every round).
+      pretrained: params of the starting shared model (a dict with a `head` entry or without).
+      heads: one initial head per task (unpadded Dense ``{"kernel", "bias"}`` with that task's
+        class count).
+      tasks: the contributors' training data (:func:`stack_tasks`).
+      rounds, steps, batch_size: rounds, optimizer steps per round and contributor, batch size.
+      key: root key: contributor c's dropout/batch key in round r is ``fold_in(fold_in(key, r), c)``
+        and the anchor key is ``fold_in(key, -1 mod 2^31)``.
+      anchor_ratio: TNA-PFN mask ratio ρ over the shared body (0 = plain ColD fusion).
+      refresh_mask: draw a new anchor mask each round (False: one mask for all rounds).
+      evaluate: ``evaluate(round, shared_body, heads, contributors) -> dict`` called after round 0
+        (the pretrained body, ``contributors=None``) and every round; its dicts are returned.
+      mask_kwargs: extra arguments of ``anchors.anchor_mask`` (granularity, include, exclude).
+
+    Returns:
+      ``{"shared": body, "heads": stacked padded heads, "history": [evaluate dicts],
+      "losses": [(C,) per round], "anchor_mask": body mask of the last round}``.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
+        raise ValueError(f"rounds must be a non-negative integer; got {rounds!r}.")
+    if len(heads) != len(tasks):
+        raise ValueError(f"heads has {len(heads)} entries for {len(tasks)} tasks.")
+    pretrained = dict(pretrained)
+    body = {k: v for k, v in pretrained.items() if k != head}
+    padded = [pad_head(h, tasks.max_classes) for h in heads]
+    for i, (h, k) in enumerate(zip(heads, tasks.num_classes)):
+        if np.shape(h["bias"])[-1] != k:
+            raise ValueError(f"head {i} has {np.shape(h['bias'])[-1]} classes; task {tasks.names[i]!r} has {k}.")
+    stacked_heads = stack_candidates([p for p, _ in padded])
+    frozen_heads = stack_candidates([f for _, f in padded])
+    round_fn = make_cold_round(net, base_tx, steps=steps, batch_size=batch_size, head=head)
+    anchor_key = jax.random.fold_in(key, 2**31 - 1)
+    tx_x, tx_y, tx_n = jnp.asarray(tasks.x), jnp.asarray(tasks.y), jnp.asarray(tasks.n)
+    history = [evaluate(0, body, stacked_heads, None)] if evaluate is not None else []
+    losses = []
+    body_mask = None
+    for r in range(1, rounds + 1):
+        body_mask, masks = cold_masks(body, frozen_heads, anchor_key, anchor_ratio, r - 1, refresh=refresh_mask,
+                                      head=head, **dict(mask_kwargs or {}))
+        keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, r), c) for c in range(len(tasks))])
+        body, stacked_heads, contributors, loss = round_fn(body, stacked_heads, body_mask, masks, tx_x, tx_y, tx_n, keys)
+        losses.append(np.asarray(loss))
+        if not np.isfinite(losses[-1]).all():
+            bad = int(np.argmax(~np.isfinite(losses[-1])))
+            raise FloatingPointError(f"ColD fusion diverged in round {r}: contributor {bad} ({tasks.names[bad]!r}) "
+                                     f"had training loss {losses[-1][bad]}; lower the learning rate.")
+        if evaluate is not None:
+            history.append(evaluate(r, body, stacked_heads, contributors))
+    return {"shared": body, "heads": stacked_heads, "history": history, "losses": losses, "anchor_mask": body_mask}
