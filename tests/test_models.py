@@ -86,7 +86,9 @@ def contract_run(name):
 
 
 def test_tiny_covers_the_registry():
-    assert set(TINY) == set(models.REGISTRY)
+    # Other test modules register helper models named "test_*" in the same process.
+    library_models = {name for name in models.REGISTRY if not name.startswith("test_")}
+    assert set(TINY) == library_models
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
