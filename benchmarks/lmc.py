@@ -6,7 +6,10 @@ sized MLPs and 25 α each (250 interpolated models evaluated on 1000 examples):
   * ``vmapped``: :func:`tna_jax.lmc.pairwise_barriers` (one compiled program, all 250 points),
   * ``vmapped, chunk=25``: the same with ``chunk=25`` (``lax.map`` over blocks of 25 points),
   * ``python loop``: a loop over pairs and α calling one jitted "interpolate, then evaluate"
-    function per point, with the same ``eval_fn`` (results collected, one sync at the end).
+    function per point, with the same ``eval_fn`` (results collected, one sync at the end);
+  * ``PyTorch loop``: the same MLPs as ``torch.nn`` modules, a loop over pairs and α that
+    interpolates the state dicts and evaluates loss and accuracy under ``torch.no_grad`` (the way
+    PyTorch LMC code is usually written; torch from the ``bench`` extra, skipped without it).
 
 Memory: XLA's compiled memory analysis of the pairwise program
 (``jax.jit(f).lower(...).compile().memory_analysis()``): ``temp_size_in_bytes`` is the scratch
@@ -55,6 +58,43 @@ def memory(eval_fn, stacked, pairs, alphas, x, y, chunk):
             "output_MB": stats.output_size_in_bytes / 2**20}
 
 
+def torch_loop_fn(models_list, pairs, alphas, x, y):
+    """PyTorch reference: interpolate the state dicts, evaluate, for every pair and α."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def to_torch(params):
+        names = sorted(params, key=lambda n: (n == "head", n))  # dense_0, dense_1, ..., head
+        return [(torch.tensor(np.asarray(params[n]["kernel"]).T.copy()), torch.tensor(np.asarray(params[n]["bias"])))
+                for n in names]
+
+    layers = [to_torch(m["params"]) for m in models_list]
+    xt, yt = torch.tensor(np.asarray(x)), torch.tensor(np.asarray(y), dtype=torch.long)
+
+    def forward(weights):
+        h = xt
+        for i, (w, b) in enumerate(weights):
+            h = torch.nn.functional.linear(h, w, b)
+            if i < len(weights) - 1:
+                h = torch.relu(h)
+        return h
+
+    def run():
+        out = []
+        with torch.no_grad():
+            for i, j in pairs:
+                for t in alphas:
+                    weights = [((1 - t) * wa + t * wb, (1 - t) * ba + t * bb)
+                               for (wa, ba), (wb, bb) in zip(layers[i], layers[j])]
+                    logits = forward(weights)
+                    out.append((float(torch.nn.functional.cross_entropy(logits, yt)),
+                                float((logits.argmax(1) == yt).float().mean())))
+        return out
+
+    return run
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
@@ -86,14 +126,22 @@ def main(argv=None):
     np.testing.assert_allclose(vmapped(), ref, rtol=1e-5)
     np.testing.assert_allclose(vmapped_chunked(), ref, rtol=1e-5)
 
-    times = time_interleaved({"python loop": python_loop, "vmapped": vmapped, "vmapped, chunk=25": vmapped_chunked},
-                             rounds=rounds, warmup=1)
+    variants = {"python loop": python_loop, "vmapped": vmapped, "vmapped, chunk=25": vmapped_chunked}
+    try:
+        torch_loop = torch_loop_fn(models_list, pairs, alphas, x, y)
+        np.testing.assert_allclose([p[0] for p in torch_loop()], ref.reshape(-1), rtol=1e-4)
+        variants["PyTorch loop"] = torch_loop
+    except ImportError:
+        print("torch not installed (pip install 'tna_jax[bench]'): skipping the PyTorch comparison")
+    times = time_interleaved(variants, rounds=rounds, warmup=1)
     base = times["python loop"]["median_s"]
     rows = []
     mem = {"vmapped": memory(eval_fn, stacked, pairs, alphas, x, y, None),
            "vmapped, chunk=25": memory(eval_fn, stacked, pairs, alphas, x, y, 25),
            "vmapped, chunk=5": memory(eval_fn, stacked, pairs, alphas, x, y, 5)}
-    for name in ("python loop", "vmapped", "vmapped, chunk=25", "vmapped, chunk=5"):
+    for name in ("python loop", "PyTorch loop", "vmapped", "vmapped, chunk=25", "vmapped, chunk=5"):
+        if name not in times and name not in mem:
+            continue
         row = {"variant": name, "points": len(pairs) * num_alphas}
         if name in times:
             row.update({"median_ms": times[name]["median_s"] * 1e3, "min_ms": times[name]["min_s"] * 1e3,
@@ -110,6 +158,9 @@ def main(argv=None):
                   "eval_batch": eval_batch, "rounds": rounds},
         "rows": rows, "table": table, "target_speedup": 5.0,
         "speedup_vmapped_over_loop": base / times["vmapped"]["median_s"],
+        "ratios": {"vmap_speedup": base / times["vmapped"]["median_s"],
+                   "torch_ratio": (times["PyTorch loop"]["median_s"] / times["vmapped"]["median_s"]
+                                   if "PyTorch loop" in times else None)},
         "memory_note": "XLA compiled memory analysis (temp_size_in_bytes: scratch beyond arguments and outputs); "
                        "a static plan, not process RSS.",
     }, args.out)

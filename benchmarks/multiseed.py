@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -28,10 +27,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                                f" --xla_force_host_platform_device_count={min(8, os.cpu_count() or 1)}").strip()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import print_table, time_interleaved, write_json  # noqa: E402
+from benchmarks.harness import Trainer, matmul_peak_gflops, train_flops_per_example  # noqa: E402
 from tna_jax import data as data_lib  # noqa: E402
 from tna_jax import models, training  # noqa: E402
 from tna_jax.config import default_config  # noqa: E402
@@ -39,49 +38,15 @@ from tna_jax.config import default_config  # noqa: E402
 WIDTH, DEPTH, BATCH, LR = 256, 2, 64, 0.05
 
 
-def make_config(num_seeds: int):
+def make_config(num_seeds: int, seed: int = 0):
     c = default_config()
+    c.seed = seed
     c.num_seeds = num_seeds
     c.model.depth, c.model.width = DEPTH, WIDTH
     c.optimizer.name, c.optimizer.learning_rate = "momentum", LR
     c.train.batch_size = BATCH
     c.anchor.ratio, c.baseline = 0.4, False
     return c
-
-
-class Trainer:
-    """One jitted epoch function for `num_seeds` runs, and its state."""
-
-    def __init__(self, num_seeds: int, dataset, seed_offset: int = 0):
-        c = make_config(num_seeds)
-        c.seed = seed_offset
-        self.net = models.build(c.model, dataset.input_shape, dataset.num_classes)
-        self.data = data_lib.to_device(dataset)
-        runs = training.make_runs(c)
-        self.keys = training.make_run_keys(c, runs)
-        n = self.data.x_train.shape[0]
-        base = training.make_optimizer(c.optimizer, n // BATCH, 1)
-        factory = training.make_transform(base, c, self.net, training.arms_from_config(c))
-        self.state = jax.jit(lambda k: training.init_runs(self.net, factory, runs, k))(self.keys)
-        self.epoch_fn = training.make_train_epoch(self.net, factory(0.0, jax.random.key(0)), num_train=n,
-                                                  batch_size=BATCH)
-        self.steps = n // BATCH
-        self.epoch = 0
-
-    def run_epoch(self):
-        self.state, m = self.epoch_fn(self.state, self.keys.data, self.keys.dropout, self.epoch, 0,
-                                      self.data.x_train, self.data.y_train)
-        self.epoch += 1
-        return m.loss_sum
-
-    def memory_bytes(self) -> int | None:
-        lowered = self.epoch_fn.lower(self.state, self.keys.data, self.keys.dropout, 0, 0, self.data.x_train,
-                                      self.data.y_train)
-        mem = lowered.compile().memory_analysis()
-        if mem is None:
-            return None
-        return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                   - mem.alias_size_in_bytes)
 
 
 class PythonLoopTrainer:
@@ -126,25 +91,6 @@ class PythonLoopTrainer:
                 idx = perm[i * BATCH:(i + 1) * BATCH]
                 m[0], m[1], loss = self.step(m[0], m[1], self.x[idx], self.y[idx])
         return loss
-
-
-def flops_per_example(input_dim: int, num_classes: int) -> float:
-    sizes = [input_dim] + [WIDTH] * DEPTH + [num_classes]
-    forward = sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:]))
-    return 3.0 * forward  # forward + backward (two matmuls per layer)
-
-
-def matmul_peak_gflops(n: int = 2048, rounds: int = 5) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def torch_epoch_fn(dataset, num_seeds: int):
@@ -201,12 +147,10 @@ def main(argv=None):
     n_train = len(dataset.y_train)
 
     # 1. vmapped+scanned 8 seeds vs 8 sequential single-seed trainings (same code).
-    together = Trainer(8, dataset)
-    singles = [Trainer(1, dataset, seed_offset=s) for s in range(8)]
-    mesh = training.run_mesh()
-    together.state = training.shard_runs(together.state, mesh)
-    together.keys = training.shard_runs(together.keys, mesh)
-    together.data = training.replicate(together.data, mesh)
+    together = Trainer(make_config(8), dataset, shard=True)
+    singles = [Trainer(make_config(1), dataset)]
+    singles += [Trainer(make_config(1, seed=s), dataset, like=singles[0]) for s in range(1, 8)]
+    compile_s = together.compile_s
     peer = PythonLoopTrainer(8, dataset)
     fns = {"8 seeds vmapped": together.run_epoch,
            "8 seeds one after another": lambda: [t.run_epoch() for t in singles][-1],
@@ -224,20 +168,19 @@ def main(argv=None):
     vmap_speedup = times["8 seeds one after another"]["median_s"] / times["8 seeds vmapped"]["median_s"]
     loop_speedup = times["8 seeds, jitted step + Python loop"]["median_s"] / times["8 seeds vmapped"]["median_s"]
     torch_ratio = (times["PyTorch, 8 seeds"]["median_s"] / times["8 seeds vmapped"]["median_s"]) if torch_ok else None
-    print_table(rows, ["variant", "epoch_s", "samples_per_s"])
+    table = print_table(rows, ["variant", "epoch_s", "samples_per_s"])
 
     # 2. Fraction of the matmul peak.
     peak = matmul_peak_gflops(1024 if args.quick else 2048)
-    achieved = samples * flops_per_example(dataset.input_shape[0], dataset.num_classes) / times["8 seeds vmapped"]["median_s"] / 1e9
+    flops = train_flops_per_example(together.net, dataset.input_shape)
+    achieved = samples * flops / times["8 seeds vmapped"]["median_s"] / 1e9
+    print(f"compile (first call) {compile_s:.2f} s vs steady-state epoch {times['8 seeds vmapped']['median_s']:.3f} s")
     print(f"matmul peak {peak:.1f} GFLOP/s; training achieves {achieved:.2f} GFLOP/s = {100 * achieved / peak:.1f}% of it")
 
     # 3. Scaling with N.
     scaling = []
     for n in ([1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32]):
-        t = Trainer(n, dataset)
-        if n % jax.device_count() == 0:
-            t.state, t.keys = training.shard_runs(t.state, mesh), training.shard_runs(t.keys, mesh)
-            t.data = training.replicate(t.data, mesh)
+        t = Trainer(make_config(n), dataset, shard=True)
         tt = time_interleaved({"x": t.run_epoch}, rounds=rounds, warmup=1)["x"]["median_s"]
         scaling.append({"seeds": n, "epoch_s": tt, "step_ms": 1e3 * tt / t.steps,
                         "per_seed_epoch_s": tt / n, "memory_MB": (t.memory_bytes() or 0) / 2**20})
@@ -245,10 +188,11 @@ def main(argv=None):
     seq_per_seed = times["8 seeds one after another"]["median_s"] / 8
     payload = {
         "quick": args.quick, "model": f"mlp depth {DEPTH} width {WIDTH}", "batch_size": BATCH,
-        "train_examples": n_train, "rows": rows, "scaling": scaling,
+        "train_examples": n_train, "rows": rows, "scaling": scaling, "table": table,
         "sequential_epoch_s_per_seed": seq_per_seed,
         "matmul_peak_gflops": peak, "achieved_gflops": achieved, "peak_fraction": achieved / peak,
         "devices": jax.device_count(),
+        "compile_s_8_seeds": compile_s, "steady_epoch_s_8_seeds": times["8 seeds vmapped"]["median_s"],
         "ratios": {"vmap_speedup_8_seeds": vmap_speedup, "torch_ratio_samples_per_s": torch_ratio,
                    "speedup_vs_python_step_loop": loop_speedup},
         "targets": {"vmap_speedup_8_seeds": 3.0, "torch_ratio_samples_per_s": 1.5},
@@ -265,7 +209,7 @@ def main(argv=None):
              "one after another (per seed)": {"x": [s["seeds"] for s in scaling], "y": [seq_per_seed] * len(scaling)}},
             os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "multiseed_scaling.png"),
             xlabel="seeds trained at once", ylabel="epoch seconds per seed",
-            title="MNIST-1D MLP: cost per seed vs seeds in one program")
+            title="MNIST-1D MLP: cost per seed vs seeds in one program", xscale="log2")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,114 @@
+"""What several benchmarks share: a multi-seed trainer built from the library's own pieces, the
+machine's matmul peak, and analytic FLOP counts read off a function's jaxpr."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tna_jax import data as data_lib
+from tna_jax import models, training
+
+
+class Trainer:
+    """`config.num_seeds` x arms runs of `config`'s model, trained by the library's jitted epoch
+    function (vmap over runs of a scan over steps), optionally sharded over every device."""
+
+    def __init__(self, config, dataset: data_lib.Dataset, *, shard: bool = False, like: Trainer | None = None):
+        """`like`: a trainer of the same shapes (e.g. another seed) whose compiled epoch to reuse."""
+        self.config = config
+        batch = config.train.batch_size
+        self.net = models.build(config.model, dataset.input_shape, dataset.num_classes)
+        self.data = data_lib.to_device(dataset)
+        runs = training.make_runs(config)
+        self.num_runs = len(runs)
+        self.keys = training.make_run_keys(config, runs)
+        n = self.data.x_train.shape[0]
+        self.steps = n // batch
+        base = training.make_optimizer(config.optimizer, self.steps, 1)
+        factory = training.make_transform(base, config, self.net, training.arms_from_config(config))
+        self.state = jax.jit(lambda k: training.init_runs(self.net, factory, runs, k))(self.keys)
+        self.epoch_fn = like.epoch_fn if like is not None else training.make_train_epoch(
+            self.net, factory(0.0, jax.random.key(0)), num_train=n, batch_size=batch)
+        if shard and self.num_runs % jax.device_count() == 0:
+            mesh = training.run_mesh()
+            self.state, self.keys = training.shard_runs(self.state, mesh), training.shard_runs(self.keys, mesh)
+            self.data = training.replicate(self.data, mesh)
+        self.epoch = 0
+        # Compiled once, ahead of time (the epoch number is traced): the timing of this is what a
+        # user waits for before the first epoch, and the executable also gives XLA's memory plan.
+        if like is not None:
+            self.compiled, self.compile_s = like.compiled, like.compile_s
+        else:
+            t0 = time.perf_counter()
+            self.compiled = self.epoch_fn.lower(*self._args(0)).compile()
+            self.compile_s = time.perf_counter() - t0
+
+    def _args(self, epoch: int):
+        return (self.state, self.keys.data, self.keys.dropout, epoch, 0, self.data.x_train, self.data.y_train)
+
+    def run_epoch(self):
+        self.state, metrics = self.compiled(*self._args(self.epoch))
+        self.epoch += 1
+        return metrics.loss_sum
+
+    def memory_bytes(self) -> int | None:
+        """XLA's estimate of the epoch function's live bytes (arguments + outputs + temporaries)."""
+        mem = self.compiled.memory_analysis()
+        if mem is None:
+            return None
+        return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                   - mem.alias_size_in_bytes)
+
+
+def matmul_peak_gflops(n: int = 2048, rounds: int = 5) -> float:
+    """Best-of-`rounds` GFLOP/s of one large float32 matmul on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def _jaxpr_flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            contracted = float(np.prod([lhs[d] for d in lhs_contract])) if lhs_contract else 1.0
+            total += 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * contracted
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
+            per_output = float(rhs[spec[1]]) * float(np.prod([rhs[d] for d in spec[2:]]))
+            total += 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * per_output
+        repeats = float(eqn.params["length"]) if name == "scan" else 1.0
+        for param in eqn.params.values():  # nested programs: jit, remat, custom_vjp, scan, ...
+            inner = getattr(param, "jaxpr", param)  # a ClosedJaxpr holds its Jaxpr in .jaxpr
+            if hasattr(inner, "eqns"):
+                total += repeats * _jaxpr_flops(inner)
+    return total
+
+
+def matmul_flops(fn, *args: Any) -> float:
+    """Analytic FLOPs of the matrix products and convolutions in ``fn(*args)`` (2 per multiply-
+    add), counted from its jaxpr; elementwise work is left out, as in the usual model FLOP counts."""
+    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def train_flops_per_example(net: models.Net, input_shape: tuple[int, ...]) -> float:
+    """3x the forward pass's matmul/conv FLOPs for one example (forward + two backward products)."""
+    variables = jax.eval_shape(net.init, jax.random.key(0))
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    return 3.0 * matmul_flops(lambda v, x: net.apply(v, x, train=False)[0], variables, x)
