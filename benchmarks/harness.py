@@ -32,8 +32,14 @@ class Trainer:
         base = training.make_optimizer(config.optimizer, self.steps, 1)
         factory = training.make_transform(base, config, self.net, training.arms_from_config(config))
         self.state = jax.jit(lambda k: training.init_runs(self.net, factory, runs, k))(self.keys)
+        # The same loop plan as training.fit (steps per call, scan unroll), whole epochs only.
+        self.chunk, unroll = training.loop_plan(self.net, self.steps, int(config.train.steps_per_call),
+                                                int(config.train.unroll))
+        if self.steps % self.chunk:
+            raise ValueError(f"steps per epoch ({self.steps}) must be a multiple of the steps per call ({self.chunk})")
         self.epoch_fn = like.epoch_fn if like is not None else training.make_train_epoch(
-            self.net, factory(0.0, jax.random.key(0)), num_train=n, batch_size=batch)
+            self.net, factory(0.0, jax.random.key(0)), num_train=n, batch_size=batch, num_steps=self.chunk,
+            unroll=unroll)
         if shard and self.num_runs % jax.device_count() == 0:
             mesh = training.run_mesh()
             self.state, self.keys = training.shard_runs(self.state, mesh), training.shard_runs(self.keys, mesh)
@@ -48,11 +54,12 @@ class Trainer:
             self.compiled = self.epoch_fn.lower(*self._args(0)).compile()
             self.compile_s = time.perf_counter() - t0
 
-    def _args(self, epoch: int):
-        return (self.state, self.keys.data, self.keys.dropout, epoch, 0, self.data.x_train, self.data.y_train)
+    def _args(self, epoch: int, start: int = 0):
+        return (self.state, self.keys.data, self.keys.dropout, epoch, start, self.data.x_train, self.data.y_train)
 
     def run_epoch(self):
-        self.state, metrics = self.compiled(*self._args(self.epoch))
+        for start in range(0, self.steps, self.chunk):
+            self.state, metrics = self.compiled(*self._args(self.epoch, start))
         self.epoch += 1
         return metrics.loss_sum
 

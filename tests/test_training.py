@@ -163,6 +163,29 @@ def test_an_epoch_in_chunks_equals_the_epoch_in_one_call(dataset):
         training.make_train_epoch(net, factory(0.0, jax.random.key(0)), num_steps=0, **kwargs)
 
 
+def test_conv_nets_on_cpu_unroll_their_steps_and_match_the_rolled_loop():
+    digits = data.load({"source": "digits"})
+    c = tiny_config(anchor__ratio=0.4)
+    c.model = {"name": "cnn", "width": 0.25, "hidden": 16}
+    net = build(c, digits)
+    mlp = build(tiny_config(), digits)
+    assert training.uses_convolutions(net) and not training.uses_convolutions(mlp)
+    assert training.loop_plan(net, 20, backend="cpu") == (training.AUTO_UNROLL_STEPS, True)
+    assert training.loop_plan(net, 20, backend="gpu") == (20, 1)
+    assert training.loop_plan(net, 20, steps_per_call=5, unroll=2, backend="cpu") == (5, 2)
+    assert training.loop_plan(mlp, 20, backend="cpu") == (20, 1)
+    dd = data.to_device(digits)
+    state, keys, factory = init_state(c, net)
+    kwargs = dict(num_train=256, batch_size=64, donate=False, num_steps=4)
+    rolled = training.make_train_epoch(net, factory(0.0, jax.random.key(0)), **kwargs)
+    unrolled = training.make_train_epoch(net, factory(0.0, jax.random.key(0)), unroll=True, **kwargs)
+    a, ma = rolled(state, keys.data, keys.dropout, 0, 0, dd.x_train, dd.y_train)
+    b, mb = unrolled(state, keys.data, keys.dropout, 0, 0, dd.x_train, dd.y_train)
+    chex.assert_trees_all_close(a.params, b.params, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ma.loss_sum, mb.loss_sum, rtol=1e-5)
+    assert np.all(np.asarray(ma.loss_sum) > 0)
+
+
 def test_eval_fn_matches_a_direct_computation(dataset):
     c = tiny_config()
     net = build(c, dataset)

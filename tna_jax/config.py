@@ -82,7 +82,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.epochs = 20
     c.train.batch_size = 128
     c.train.eval_batch_size = 1000
-    c.train.steps_per_call = 0  # steps per jitted call (0 = a whole epoch); SIGTERM granularity
+    c.train.steps_per_call = 0  # steps per jitted call (0 = a whole epoch, or auto; see unroll); SIGTERM granularity
+    # Steps unrolled in the compiled step loop: 0 = auto (convolutional nets on CPU: each call's steps
+    # fully unrolled, at most AUTO_UNROLL_STEPS per call, because XLA:CPU runs convolutions inside a
+    # loop ~30x slower; everything else: a rolled lax.scan), 1 = rolled, k = unroll factor k.
+    c.train.unroll = 0
     c.train.eval_every = 1  # epochs between validation evaluations
     c.train.checkpoint_every = 5  # epochs between checkpoints (and at the end)
     c.train.keep_checkpoints = 2
@@ -107,7 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
 # the epochs already done).
 RESUME_SAFE_FIELDS = (
     "train.epochs", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.progress", "train.tensorboard", "train.steps_per_call", "analysis.", "name", "data.data_dir",
+    "train.progress", "train.tensorboard", "train.steps_per_call", "train.unroll", "analysis.", "name", "data.data_dir",
 )
 
 
@@ -229,6 +233,7 @@ def validate(config: Any, *, schema: Any = None) -> Any:
     _int(config, "train.batch_size", 1, MAX_SIZE)
     _int(config, "train.eval_batch_size", 1, MAX_SIZE)
     _int(config, "train.steps_per_call", 0, MAX_SIZE)
+    _int(config, "train.unroll", 0, MAX_SIZE)
     _int(config, "train.eval_every", 1, MAX_SIZE)
     _int(config, "train.checkpoint_every", 1, MAX_SIZE)
     _int(config, "train.keep_checkpoints", 1, 1000)

@@ -376,7 +376,8 @@ class ChunkMetrics(NamedTuple):
 
 def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: int, batch_size: int,
                      augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-                     label_smoothing: float = 0.0, donate: bool = True, num_steps: int | None = None):
+                     label_smoothing: float = 0.0, donate: bool = True, num_steps: int | None = None,
+                     unroll: int | bool = 1):
     """Builds ``train_chunk(state, data_keys, dropout_keys, epoch, start, x_train, y_train)``.
 
     One call trains every run for `num_steps` consecutive steps of epoch `epoch`, starting at step
@@ -384,7 +385,8 @@ def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: i
     The epoch's batch order is a function of (data key, epoch) only, so an epoch cut into chunks
     (or interrupted and resumed between chunks) takes exactly the same steps. The function is
     jitted with the state donated (updated in place); `start` is traced, so every chunk of the
-    same length shares one compilation.
+    same length shares one compilation. `unroll` is ``lax.scan``'s: ``True`` unrolls the chunk's
+    steps completely (see :func:`loop_plan`).
 
     Returns:
       ``(new_state, ChunkMetrics)`` with per-run sums.
@@ -428,11 +430,49 @@ def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: i
         init = (state, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.array(-1, jnp.int32),
                 jnp.zeros((), jnp.float32))
         (state, loss_sum, correct_sum, bad_step, bad_loss), _ = jax.lax.scan(
-            step, init, (start + jnp.arange(steps), rows))
+            step, init, (start + jnp.arange(steps), rows), unroll=unroll)
         return state, ChunkMetrics(loss_sum, correct_sum, jnp.full((), steps, jnp.int32), bad_step, bad_loss)
 
     batched = jax.vmap(run_chunk, in_axes=(0, 0, 0, None, None, None, None))
     return jax.jit(batched, donate_argnums=(0,) if donate else ())
+
+
+AUTO_UNROLL_STEPS = 8
+
+
+def uses_convolutions(net: Net) -> bool:
+    """Whether the network's forward pass contains a convolution (read off its jaxpr)."""
+    variables = jax.eval_shape(net.init, jax.random.key(0))
+    x = jax.ShapeDtypeStruct((1, *net.input_shape), net.input_dtype)
+    jaxpr = jax.make_jaxpr(lambda v, x: net.apply(v, x)[0])(variables, x).jaxpr
+
+    def walk(jaxpr) -> bool:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                return True
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", param)
+                if hasattr(inner, "eqns") and walk(inner):
+                    return True
+        return False
+
+    return walk(jaxpr)
+
+
+def loop_plan(net: Net, steps_per_epoch_: int, steps_per_call: int = 0, unroll: int = 0,
+              backend: str | None = None) -> tuple[int, int | bool]:
+    """``(steps per jitted call, scan unroll)`` for :func:`make_train_epoch`.
+
+    ``unroll=0`` is automatic: on CPU, a network with convolutions gets each call's steps
+    completely unrolled and at most :data:`AUTO_UNROLL_STEPS` steps per call, because XLA:CPU
+    runs a convolution's gradient inside a ``while`` loop about 30x slower than outside one
+    (measured: ``benchmarks/resnet20.py``, BENCHMARKS.md); everything else keeps one rolled
+    ``lax.scan`` over the call's steps (fast compiles, no dispatch per step). An explicit
+    `unroll` (1 = rolled, k = unroll factor) and `steps_per_call` (0 = the whole epoch) win.
+    """
+    auto = unroll == 0 and (backend or jax.default_backend()) == "cpu" and uses_convolutions(net)
+    chunk = int(steps_per_call) or (min(steps_per_epoch_, AUTO_UNROLL_STEPS) if auto else steps_per_epoch_)
+    return chunk, (True if auto else max(1, int(unroll)))
 
 
 def make_eval_fn(net: Net, batch_size: int = 1000) -> Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]]:
@@ -606,14 +646,14 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
     if state is None:
         state = init_fn(keys)
 
-    chunk = int(config.train.steps_per_call) or spe
+    chunk, unroll = loop_plan(net, spe, int(config.train.steps_per_call), int(config.train.unroll))
     chunk_fns: dict[int, Any] = {}
 
     def train_chunk(num_steps: int):
         if num_steps not in chunk_fns:
             chunk_fns[num_steps] = make_train_epoch(
                 net, update_tx, num_train=num_train, batch_size=bs, augment=augment,
-                label_smoothing=float(config.train.label_smoothing), num_steps=num_steps)
+                label_smoothing=float(config.train.label_smoothing), num_steps=num_steps, unroll=unroll)
         return chunk_fns[num_steps]
 
     def save(epoch: int, step_in_epoch: int = 0, sums: dict[str, np.ndarray] | None = None) -> None:
