@@ -189,6 +189,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "VARIANT"))
+    parser.add_argument("--out", default=None, help="results directory (default: benchmarks/results)")
     args = parser.parse_args()
     if args.memory_child:
         memory_child(int(args.memory_child[0]), args.memory_child[1])
@@ -204,9 +205,12 @@ def main():
     cols = ["model", "params", "perms", "max_iter", "sweeps_tna_jax", "sweeps_reference", "same_result",
             "tna_jax_s", "reference_s", "speedup", "tna_jax_peak_mb", "reference_peak_mb"]
     table = print_table(rows, cols)
+    speedups = [r["speedup"] for r in rows]
     write_json("align", {"rows": rows, "table": table, "quick": args.quick,
+                         "ratios": {"speedup_min": min(speedups) if speedups else None},
                          "note": "random-init pairs; max_iter caps the sweeps where a full run is too slow; "
-                                 "peak memory: extra resident memory of one cold call in a fresh process"})
+                                 "peak memory: extra resident memory of one cold call in a fresh process"},
+               args.out)
 
 
 if __name__ == "__main__":
