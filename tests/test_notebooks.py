@@ -4,6 +4,10 @@ Each notebook ends with a cell of assertions on its own results, so executing it
 outputs. All notebooks run in ONE test, one after the other, with a JAX persistent compilation
 cache shared by their kernels: notebooks that train the same programs (01 and 03) compile them
 once, and xdist gives the whole sequence to one worker while the others run the rest.
+
+Cost (2 shared CPU cores): about 220 s of CPU for notebooks 01, 02, 03 and 05 together, most of
+it XLA compiling the vmapped initialisation (the anchor mask's per-leaf threefry draws compile in
+~5 s for a 6-leaf MLP, ~15 s under a vmap over runs). Hence the ``slow`` mark.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def _execute(path: str, cache_dir: str) -> float:
     return time.time() - t0
 
 
+@pytest.mark.slow  # ~55 s of CPU per notebook, most of it compiling (see the module docstring)
 def test_notebooks_run_top_to_bottom_in_fast_mode(tmp_path):
     cache = str(tmp_path / "jax_cache")
     seconds, failures = {}, []
