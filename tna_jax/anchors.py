@@ -318,7 +318,19 @@ def _uniforms(key: jax.Array, draws: dict[str, int]) -> dict[str, jax.Array]:
 
 
 def check_mask(params: PyTree, mask: PyTree) -> None:
-    """Raises ValueError naming the first path where `mask` does not match `params`."""
+    """Raises ValueError naming the first path where `mask` does not match `params`.
+
+    Args:
+      params: the parameter pytree.
+      mask: a pytree of booleans that should have the structure and shapes of `params`.
+
+    Raises:
+      ValueError: a path in one tree only, or a shape mismatch (the path is named).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> check_mask({"w": jnp.zeros(3)}, {"w": jnp.array([True, False, True])})
+    """
     tree_lib.check_same_structure(params, mask, names=("params", "mask"))
 
 
@@ -327,6 +339,23 @@ def share_anchor_values(params: PyTree, anchor_values: PyTree, mask: PyTree) -> 
 
     Used when several models are trained from different seeds but must share the anchored
     values as well as the mask (the default in tna_jax; see DESIGN.md).
+
+    Args:
+      params: one model's parameters.
+      anchor_values: parameters of the same structure holding the shared anchored values.
+      mask: the anchor mask (True = anchored).
+
+    Returns:
+      ``where(mask, anchor_values, params)`` leaf by leaf, in the dtypes of `params`.
+
+    Raises:
+      ValueError: the three trees differ in structure or shape.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> out = share_anchor_values({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, {"w": jnp.array([True, False, True])})
+      >>> out["w"].tolist()
+      [1.0, 0.0, 1.0]
     """
     check_mask(params, mask)
     tree_lib.check_same_structure(params, anchor_values, names=("params", "anchor_values"))
@@ -345,8 +374,17 @@ def prune_at_init(
     entries. Chaining ``fixed_anchor_mask(mask=mask)`` after the optimizer keeps them at zero
     during training (an anchor whose value is 0).
 
+    Args:
+      params: the initial parameters.
+      key: the mask key (shared by every model that should have the same pruning).
+      ratio: the pruned fraction in [0, 1].
+      **mask_kwargs: further arguments of :func:`anchor_mask` (granularity, include, exclude).
+
     Returns:
       ``(pruned_params, mask)``.
+
+    Raises:
+      ValueError, TypeError: as :func:`anchor_mask`.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -363,9 +401,19 @@ def prune_at_init(
 def mask_summary(mask: PyTree) -> dict[str, Any]:
     """Anchored fraction per leaf, per layer (module) and overall, as plain Python numbers.
 
+    Args:
+      mask: a pytree of boolean arrays (True = anchored), e.g. ``state.mask`` of
+        :func:`fixed_anchor_mask`.
+
     Returns:
       ``{"overall": float, "anchored": int, "total": int, "per_layer": {module: float},
       "per_leaf": {path: float}}``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> s = mask_summary({"dense": {"kernel": jnp.array([[True, False], [False, False]]), "bias": jnp.ones(2, bool)}})
+      >>> s["overall"], s["anchored"], s["per_layer"]
+      (0.5, 3, {'dense': 0.5})
     """
     per_leaf: dict[str, float] = {}
     layer_counts: dict[str, list[int]] = {}
@@ -400,6 +448,12 @@ class FixedAnchorMaskState(NamedTuple):
       count: number of updates applied so far (int32).
       mask: tree of booleans shaped like the params, True = anchored.
       key: raw uint32 data of the anchor key (used when the mask is refreshed).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> state = fixed_anchor_mask(0.5, jax.random.key(0)).init({"w": jnp.zeros(8)})
+      >>> isinstance(state, FixedAnchorMaskState), state.mask["w"].dtype, int(state.count)
+      (True, dtype('bool'), 0)
     """
 
     count: chex.Array

@@ -54,6 +54,15 @@ __all__ = [
 def default_alphas(num: int = 25) -> np.ndarray:
     """``num`` evenly spaced α in [0, 1] (25 by default, as in the paper's plots).
 
+    Args:
+      num: number of points (at least 2, so that both endpoints are on the grid).
+
+    Returns:
+      A float64 NumPy vector from 0 to 1.
+
+    Raises:
+      ValueError: `num` is not an integer >= 2.
+
     Examples:
       >>> default_alphas(5).tolist()
       [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -65,12 +74,49 @@ def default_alphas(num: int = 25) -> np.ndarray:
 
 def check_compatible(a: PyTree, b: PyTree) -> None:
     """Raises ValueError naming the first path where two models' variables differ in structure
-    or shape (e.g. a width-64 and a width-128 MLP, or a model with and without BatchNorm)."""
+    or shape (e.g. a width-64 and a width-128 MLP, or a model with and without BatchNorm).
+
+    Args:
+      a, b: the variables of the two models.
+
+    Raises:
+      ValueError: the structures or shapes differ (the message names the path).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> check_compatible({"w": jnp.ones(2)}, {"w": jnp.zeros(2)})
+      >>> try:
+      ...     check_compatible({"w": jnp.ones(2)}, {"w": jnp.ones(3)})
+      ... except ValueError as err:
+      ...     print(err)
+      model a and model b differ in shape at path 'w': (2,) vs (3,).
+    """
     tree_lib.check_same_structure(a, b, names=("model a", "model b"))
 
 
 def check_data(data: tuple[jax.Array, jax.Array], name: str = "data") -> tuple[jax.Array, jax.Array]:
-    """Checks that `data` is a non-empty pair ``(x, y)`` of equal length; returns it."""
+    """Checks that `data` is a non-empty pair ``(x, y)`` of equal length; returns it.
+
+    Args:
+      data: the pair ``(inputs, labels)``.
+      name: what to call it in error messages.
+
+    Returns:
+      ``(x, y)``.
+
+    Raises:
+      TypeError: `data` is not a pair.
+      ValueError: no examples, or x and y of different lengths.
+
+    Examples:
+      >>> import numpy as np
+      >>> x, y = check_data((np.zeros((3, 2)), np.zeros(3)))
+      >>> try:
+      ...     check_data((np.zeros((3, 2)), np.zeros(2)), "test data")
+      ... except ValueError as err:
+      ...     print(err)
+      test data x and y differ in length: 3 vs (2,).
+    """
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise TypeError(f"{name} must be a pair (x, y); got {type(data).__name__}.")
     x, y = data
@@ -180,6 +226,13 @@ def interpolate(a: PyTree, b: PyTree, alpha: float | jax.Array) -> PyTree:
     returns `b` exactly for finite float leaves. Integer leaves are taken from `a` for α < 0.5
     and from `b` otherwise. α outside [0, 1] extrapolates along the same line.
 
+    Args:
+      a, b: the variables of the two models (same structure).
+      alpha: the weight of `b` (a number or a traced scalar).
+
+    Returns:
+      The variables θ_α, with the structure and dtypes of `a`.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> interpolate({"w": jnp.zeros(2)}, {"w": jnp.full(2, 4.0)}, 0.25)["w"].tolist()
@@ -272,9 +325,21 @@ def barriers(path: dict[str, Any]) -> dict[str, float]:
     The path must contain α = 0 and α = 1 (the endpoints). Accuracy at α = 0.5 is read off the
     path (linearly interpolated if 0.5 is not on the grid).
 
+    Args:
+      path: ``{"alpha", "loss", "accuracy"}`` vectors of one path (any order of α).
+
     Returns:
       ``{"loss_barrier", "accuracy_barrier", "avg_endpoint_accuracy", "interp_accuracy",
       "avg_endpoint_loss", "interp_loss", "argmax_alpha_loss", "argmax_alpha_accuracy"}``.
+
+    Raises:
+      ValueError: the path lacks α = 0 or α = 1.
+
+    Examples:
+      >>> path = {"alpha": [0.0, 0.5, 1.0], "loss": [0.2, 1.0, 0.4], "accuracy": [0.9, 0.5, 0.7]}
+      >>> b = barriers(path)
+      >>> round(b["loss_barrier"], 3), round(b["accuracy_barrier"], 3), round(b["interp_accuracy"], 3)
+      (0.7, 0.3, 0.5)
     """
     alpha = np.asarray(path["alpha"], np.float64)
     loss = np.asarray(path["loss"], np.float64)
@@ -301,7 +366,21 @@ def barriers(path: dict[str, Any]) -> dict[str, float]:
 
 
 def all_pairs(n: int, max_pairs: int | None = None) -> list[tuple[int, int]]:
-    """Pairs (i, j), i < j, of n models in a fixed order, at most `max_pairs` of them."""
+    """Pairs (i, j), i < j, of n models in a fixed order, at most `max_pairs` of them.
+
+    Args:
+      n: number of models.
+      max_pairs: keep the first this many pairs (None or 0: all n (n − 1) / 2).
+
+    Returns:
+      A list of ``(i, j)`` tuples, ordered by i, then j.
+
+    Examples:
+      >>> all_pairs(3)
+      [(0, 1), (0, 2), (1, 2)]
+      >>> all_pairs(4, max_pairs=2)
+      [(0, 1), (0, 2)]
+    """
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     return pairs[:max_pairs] if max_pairs else pairs
 
@@ -340,6 +419,20 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
       "per_pair": [barriers dicts], "loss_barrier": (N, N), "accuracy_barrier": (N, N)}``
       where the N×N tables are symmetric with NaN where a pair was not evaluated and 0 on the
       diagonal.
+
+    Raises:
+      ValueError: empty data, no pairs, a pair out of range, chunk < 1, a bad α grid.
+      TypeError: data that is not a pair ``(x, y)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> def eval_fn(v, x, y):
+      ...     loss = jnp.mean((x * v["w"] - y) ** 2)
+      ...     return {"loss": loss, "accuracy": (loss < 0.5).astype(jnp.float32)}
+      >>> stacked = {"w": jnp.array([0.0, 2.0, 1.0])}
+      >>> table = pairwise_barriers(eval_fn, stacked, (jnp.ones(4), jnp.ones(4)), alphas=[0.0, 0.5, 1.0])
+      >>> table["pairs"], float(table["loss_barrier"][0, 1])  # a convex loss: no barrier
+      ([(0, 1), (0, 2), (1, 2)], 0.0)
     """
     x, y = check_data(data)
     _check_chunk(chunk)
@@ -385,10 +478,29 @@ def fuse(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], we
          ) -> dict[str, Any]:
     """Multi-model fusion: the (weighted) average of K models against their individual metrics.
 
+    Args:
+      eval_fn: evaluation of one model (``training.make_eval_fn``).
+      stacked: K models' variables on a leading axis.
+      data: ``(x, y)`` to evaluate on.
+      weights: None (uniform) or K non-negative weights.
+
     Returns:
       ``{"fused": variables, "fused_loss", "fused_accuracy", "individual_loss" (K,),
       "individual_accuracy" (K,), "mean_individual_loss", "mean_individual_accuracy",
       "accuracy_barrier" (mean individual − fused), "loss_barrier" (fused − mean individual)}``.
+
+    Raises:
+      ValueError: empty data; weights of the wrong length, negative or all zero.
+      TypeError: data that is not a pair ``(x, y)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> def eval_fn(v, x, y):
+      ...     loss = jnp.mean((x * v["w"] - y) ** 2)
+      ...     return {"loss": loss, "accuracy": (loss < 0.5).astype(jnp.float32)}
+      >>> out = fuse(eval_fn, {"w": jnp.array([0.0, 2.0])}, (jnp.ones(4), jnp.ones(4)))
+      >>> float(out["fused"]["w"]), out["fused_accuracy"], out["mean_individual_accuracy"]
+      (1.0, 1.0, 0.0)
     """
     x, y = check_data(data)
     fused = tree_lib.weighted_mean(stacked, weights)
@@ -463,6 +575,9 @@ def layer_groups(variables: PyTree, groups: Sequence[GroupSpec] | Mapping[str, G
       layer_order: the weight layers from input to output (``net.layer_order()``). Pass it: Flax
         returns params in call order but ``jax.tree.map`` re-sorts dict keys, so after training
         the insertion order may be alphabetical (``block10`` before ``block2``).
+
+    Returns:
+      ``[(name, selected), ...]``: one boolean vector over the leaves per group.
 
     Raises:
       ValueError: a group that selects nothing (naming it and listing the leaves), a bad regex,
@@ -827,6 +942,15 @@ def with_bn_reset(net: Any, eval_fn: EvalFn, x_reset: jax.Array, *, batch_size: 
     reset (the "BN reset" variant of LMC in REPAIR and git-re-basin). Endpoints are reset too,
     so the barrier compares like with like. The result is pure and vmappable over α; `x_reset`
     is closed over (a constant of the compiled program).
+
+    Args:
+      net: the model (:class:`tna_jax.models.Net`) with BatchNorm.
+      eval_fn: evaluation of one model.
+      x_reset: the inputs the statistics are recomputed from (training data).
+      batch_size, num_batches, variance: as in :func:`reset_bn_stats`.
+
+    Returns:
+      ``eval_fn(variables, x, y)`` with the reset applied to `variables` first.
 
     Raises:
       ValueError: `net` has no BatchNorm statistics, or `x_reset` is empty.
