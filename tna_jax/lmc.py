@@ -170,6 +170,12 @@ def intermediate_bytes(jaxpr: Any) -> int:
     A sub-program (a ``scan``/``while`` body, the branches of a ``cond``, a nested ``jit``)
     counts once, at its largest: its buffers are reused across iterations.
 
+    Args:
+      jaxpr: a ``Jaxpr`` (``jax.make_jaxpr(f)(*args).jaxpr``).
+
+    Returns:
+      The byte count, an int.
+
     Examples:
       >>> import jax, jax.numpy as jnp
       >>> intermediate_bytes(jax.make_jaxpr(lambda x: jnp.sin(x) * 2)(jnp.ones(10)).jaxpr)
@@ -193,6 +199,15 @@ def auto_chunk(fn: Callable[[Any], Any], xs: Any, *, budget_bytes: int | None = 
     Traces ``fn`` on one point (no compilation), counts the bytes of its intermediates
     (:func:`intermediate_bytes`) and fits as many points as ``budget_bytes`` holds (default
     :data:`AUTO_CHUNK_BYTES` for the backend): at least 1, at most the number of points.
+
+    Args:
+      fn: the function of one point.
+      xs: the points: a pytree of arrays with a shared leading axis.
+      budget_bytes: scratch bytes one chunk may use; default by backend (4 MiB on CPU, where a
+        cache-sized chunk is fastest; 1 GiB on accelerators, where it only bounds memory).
+
+    Returns:
+      The chunk size, an int in [1, number of points].
 
     Examples:
       >>> import jax.numpy as jnp
@@ -247,6 +262,14 @@ def map_points(fn: Callable[[Any], Any], xs: Any, chunk: Chunk = AUTO) -> Any:
     ``chunk=None`` vmaps every point at once; an integer k evaluates k points at a time (same
     numbers, memory bounded by k points); ``"auto"`` picks k with :func:`auto_chunk` when the
     program is traced (so once per compilation). Used by every path, table and curve evaluation.
+
+    Args:
+      fn: the function of one point.
+      xs: the points: a pytree of arrays with a shared leading axis.
+      chunk: None, a positive int or ``"auto"``.
+
+    Returns:
+      ``fn``'s outputs stacked on a leading axis, as ``jax.vmap(fn)(xs)`` would return them.
 
     Examples:
       >>> import jax.numpy as jnp
