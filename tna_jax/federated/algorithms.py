@@ -74,6 +74,7 @@ class ServerState(NamedTuple):
       mask: FedPFN's fixed anchor mask (True = anchored), or ``()`` for the other methods.
       client_bn: FedBN's per-client BatchNorm ``{"params": ..., "batch_stats": ...}`` with a
         leading client axis, or ``()``.
+      anchor_key: raw uint32 data of the anchor key (FedPFN / FedPNU), or ``()``.
     """
 
     params: PyTree
@@ -82,13 +83,16 @@ class ServerState(NamedTuple):
     round: jax.Array
     mask: PyTree
     client_bn: PyTree
+    anchor_key: Any
 
 
 class FederatedAlgorithm(NamedTuple):
-    """``init(params, model_state=None) -> ServerState``; ``apply(state, clients, key) -> (state, metrics)``.
+    """``init(params, model_state=None, anchor_key=None) -> ServerState``; ``apply(state, clients, key)
+    -> (state, metrics)``.
 
     Attributes:
-      init: builds the round-0 server state.
+      init: builds the round-0 server state (`anchor_key` overrides the algorithm's, e.g. one per
+        seed under ``jax.vmap``).
       apply: one round (jittable; ``jax.vmap`` over seeds composes with it).
       local_update: the single-client function every round vmaps (for loops and tests).
       cohort: the number of clients per round, m, and padded to the devices, m'.
@@ -205,7 +209,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
       client_fraction: q in (0, 1], the fraction of clients sampled each round.
       prox_mu: FedProx's μ (used by ``"fedprox"``; must be > 0 there).
       mask_ratio: ρ in [0, 1] for ``"fedpfn"`` / ``"fedpnu"``.
-      anchor_key: the PRNG key of the masks (needed by ``"fedpfn"`` / ``"fedpnu"``).
+      anchor_key: the PRNG key of the masks (``"fedpfn"`` / ``"fedpnu"``; or give one to ``init``).
       mask_options: extra arguments of ``anchors.anchor_mask`` (granularity, include, exclude,
         layer_order).
       server_tx: server optimizer on the pseudo-gradient (:func:`server_optimizer`), or None.
@@ -218,7 +222,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
 
     Raises:
       ValueError: an unknown method or BN mode, ρ outside [0, 1], fraction outside (0, 1], μ <= 0
-        for FedProx, a missing anchor key, bad sizes.
+        for FedProx, bad sizes; at ``init``, a missing anchor key.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, optax
@@ -243,10 +247,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
     if method == "fedprox" and not prox_mu > 0:
         raise ValueError(f"fedprox needs prox_mu > 0; got {prox_mu!r}.")
     masked = method in ("fedpfn", "fedpnu")
-    if masked and anchor_key is None:
-        raise ValueError(f"method {method!r} needs anchor_key (the PRNG key of the shared mask).")
-    if masked:
-        anchor_key = anchors._as_key(anchor_key, "anchor_key")
+    default_key = anchors._as_key(anchor_key, "anchor_key") if anchor_key is not None else None
     mask_options = dict(mask_options or {})
     num_devices = mesh.devices.size if mesh is not None else 1
     m, m_pad = cohort_size(num_clients, client_fraction, num_devices)
@@ -261,13 +262,25 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
             return tree
         return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, clients_spec), tree)
 
-    def draw_mask(params: PyTree, round_index: Any) -> PyTree:
-        return anchors.anchor_mask(params, jax.random.fold_in(anchor_key, round_index), mask_ratio, **mask_options)
+    def draw_mask(params: PyTree, key_data: jax.Array, round_index: Any) -> PyTree:
+        key = jax.random.wrap_key_data(key_data)
+        return anchors.anchor_mask(params, jax.random.fold_in(key, round_index), mask_ratio, **mask_options)
 
-    def init(params: PyTree, model_state: PyTree | None = None) -> ServerState:
+    def init(params: PyTree, model_state: PyTree | None = None, anchor_key: jax.Array | None = None) -> ServerState:
         model_state = dict(model_state or {})
         opt_state = server_tx.init(params) if server_tx is not None else ()
-        mask = anchors.anchor_mask(params, anchor_key, mask_ratio, **mask_options) if method == "fedpfn" else ()
+        key_data: Any = ()
+        if masked:
+            if anchor_key is None and default_key is None:
+                raise ValueError(f"method {method!r} needs anchor_key (the PRNG key of the shared mask).")
+            if anchor_key is None:
+                key_data = jax.random.key_data(default_key)
+            elif jnp.issubdtype(anchor_key.dtype, jnp.uint32):
+                key_data = jnp.asarray(anchor_key)
+            else:
+                key_data = jax.random.key_data(anchor_key)
+        mask = anchors.anchor_mask(params, jax.random.wrap_key_data(key_data), mask_ratio, **mask_options) \
+            if method == "fedpfn" else ()
         client_bn: PyTree = ()
         if local_bn:
             modules = bn_modules(model_state)
@@ -275,7 +288,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
                 raise ValueError("bn='local' (FedBN) needs a model with BatchNorm statistics; this one has none.")
             local = {"params": _split_bn(params, modules), "batch_stats": model_state["batch_stats"]}
             client_bn = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients, *np.shape(a))), local)
-        return ServerState(params, model_state, opt_state, jnp.zeros((), jnp.int32), mask, client_bn)
+        return ServerState(params, model_state, opt_state, jnp.zeros((), jnp.int32), mask, client_bn, key_data)
 
     def sample(key: jax.Array) -> tuple[jax.Array, jax.Array]:
         if m == num_clients:
@@ -303,7 +316,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
         if method == "fedpfn":
             mask = state.mask
         elif method == "fedpnu":
-            mask = draw_mask(state.params, state.round)
+            mask = draw_mask(state.params, state.anchor_key, state.round)
         else:
             mask = None
         if local_bn:
@@ -356,7 +369,8 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
         }
         if mask is not None:
             metrics["masked_fraction"] = anchors_fraction(mask)
-        return ServerState(new_params, model_state, opt_state, state.round + 1, state.mask, client_bn), metrics
+        return ServerState(new_params, model_state, opt_state, state.round + 1, state.mask, client_bn,
+                           state.anchor_key), metrics
 
     return FederatedAlgorithm(init, apply, local_update, (m, m_pad))
 

@@ -18,7 +18,6 @@ gets ``fold_in(rounds_key[s], r)``; ``apply`` derives sampling and the client ke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -31,8 +30,8 @@ from tna_jax.federated.client import ClientData
 
 PyTree = Any
 
-__all__ = ["SeedKeys", "seed_keys", "place_clients", "replicated", "init_states", "make_rounds", "round_keys",
-           "to_host", "client_rows_of_process"]
+__all__ = ["SeedKeys", "seed_keys", "place_clients", "replicated", "init_states", "abstract_states", "make_rounds",
+           "round_keys", "to_host", "client_rows_of_process", "evaluate_program"]
 
 PURPOSES = ("init", "mask", "rounds")
 
@@ -126,16 +125,27 @@ def replicated(tree: PyTree, mesh: Mesh) -> PyTree:
 def init_states(alg: FederatedAlgorithm, net: Any, keys: SeedKeys, mesh: Mesh) -> ServerState:
     """Round-0 server states of every seed (leading seed axis), replicated over `mesh`.
 
-    Seed s's global model is ``net.init(init_key[s])``; a FedPFN mask is the one the algorithm
-    draws from its anchor key.
+    Seed s's global model is ``net.init(init_key[s])`` and its anchor key ``mask[s]``.
     """
-    def one(init_key):
+    def one(init_key, mask_key):
         variables = net.init(jax.random.wrap_key_data(init_key))
         params = variables.pop("params")
-        return alg.init(params, variables)
+        return alg.init(params, variables, anchor_key=mask_key)
 
     fn = jax.jit(jax.vmap(one), out_shardings=_spec(mesh, False))
-    return fn(replicated(keys.init, mesh))
+    return fn(replicated(keys.init, mesh), replicated(keys.mask, mesh))
+
+
+def abstract_states(alg: FederatedAlgorithm, net: Any, keys: SeedKeys, mesh: Mesh) -> ServerState:
+    """Shapes, dtypes and shardings of :func:`init_states` (the target of a checkpoint restore)."""
+    def one(init_key, mask_key):
+        variables = net.init(jax.random.wrap_key_data(init_key))
+        params = variables.pop("params")
+        return alg.init(params, variables, anchor_key=mask_key)
+
+    shapes = jax.eval_shape(jax.vmap(one), keys.init, keys.mask)
+    sharding = _spec(mesh, False)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
 def make_rounds(alg: FederatedAlgorithm, mesh: Mesh, *, donate: bool = True):
@@ -170,6 +180,3 @@ def evaluate_program(eval_fn: Any, mesh: Mesh):
 
     return jax.jit(run, out_shardings=_spec(mesh, False))
 
-
-def stack_seeds(trees: Sequence[PyTree]) -> PyTree:
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
