@@ -26,7 +26,7 @@ from tna_jax.config import ConfigError, default_config, federated_config, valida
 from tna_jax.federated import algorithms, client, driver, partition
 from tna_jax.models.base import Net
 
-BATCH = 16
+BATCH = 32
 
 
 @pytest.fixture(scope="module")
@@ -150,18 +150,6 @@ def test_bad_federated_config_values_name_the_field(field, value, message):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_clients_take_their_own_number_of_steps_and_empty_clients_none(problem):
-    c = client.pack_clients(problem["x"][:50], problem["y"][:50], [np.arange(5), np.arange(5, 50)], multiple=4)
-    update = client.make_local_update(problem["net"], optax.sgd(0.1), batch_size=BATCH, max_examples=c.max_examples,
-                                      local_epochs=2)
-    p = problem["params"]
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(4))
-    out = jax.jit(jax.vmap(update, in_axes=(None, None, None, None, 0, 0, 0, 0)))(p, {}, p, None, c.x, c.y, c.n, keys)
-    assert out.steps.tolist() == [2, 2 * 3, 0, 0]  # E * ceil(n / B); a client smaller than B still trains
-    chex.assert_trees_all_equal(tree_lib.index(out.params, 2), p)  # padding clients: no step at all
-    assert not bool(jnp.array_equal(out.params["head"]["kernel"][0], p["head"]["kernel"]))
-
-
 def test_fedpfn_anchors_never_move_on_any_client_or_on_the_server(problem, pfn):
     alg, apply = pfn
     state = alg.init(problem["params"])
@@ -239,6 +227,13 @@ def test_vmapped_clients_equal_a_python_loop_over_clients(problem):
     mean = tree_lib.weighted_mean(tree_lib.stack([o.params for o in outs]), c.n[chosen].astype(np.float32))
     chex.assert_trees_all_close(new.params, mean, atol=1e-6)
     np.testing.assert_allclose(metrics["client_loss"], [float(o.loss) for o in outs], rtol=1e-5)
+    # Uneven sizes: E * ceil(n / B) steps each (a client smaller than B still trains), an empty one none.
+    assert [int(o.steps) for o in outs] == [-(-int(c.n[cid]) // BATCH) for cid in chosen]
+    assert np.asarray(metrics["steps"]).tolist() == [int(o.steps) for o in outs]
+    assert c.max_examples > 2 * BATCH and min(int(c.n[cid]) for cid in range(6)) < BATCH
+    empty = one(state.params, {}, state.params, None, c.x[0], c.y[0], 0, key)
+    assert int(empty.steps) == 0
+    chex.assert_trees_all_equal(empty.params, state.params)
 
 
 class _BNNet(nn.Module):
@@ -310,6 +305,7 @@ def run_fed(workdir, env=None):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_federated_run_resumes_after_sigkill_bit_identical(tmp_path):
     killed = run_fed(tmp_path / "a", env={"TNA_JAX_KILL_AT": "after_save:4"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -378,6 +374,8 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_train_the_same_global_model_as_one_process():
     port = str(free_port())
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}

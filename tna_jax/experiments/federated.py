@@ -212,7 +212,7 @@ def _markdown(report: dict[str, Any]) -> str:
                      if "diff_mean" in r else "—"})
     f = report["federation"]
     head = (f"{f['num_clients']} clients ({f['partition']}" + (f", α={f['alpha']}" if f["partition"] == "dirichlet" else "")
-            + f"), {f['client_fraction']:g} sampled per round, {f['local_epochs']} local epoch(s) of batch "
+            + f"), {f['cohort'][0]} of them per round, {f['local_epochs']} local epoch(s) of batch "
             f"{f['batch_size']}, {f['rounds']} rounds; {report['model']['name']} on {report['data']['name']}. "
             f"Accuracy of the global model on the {report['eval_split']} split, mean ± std over seeds.")
     table = exp_lib.markdown_table(rows, [("arm", "arm"), ("seeds", "seeds"), ("final", "final acc %"),
@@ -290,7 +290,7 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     for alpha in dict.fromkeys(a.alpha for a in arms):
         parts = make_clients(config, y_train, alpha)
         packed = client.pack_clients(x_train, y_train, parts, multiple=num_devices)
-        clients[alpha] = (packed, None)
+        clients[alpha] = packed
         sizes = [len(p) for p in parts]
         federation[str(alpha)] = {"sizes": sizes, "max_size": max(sizes), "min_size": min(sizes),
                                   "labels": partition.label_histogram(y_train, parts, dataset.num_classes).tolist()}
@@ -298,8 +298,8 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     unroll: Any = max(1, int(config.train.unroll)) if int(config.train.unroll) else \
         (True if conv and jax.default_backend() == "cpu" else 1)
     keys = driver.seed_keys(int(config.seed), int(config.num_seeds), share_mask=bool(config.anchor.share_mask))
-    algs = {a.slug: _algorithm(config, net, a, clients[a.alpha][0].max_examples, mesh, unroll) for a in arms}
-    placed = {alpha: driver.place_clients(packed, mesh) for alpha, (packed, _) in clients.items()}
+    algs = {a.slug: _algorithm(config, net, a, clients[a.alpha].max_examples, mesh, unroll) for a in arms}
+    placed = {alpha: driver.place_clients(packed, mesh) for alpha, packed in clients.items()}
 
     checkpointer = None
     start_round = 0
