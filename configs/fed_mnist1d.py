@@ -5,7 +5,8 @@ FedProx (μ = 0.01) vs FedPFN vs FedPNU (ρ = 0.4), each also with FedAvgM (serv
 
     nice -n 10 python train.py --config configs/fed_mnist1d.py --workdir runs/fed_mnist1d
 
-Sweep over α and ρ (27 arms, 3 seeds; the same program otherwise):
+Sweep over α ∈ {0.1, 0.5, 1.0} and ρ ∈ {0.2, 0.4, 0.6} (FedAvg, FedPFN, FedPNU: 21 arms, 2 seeds,
+40 rounds, sized for 2 shared CPU cores; arms that differ only in α or ρ share one compiled program):
 
     nice -n 10 python train.py --config configs/fed_mnist1d.py:sweep --workdir runs/fed_mnist1d_sweep
 
@@ -47,11 +48,14 @@ def get_config(option: str = ""):
     f.checkpoint_every = 25
     if option == "sweep":
         c.name = "fed_mnist1d_sweep"
-        c.num_seeds = 3
+        c.num_seeds = 2
+        f.rounds = 40
+        f.eval_every = 10
+        f.checkpoint_every = 10
         f.algorithms = ("fedavg", "fedpfn", "fedpnu")
         f.server_optimizers = ("none",)
         f.sweep_alphas = (0.1, 0.5, 1.0)
-        f.sweep_ratios = (0.1, 0.2, 0.4, 0.6)
+        f.sweep_ratios = (0.2, 0.4, 0.6)
     elif option:
         raise ValueError(f"configs/fed_mnist1d.py takes '' or 'sweep'; got {option!r}.")
     return c

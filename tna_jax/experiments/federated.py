@@ -155,6 +155,7 @@ def make_clients(config: Any, labels: np.ndarray, alpha: float | None) -> list[n
 
 
 def _algorithm(config: Any, net: Any, arm: FedArm, max_examples: int, mesh: Any, unroll: Any) -> Any:
+    """The algorithm of `arm` (its ρ is only the default: ``init`` gets each arm's own)."""
     from tna_jax.federated import algorithms
 
     f = config.federated
@@ -286,19 +287,31 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     num_devices = mesh.devices.size
 
     # Every input is checked (partitions included) before anything is compiled or trained.
-    clients, federation = {}, {}
+    partitions, federation = {}, {}
     for alpha in dict.fromkeys(a.alpha for a in arms):
         parts = make_clients(config, y_train, alpha)
-        packed = client.pack_clients(x_train, y_train, parts, multiple=num_devices)
-        clients[alpha] = packed
+        partitions[alpha] = parts
         sizes = [len(p) for p in parts]
         federation[str(alpha)] = {"sizes": sizes, "max_size": max(sizes), "min_size": min(sizes),
                                   "labels": partition.label_histogram(y_train, parts, dataset.num_classes).tolist()}
+    # Every α is padded to the same client size and ρ is a traced value, so arms that differ only in
+    # α or ρ share one compiled program (one per algorithm and server optimizer).
+    n_max = max(max(len(p) for p in parts) for parts in partitions.values())
+    clients = {}
+    for alpha, parts in partitions.items():
+        packed = client.pack_clients(x_train, y_train, parts, multiple=num_devices)
+        pad = n_max - packed.max_examples
+        clients[alpha] = client.ClientData(np.pad(packed.x, [(0, 0), (0, pad)] + [(0, 0)] * (packed.x.ndim - 2)),
+                                           np.pad(packed.y, [(0, 0), (0, pad)]), packed.n)
     conv = training.uses_convolutions(net)
     unroll: Any = max(1, int(config.train.unroll)) if int(config.train.unroll) else \
         (True if conv and jax.default_backend() == "cpu" else 1)
     keys = driver.seed_keys(int(config.seed), int(config.num_seeds), share_mask=bool(config.anchor.share_mask))
-    algs = {a.slug: _algorithm(config, net, a, clients[a.alpha].max_examples, mesh, unroll) for a in arms}
+    programs: dict[tuple[str, str], Any] = {}
+    for a in arms:
+        if (a.algorithm, a.server) not in programs:
+            programs[(a.algorithm, a.server)] = _algorithm(config, net, a, n_max, mesh, unroll)
+    algs = {a.slug: programs[(a.algorithm, a.server)] for a in arms}
     placed = {alpha: driver.place_clients(packed, mesh) for alpha, packed in clients.items()}
 
     checkpointer = None
@@ -307,17 +320,19 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     if workdir:
         checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
         if checkpointer.latest_step() is not None:
-            target = {a.slug: driver.abstract_states(algs[a.slug], net, keys, mesh) for a in arms}
+            target = {a.slug: driver.abstract_states(algs[a.slug], net, keys, mesh, float(a.ratio or 0.0)) for a in arms}
             states, _, meta = checkpointer.restore(target)
             start_round = int(meta["round"])
             checkpointer.delete_after(start_round)
             print(f"resuming from the checkpoint of round {start_round} in {checkpointer.directory}")
     if states is None:
-        states = {a.slug: driver.init_states(algs[a.slug], net, keys, mesh) for a in arms}
+        inits = {key: driver.make_init(alg, net, mesh) for key, alg in programs.items()}
+        states = {a.slug: inits[(a.algorithm, a.server)](keys, float(a.ratio or 0.0)) for a in arms}
     runs = [{"run": i * int(config.num_seeds) + s, "arm": a.label, "seed": s} for i, a in enumerate(arms)
             for s in range(int(config.num_seeds))]
     metrics_log = logs.MetricsLog(workdir, runs, start_round, tensorboard=config.train.tensorboard)
-    round_fns = {a.slug: driver.make_rounds(algs[a.slug], mesh) for a in arms}
+    shared_rounds = {key: driver.make_rounds(alg, mesh) for key, alg in programs.items()}
+    round_fns = {a.slug: shared_rounds[(a.algorithm, a.server)] for a in arms}
     evaluate = driver.evaluate_program(training.make_eval_fn(net, int(config.train.eval_batch_size)), mesh)
     x_eval, y_eval = driver.replicated(np.asarray(x_eval), mesh), driver.replicated(np.asarray(y_eval), mesh)
     rounds = int(f.rounds)

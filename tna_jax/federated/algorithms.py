@@ -75,6 +75,8 @@ class ServerState(NamedTuple):
       client_bn: FedBN's per-client BatchNorm ``{"params": ..., "batch_stats": ...}`` with a
         leading client axis, or ``()``.
       anchor_key: raw uint32 data of the anchor key (FedPFN / FedPNU), or ``()``.
+      mask_ratio: ρ of FedPFN / FedPNU (float32; a traced value, so arms that differ only in ρ
+        share one compiled program), or ``()``.
     """
 
     params: PyTree
@@ -84,15 +86,16 @@ class ServerState(NamedTuple):
     mask: PyTree
     client_bn: PyTree
     anchor_key: Any
+    mask_ratio: Any
 
 
 class FederatedAlgorithm(NamedTuple):
-    """``init(params, model_state=None, anchor_key=None) -> ServerState``; ``apply(state, clients, key)
-    -> (state, metrics)``.
+    """``init(params, model_state=None, anchor_key=None, mask_ratio=None) -> ServerState``;
+    ``apply(state, clients, key) -> (state, metrics)``.
 
     Attributes:
-      init: builds the round-0 server state (`anchor_key` overrides the algorithm's, e.g. one per
-        seed under ``jax.vmap``).
+      init: builds the round-0 server state (`anchor_key` and `mask_ratio` override the
+        algorithm's, e.g. one per seed or per ratio under ``jax.vmap``).
       apply: one round (jittable; ``jax.vmap`` over seeds composes with it).
       local_update: the single-client function every round vmaps (for loops and tests).
       cohort: the number of clients per round, m, and padded to the devices, m'.
@@ -248,6 +251,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
         raise ValueError(f"fedprox needs prox_mu > 0; got {prox_mu!r}.")
     masked = method in ("fedpfn", "fedpnu")
     default_key = anchors._as_key(anchor_key, "anchor_key") if anchor_key is not None else None
+    default_ratio = float(mask_ratio)
     mask_options = dict(mask_options or {})
     num_devices = mesh.devices.size if mesh is not None else 1
     m, m_pad = cohort_size(num_clients, client_fraction, num_devices)
@@ -262,11 +266,12 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
             return tree
         return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, clients_spec), tree)
 
-    def draw_mask(params: PyTree, key_data: jax.Array, round_index: Any) -> PyTree:
+    def draw_mask(params: PyTree, key_data: jax.Array, round_index: Any, ratio: Any) -> PyTree:
         key = jax.random.wrap_key_data(key_data)
-        return anchors.anchor_mask(params, jax.random.fold_in(key, round_index), mask_ratio, **mask_options)
+        return anchors.anchor_mask(params, jax.random.fold_in(key, round_index), ratio, **mask_options)
 
-    def init(params: PyTree, model_state: PyTree | None = None, anchor_key: jax.Array | None = None) -> ServerState:
+    def init(params: PyTree, model_state: PyTree | None = None, anchor_key: jax.Array | None = None,
+             mask_ratio: Any = None) -> ServerState:
         model_state = dict(model_state or {})
         opt_state = server_tx.init(params) if server_tx is not None else ()
         key_data: Any = ()
@@ -279,7 +284,10 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
                 key_data = jnp.asarray(anchor_key)
             else:
                 key_data = jax.random.key_data(anchor_key)
-        mask = anchors.anchor_mask(params, jax.random.wrap_key_data(key_data), mask_ratio, **mask_options) \
+        ratio: Any = ()
+        if masked:
+            ratio = jnp.asarray(default_ratio if mask_ratio is None else mask_ratio, jnp.float32)
+        mask = anchors.anchor_mask(params, jax.random.wrap_key_data(key_data), ratio, **mask_options) \
             if method == "fedpfn" else ()
         client_bn: PyTree = ()
         if local_bn:
@@ -288,7 +296,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
                 raise ValueError("bn='local' (FedBN) needs a model with BatchNorm statistics; this one has none.")
             local = {"params": _split_bn(params, modules), "batch_stats": model_state["batch_stats"]}
             client_bn = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients, *np.shape(a))), local)
-        return ServerState(params, model_state, opt_state, jnp.zeros((), jnp.int32), mask, client_bn, key_data)
+        return ServerState(params, model_state, opt_state, jnp.zeros((), jnp.int32), mask, client_bn, key_data, ratio)
 
     def sample(key: jax.Array) -> tuple[jax.Array, jax.Array]:
         if m == num_clients:
@@ -316,7 +324,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
         if method == "fedpfn":
             mask = state.mask
         elif method == "fedpnu":
-            mask = draw_mask(state.params, state.anchor_key, state.round)
+            mask = draw_mask(state.params, state.anchor_key, state.round, state.mask_ratio)
         else:
             mask = None
         if local_bn:
@@ -370,7 +378,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
         if mask is not None:
             metrics["masked_fraction"] = anchors_fraction(mask)
         return ServerState(new_params, model_state, opt_state, state.round + 1, state.mask, client_bn,
-                           state.anchor_key), metrics
+                           state.anchor_key, state.mask_ratio), metrics
 
     return FederatedAlgorithm(init, apply, local_update, (m, m_pad))
 

@@ -30,7 +30,8 @@ from tna_jax.federated.client import ClientData
 
 PyTree = Any
 
-__all__ = ["SeedKeys", "seed_keys", "place_clients", "replicated", "init_states", "abstract_states", "make_rounds",
+__all__ = ["SeedKeys", "seed_keys", "place_clients", "replicated", "make_init", "init_states", "abstract_states",
+           "make_rounds",
            "round_keys", "to_host", "client_rows_of_process", "evaluate_program"]
 
 PURPOSES = ("init", "mask", "rounds")
@@ -122,28 +123,41 @@ def replicated(tree: PyTree, mesh: Mesh) -> PyTree:
     return jax.tree.map(put, tree)
 
 
-def init_states(alg: FederatedAlgorithm, net: Any, keys: SeedKeys, mesh: Mesh) -> ServerState:
+def _init_fn(alg: FederatedAlgorithm, net: Any):
+    def one(init_key, mask_key, ratio):
+        variables = net.init(jax.random.wrap_key_data(init_key))
+        params = variables.pop("params")
+        return alg.init(params, variables, anchor_key=mask_key, mask_ratio=ratio)
+
+    return jax.vmap(one, in_axes=(0, 0, None))
+
+
+def make_init(alg: FederatedAlgorithm, net: Any, mesh: Mesh):
+    """``init(keys, mask_ratio=None) -> states``: :func:`init_states` jitted once, so arms that differ
+    only in ρ (a traced value) share one compiled program."""
+    fn = jax.jit(_init_fn(alg, net), out_shardings=_spec(mesh, False))
+
+    def init(keys: SeedKeys, mask_ratio: float | None = None) -> ServerState:
+        ratio = None if mask_ratio is None else np.float32(mask_ratio)
+        return fn(replicated(keys.init, mesh), replicated(keys.mask, mesh), ratio)
+
+    return init
+
+
+def init_states(alg: FederatedAlgorithm, net: Any, keys: SeedKeys, mesh: Mesh, mask_ratio: float | None = None
+                ) -> ServerState:
     """Round-0 server states of every seed (leading seed axis), replicated over `mesh`.
 
-    Seed s's global model is ``net.init(init_key[s])`` and its anchor key ``mask[s]``.
+    Seed s's global model is ``net.init(init_key[s])`` and its anchor key ``mask[s]``; `mask_ratio`
+    overrides the algorithm's ρ.
     """
-    def one(init_key, mask_key):
-        variables = net.init(jax.random.wrap_key_data(init_key))
-        params = variables.pop("params")
-        return alg.init(params, variables, anchor_key=mask_key)
-
-    fn = jax.jit(jax.vmap(one), out_shardings=_spec(mesh, False))
-    return fn(replicated(keys.init, mesh), replicated(keys.mask, mesh))
+    return make_init(alg, net, mesh)(keys, mask_ratio)
 
 
-def abstract_states(alg: FederatedAlgorithm, net: Any, keys: SeedKeys, mesh: Mesh) -> ServerState:
+def abstract_states(alg: FederatedAlgorithm, net: Any, keys: SeedKeys, mesh: Mesh,
+                    mask_ratio: float | None = None) -> ServerState:
     """Shapes, dtypes and shardings of :func:`init_states` (the target of a checkpoint restore)."""
-    def one(init_key, mask_key):
-        variables = net.init(jax.random.wrap_key_data(init_key))
-        params = variables.pop("params")
-        return alg.init(params, variables, anchor_key=mask_key)
-
-    shapes = jax.eval_shape(jax.vmap(one), keys.init, keys.mask)
+    shapes = jax.eval_shape(_init_fn(alg, net), keys.init, keys.mask, mask_ratio)
     sharding = _spec(mesh, False)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
