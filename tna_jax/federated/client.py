@@ -10,8 +10,10 @@ Local epochs. With E local epochs and batch size B client c takes
 :math:`E \\lceil n_c / B \\rceil` steps (the last batch of an epoch is partial, as
 ``drop_last=False`` in PyTorch: a client smaller than B still trains). Every client's scan runs
 :math:`T = E \\lceil N_{\\max} / B \\rceil` steps; steps past the client's own count are masked
-(parameters, statistics and optimizer state stay exactly as they were), so padding changes no
-number, it only costs the compute of the masked steps.
+(parameters, statistics and optimizer state stay exactly as they were): padding costs the
+compute of the masked steps and nothing else. (The batch order is drawn over the N_max padded
+rows, so the same client packed to another N_max visits its rows in another, equally random,
+order.)
 
 Batches. Epoch e of client c visits its rows in the order of
 ``jax.random.permutation(order_key, N_max)`` with the padding rows moved to the end (a stable
