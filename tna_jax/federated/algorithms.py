@@ -158,7 +158,12 @@ def cohort_size(num_clients: int, fraction: float, num_devices: int = 1) -> tupl
 
 
 def bn_modules(model_state: PyTree) -> set[str]:
-    """Module paths that hold BatchNorm statistics (``batch_stats``), e.g. ``{"conv1_norm"}``."""
+    """Module paths that hold BatchNorm statistics (``batch_stats``), e.g. ``{"conv1_norm"}``.
+
+    Example:
+      >>> bn_modules({"batch_stats": {"conv1_norm": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}})
+      {'conv1_norm'}
+    """
     stats = model_state.get("batch_stats", {}) if isinstance(model_state, Mapping) else {}
     return {name.rsplit("/", 1)[0] for name in tree_lib.leaf_names(stats)}
 
@@ -384,14 +389,27 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
 
 
 def anchors_fraction(mask: PyTree) -> jax.Array:
-    """Fraction of entries that `mask` anchors (jittable)."""
+    """Fraction of entries that `mask` anchors (jittable).
+
+    Example:
+      >>> float(anchors_fraction({"a": jnp.array([True, False]), "b": jnp.array([True, True])}))
+      0.75
+    """
     leaves = jax.tree.leaves(mask)
     total = sum(int(np.size(m)) for m in leaves)
     return sum(jnp.sum(m) for m in leaves) / max(total, 1)
 
 
 def fed_avg(net: Any, client_optimizer: optax.GradientTransformation, **kwargs: Any) -> FederatedAlgorithm:
-    """FedAvg (McMahan et al., 2017): :func:`federated_algorithm` with ``method="fedavg"``."""
+    """FedAvg (McMahan et al., 2017): :func:`federated_algorithm` with ``method="fedavg"``.
+
+    Example:
+      >>> import optax
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 4}, (3,), 2)
+      >>> fed_avg(net, optax.sgd(0.1), num_clients=10, max_examples=5, batch_size=2, client_fraction=0.3).cohort
+      (3, 3)
+    """
     return federated_algorithm(net, client_optimizer, method="fedavg", **kwargs)
 
 

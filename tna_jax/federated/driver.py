@@ -92,6 +92,12 @@ def client_rows_of_process(num_rows: int, mesh: Mesh, process: int | None = None
 def place_clients(clients: ClientData, mesh: Mesh) -> ClientData:
     """The client data as global arrays with the client axis split over `mesh`.
 
+    Example:
+      >>> from tna_jax.training import run_mesh
+      >>> d = ClientData(np.zeros((2, 3, 1)), np.zeros((2, 3), np.int32), np.array([3, 1]))
+      >>> place_clients(d, run_mesh()).n.tolist()
+      [3, 1]
+
     Each process reads only the rows of its own devices from `clients` (so a host may hold just its
     clients' rows, zeros elsewhere). The number of rows must be a multiple of the mesh size
     (``pack_clients(..., multiple=mesh.size)``).
@@ -113,7 +119,13 @@ def place_clients(clients: ClientData, mesh: Mesh) -> ClientData:
 
 
 def replicated(tree: PyTree, mesh: Mesh) -> PyTree:
-    """`tree` (the same host values in every process) replicated over every device of `mesh`."""
+    """`tree` (the same host values in every process) replicated over every device of `mesh`.
+
+    Example:
+      >>> from tna_jax.training import run_mesh
+      >>> replicated({"w": np.ones(3)}, run_mesh())["w"].sharding.is_fully_replicated
+      True
+    """
     sharding = _spec(mesh, False)
 
     def put(host: Any) -> jax.Array:
@@ -172,13 +184,24 @@ def make_rounds(alg: FederatedAlgorithm, mesh: Mesh, *, donate: bool = True):
 
 
 def round_keys(keys: SeedKeys, round_index: int) -> np.ndarray:
-    """(S, 2) raw keys of round `round_index` for every seed: ``fold_in(rounds_key[s], round)``."""
+    """(S, 2) raw keys of round `round_index` for every seed: ``fold_in(rounds_key[s], round)``.
+
+    Example:
+      >>> keys = seed_keys(0, 2)
+      >>> round_keys(keys, 3).shape, bool((round_keys(keys, 3) != round_keys(keys, 4)).any())
+      ((2, 2), True)
+    """
     return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(k), round_index)))
                      for k in np.asarray(keys.rounds)])
 
 
 def to_host(tree: PyTree) -> PyTree:
-    """NumPy copies of replicated (or fully addressable) arrays, in any process."""
+    """NumPy copies of replicated (or fully addressable) arrays, in any process.
+
+    Example:
+      >>> type(to_host({"a": jnp.ones(2)})["a"]).__name__
+      'ndarray'
+    """
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return np.asarray(x.addressable_data(0))
@@ -188,7 +211,8 @@ def to_host(tree: PyTree) -> PyTree:
 
 
 def evaluate_program(eval_fn: Any, mesh: Mesh):
-    """``evaluate(params, model_state, x, y)``: ``eval_fn`` vmapped over the seed axis, jitted."""
+    """``evaluate(params, model_state, x, y)``: ``eval_fn`` (``training.make_eval_fn``) vmapped over
+    the seed axis, jitted; returns ``{"loss": (S,), "accuracy": (S,)}``."""
     def run(params, model_state, x, y):
         return jax.vmap(lambda p, s: eval_fn({"params": p, **s}, x, y))(params, model_state)
 
