@@ -233,18 +233,16 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
         for FedProx, bad sizes; at ``init``, a missing anchor key.
 
     Example:
-      >>> import jax, jax.numpy as jnp, numpy as np, optax
-      >>> from tna_jax import models
-      >>> from tna_jax.federated.client import pack_clients
+      >>> import jax, optax
+      >>> from tna_jax import models, anchors
       >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 2)
-      >>> x, y = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32), np.array([0, 1, 0, 1, 1, 0])
-      >>> clients = pack_clients(x, y, [np.arange(4), np.arange(4, 6)])
       >>> alg = fed_pfn(net, optax.sgd(0.1), 0.5, jax.random.key(0), num_clients=2, max_examples=4, batch_size=2)
       >>> state = alg.init(net.init(jax.random.key(1))["params"])
-      >>> new, metrics = jax.jit(alg.apply)(state, clients, jax.random.key(2))
-      >>> m, old, upd = state.mask["head"]["kernel"], state.params["head"]["kernel"], new.params["head"]["kernel"]
-      >>> bool((upd[m] == old[m]).all()), bool((upd[~m] != old[~m]).any()), int(new.round)
-      (True, True, 1)
+      >>> 0.4 < anchors.mask_summary(state.mask)["overall"] < 0.7, int(state.round)
+      (True, 0)
+
+    ``jax.jit(alg.apply)(state, clients, key)`` then runs a round (``tests/test_federated.py``
+    checks that the anchored entries never move, on any client or on the server).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
