@@ -15,7 +15,8 @@ from typing import Any
 
 import ml_collections
 
-__all__ = ["default_config", "validate", "ConfigError", "get", "flatten", "RESUME_SAFE_FIELDS"]
+__all__ = ["default_config", "federated_config", "validate", "validate_federated", "ConfigError", "get", "flatten",
+           "RESUME_SAFE_FIELDS"]
 
 
 class ConfigError(ValueError):
@@ -117,11 +118,46 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def federated_config() -> ml_collections.ConfigDict:
+    """The ``config.federated`` section of ``kind="federated"`` with its defaults (see
+    ``tna_jax/experiments/federated.py``). The clients' optimizer is ``config.optimizer``; the
+    anchor options (granularity, include, exclude, share_mask) come from ``config.anchor``."""
+    f = ml_collections.ConfigDict()
+    f.algorithms = ("fedavg", "fedprox", "fedpfn", "fedpnu")  # each trained with every server optimizer
+    f.server_optimizers = ("none", "fedavgm")  # none | fedavgm | fedadam | fedyogi
+    f.num_clients = 20
+    f.partition = "dirichlet"  # iid | dirichlet | shards
+    f.alpha = 0.5  # Dirichlet concentration (> 0)
+    f.shards_per_client = 2  # for partition='shards'
+    f.min_client_size = 2  # Dirichlet draws are repeated until every client has this many examples
+    f.partition_seed = 0
+    f.client_fraction = 1.0  # fraction of clients sampled each round, in (0, 1]
+    f.rounds = 100
+    f.local_epochs = 1
+    f.local_steps = 0  # > 0: exactly this many local steps per round instead of epochs
+    f.batch_size = 32  # client batch size
+    f.prox_mu = 0.01  # FedProx
+    f.mask_ratio = 0.4  # FedPFN / FedPNU mask ratio ρ in [0, 1]
+    f.server_learning_rate = 0.0  # 0 = the server optimizer's default (1.0 FedAvgM, 0.01 FedAdam/FedYogi)
+    f.server_momentum = 0.9  # FedAvgM
+    f.server_b1 = 0.9
+    f.server_b2 = 0.99
+    f.server_eps = 1e-3  # τ of FedAdam / FedYogi
+    f.bn = "average"  # BatchNorm statistics: average | local (FedBN)
+    f.eval_every = 1  # rounds between evaluations of the global models
+    f.eval_split = "test"  # test | val
+    f.checkpoint_every = 10  # rounds between checkpoints (and at the end)
+    f.sweep_alphas = ()  # non-empty: every arm once per α (Dirichlet)
+    f.sweep_ratios = ()  # non-empty: FedPFN/FedPNU arms once per ρ
+    return f
+
+
 # Fields that may change between a run and its resumption (they do not change the result of
 # the epochs already done).
 RESUME_SAFE_FIELDS = (
     "train.epochs", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.progress", "train.tensorboard", "train.steps_per_call", "train.unroll", "analysis.", "name", "data.data_dir",
+    "federated.rounds", "federated.eval_every", "federated.checkpoint_every",
 )
 
 
@@ -307,9 +343,83 @@ def validate(config: Any, *, schema: Any = None) -> Any:
     _bool(config, "analysis.bn_reset")
     _int(config, "analysis.bn_reset_examples", 0, MAX_SIZE)
     _int(config, "analysis.chunk", 0, MAX_SIZE)
+    if "federated" in config:
+        validate_federated(config)
     if config.prune.ratio > 0 and config.anchor.refresh_every > 0:
         raise ConfigError("config.anchor.refresh_every > 0 cannot be combined with prune arms "
                           f"(config.prune.ratio={config.prune.ratio}): pruned weights must stay at zero.")
     if len(config.sweep.prune_ratios) and config.anchor.refresh_every > 0:
         raise ConfigError("config.anchor.refresh_every > 0 cannot be combined with config.sweep.prune_ratios.")
+    return config
+
+
+def _names(config: Any, field: str, allowed: tuple[str, ...]) -> None:
+    v = get(config, field)
+    if isinstance(v, str) or not hasattr(v, "__iter__") or not len(v) or any(x not in allowed for x in v):
+        _fail(field, v, f"a non-empty tuple of names from {allowed}")
+
+
+def _positives(config: Any, field: str, hi: float) -> None:
+    v = get(config, field)
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        _fail(field, v, f"a tuple of numbers in (0, {hi}]")
+    for r in v:
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(float(r)) \
+                or not 0.0 < float(r) <= hi:
+            _fail(field, v, f"a tuple of numbers in (0, {hi}]")
+
+
+def validate_federated(config: Any) -> Any:
+    """Checks the ``config.federated`` section (unknown keys and values name the field).
+
+    Raises:
+      ConfigError: an unknown field, α <= 0, a fraction outside (0, 1], a mask ratio outside
+        [0, 1], an unknown algorithm, server optimizer, partition or BN mode, ...
+
+    Example:
+      >>> c = default_config()
+      >>> c.federated = federated_config()
+      >>> c.federated.alpha = 0.0
+      >>> validate_federated(c)
+      Traceback (most recent call last):
+      ...
+      tna_jax.config.ConfigError: config.federated.alpha must be a number in (0.0, 1000000.0]; got 0.0.
+    """
+    known = flatten(federated_config(), "federated.")
+    for name in flatten(config.federated, "federated."):
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config.{name} is not a known field{hint}.")
+    _names(config, "federated.algorithms", ("fedavg", "fedprox", "fedpfn", "fedpnu"))
+    _names(config, "federated.server_optimizers", ("none", "fedavgm", "fedadam", "fedyogi"))
+    _int(config, "federated.num_clients", 1, MAX_SIZE)
+    _choice(config, "federated.partition", ("iid", "dirichlet", "shards"))
+    _float(config, "federated.alpha", 0.0, 1e6, lo_open=True)
+    _int(config, "federated.shards_per_client", 1, MAX_SIZE)
+    _int(config, "federated.min_client_size", 1, MAX_SIZE)
+    _int(config, "federated.partition_seed", 0, 2**31 - 1)
+    _float(config, "federated.client_fraction", 0.0, 1.0, lo_open=True)
+    _int(config, "federated.rounds", 0, MAX_SIZE)
+    _int(config, "federated.local_epochs", 1, 10000)
+    _int(config, "federated.local_steps", 0, MAX_SIZE)
+    _int(config, "federated.batch_size", 1, MAX_SIZE)
+    _float(config, "federated.prox_mu", 0.0, 1e4)
+    _float(config, "federated.mask_ratio", 0.0, 1.0)
+    _float(config, "federated.server_learning_rate", 0.0, 1e3)
+    _float(config, "federated.server_momentum", 0.0, 0.9999)
+    _float(config, "federated.server_b1", 0.0, 0.9999)
+    _float(config, "federated.server_b2", 0.0, 0.999999)
+    _float(config, "federated.server_eps", 0.0, 10.0, lo_open=True)
+    _choice(config, "federated.bn", ("average", "local"))
+    _int(config, "federated.eval_every", 1, MAX_SIZE)
+    _choice(config, "federated.eval_split", ("test", "val"))
+    _int(config, "federated.checkpoint_every", 1, MAX_SIZE)
+    _positives(config, "federated.sweep_alphas", 1e6)
+    _ratios(config, "federated.sweep_ratios")
+    if "fedprox" in config.federated.algorithms and not config.federated.prox_mu > 0:
+        _fail("federated.prox_mu", config.federated.prox_mu, "a number > 0 when 'fedprox' is among the algorithms")
+    if len(config.federated.sweep_alphas) and config.federated.partition != "dirichlet":
+        _fail("federated.sweep_alphas", config.federated.sweep_alphas,
+              f"empty unless federated.partition='dirichlet' (it is {config.federated.partition!r})")
     return config

@@ -1,0 +1,399 @@
+"""Tests of tna_jax.federated: partitions, vmapped local training, the algorithms, FedBN, the
+experiment kind, resume after SIGKILL and the multi-process run."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from util import ROOT, run_python
+
+from tna_jax import anchors, data, models, training
+from tna_jax import checkpoint as ckpt_lib
+from tna_jax import tree as tree_lib
+from tna_jax.config import ConfigError, default_config, federated_config, validate
+from tna_jax.federated import algorithms, client, driver, partition
+from tna_jax.models.base import Net
+
+BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def problem():
+    ds = data.load({"source": "mnist1d", "num_samples": 600})
+    net = models.build({"name": "mlp", "depth": 1, "width": 16}, ds.input_shape, ds.num_classes)
+    d = data.to_device(ds)
+    x, y = np.asarray(d.x_train), np.asarray(d.y_train)
+    parts = partition.dirichlet(y[:240], 6, 0.5, seed=0, min_size=3)
+    packed = client.pack_clients(x[:240], y[:240], parts)
+    params = net.init(jax.random.key(0))["params"]
+    return {"net": net, "x": x, "y": y, "parts": parts, "clients": packed, "params": params}
+
+
+@pytest.fixture(scope="module")
+def pfn(problem):
+    """FedPFN with FedAvgM, half the clients per round; its jitted apply is shared by two tests."""
+    alg = build(problem, "fedpfn", server_tx=algorithms.server_optimizer("fedavgm"), client_fraction=0.5)
+    return alg, jax.jit(alg.apply)
+
+
+def build(problem, method="fedavg", **kw):
+    c = problem["clients"]
+    kw.setdefault("anchor_key", jax.random.key(7) if method in ("fedpfn", "fedpnu") else None)
+    kw.setdefault("mask_ratio", 0.4 if method in ("fedpfn", "fedpnu") else 0.0)
+    return algorithms.federated_algorithm(problem["net"], optax.sgd(0.1, momentum=0.9), num_clients=len(problem["parts"]),
+                                          max_examples=c.max_examples, batch_size=BATCH, method=method, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Partitions.
+# ---------------------------------------------------------------------------------------------
+
+labels_strategy = st.integers(20, 400).flatmap(
+    lambda n: st.tuples(st.lists(st.integers(0, 9), min_size=n, max_size=n), st.integers(1, 10), st.integers(0, 2**20)))
+
+
+@given(labels_strategy, st.sampled_from(["iid", "dirichlet", "shards"]), st.sampled_from([0.1, 0.5, 1.0, 100.0]))
+def test_every_example_goes_to_exactly_one_nonempty_client(case, method, alpha):
+    labels, k, seed = case
+    y = np.asarray(labels, np.int32)
+    try:
+        parts = partition.partition(y, k, method, alpha=alpha, shards_per_client=2, seed=seed)
+    except ValueError as err:  # a Dirichlet draw that cannot give every client data is an error, never a bad split
+        assert method == "dirichlet" and "min_size" in str(err)
+        return
+    assert len(parts) == k
+    flat = np.concatenate(parts)
+    assert np.array_equal(np.sort(flat), np.arange(len(y)))  # each example exactly once
+    assert min(len(p) for p in parts) >= 1
+    again = partition.partition(y, k, method, alpha=alpha, shards_per_client=2, seed=seed)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))  # a function of the seed
+    if method == "iid":
+        sizes = [len(p) for p in parts]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_label_skew_grows_as_alpha_shrinks_and_shards_hold_few_classes():
+    y = np.repeat(np.arange(10), 200)
+
+    def classes_per_client(parts):
+        hist = partition.label_histogram(y, parts, 10)
+        return float(np.mean((hist / hist.sum(1, keepdims=True) > 0.05).sum(1)))
+
+    skewed = classes_per_client(partition.dirichlet(y, 20, 0.1, seed=1))
+    mild = classes_per_client(partition.dirichlet(y, 20, 100.0, seed=1))
+    assert skewed < 4.0 < 9.0 < mild
+    shard_parts = partition.shards(y, 20, 2, seed=0)
+    assert max(len(np.unique(y[p])) for p in shard_parts) <= 2
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda y: partition.dirichlet(y, 4, 0.0), "alpha must be a finite number > 0"),
+    (lambda y: partition.dirichlet(y, 4, -1.0), "alpha must be a finite number > 0"),
+    (lambda y: partition.iid(y, 11), "num_clients=11 is more than the 10 training examples"),
+    (lambda y: partition.dirichlet(y, 10, 0.01, min_size=1, max_tries=3), "some client still has fewer"),
+    (lambda y: partition.shards(y, 6, 2), "12 shards is more than the 10 examples"),
+    (lambda y: partition.partition(y, 2, "bogus"), "method must be one of"),
+    (lambda y: client.pack_clients(np.zeros((10, 2)), y, [np.arange(10), np.array([], np.int64)]),
+     "client 1 has no data"),
+    (lambda y: algorithms.cohort_size(10, 0.0), r"client fraction must be in \(0, 1\]"),
+    (lambda y: algorithms.cohort_size(10, 1.5), r"client fraction must be in \(0, 1\]"),
+])
+def test_bad_federations_are_errors_before_training(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(np.arange(10) % 3)
+
+
+def test_bad_algorithm_arguments_are_errors(problem):
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\]; got 1.5"):
+        build(problem, "fedpfn", mask_ratio=1.5)
+    with pytest.raises(ValueError, match="fedprox needs prox_mu > 0"):
+        build(problem, "fedprox")
+    with pytest.raises(ValueError, match="needs anchor_key"):
+        build(problem, "fedpnu", anchor_key=None).init(problem["params"])
+    with pytest.raises(ValueError, match="bn must be one of"):
+        build(problem, bn="shared")
+    with pytest.raises(ValueError, match="server optimizer must be one of"):
+        algorithms.server_optimizer("fedsgd")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("alpha", 0.0, r"config.federated.alpha must be a number in \(0.0"),
+    ("client_fraction", 0.0, r"config.federated.client_fraction must be a number in \(0.0, 1.0\]"),
+    ("client_fraction", 1.2, r"config.federated.client_fraction must be a number in \(0.0, 1.0\]"),
+    ("mask_ratio", -0.1, r"config.federated.mask_ratio must be a number in \[0.0, 1.0\]"),
+    ("algorithms", ("fedavg", "scaffold"), "config.federated.algorithms must be a non-empty tuple"),
+    ("sweep_ratios", (0.2, 1.5), "config.federated.sweep_ratios must be a tuple of ratios"),
+    ("num_clent", 3, "config.federated.num_clent is not a known field \\(did you mean 'federated.num_clients'\\?\\)"),
+])
+def test_bad_federated_config_values_name_the_field(field, value, message):
+    c = default_config()
+    c.federated = federated_config()
+    c.federated[field] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local training and the algorithms.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fedpfn_anchors_never_move_on_any_client_or_on_the_server(problem, pfn):
+    alg, apply = pfn
+    state = alg.init(problem["params"])
+    mask = state.mask
+    assert 0.35 < anchors.mask_summary(mask)["overall"] < 0.45
+    c = problem["clients"]
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(c.num_rows))
+    local = jax.jit(jax.vmap(alg.local_update, in_axes=(None, None, None, None, 0, 0, 0, 0)))(
+        state.params, {}, state.params, mask, c.x, c.y, c.n, keys)
+    for p, p0, m in zip(jax.tree.leaves(local.params), jax.tree.leaves(state.params), jax.tree.leaves(mask)):
+        for k in range(c.num_rows):
+            assert bool(jnp.all(p[k][m] == p0[m]))  # every client keeps the global model's anchors
+            assert bool(jnp.any(p[k][~m] != p0[~m]))
+    s = state
+    for r in range(3):  # FedAvgM momentum builds up over rounds; anchors still stay bit-exact
+        s, _ = apply(s, c, jax.random.key(r))
+    for p, p0, m in zip(jax.tree.leaves(s.params), jax.tree.leaves(state.params), jax.tree.leaves(mask)):
+        assert bool(jnp.all(p[m] == p0[m]))
+        assert bool(jnp.any(p[~m] != p0[~m]))
+
+
+def test_fedpnu_leaves_each_rounds_masked_entries_unchanged(problem):
+    alg = build(problem, "fedpnu", server_tx=algorithms.server_optimizer("fedavgm"))
+    s = alg.init(problem["params"])
+    apply = jax.jit(alg.apply)
+    masks = []
+    for r in range(3):
+        mask = anchors.anchor_mask(s.params, jax.random.fold_in(jax.random.key(7), r), 0.4)
+        new, metrics = apply(s, problem["clients"], jax.random.key(10 + r))
+        assert float(metrics["masked_fraction"]) == pytest.approx(anchors.mask_summary(mask)["overall"], abs=1e-6)
+        for p, p0, m in zip(jax.tree.leaves(new.params), jax.tree.leaves(s.params), jax.tree.leaves(mask)):
+            assert bool(jnp.all(p[m] == p0[m]))  # also with momentum from earlier rounds
+            assert bool(jnp.any(p[~m] != p0[~m]))
+        masks.append(mask)
+        s = new
+    assert int(s.round) == 3
+    k0, k1 = masks[0]["dense_0"]["kernel"], masks[1]["dense_0"]["kernel"]
+    assert 0.1 < float(jnp.mean(k0 != k1))  # a fresh mask every round
+
+
+def test_fedavg_with_one_client_equals_centralised_training(problem):
+    """One client holding the data, full participation, one round of E epochs = E epochs of
+    tna_jax.training's trainer with the same optimizer, batch order and data."""
+    net, n = problem["net"], 192  # a multiple of the batch size: the trainer drops partial batches
+    x, y = problem["x"][:n], problem["y"][:n]
+    tx = optax.sgd(0.1, momentum=0.9)
+    alg = algorithms.fed_avg(net, tx, num_clients=1, max_examples=n, batch_size=BATCH, local_epochs=3)
+    state = alg.init(problem["params"])
+    round_key = jax.random.key(5)
+    new, _ = jax.jit(alg.apply)(state, client.pack_clients(x, y, [np.arange(n)]), round_key)
+    client_key = jax.random.fold_in(jax.random.fold_in(round_key, 1), 0)  # the client's key (its id is 0)
+    data_key = jax.random.key_data(jax.random.fold_in(client_key, 0))[None]
+    dropout_key = jax.random.key_data(jax.random.fold_in(client_key, 1))[None]
+    epoch = training.make_train_epoch(net, tx, num_train=n, batch_size=BATCH)
+    ts = jax.tree.map(lambda a: a[None], training.TrainState(problem["params"], {}, tx.init(problem["params"]),
+                                                             jnp.zeros((), jnp.int32)))
+    for e in range(3):
+        ts, _ = epoch(ts, data_key, dropout_key, e, 0, jnp.asarray(x), jnp.asarray(y))
+    chex.assert_trees_all_close(new.params, tree_lib.index(ts.params, 0), atol=1e-6, rtol=1e-6)
+
+
+def test_vmapped_clients_equal_a_python_loop_over_clients(problem):
+    alg = build(problem, "fedprox", prox_mu=0.1, client_fraction=0.5)
+    state = alg.init(problem["params"])
+    c = problem["clients"]
+    key = jax.random.key(11)
+    new, metrics = jax.jit(alg.apply)(state, c, key)
+    chosen = np.asarray(metrics["clients"])
+    assert len(chosen) == alg.cohort[1] == 3 and len(set(chosen.tolist())) == 3
+    one = jax.jit(alg.local_update)
+    outs = []
+    for cid in chosen:
+        k = jax.random.fold_in(jax.random.fold_in(key, 1), int(cid))
+        outs.append(one(state.params, {}, state.params, None, c.x[cid], c.y[cid], c.n[cid], k))
+    mean = tree_lib.weighted_mean(tree_lib.stack([o.params for o in outs]), c.n[chosen].astype(np.float32))
+    chex.assert_trees_all_close(new.params, mean, atol=1e-6)
+    np.testing.assert_allclose(metrics["client_loss"], [float(o.loss) for o in outs], rtol=1e-5)
+    # Uneven sizes: E * ceil(n / B) steps each (a client smaller than B still trains), an empty one none.
+    assert [int(o.steps) for o in outs] == [-(-int(c.n[cid]) // BATCH) for cid in chosen]
+    assert np.asarray(metrics["steps"]).tolist() == [int(o.steps) for o in outs]
+    assert c.max_examples > 2 * BATCH and min(int(c.n[cid]) for cid in range(6)) < BATCH
+    empty = one(state.params, {}, state.params, None, c.x[0], c.y[0], 0, key)
+    assert int(empty.steps) == 0
+    chex.assert_trees_all_equal(empty.params, state.params)
+
+
+class _BNNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(8, name="dense_0")(x.reshape((x.shape[0], -1)))
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.5, name="dense_0_norm")(x)
+        return nn.Dense(10, name="head")(nn.relu(x))
+
+
+def test_fedbn_keeps_batchnorm_local_and_averaging_mode_shares_it(problem):
+    net = Net(name="bn_test", module=_BNNet(), input_shape=(40,), num_classes=10)
+    variables = net.init(jax.random.key(0))
+    params, model_state = variables.pop("params"), variables
+    c = problem["clients"]
+    common = dict(num_clients=len(problem["parts"]), max_examples=c.max_examples, batch_size=BATCH)
+    local = algorithms.fed_avg(net, optax.sgd(0.1), bn="local", client_fraction=0.5, **common)
+    s0 = local.init(params, model_state)
+    s1, metrics = jax.jit(local.apply)(s0, c, jax.random.key(1))
+    chosen = set(np.asarray(metrics["clients"]).tolist())
+    stats0, stats1 = s0.client_bn["batch_stats"], s1.client_bn["batch_stats"]
+    for k in range(len(problem["parts"])):
+        same = bool(jnp.array_equal(stats1["dense_0_norm"]["mean"][k], stats0["dense_0_norm"]["mean"][k]))
+        assert same == (k not in chosen)  # only the sampled clients' own statistics change
+    weights = c.n[: len(problem["parts"])].astype(np.float32)
+    expected = tree_lib.weighted_mean(s1.client_bn["params"], weights)
+    chex.assert_trees_all_close(s1.params["dense_0_norm"], expected["dense_0_norm"], atol=1e-6)
+    averaged = algorithms.fed_avg(net, optax.sgd(0.1), bn="average", **common)
+    a1, _ = jax.jit(averaged.apply)(averaged.init(params, model_state), c, jax.random.key(1))
+    assert a1.client_bn == ()
+    assert not bool(jnp.array_equal(a1.model_state["batch_stats"]["dense_0_norm"]["var"],
+                                    model_state["batch_stats"]["dense_0_norm"]["var"]))
+    with pytest.raises(ValueError, match="needs a model with BatchNorm"):
+        algorithms.fed_avg(problem["net"], optax.sgd(0.1), bn="local", **common).init(problem["params"])
+
+
+def test_seeds_vmapped_and_sharded_rounds_match_one_seed_at_a_time(problem, pfn):
+    alg, apply = pfn
+    mesh = training.run_mesh()
+    keys = driver.seed_keys(0, 2, share_mask=False)
+    states = driver.init_states(alg, problem["net"], keys, mesh)
+    placed = driver.place_clients(problem["clients"], mesh)
+    rounds = driver.make_rounds(alg, mesh, donate=False)
+    for r in range(2):
+        states, _ = rounds(states, placed, driver.round_keys(keys, r))
+    for s in range(2):
+        variables = problem["net"].init(jax.random.wrap_key_data(keys.init[s]))
+        one = alg.init(variables["params"], anchor_key=keys.mask[s])
+        for r in range(2):
+            one, _ = apply(one, problem["clients"], jax.random.wrap_key_data(driver.round_keys(keys, r)[s]))
+        chex.assert_trees_all_close(tree_lib.index(states.params, s), one.params, atol=1e-6)
+    assert not bool(jnp.array_equal(states.mask["head"]["kernel"][0], states.mask["head"]["kernel"][1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment: resume after SIGKILL, and several processes.
+# ---------------------------------------------------------------------------------------------
+
+FED_ARGS = ["--config=configs/fed_mnist1d.py", "--config.num_seeds=2", "--config.data.num_samples=600",
+            "--config.model.depth=1", "--config.model.width=16", "--config.federated.num_clients=6",
+            "--config.federated.rounds=6", "--config.federated.eval_every=2", "--config.federated.checkpoint_every=2",
+            "--config.federated.algorithms=('fedavg','fedpnu')", "--config.federated.server_optimizers=('fedavgm',)",
+            "--config.federated.client_fraction=0.5", "--config.train.progress=False", "--cpu_devices=2"]
+
+
+def run_fed(workdir, env=None):
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    return subprocess.run([sys.executable, "train.py", *FED_ARGS, f"--workdir={workdir}"], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_federated_run_resumes_after_sigkill_bit_identical(tmp_path):
+    killed = run_fed(tmp_path / "a", env={"TNA_JAX_KILL_AT": "after_save:4"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "a" / "report.json").exists()
+    resumed = run_fed(tmp_path / "a")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from the checkpoint of round 4" in resumed.stdout
+    straight = run_fed(tmp_path / "b")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    digests = []
+    for w in ("a", "b"):
+        ckpt = ckpt_lib.Checkpointer(str(tmp_path / w / "checkpoints"))
+        digests.append((ckpt.latest_step(), ckpt.read_meta(ckpt.latest_step())["state_digest"]))
+    assert digests[0] == digests[1] and digests[0][0] == 6
+    ra, rb = (json.load(open(tmp_path / w / "report.json")) for w in ("a", "b"))
+    assert [r["final_accuracy"] for r in ra["arms"]] == [r["final_accuracy"] for r in rb["arms"]]
+    assert ra["training"]["resumed_from"] == 4 and ra["curves"] == rb["curves"]
+    assert [r["arm"] for r in ra["arms"]] == ["FedAvg + FedAvgM", "FedPNU ρ=0.4 + FedAvgM"]
+    assert ra["curves"]["FedAvg + FedAvgM"]["rounds"] == [2, 4, 6]
+    lines = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["round"] for r in lines] == [r for r in (2, 4, 6) for _ in range(4)]
+    assert (tmp_path / "a" / "accuracy_vs_round.png").exists()
+    assert "final − FedAvg" in (tmp_path / "a" / "report.md").read_text()
+
+
+MULTIPROCESS_CODE = """
+import json, sys
+import jax
+pid, nproc, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if nproc > 1:
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
+import numpy as np
+from tna_jax import data, models, training
+from tna_jax.checkpoint import tree_digest
+from tna_jax.federated import algorithms, client, driver, partition
+import optax
+ds = data.load({"source": "mnist1d", "num_samples": 600})
+d = data.to_device(ds)
+x, y = np.asarray(d.x_train), np.asarray(d.y_train)
+net = models.build({"name": "mlp", "depth": 1, "width": 16}, ds.input_shape, ds.num_classes)
+parts = partition.dirichlet(y, 8, 0.5, seed=0)
+mesh = training.run_mesh()
+packed = client.pack_clients(x, y, parts, multiple=mesh.devices.size)
+mine = driver.client_rows_of_process(packed.num_rows, mesh)
+others = np.setdiff1d(np.arange(packed.num_rows), mine)
+local = client.ClientData(packed.x.copy(), packed.y.copy(), packed.n.copy())
+local.x[others] = np.nan  # this process never reads the clients of the other process
+placed = driver.place_clients(local, mesh)
+alg = algorithms.fed_pfn(net, optax.sgd(0.05, momentum=0.9), 0.4, None, num_clients=8, max_examples=packed.max_examples,
+                         batch_size=16, client_fraction=0.5, server_tx=algorithms.server_optimizer("fedavgm"), mesh=mesh)
+keys = driver.seed_keys(0, 2)
+states = driver.init_states(alg, net, keys, mesh)
+rounds = driver.make_rounds(alg, mesh)
+for r in range(3):
+    states, metrics = rounds(states, placed, driver.replicated(driver.round_keys(keys, r), mesh))
+params = driver.to_host(states.params)
+print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(), "rows": mine.tolist(),
+                  "digest": tree_digest(params), "kernel": params["head"]["kernel"].ravel()[::7].tolist(),
+                  "loss": driver.to_host(metrics["train_loss"]).tolist()}))
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_train_the_same_global_model_as_one_process():
+    port = str(free_port())
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", MULTIPROCESS_CODE, str(i), "2", port], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-3000:]
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    single = run_python(MULTIPROCESS_CODE.replace("int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]", "0, 1, ''"),
+                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = json.loads(single.stdout.strip().splitlines()[-1])
+    assert [o["processes"] for o in outs] == [2, 2] and one["processes"] == 1
+    assert outs[0]["devices"] == outs[1]["devices"] == one["devices"] == 2
+    assert outs[0]["rows"] == [0, 1, 2, 3] and outs[1]["rows"] == [4, 5, 6, 7]  # clients split across processes
+    assert outs[0]["digest"] == outs[1]["digest"]  # every process holds the same global model
+    np.testing.assert_allclose(outs[0]["kernel"], one["kernel"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(outs[0]["loss"], one["loss"], rtol=1e-6)
+    assert np.isfinite(outs[0]["loss"]).all()

@@ -1,0 +1,431 @@
+"""``kind="federated"``: FedAvg, FedProx, FedPFN and FedPNU, each with every server optimizer, on
+clients drawn from one training set, several seeds per arm in one program.
+
+An *arm* is (algorithm, server optimizer, α, ρ). Every arm trains ``num_seeds`` global models at
+once (seeds vmapped, clients vmapped and sharded over the devices, see
+:mod:`tna_jax.federated.driver`); arms advance in lockstep, one round each, so one progress bar,
+one ``metrics.jsonl`` (a line per evaluated round, arm and seed) and one checkpoint (every arm's
+server states, every ``federated.checkpoint_every`` rounds and at the end) cover the whole
+experiment. Rerunning the same command resumes from the last good checkpoint and ends
+bit-identical to an uninterrupted run: round r of seed s depends only on (seed, r, client ids).
+
+Arms with the same seed share the initial global model, the client sampling and the clients'
+batch orders (paired comparisons). The partition is fixed by ``federated.partition_seed``.
+
+Config: ``config.federated`` (:func:`tna_jax.config.federated_config`; every field documented
+there); the clients' optimizer is ``config.optimizer`` (schedule must be ``constant``: the state
+is reset every round), anchors' granularity/include/exclude/share_mask come from
+``config.anchor``, the model from ``config.model``, data from ``config.data`` (``augment`` must be
+``none``), ``train.eval_batch_size``, ``train.progress``, ``train.tensorboard``,
+``train.keep_checkpoints`` and ``train.unroll`` are read too.
+
+Writes ``report.json``, ``report.md`` (final accuracy, mean ± std over seeds, and the paired
+difference to FedAvg with the same server optimizer and α), ``accuracy_vs_round.png`` (one panel
+per α) and, for sweeps, ``sweep_ratio.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from tna_jax import checkpoint as ckpt_lib
+from tna_jax import config as config_lib
+from tna_jax import experiment as exp_lib
+from tna_jax import faults, logs, training
+
+__all__ = ["FedArm", "arms_from_config", "require_data", "federated_experiment", "make_clients"]
+
+NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedpfn": "FedPFN", "fedpnu": "FedPNU",
+         "none": "", "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FedArm:
+    """One recipe: ``algorithm`` with ``server`` optimizer on Dirichlet(α) clients, mask ratio ρ."""
+
+    algorithm: str
+    server: str
+    alpha: float | None
+    ratio: float | None
+    show_alpha: bool = False
+
+    @property
+    def masked(self) -> bool:
+        return self.algorithm in ("fedpfn", "fedpnu")
+
+    @property
+    def label(self) -> str:
+        name = NAMES[self.algorithm]
+        if self.masked:
+            name += f" ρ={self.ratio:g}"
+        if self.server != "none":
+            name += f" + {NAMES[self.server]}"
+        if self.show_alpha and self.alpha is not None:
+            name = f"α={self.alpha:g} {name}"
+        return name
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9]+", "_", self.label.replace("ρ", "rho").replace("α", "alpha")).strip("_")
+
+
+def arms_from_config(config: Any) -> list[FedArm]:
+    """Every algorithm x server optimizer, once per α of ``sweep_alphas`` (or the one ``alpha``)
+    and, for FedPFN/FedPNU, once per ρ of ``sweep_ratios`` (or the one ``mask_ratio``).
+
+    Example:
+      >>> from tna_jax.config import default_config, federated_config
+      >>> c = default_config(); c.federated = federated_config()
+      >>> c.federated.algorithms = ("fedavg", "fedpfn"); c.federated.server_optimizers = ("none", "fedavgm")
+      >>> [a.label for a in arms_from_config(c)]
+      ['FedAvg', 'FedAvg + FedAvgM', 'FedPFN ρ=0.4', 'FedPFN ρ=0.4 + FedAvgM']
+    """
+    f = config.federated
+    dirichlet = f.partition == "dirichlet"
+    alphas = [float(a) for a in f.sweep_alphas] or [float(f.alpha) if dirichlet else None]
+    ratios = [float(r) for r in f.sweep_ratios] or [float(f.mask_ratio)]
+    arms = []
+    for alpha in alphas:
+        for algorithm in f.algorithms:
+            for ratio in (ratios if algorithm in ("fedpfn", "fedpnu") else [None]):
+                for server in f.server_optimizers:
+                    arms.append(FedArm(algorithm, server, alpha, ratio, show_alpha=len(alphas) > 1))
+    seen, unique = set(), []
+    for a in arms:
+        if a.slug not in seen:
+            seen.add(a.slug)
+            unique.append(a)
+    return unique
+
+
+def require_data(config: Any) -> None:
+    """Fails fast, before any training, when a ``tfds:<name>`` source cannot be read here.
+
+    Raises:
+      FileNotFoundError: the prepared data are not under ``data.data_dir`` (the message says how
+        to prepare them: nothing is downloaded at run time).
+      config.ConfigError: tensorflow-datasets or the tfds loader is not installed.
+    """
+    source = str(config.data.source)
+    if not source.startswith("tfds:"):
+        return
+    name = source.split(":", 1)[1].split("/")[0]
+    data_dir = os.path.expanduser(config.data.data_dir or "~/tensorflow_datasets")
+    how = (f"prepare it on a machine with network access (pip install 'tna_jax[tfds]' && tfds build {name} "
+           f"--data_dir {data_dir}), copy the directory here and pass --config.data.data_dir=DIR; nothing is "
+           "downloaded at run time")
+    if not os.path.isdir(os.path.join(data_dir, name)):
+        raise FileNotFoundError(f"config.data.source={source!r}: no prepared {name!r} data in {data_dir}; {how}.")
+    if importlib.util.find_spec("tensorflow_datasets") is None:
+        raise config_lib.ConfigError(f"config.data.source={source!r} needs tensorflow-datasets: "
+                                     "pip install 'tna_jax[tfds]'.")
+    if importlib.util.find_spec("tna_jax.data.tfds_source") is None:
+        raise config_lib.ConfigError(f"config.data.source={source!r}: this tna_jax has no tfds loader "
+                                     "(tna_jax/data/tfds_source.py).")
+
+
+def _check(config: Any) -> None:
+    if "federated" not in config:
+        raise config_lib.ConfigError("kind='federated' needs a config.federated section: "
+                                     "c.federated = tna_jax.config.federated_config().")
+    if config.optimizer.schedule != "constant":
+        raise config_lib.ConfigError(f"config.optimizer.schedule must be 'constant' for kind='federated' (the clients' "
+                                     f"optimizer is reset every round); got {config.optimizer.schedule!r}.")
+    if config.data.augment != "none":
+        raise config_lib.ConfigError(f"config.data.augment must be 'none' for kind='federated'; got "
+                                     f"{config.data.augment!r}.")
+
+
+def make_clients(config: Any, labels: np.ndarray, alpha: float | None) -> list[np.ndarray]:
+    """The partition of the training labels that ``config.federated`` asks for (α overrides)."""
+    from tna_jax.federated import partition
+
+    f = config.federated
+    return partition.partition(labels, int(f.num_clients), f.partition, alpha=float(alpha or f.alpha),
+                               shards_per_client=int(f.shards_per_client), min_size=int(f.min_client_size),
+                               seed=int(f.partition_seed))
+
+
+def _algorithm(config: Any, net: Any, arm: FedArm, max_examples: int, mesh: Any, unroll: Any) -> Any:
+    """The algorithm of `arm` (its ρ is only the default: ``init`` gets each arm's own)."""
+    from tna_jax.federated import algorithms
+
+    f = config.federated
+    tx = training.make_optimizer(config.optimizer, 1, 1)
+    server = algorithms.server_optimizer(arm.server, float(f.server_learning_rate) or None,
+                                         momentum=float(f.server_momentum), b1=float(f.server_b1),
+                                         b2=float(f.server_b2), eps=float(f.server_eps))
+    return algorithms.federated_algorithm(
+        net, tx, num_clients=int(f.num_clients), max_examples=max_examples, batch_size=int(f.batch_size),
+        method=arm.algorithm, local_epochs=int(f.local_epochs), local_steps=int(f.local_steps),
+        client_fraction=float(f.client_fraction), prox_mu=float(f.prox_mu), mask_ratio=float(arm.ratio or 0.0),
+        mask_options=training.anchor_options(config, net), server_tx=server, bn=f.bn, mesh=mesh, unroll=unroll)
+
+
+def _rows_by_arm(rows: list[dict[str, Any]], split: str) -> dict[str, dict[int, list[tuple[int, float]]]]:
+    out: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    for r in rows:
+        if f"{split}_accuracy" in r:
+            out.setdefault(r["arm"], {}).setdefault(r["seed"], []).append((r["round"], r[f"{split}_accuracy"]))
+    return out
+
+
+def _summaries(arms: list[FedArm], final: dict[str, np.ndarray], curves: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for arm in arms:
+        acc = final[arm.slug]
+        base = next((a for a in arms if a.algorithm == "fedavg" and a.server == arm.server and a.alpha == arm.alpha),
+                    None)
+        row = {"arm": arm.label, "algorithm": arm.algorithm, "server": arm.server, "alpha": arm.alpha,
+               "ratio": arm.ratio, "seeds": int(acc.size), "final_accuracy": acc.tolist(),
+               "final_accuracy_mean": float(acc.mean()), "final_accuracy_std": float(acc.std())}
+        curve = curves.get(arm.label)
+        if curve is not None and len(curve["rounds"]):
+            ys = np.asarray(curve["accuracy"])  # (seeds, evals)
+            tail = ys[:, -min(5, ys.shape[1]):].mean(1)
+            row["last5_accuracy_mean"], row["last5_accuracy_std"] = float(tail.mean()), float(tail.std())
+            row["best_accuracy_mean"] = float(ys.max(1).mean())
+        if base is not None and base is not arm:
+            diff = acc - final[base.slug]
+            row["vs_fedavg"] = base.label
+            row["diff_mean"], row["diff_std"] = float(diff.mean()), float(diff.std())
+            row["seeds_better"] = int((diff > 0).sum())
+        rows.append(row)
+    return rows
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    rows = []
+    for r in report["arms"]:
+        rows.append({"arm": r["arm"], "seeds": r["seeds"],
+                     "final": exp_lib.pm(r["final_accuracy_mean"], r["final_accuracy_std"]),
+                     "last5": exp_lib.pm(r.get("last5_accuracy_mean"), r.get("last5_accuracy_std")),
+                     "best": exp_lib.pm(r.get("best_accuracy_mean"), 0.0).split(" ±")[0],
+                     "diff": (exp_lib.pm(r["diff_mean"], r["diff_std"]) + f" ({r['seeds_better']}/{r['seeds']} seeds)")
+                     if "diff_mean" in r else "—"})
+    f = report["federation"]
+    head = (f"{f['num_clients']} clients ({f['partition']}" + (f", α={f['alpha']}" if f["partition"] == "dirichlet" else "")
+            + f"), {f['cohort'][0]} of them per round, {f['local_epochs']} local epoch(s) of batch "
+            f"{f['batch_size']}, {f['rounds']} rounds; {report['model']['name']} on {report['data']['name']}. "
+            f"Accuracy of the global model on the {report['eval_split']} split, mean ± std over seeds.")
+    table = exp_lib.markdown_table(rows, [("arm", "arm"), ("seeds", "seeds"), ("final", "final acc %"),
+                                          ("last5", "mean of last 5 evals %"), ("best", "best acc %"),
+                                          ("diff", "final − FedAvg (same server opt, paired) pp")])
+    return head + "\n\n" + table
+
+
+def _plots(config: Any, workdir: str, report: dict[str, Any], arms: list[FedArm]) -> list[str]:
+    from tna_jax import plotting
+
+    files = []
+    alphas = list(dict.fromkeys(a.alpha for a in arms))
+    for alpha in alphas:
+        series = {}
+        for arm in arms:
+            curve = report["curves"].get(arm.label)
+            if arm.alpha == alpha and curve and len(curve["rounds"]):
+                series[arm.label] = {"x": curve["rounds"], "y": curve["accuracy"]}
+        suffix = "" if len(alphas) == 1 else f"_alpha_{alpha:g}"
+        where = "" if alpha is None else f", Dirichlet α={alpha:g}"
+        files.append(plotting.plot_curves(series, os.path.join(workdir, f"accuracy_vs_round{suffix}.png"),
+                                          xlabel="round", ylabel=f"{report['eval_split']} accuracy (global model)",
+                                          title=f"{config.name}: {config.federated.num_clients} clients{where}"))
+    if len(config.federated.sweep_ratios):
+        series = {}
+        for r in report["arms"]:
+            if r["algorithm"] in ("fedpfn", "fedpnu"):
+                key = (f"α={r['alpha']:g} " if r["alpha"] is not None and len(alphas) > 1 else "") + \
+                    NAMES[r["algorithm"]] + (f" + {NAMES[r['server']]}" if r["server"] != "none" else "")
+                s = series.setdefault(key, {"x": [], "y": [], "std": []})
+                s["x"].append(r["ratio"])
+                s["y"].append(r["final_accuracy_mean"])
+                s["std"].append(r["final_accuracy_std"])
+        for r in report["arms"]:
+            if r["algorithm"] == "fedavg":
+                for key, s in series.items():
+                    same_alpha = len(alphas) == 1 or key.startswith(f"α={r['alpha']:g} ")
+                    same_server = (r["server"] == "none") == ("+" not in key) and \
+                        (r["server"] == "none" or key.endswith(NAMES[r["server"]]))
+                    if same_alpha and same_server:  # ρ = 0 is FedAvg
+                        s["x"].insert(0, 0.0)
+                        s["y"].insert(0, r["final_accuracy_mean"])
+                        s["std"].insert(0, r["final_accuracy_std"])
+        if series:
+            files.append(plotting.plot_curves(series, os.path.join(workdir, "sweep_ratio.png"), xlabel="mask ratio ρ",
+                                              ylabel="final accuracy", title=f"{config.name}: accuracy vs ρ (ρ=0: FedAvg)"))
+    return files
+
+
+@exp_lib.register("federated")
+def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
+    """Trains every arm of ``config.federated`` for ``rounds`` rounds and reports accuracy per round."""
+    from tna_jax import data as data_lib
+    from tna_jax.federated import client, driver, partition
+
+    _check(config)
+    require_data(config)
+    t0 = time.time()
+    f = config.federated
+    arms = arms_from_config(config)
+    dataset, net, _ = exp_lib.load_problem(config)
+    device_data = data_lib.to_device(dataset, normalize=config.data.normalize)
+    x_train, y_train = np.asarray(device_data.x_train), np.asarray(device_data.y_train)
+    split = f.eval_split
+    x_eval, y_eval = device_data.split(split)
+    if x_eval.shape[0] == 0:
+        raise config_lib.ConfigError(f"config.federated.eval_split={split!r} is empty for {dataset.name} "
+                                     f"(data.val_fraction={config.data.val_fraction}).")
+    mesh = training.run_mesh()
+    num_devices = mesh.devices.size
+
+    # Every input is checked (partitions included) before anything is compiled or trained.
+    partitions, federation = {}, {}
+    for alpha in dict.fromkeys(a.alpha for a in arms):
+        parts = make_clients(config, y_train, alpha)
+        partitions[alpha] = parts
+        sizes = [len(p) for p in parts]
+        federation[str(alpha)] = {"sizes": sizes, "max_size": max(sizes), "min_size": min(sizes),
+                                  "labels": partition.label_histogram(y_train, parts, dataset.num_classes).tolist()}
+    # Every α is padded to the same client size and ρ is a traced value, so arms that differ only in
+    # α or ρ share one compiled program (one per algorithm and server optimizer).
+    n_max = max(max(len(p) for p in parts) for parts in partitions.values())
+    clients = {}
+    for alpha, parts in partitions.items():
+        packed = client.pack_clients(x_train, y_train, parts, multiple=num_devices)
+        pad = n_max - packed.max_examples
+        clients[alpha] = client.ClientData(np.pad(packed.x, [(0, 0), (0, pad)] + [(0, 0)] * (packed.x.ndim - 2)),
+                                           np.pad(packed.y, [(0, 0), (0, pad)]), packed.n)
+    conv = training.uses_convolutions(net)
+    unroll: Any = max(1, int(config.train.unroll)) if int(config.train.unroll) else \
+        (True if conv and jax.default_backend() == "cpu" else 1)
+    keys = driver.seed_keys(int(config.seed), int(config.num_seeds), share_mask=bool(config.anchor.share_mask))
+    programs: dict[tuple[str, str], Any] = {}
+    for a in arms:
+        if (a.algorithm, a.server) not in programs:
+            programs[(a.algorithm, a.server)] = _algorithm(config, net, a, n_max, mesh, unroll)
+    algs = {a.slug: programs[(a.algorithm, a.server)] for a in arms}
+    placed = {alpha: driver.place_clients(packed, mesh) for alpha, packed in clients.items()}
+
+    checkpointer = None
+    start_round = 0
+    states: dict[str, Any] | None = None
+    if workdir:
+        checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+        if checkpointer.latest_step() is not None:
+            target = {a.slug: driver.abstract_states(algs[a.slug], net, keys, mesh, float(a.ratio or 0.0)) for a in arms}
+            states, _, meta = checkpointer.restore(target)
+            start_round = int(meta["round"])
+            checkpointer.delete_after(start_round)
+            print(f"resuming from the checkpoint of round {start_round} in {checkpointer.directory}")
+    if states is None:
+        inits = {key: driver.make_init(alg, net, mesh) for key, alg in programs.items()}
+        states = {a.slug: inits[(a.algorithm, a.server)](keys, float(a.ratio or 0.0)) for a in arms}
+    runs = [{"run": i * int(config.num_seeds) + s, "arm": a.label, "seed": s} for i, a in enumerate(arms)
+            for s in range(int(config.num_seeds))]
+    metrics_log = logs.MetricsLog(workdir, runs, start_round, tensorboard=config.train.tensorboard)
+    shared_rounds = {key: driver.make_rounds(alg, mesh) for key, alg in programs.items()}
+    round_fns = {a.slug: shared_rounds[(a.algorithm, a.server)] for a in arms}
+    evaluate = driver.evaluate_program(training.make_eval_fn(net, int(config.train.eval_batch_size)), mesh)
+    x_eval, y_eval = driver.replicated(np.asarray(x_eval), mesh), driver.replicated(np.asarray(y_eval), mesh)
+    rounds = int(f.rounds)
+
+    def save(done: int) -> None:
+        if checkpointer is None:
+            return
+        faults.point(f"before_save:{done}")
+        checkpointer.save(done, states, meta={"round": done, "arms": [a.label for a in arms]})
+        faults.point(f"after_save:{done}")
+
+    bar = None
+    if config.train.progress and rounds > start_round:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=rounds, initial=start_round, desc=f"{len(arms)} arms x {config.num_seeds} seeds",
+                   unit="round", dynamic_ncols=True)
+    t_train = time.time()
+    try:
+        for r in range(start_round, rounds):
+            round_metrics = {}
+            rk = driver.replicated(driver.round_keys(keys, r), mesh)
+            for a in arms:
+                states[a.slug], m = round_fns[a.slug](states[a.slug], placed[a.alpha], rk)
+                round_metrics[a.slug] = m
+            done = r + 1
+            if done % f.eval_every == 0 or done == rounds:
+                rows = []
+                for i, a in enumerate(arms):
+                    m = driver.to_host({k: round_metrics[a.slug][k] for k in ("train_loss", "train_accuracy")})
+                    bad = np.flatnonzero(~np.isfinite(m["train_loss"]))
+                    if bad.size:
+                        raise training.TrainingDiverged(
+                            f"federated training diverged: arm {a.label!r}, seed {int(bad[0])} had client loss "
+                            f"{float(m['train_loss'][bad[0]])} in round {done}. Lower config.optimizer.learning_rate "
+                            f"(now {config.optimizer.learning_rate})" + (f"; the checkpoints in {checkpointer.directory} "
+                                                                          "are kept." if checkpointer else "."))
+                    ev = driver.to_host(evaluate(states[a.slug].params, states[a.slug].model_state, x_eval, y_eval))
+                    for s in range(int(config.num_seeds)):
+                        rows.append({"epoch": done, "round": done, "run": i * int(config.num_seeds) + s, "arm": a.label,
+                                     "seed": s, "train_loss": float(m["train_loss"][s]),
+                                     "train_accuracy": float(m["train_accuracy"][s]),
+                                     f"{split}_loss": float(ev["loss"][s]), f"{split}_accuracy": float(ev["accuracy"][s])})
+                metrics_log.write(rows)
+                if bar is not None:
+                    means = {}
+                    for row in rows:
+                        means.setdefault(row["arm"], []).append(row[f"{split}_accuracy"])
+                    bar.set_postfix({k[:14]: f"{np.mean(v):.3f}" for k, v in list(means.items())[:4]}, refresh=False)
+            faults.point(f"round_end:{done}")
+            if done % f.checkpoint_every == 0 or done == rounds:
+                save(done)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics_log.close()
+        if checkpointer is not None:
+            checkpointer.close()
+    train_seconds = time.time() - t_train
+
+    final = {}
+    for a in arms:
+        ev = driver.to_host(evaluate(states[a.slug].params, states[a.slug].model_state, x_eval, y_eval))
+        final[a.slug] = np.asarray(ev["accuracy"], np.float64)
+    by_arm = _rows_by_arm(metrics_log.rows, split)
+    curves = {}
+    for a in arms:
+        seeds = by_arm.get(a.label, {})
+        if seeds:
+            rounds_seen = [rd for rd, _ in seeds[0]]
+            curves[a.label] = {"rounds": rounds_seen, "accuracy": [[acc for _, acc in seeds[s]] for s in sorted(seeds)]}
+    report: dict[str, Any] = {
+        "name": config.name, "kind": "federated", "eval_split": split,
+        "data": {"name": dataset.name, "sizes": dataset.sizes(), "num_classes": dataset.num_classes},
+        "model": {"name": net.name, "params": net.param_count(), "batch_norm": net.has_batch_stats},
+        "devices": {"backend": jax.default_backend(), "count": jax.device_count(), "processes": jax.process_count()},
+        "federation": {"num_clients": int(f.num_clients), "partition": f.partition, "alpha": float(f.alpha),
+                       "client_fraction": float(f.client_fraction), "cohort": list(next(iter(algs.values())).cohort),
+                       "local_epochs": int(f.local_epochs), "local_steps": int(f.local_steps),
+                       "batch_size": int(f.batch_size), "rounds": rounds, "bn": f.bn, "clients": federation},
+        "arms": _summaries(arms, final, curves),
+        "curves": curves,
+        "training": {"seconds": train_seconds, "resumed_from": start_round, "seeds": int(config.num_seeds)},
+        "seconds_total": time.time() - t0,
+    }
+    report["markdown"] = _markdown(report)
+    print(report["markdown"])
+    if workdir:
+        ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
+        ckpt_lib.write_text(os.path.join(workdir, "report.md"), f"# {config.name}\n\n{report['markdown']}\n")
+        if config.analysis.plots:
+            report["plots"] = [os.path.basename(p) for p in _plots(config, workdir, report, arms)]
+            ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
+    return report

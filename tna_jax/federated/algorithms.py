@@ -1,0 +1,430 @@
+"""Federated algorithms as pure ``init`` / ``apply`` pairs (fedjax's ``FederatedAlgorithm``).
+
+``init(params, model_state=None) -> ServerState`` and ``apply(server_state, clients, key) ->
+(server_state, metrics)``. One round of every algorithm here is
+
+1. sample :math:`m = \\lceil qK \\rceil` of the K clients without replacement (``fold_in(key, 0)``);
+2. train every sampled client from the global model :math:`\\theta^r`
+   (:func:`tna_jax.federated.client.make_local_update`), all of them as ONE ``jax.vmap`` whose
+   client axis is sharded over the devices of `mesh`; client c's key is
+   ``fold_in(fold_in(key, 1), c)`` (its global id, so the result does not depend on where a
+   client sits in the batch, on which device or process);
+3. average the clients, weighted by their sizes (FedAvg, McMahan et al., 2017):
+   :math:`\\bar\\theta = \\sum_c n_c \\theta_c / \\sum_c n_c`;
+4. server step. Without a server optimizer :math:`\\theta^{r+1} = \\bar\\theta`. With one (an
+   optax transform; Reddi et al., 2021, "Adaptive Federated Optimization"; Hsu et al., 2019 for
+   FedAvgM) it is applied to the pseudo-gradient :math:`\\Delta = \\theta^r - \\bar\\theta`:
+   :math:`\\theta^{r+1} = \\theta^r + \\mathrm{tx}(\\Delta)`, so SGD with learning rate 1 is FedAvg.
+
+Methods (``method=``):
+
+* ``"fedavg"``; ``"fedprox"``: local objective plus :math:`\\frac{\\mu}{2}\\lVert w-\\theta^r\\rVert^2`;
+* ``"fedpfn"`` (Li et al., "Improving Model Fusion by Training-time Neuron Alignment with Fixed
+  Neuron Anchors"): one anchor mask :math:`m` (``tna_jax.anchors.anchor_mask(params, anchor_key,
+  ρ)``), drawn at ``init`` and fixed for all rounds and shared by every client; clients never
+  update anchored entries, and the server keeps them at the GLOBAL model's values:
+  :math:`\\theta^{r+1} \\odot m = \\theta^r \\odot m = \\theta^0 \\odot m`, bit for bit;
+* ``"fedpnu"``: a fresh shared mask every round, ``anchor_mask(params, fold_in(anchor_key, r), ρ)``
+  with r the round: only the unmasked part of the model is updated in round r.
+
+The server optimizer composes with every method; masked entries get a zero pseudo-gradient and
+are copied from :math:`\\theta^r` after the step (so momentum accumulated on an entry in earlier
+rounds cannot move it in a FedPNU round that masks it).
+
+BatchNorm (``bn=``): ``"average"`` averages the running statistics like the parameters;
+``"local"`` is FedBN (Li et al., 2021): every client keeps its own BatchNorm parameters and
+statistics across rounds (``ServerState.client_bn``), only the rest is averaged; the global
+model's BatchNorm entries (used only to evaluate it) are the size-weighted mean over all clients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tna_jax import anchors
+from tna_jax import tree as tree_lib
+from tna_jax.federated.client import ClientData, LocalResult, make_local_update
+
+PyTree = Any
+
+__all__ = ["METHODS", "SERVER_OPTIMIZERS", "BN_MODES", "ServerState", "FederatedAlgorithm", "server_optimizer",
+           "federated_algorithm", "fed_avg", "fed_prox", "fed_pfn", "fed_pnu", "cohort_size", "bn_modules"]
+
+METHODS = ("fedavg", "fedprox", "fedpfn", "fedpnu")
+SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
+BN_MODES = ("average", "local")
+
+
+class ServerState(NamedTuple):
+    """The server's state between rounds.
+
+    Attributes:
+      params: the global model's parameters :math:`\\theta^r`.
+      model_state: its non-parameter collections (``{"batch_stats": ...}`` or ``{}``).
+      opt_state: the server optimizer's state (``()`` without one).
+      round: rounds done, r (int32).
+      mask: FedPFN's fixed anchor mask (True = anchored), or ``()`` for the other methods.
+      client_bn: FedBN's per-client BatchNorm ``{"params": ..., "batch_stats": ...}`` with a
+        leading client axis, or ``()``.
+      anchor_key: raw uint32 data of the anchor key (FedPFN / FedPNU), or ``()``.
+      mask_ratio: ρ of FedPFN / FedPNU (float32; a traced value, so arms that differ only in ρ
+        share one compiled program), or ``()``.
+    """
+
+    params: PyTree
+    model_state: PyTree
+    opt_state: PyTree
+    round: jax.Array
+    mask: PyTree
+    client_bn: PyTree
+    anchor_key: Any
+    mask_ratio: Any
+
+
+class FederatedAlgorithm(NamedTuple):
+    """``init(params, model_state=None, anchor_key=None, mask_ratio=None) -> ServerState``;
+    ``apply(state, clients, key) -> (state, metrics)``.
+
+    Attributes:
+      init: builds the round-0 server state (`anchor_key` and `mask_ratio` override the
+        algorithm's, e.g. one per seed or per ratio under ``jax.vmap``).
+      apply: one round (jittable; ``jax.vmap`` over seeds composes with it).
+      local_update: the single-client function every round vmaps (for loops and tests).
+      cohort: the number of clients per round, m, and padded to the devices, m'.
+    """
+
+    init: Callable[..., ServerState]
+    apply: Callable[[ServerState, ClientData, jax.Array], tuple[ServerState, dict[str, jax.Array]]]
+    local_update: Callable[..., LocalResult]
+    cohort: tuple[int, int]
+
+
+def server_optimizer(name: str, learning_rate: float | None = None, *, momentum: float = 0.9, b1: float = 0.9,
+                     b2: float = 0.99, eps: float = 1e-3) -> optax.GradientTransformation | None:
+    """The server optimizer on the pseudo-gradient: None for ``"none"`` (plain averaging), or
+
+    * ``"fedavgm"``: ``optax.sgd(lr, momentum)`` (default lr 1.0; Hsu et al., 2019);
+    * ``"fedadam"``: ``optax.adam(lr, b1, b2, eps)`` (default lr 0.01, ε = τ = 1e-3 as in Reddi et al.);
+    * ``"fedyogi"``: ``optax.yogi(lr, b1, b2, eps)`` (default lr 0.01).
+
+    Raises:
+      ValueError: an unknown name (listing :data:`SERVER_OPTIMIZERS`) or a learning rate <= 0.
+
+    Example:
+      >>> server_optimizer("none") is None, type(server_optimizer("fedadam")).__name__
+      (True, 'GradientTransformationExtraArgs')
+    """
+    if name not in SERVER_OPTIMIZERS:
+        raise ValueError(f"server optimizer must be one of {SERVER_OPTIMIZERS}; got {name!r}.")
+    if name == "none":
+        return None
+    lr = (1.0 if name == "fedavgm" else 0.01) if learning_rate is None else float(learning_rate)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"server learning_rate must be a finite number > 0; got {learning_rate!r}.")
+    if name == "fedavgm":
+        if not 0 <= momentum < 1:
+            raise ValueError(f"server momentum must be in [0, 1); got {momentum!r}.")
+        return optax.sgd(lr, momentum=momentum or None)
+    if name == "fedadam":
+        return optax.adam(lr, b1=b1, b2=b2, eps=eps)
+    return optax.yogi(lr, b1=b1, b2=b2, eps=eps)
+
+
+def cohort_size(num_clients: int, fraction: float, num_devices: int = 1) -> tuple[int, int]:
+    """``(m, m')``: clients per round :math:`m = \\max(1, \\lceil qK \\rceil)` and m padded up to a
+    multiple of the devices (padding slots train nothing and weigh 0).
+
+    Raises:
+      ValueError: `fraction` outside (0, 1], K < 1.
+
+    Example:
+      >>> cohort_size(20, 0.1, 4), cohort_size(20, 1.0, 1)
+      ((2, 4), (20, 20))
+    """
+    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
+        raise ValueError(f"num_clients must be a positive integer; got {num_clients!r}.")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"client fraction must be in (0, 1]; got {fraction!r}.")
+    m = max(1, math.ceil(fraction * num_clients - 1e-9))
+    return m, -(-m // num_devices) * num_devices
+
+
+def bn_modules(model_state: PyTree) -> set[str]:
+    """Module paths that hold BatchNorm statistics (``batch_stats``), e.g. ``{"conv1_norm"}``.
+
+    Example:
+      >>> bn_modules({"batch_stats": {"conv1_norm": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}})
+      {'conv1_norm'}
+    """
+    stats = model_state.get("batch_stats", {}) if isinstance(model_state, Mapping) else {}
+    return {name.rsplit("/", 1)[0] for name in tree_lib.leaf_names(stats)}
+
+
+def _split_bn(params: PyTree, modules: set[str]) -> PyTree:
+    """The BatchNorm part of a params dict (the modules in `modules`), as a nested dict."""
+
+    def walk(node: Any, prefix: str) -> Any:
+        out = {}
+        for k, v in node.items():
+            path = f"{prefix}/{k}" if prefix else str(k)
+            if path in modules:
+                out[k] = v
+            elif isinstance(v, Mapping):
+                sub = walk(v, path)
+                if sub:
+                    out[k] = sub
+        return out
+
+    return walk(params, "")
+
+
+def _merge_bn(params: PyTree, bn_params: PyTree) -> PyTree:
+    out = dict(params)
+    for k, v in bn_params.items():
+        out[k] = _merge_bn(params[k], v) if isinstance(v, Mapping) and not _is_module_leafdict(v) else v
+    return out
+
+
+def _is_module_leafdict(node: Mapping[str, Any]) -> bool:
+    return all(not isinstance(v, Mapping) for v in node.values())
+
+
+def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation, *, num_clients: int,
+                        max_examples: int, batch_size: int, method: str = "fedavg", local_epochs: int = 1,
+                        local_steps: int = 0, client_fraction: float = 1.0, prox_mu: float = 0.0,
+                        mask_ratio: float = 0.0, anchor_key: jax.Array | None = None,
+                        mask_options: Mapping[str, Any] | None = None,
+                        server_tx: optax.GradientTransformation | None = None, bn: str = "average",
+                        mesh: Mesh | None = None, unroll: int | bool = 1) -> FederatedAlgorithm:
+    """Builds a :class:`FederatedAlgorithm` (see the module docstring for the math).
+
+    Args:
+      net: the model (``tna_jax.models.Net``).
+      client_optimizer: the clients' optax optimizer (state reset every round).
+      num_clients: K, the real clients in the :class:`ClientData` given to ``apply`` (rows past K
+        are device padding and are never sampled).
+      max_examples: N_max, the padded client size of that data.
+      batch_size, local_epochs, local_steps: local training (see ``make_local_update``).
+      method: one of :data:`METHODS`.
+      client_fraction: q in (0, 1], the fraction of clients sampled each round.
+      prox_mu: FedProx's μ (used by ``"fedprox"``; must be > 0 there).
+      mask_ratio: ρ in [0, 1] for ``"fedpfn"`` / ``"fedpnu"``.
+      anchor_key: the PRNG key of the masks (``"fedpfn"`` / ``"fedpnu"``; or give one to ``init``).
+      mask_options: extra arguments of ``anchors.anchor_mask`` (granularity, include, exclude,
+        layer_order).
+      server_tx: server optimizer on the pseudo-gradient (:func:`server_optimizer`), or None.
+      bn: ``"average"`` or ``"local"`` (FedBN).
+      mesh: shard the client axis of each round over this mesh's first axis (None: no constraint).
+      unroll: the local step loop's ``lax.scan`` unroll.
+
+    Returns:
+      The algorithm.
+
+    Raises:
+      ValueError: an unknown method or BN mode, ρ outside [0, 1], fraction outside (0, 1], μ <= 0
+        for FedProx, bad sizes; at ``init``, a missing anchor key.
+
+    Example:
+      >>> import jax, optax
+      >>> from tna_jax import models, anchors
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 2)
+      >>> alg = fed_pfn(net, optax.sgd(0.1), 0.5, jax.random.key(0), num_clients=2, max_examples=4, batch_size=2)
+      >>> state = alg.init(net.init(jax.random.key(1))["params"])
+      >>> 0.4 < anchors.mask_summary(state.mask)["overall"] < 0.7, int(state.round)
+      (True, 0)
+
+    ``jax.jit(alg.apply)(state, clients, key)`` then runs a round (``tests/test_federated.py``
+    checks that the anchored entries never move, on any client or on the server).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {BN_MODES}; got {bn!r}.")
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0 <= mask_ratio <= 1:
+        raise ValueError(f"mask_ratio must be in [0, 1]; got {mask_ratio!r}.")
+    if method == "fedprox" and not prox_mu > 0:
+        raise ValueError(f"fedprox needs prox_mu > 0; got {prox_mu!r}.")
+    masked = method in ("fedpfn", "fedpnu")
+    default_key = anchors._as_key(anchor_key, "anchor_key") if anchor_key is not None else None
+    default_ratio = float(mask_ratio)
+    mask_options = dict(mask_options or {})
+    num_devices = mesh.devices.size if mesh is not None else 1
+    m, m_pad = cohort_size(num_clients, client_fraction, num_devices)
+    local_update = make_local_update(net, client_optimizer, batch_size=batch_size, max_examples=max_examples,
+                                     local_epochs=local_epochs, local_steps=local_steps,
+                                     prox_mu=float(prox_mu) if method == "fedprox" else 0.0, unroll=unroll)
+    local_bn = bn == "local"
+    clients_spec = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])) if mesh is not None else None
+
+    def on_clients(tree: PyTree) -> PyTree:
+        if clients_spec is None:
+            return tree
+        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, clients_spec), tree)
+
+    def draw_mask(params: PyTree, key_data: jax.Array, round_index: Any, ratio: Any) -> PyTree:
+        key = jax.random.wrap_key_data(key_data)
+        return anchors.anchor_mask(params, jax.random.fold_in(key, round_index), ratio, **mask_options)
+
+    def init(params: PyTree, model_state: PyTree | None = None, anchor_key: jax.Array | None = None,
+             mask_ratio: Any = None) -> ServerState:
+        model_state = dict(model_state or {})
+        opt_state = server_tx.init(params) if server_tx is not None else ()
+        key_data: Any = ()
+        if masked:
+            if anchor_key is None and default_key is None:
+                raise ValueError(f"method {method!r} needs anchor_key (the PRNG key of the shared mask).")
+            if anchor_key is None:
+                key_data = jax.random.key_data(default_key)
+            elif jnp.issubdtype(anchor_key.dtype, jnp.uint32):
+                key_data = jnp.asarray(anchor_key)
+            else:
+                key_data = jax.random.key_data(anchor_key)
+        ratio: Any = ()
+        if masked:
+            ratio = jnp.asarray(default_ratio if mask_ratio is None else mask_ratio, jnp.float32)
+        mask = anchors.anchor_mask(params, jax.random.wrap_key_data(key_data), ratio, **mask_options) \
+            if method == "fedpfn" else ()
+        client_bn: PyTree = ()
+        if local_bn:
+            modules = bn_modules(model_state)
+            if not modules:
+                raise ValueError("bn='local' (FedBN) needs a model with BatchNorm statistics; this one has none.")
+            local = {"params": _split_bn(params, modules), "batch_stats": model_state["batch_stats"]}
+            client_bn = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients, *np.shape(a))), local)
+        return ServerState(params, model_state, opt_state, jnp.zeros((), jnp.int32), mask, client_bn, key_data, ratio)
+
+    def sample(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if m == num_clients:
+            idx = jnp.arange(m, dtype=jnp.int32)
+        else:
+            idx = jnp.sort(jax.random.choice(jax.random.fold_in(key, 0), num_clients, (m,), replace=False))
+            idx = idx.astype(jnp.int32)
+        valid = jnp.arange(m_pad) < m
+        return jnp.concatenate([idx, jnp.full((m_pad - m,), num_clients, jnp.int32)]), valid
+
+    def apply(state: ServerState, clients: ClientData, key: jax.Array) -> tuple[ServerState, dict[str, jax.Array]]:
+        key = anchors._as_key(key, "key") if not isinstance(key, jax.core.Tracer) else key
+        if jnp.issubdtype(key.dtype, jnp.uint32):
+            key = jax.random.wrap_key_data(key)
+        idx, valid = sample(key)
+        safe = jnp.minimum(idx, num_clients - 1)
+        if m_pad == m == clients.num_rows:
+            x, y, n = clients.x, clients.y, clients.n
+        else:
+            x, y = jnp.take(clients.x, safe, axis=0), jnp.take(clients.y, safe, axis=0)
+            n = jnp.where(valid, jnp.take(clients.n, safe), 0)
+        train_key = jax.random.fold_in(key, 1)
+        keys = jax.vmap(lambda c: jax.random.fold_in(train_key, c))(safe)
+        x, y, n, keys = on_clients((x, y, n, keys))
+        if method == "fedpfn":
+            mask = state.mask
+        elif method == "fedpnu":
+            mask = draw_mask(state.params, state.anchor_key, state.round, state.mask_ratio)
+        else:
+            mask = None
+        if local_bn:
+            local = jax.tree.map(lambda a: jnp.take(a, safe, axis=0), state.client_bn)
+            start = jax.vmap(lambda b: _merge_bn(state.params, b))(local["params"])
+            start_state = {**state.model_state, "batch_stats": local["batch_stats"]}
+            start, start_state = on_clients((start, start_state))
+            axes = (0, 0, None, None, 0, 0, 0, 0)
+        else:
+            start, start_state = state.params, state.model_state
+            axes = (None, None, None, None, 0, 0, 0, 0)
+        out = jax.vmap(local_update, in_axes=axes)(start, start_state, state.params, mask, x, y, n, keys)
+        return aggregate(state, out, idx, n, mask, clients.n[:num_clients])
+
+    def aggregate(state: ServerState, out: LocalResult, idx: jax.Array, n: jax.Array, mask: PyTree | None,
+                  all_sizes: jax.Array) -> tuple[ServerState, dict[str, jax.Array]]:
+        weights = n.astype(jnp.float32)
+        mean = tree_lib.weighted_mean(out.params, weights)
+        old = state.params
+        if mask is not None:
+            mean = jax.tree.map(lambda msk, o, a: jnp.where(msk, o, a), mask, old, mean)
+        if server_tx is None:
+            new_params, opt_state = mean, state.opt_state
+        else:
+            delta = jax.tree.map(lambda o, a: o - a, old, mean)
+            updates, opt_state = server_tx.update(delta, state.opt_state, old)
+            new_params = optax.apply_updates(old, updates)
+        if mask is not None:
+            new_params = jax.tree.map(lambda msk, o, a: jnp.where(msk, o, a), mask, old, new_params)
+        model_state = state.model_state
+        client_bn = state.client_bn
+        if model_state and not local_bn:
+            model_state = {**model_state, **tree_lib.weighted_mean(out.model_state, weights)}
+        if local_bn:
+            modules = bn_modules(state.model_state)
+            local = {"params": _split_bn(out.params, modules), "batch_stats": out.model_state["batch_stats"]}
+            client_bn = jax.tree.map(lambda all_, new: all_.at[idx].set(new, mode="drop"), client_bn, local)
+            # The global model's BatchNorm (used only to evaluate it): the size-weighted mean over all clients.
+            avg = tree_lib.weighted_mean(client_bn, all_sizes.astype(jnp.float32))
+            new_params = _merge_bn(new_params, avg["params"])
+            model_state = {**model_state, "batch_stats": avg["batch_stats"]}
+        total = jnp.maximum(jnp.sum(weights), 1.0)
+        metrics = {
+            "train_loss": jnp.sum(out.loss * weights) / total,
+            "train_accuracy": jnp.sum(out.accuracy * weights) / total,
+            "client_loss": out.loss,
+            "clients": idx,
+            "steps": out.steps,
+            "update_norm": optax.tree.norm(jax.tree.map(lambda a, b: a - b, new_params, old)),
+        }
+        if mask is not None:
+            metrics["masked_fraction"] = anchors_fraction(mask)
+        return ServerState(new_params, model_state, opt_state, state.round + 1, state.mask, client_bn,
+                           state.anchor_key, state.mask_ratio), metrics
+
+    return FederatedAlgorithm(init, apply, local_update, (m, m_pad))
+
+
+def anchors_fraction(mask: PyTree) -> jax.Array:
+    """Fraction of entries that `mask` anchors (jittable).
+
+    Example:
+      >>> float(anchors_fraction({"a": jnp.array([True, False]), "b": jnp.array([True, True])}))
+      0.75
+    """
+    leaves = jax.tree.leaves(mask)
+    total = sum(int(np.size(m)) for m in leaves)
+    return sum(jnp.sum(m) for m in leaves) / max(total, 1)
+
+
+def fed_avg(net: Any, client_optimizer: optax.GradientTransformation, **kwargs: Any) -> FederatedAlgorithm:
+    """FedAvg (McMahan et al., 2017): :func:`federated_algorithm` with ``method="fedavg"``.
+
+    Example:
+      >>> import optax
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 4}, (3,), 2)
+      >>> fed_avg(net, optax.sgd(0.1), num_clients=10, max_examples=5, batch_size=2, client_fraction=0.3).cohort
+      (3, 3)
+    """
+    return federated_algorithm(net, client_optimizer, method="fedavg", **kwargs)
+
+
+def fed_prox(net: Any, client_optimizer: optax.GradientTransformation, mu: float, **kwargs: Any) -> FederatedAlgorithm:
+    """FedProx (Li et al., 2020) with proximal weight ``mu`` > 0."""
+    return federated_algorithm(net, client_optimizer, method="fedprox", prox_mu=mu, **kwargs)
+
+
+def fed_pfn(net: Any, client_optimizer: optax.GradientTransformation, ratio: float, anchor_key: jax.Array,
+            **kwargs: Any) -> FederatedAlgorithm:
+    """FedPFN: one shared anchor mask of ratio ρ, fixed for all rounds (see the module docstring)."""
+    return federated_algorithm(net, client_optimizer, method="fedpfn", mask_ratio=ratio, anchor_key=anchor_key,
+                               **kwargs)
+
+
+def fed_pnu(net: Any, client_optimizer: optax.GradientTransformation, ratio: float, anchor_key: jax.Array,
+            **kwargs: Any) -> FederatedAlgorithm:
+    """FedPNU: a fresh shared mask of ratio ρ every round, ``fold_in(anchor_key, round)``."""
+    return federated_algorithm(net, client_optimizer, method="fedpnu", mask_ratio=ratio, anchor_key=anchor_key,
+                               **kwargs)

@@ -1,0 +1,284 @@
+"""Client data and local training: every sampled client trains at once, as one ``jax.vmap``.
+
+Clients hold different numbers of examples. To make them one batch axis, :func:`pack_clients`
+pads every client's data to the largest client, :math:`N_{\\max}`, and keeps the true sizes
+:math:`n_c`. :func:`make_local_update` builds the local training of ONE client as a pure
+function (a ``lax.scan`` over a fixed number of steps); ``jax.vmap`` of it trains every client
+of a round in one program, with no Python loop over clients or steps.
+
+Local epochs. With E local epochs and batch size B client c takes
+:math:`E \\lceil n_c / B \\rceil` steps (the last batch of an epoch is partial, as
+``drop_last=False`` in PyTorch: a client smaller than B still trains). Every client's scan runs
+:math:`T = E \\lceil N_{\\max} / B \\rceil` steps; steps past the client's own count are masked
+(parameters, statistics and optimizer state stay exactly as they were): padding costs the
+compute of the masked steps and nothing else. (The batch order is drawn over the N_max padded
+rows, so the same client packed to another N_max visits its rows in another, equally random,
+order.)
+
+Batches. Epoch e of client c visits its rows in the order of
+``jax.random.permutation(order_key, N_max)`` with the padding rows moved to the end (a stable
+partition), where ``order_key = split(fold_in(data_key, e))[0]``: for a client without padding
+this is exactly the order of ``tna_jax.training.make_train_epoch``, so one client holding the
+whole training set reproduces centralised training step for step. Positions past :math:`n_c` in a
+partial batch are filled with the client's own rows from the start of the epoch (so BatchNorm
+sees real data) and get zero loss weight.
+
+With ``local_steps = K > 0`` instead, every client takes exactly K steps of B rows drawn
+uniformly with replacement from its own data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tna_jax import anchors
+from tna_jax.training import cross_entropy
+
+PyTree = Any
+
+__all__ = ["ClientData", "LocalResult", "pack_clients", "local_steps_count", "make_local_update",
+           "epoch_order"]
+
+
+class ClientData(NamedTuple):
+    """The training data of K clients, padded to a common size (a leading client axis).
+
+    Attributes:
+      x: (K, N_max, ...) inputs; rows from ``n[c]`` on are zero padding.
+      y: (K, N_max) int32 labels (padding rows 0).
+      n: (K,) int32 true sizes; a padding *client* (added to fill devices) has n = 0.
+    """
+
+    x: Any
+    y: Any
+    n: Any
+
+    @property
+    def max_examples(self) -> int:
+        return int(np.shape(self.y)[1])
+
+    @property
+    def num_rows(self) -> int:
+        return int(np.shape(self.n)[0])
+
+
+class LocalResult(NamedTuple):
+    """What one client's local training returns (a leading client axis under vmap).
+
+    Attributes:
+      params: the client's final parameters.
+      model_state: its final non-parameter collections (BatchNorm statistics or ``{}``).
+      loss: mean training cross-entropy over its steps (0 for a client that took none).
+      accuracy: fraction of its training rows classified correctly during training.
+      steps: optimizer steps it took.
+    """
+
+    params: PyTree
+    model_state: PyTree
+    loss: jax.Array
+    accuracy: jax.Array
+    steps: jax.Array
+
+
+def pack_clients(x: np.ndarray, y: np.ndarray, parts: Sequence[np.ndarray], *, multiple: int = 1) -> ClientData:
+    """Gathers each client's rows of (x, y) and pads them into one :class:`ClientData` (NumPy).
+
+    Args:
+      x: (N, ...) training inputs; y: (N,) labels.
+      parts: K index arrays (a partition, see :mod:`tna_jax.federated.partition`).
+      multiple: pad the client axis with empty clients (n = 0) to a multiple of this (the number
+        of devices the client axis is sharded over).
+
+    Returns:
+      A :class:`ClientData` with ``x.shape == (K', N_max, ...)``, K' the padded client count.
+
+    Raises:
+      ValueError: no clients, an empty client, or indices outside the data.
+
+    Example:
+      >>> d = pack_clients(np.arange(5.0)[:, None], np.arange(5), [np.array([0, 1, 2]), np.array([4])], multiple=4)
+      >>> d.x.shape, d.n.tolist(), d.y[1].tolist()
+      ((4, 3, 1), [3, 1, 0, 0], [4, 0, 0])
+    """
+    if len(parts) == 0:
+        raise ValueError("parts must hold at least one client; got none.")
+    if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
+        raise ValueError(f"multiple must be a positive integer; got {multiple!r}.")
+    x, y = np.asarray(x), np.asarray(y, np.int32)
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} rows but y has {len(y)}.")
+    sizes = [len(p) for p in parts]
+    for c, s in enumerate(sizes):
+        if s == 0:
+            raise ValueError(f"client {c} has no data; every client needs at least one example.")
+    n_max = max(sizes)
+    k = len(parts)
+    k_pad = -(-k // multiple) * multiple
+    xs = np.zeros((k_pad, n_max, *x.shape[1:]), x.dtype)
+    ys = np.zeros((k_pad, n_max), np.int32)
+    for c, p in enumerate(parts):
+        p = np.asarray(p, np.int64)
+        if p.min() < 0 or p.max() >= len(y):
+            raise ValueError(f"client {c} has indices outside [0, {len(y)}).")
+        xs[c, : len(p)] = x[p]
+        ys[c, : len(p)] = y[p]
+    n = np.zeros(k_pad, np.int32)
+    n[:k] = sizes
+    return ClientData(xs, ys, n)
+
+
+def local_steps_count(max_examples: int, batch_size: int, local_epochs: int, local_steps: int = 0) -> int:
+    """T, the steps every client's scan runs: ``local_steps`` if > 0, else ``E * ceil(N_max / B)``.
+
+    Example:
+      >>> local_steps_count(100, 32, 2)
+      8
+    """
+    for name, v, lo in (("max_examples", max_examples, 1), ("batch_size", batch_size, 1),
+                        ("local_epochs", local_epochs, 1), ("local_steps", local_steps, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}.")
+    return int(local_steps) if local_steps else int(local_epochs) * math.ceil(max_examples / batch_size)
+
+
+def epoch_order(order_key: jax.Array, n: jax.Array, max_examples: int) -> jax.Array:
+    """The rows of one epoch: a random permutation of ``range(N_max)`` with the padding rows
+    (index >= n) moved, in order, behind the real ones. Without padding it is exactly
+    ``jax.random.permutation(order_key, N_max)`` (the order of ``training.epoch_indices``).
+
+    Example:
+      >>> import jax
+      >>> order = epoch_order(jax.random.key(0), 3, 6)
+      >>> sorted(order[:3].tolist())
+      [0, 1, 2]
+    """
+    perm = jax.random.permutation(order_key, max_examples)
+    return perm[jnp.argsort(perm >= n, stable=True)]
+
+
+def make_local_update(net: Any, tx: optax.GradientTransformation, *, batch_size: int, max_examples: int,
+                      local_epochs: int = 1, local_steps: int = 0, prox_mu: float = 0.0,
+                      unroll: int | bool = 1) -> Callable[..., LocalResult]:
+    r"""Local training of ONE client as a pure function (vmap it over clients).
+
+    ``local_update(params, model_state, global_params, mask, x, y, n, key) -> LocalResult``
+
+    * starts from `params` / `model_state` with a fresh state of
+      ``optax.chain(tx, fixed_anchor_mask(mask=mask))`` (or of `tx` when `mask` is None): the
+      anchored entries never move, bit for bit;
+    * minimises the cross-entropy on its rows, plus FedProx's proximal term
+      :math:`\frac{\mu}{2}\lVert w - w_{\text{global}}\rVert^2` when ``prox_mu = μ > 0``
+      (Li et al., 2020, "Federated Optimization in Heterogeneous Networks");
+    * runs :func:`local_steps_count` steps; those past the client's own count leave everything
+      unchanged (see the module docstring).
+
+    `key` is the client's key for the round: batch order from ``fold_in(key, 0)`` (the data key),
+    dropout from ``fold_in(key, 1)``.
+
+    Args:
+      net: the model (``tna_jax.models.Net``).
+      tx: the client optimizer (its state is reset every round).
+      batch_size: B.
+      max_examples: N_max, the padded client size (static).
+      local_epochs: E (ignored when `local_steps` > 0).
+      local_steps: K > 0: exactly K steps of B rows drawn with replacement.
+      prox_mu: μ >= 0 of FedProx.
+      unroll: ``lax.scan``'s unroll of the step loop (``True`` for convolutional nets on CPU,
+        see ``tna_jax.training.loop_plan``).
+
+    Returns:
+      The function above.
+
+    Raises:
+      ValueError: bad sizes or a negative `prox_mu`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 2)
+      >>> params = net.init(jax.random.key(0))["params"]
+      >>> update = make_local_update(net, optax.sgd(0.1), batch_size=2, max_examples=4)
+      >>> x, y = jnp.ones((4, 4)), jnp.array([0, 1, 0, 0])
+      >>> out = update(params, {}, params, None, x, y, jnp.int32(3), jax.random.key(1))
+      >>> int(out.steps)
+      2
+    """
+    steps = local_steps_count(max_examples, batch_size, local_epochs, local_steps)
+    if not (isinstance(prox_mu, (int, float)) and math.isfinite(prox_mu) and prox_mu >= 0):
+        raise ValueError(f"prox_mu must be a finite number >= 0; got {prox_mu!r}.")
+    epochs = int(local_epochs)
+    spe_max = math.ceil(max_examples / batch_size)
+    offsets = jnp.arange(batch_size)
+
+    def local_update(params, model_state, global_params, mask, x, y, n, key) -> LocalResult:
+        n = jnp.asarray(n, jnp.int32)
+        data_key = jax.random.fold_in(key, 0)
+        dropout_key = jax.random.fold_in(key, 1)
+        client_tx = tx if mask is None else optax.chain(tx, anchors.fixed_anchor_mask(mask=mask))
+        opt_state = client_tx.init(params)
+        spe = jnp.maximum(1, (n + batch_size - 1) // batch_size)
+        if local_steps:
+            num_steps = jnp.where(n > 0, steps, 0)
+        else:
+            num_steps = jnp.where(n > 0, epochs * spe, 0)
+            orders = jnp.stack([epoch_order(jax.random.split(jax.random.fold_in(data_key, e))[0], n, max_examples)
+                                for e in range(epochs)])
+            # Room for a whole last batch: positions past N_max are never valid (they wrap below).
+            orders = jnp.pad(orders, ((0, 0), (0, spe_max * batch_size - max_examples)))
+
+        def batch(t):
+            if local_steps:
+                rows = jax.random.randint(jax.random.fold_in(data_key, t), (batch_size,), 0, jnp.maximum(n, 1))
+                return rows, jnp.ones((batch_size,), jnp.float32)
+            epoch, s = t // spe, t % spe
+            pos = s * batch_size + offsets
+            valid = pos < n
+            pos = jnp.where(valid, pos, pos % jnp.maximum(n, 1))  # fill a partial batch with real rows
+            order = jax.lax.dynamic_index_in_dim(orders, jnp.minimum(epoch, epochs - 1), keepdims=False)
+            return jnp.take(order, pos), valid.astype(jnp.float32)
+
+        def step(carry, t):
+            params, model_state, opt_state, loss_sum, correct, seen = carry
+            rows, weight = batch(t)
+            xb, yb = jnp.take(x, rows, axis=0), jnp.take(y, rows, axis=0)
+            count = jnp.maximum(jnp.sum(weight), 1.0)
+
+            def loss_fn(p):
+                logits, new_state = net.apply({"params": p, **model_state}, xb, train=True,
+                                              rng=jax.random.fold_in(dropout_key, t))
+                ce = cross_entropy(logits, yb)
+                loss = jnp.sum(ce * weight) / count
+                total = loss
+                if prox_mu:
+                    sq = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(global_params)))
+                    total = loss + 0.5 * prox_mu * sq
+                return total, (loss, logits, new_state)
+
+            (_, (loss, logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, new_opt = client_tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            active = t < num_steps
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)  # noqa: E731
+            params = keep(new_params, params)
+            model_state = keep({**model_state, **new_state}, model_state)
+            opt_state = keep(new_opt, opt_state)
+            hits = jnp.sum(weight * (jnp.argmax(logits, -1) == yb))
+            on = active.astype(jnp.float32)
+            return (params, model_state, opt_state, loss_sum + on * loss, correct + on * hits,
+                    seen + on * jnp.sum(weight)), None
+
+        init = (params, model_state, opt_state, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+        (params, model_state, _, loss_sum, correct, seen), _ = jax.lax.scan(step, init, jnp.arange(steps),
+                                                                            unroll=unroll)
+        taken = jnp.maximum(num_steps, 1).astype(jnp.float32)
+        return LocalResult(params, model_state, loss_sum / taken, correct / jnp.maximum(seen, 1.0),
+                           num_steps.astype(jnp.int32))
+
+    return local_update
