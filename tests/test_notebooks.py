@@ -13,7 +13,6 @@ it XLA compiling the vmapped initialisation (the anchor mask's per-leaf threefry
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import time
@@ -25,7 +24,6 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))
 BADGE = "https://colab.research.google.com/github/tna-jax/tna_jax/blob/main/colab/"
 # A notebook that needs a package tna_jax does not have yet runs once it lands (helper branches merge
 # one at a time); every other notebook must run.
-NEEDS = {"04_federated.ipynb": "tna_jax.federated"}
 
 
 def _cells(path: str) -> list[dict]:
@@ -86,8 +84,6 @@ def test_notebooks_run_top_to_bottom_in_fast_mode(tmp_path):
     seconds, failures = {}, []
     for path in NOTEBOOKS:
         name = os.path.basename(path)
-        if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
-            continue
         try:
             seconds[name] = round(_execute(path, cache), 1)
         except Exception as err:  # report every failing notebook, not just the first
