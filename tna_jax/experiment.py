@@ -254,7 +254,7 @@ def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]
     reset_fn = bn_reset_eval(config, net, eval_fn, data)
     x, y = data.split(config.analysis.split)
     alphas = lmc.default_alphas(config.analysis.num_alphas)
-    chunk = int(config.analysis.chunk) or None
+    chunk = int(config.analysis.chunk) or lmc.AUTO
     out: dict[str, Any] = {}
     arms: dict[int, list[int]] = {}
     for r in result.runs:

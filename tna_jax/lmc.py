@@ -11,8 +11,8 @@ is the uniform (or weighted) average of K models against the mean of their indiv
 
 Every function is pure and takes an ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one
 model (``tna_jax.training.make_eval_fn``). α is a batch axis: a path is ``jax.vmap`` over α of
-"interpolate, then evaluate", optionally chunked with ``jax.lax.map(..., batch_size=chunk)`` to
-bound memory; a table over N seeds is a vmap over pairs. α outside [0, 1] is allowed and means
+"interpolate, then evaluate", chunked with ``jax.lax.map(..., batch_size=chunk)`` to bound memory
+(and, on CPU, to keep each chunk's activations in cache: ``chunk="auto"``, the default); a table over N seeds is a vmap over pairs. α outside [0, 1] is allowed and means
 extrapolation along the same line (θ_α for α < 0 lies beyond A, for α > 1 beyond B); barriers are
 still measured against the chord between the α = 0 and α = 1 points of the path.
 
@@ -47,7 +47,7 @@ EvalFn = Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]]
 __all__ = [
     "interpolate", "default_alphas", "lmc_path", "barriers", "all_pairs", "pairwise_barriers", "fuse",
     "check_compatible", "check_data", "layer_groups", "layerwise_lmc", "LAYERWISE_MODES",
-    "reset_bn_stats", "with_bn_reset",
+    "reset_bn_stats", "with_bn_reset", "map_points", "auto_chunk", "intermediate_bytes", "AUTO",
 ]
 
 
@@ -81,9 +81,84 @@ def check_data(data: tuple[jax.Array, jax.Array], name: str = "data") -> tuple[j
     return x, y
 
 
-def _check_chunk(chunk: int | None) -> None:
+AUTO = "auto"
+Chunk = int | str | None
+
+# Scratch memory one chunk of points may use when ``chunk="auto"``. On CPU the fastest chunk is
+# the one whose intermediates stay in cache: a big vmapped batch of models turns every matmul
+# into a batched matmul whose activations stream through DRAM, and XLA:CPU runs the batch
+# elements of such a dot one after another on one core, while ``lax.map`` over small chunks
+# keeps plain (multi-threaded) matmuls and still pays no per-point dispatch. Measured on the
+# MNIST-1D MLPs of benchmarks/lmc.py (2 cores): best chunk ~5 at width 32, ~1 at width 128; a
+# 4 MiB budget picks both. Accelerators have the memory bandwidth and parallelism to evaluate
+# everything at once, so their budget only bounds memory.
+AUTO_CHUNK_BYTES = {"cpu": 4 << 20}
+AUTO_CHUNK_BYTES_ACCELERATOR = 1 << 30
+
+
+def _check_chunk(chunk: Chunk) -> None:
+    if chunk == AUTO:
+        return
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
-        raise ValueError(f"chunk must be a positive integer or None; got {chunk!r}.")
+        raise ValueError(f"chunk must be a positive integer, None (all points at once) or 'auto'; got {chunk!r}.")
+
+
+def _normal_chunk(chunk: Chunk) -> Chunk:
+    """A hashable, canonical chunk for the program caches."""
+    return chunk if chunk is None or chunk == AUTO else int(chunk)
+
+
+def _sub_jaxprs(value: Any) -> list[Any]:
+    if hasattr(value, "eqns"):
+        return [value]
+    if hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+        return [value.jaxpr]
+    if isinstance(value, (list, tuple)):
+        return [j for v in value for j in _sub_jaxprs(v)]
+    return []
+
+
+def intermediate_bytes(jaxpr: Any) -> int:
+    """Bytes of every value a jaxpr computes (an upper bound on its scratch memory).
+
+    A sub-program (a ``scan``/``while`` body, the branches of a ``cond``, a nested ``jit``)
+    counts once, at its largest: its buffers are reused across iterations.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> intermediate_bytes(jax.make_jaxpr(lambda x: jnp.sin(x) * 2)(jnp.ones(10)).jaxpr)
+      80
+    """
+    total = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            aval = getattr(var, "aval", None)
+            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                total += int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+        subs = [j for v in eqn.params.values() for j in _sub_jaxprs(v)]
+        if subs:
+            total += max(intermediate_bytes(j) for j in subs)
+    return total
+
+
+def auto_chunk(fn: Callable[[Any], Any], xs: Any, *, budget_bytes: int | None = None) -> int:
+    """How many points of ``fn`` over ``xs`` (mapped over the leading axis) to evaluate at once.
+
+    Traces ``fn`` on one point (no compilation), counts the bytes of its intermediates
+    (:func:`intermediate_bytes`) and fits as many points as ``budget_bytes`` holds (default
+    :data:`AUTO_CHUNK_BYTES` for the backend): at least 1, at most the number of points.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> auto_chunk(lambda v: jnp.outer(v, v).sum(), jnp.ones((100, 256)), budget_bytes=1 << 20)
+      3
+    """
+    n = int(jax.tree.leaves(xs)[0].shape[0])
+    one = jax.tree.map(lambda v: v[0], xs)
+    per_point = intermediate_bytes(jax.make_jaxpr(fn)(one).jaxpr)
+    if budget_bytes is None:
+        budget_bytes = AUTO_CHUNK_BYTES.get(jax.default_backend(), AUTO_CHUNK_BYTES_ACCELERATOR)
+    return int(max(1, min(n, budget_bytes // max(per_point, 1))))
 
 
 def _check_alphas(alphas: Any) -> jax.Array:
@@ -113,24 +188,40 @@ def interpolate(a: PyTree, b: PyTree, alpha: float | jax.Array) -> PyTree:
     return tree_lib.lerp(a, b, alpha)
 
 
-def _map(fn: Callable[[Any], Any], xs: Any, chunk: int | None) -> Any:
-    if chunk is None:
+def map_points(fn: Callable[[Any], Any], xs: Any, chunk: Chunk = AUTO) -> Any:
+    """``fn`` over the leading axis of ``xs``: one ``vmap``, or ``lax.map`` over chunks of points.
+
+    ``chunk=None`` vmaps every point at once; an integer k evaluates k points at a time (same
+    numbers, memory bounded by k points); ``"auto"`` picks k with :func:`auto_chunk` when the
+    program is traced (so once per compilation). Used by every path, table and curve evaluation.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> map_points(lambda v: v.sum(), jnp.arange(6.0).reshape(3, 2), chunk=2).tolist()
+      [1.0, 5.0, 9.0]
+    """
+    n = int(jax.tree.leaves(xs)[0].shape[0])
+    if chunk == AUTO:
+        chunk = auto_chunk(fn, xs)
+    if chunk is None or chunk >= n:
         return jax.vmap(fn)(xs)
+    if chunk == 1:
+        return jax.lax.map(fn, xs)
     return jax.lax.map(fn, xs, batch_size=int(chunk))
 
 
 @functools.lru_cache(maxsize=64)
-def _path_program(eval_fn: EvalFn, chunk: int | None, jit: bool) -> Callable[..., Any]:
+def _path_program(eval_fn: EvalFn, chunk: Chunk, jit: bool) -> Callable[..., Any]:
     """One compiled program per (eval_fn, chunk): repeated paths reuse it (no recompiles)."""
 
     def compute(a, b, alphas, x, y):
-        return _map(lambda alpha: eval_fn(interpolate(a, b, alpha), x, y), alphas, chunk)
+        return map_points(lambda alpha: eval_fn(interpolate(a, b, alpha), x, y), alphas, chunk)
 
     return jax.jit(compute) if jit else compute
 
 
 def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, alphas: Sequence[float] | jax.Array | None = None,
-             data: tuple[jax.Array, jax.Array] | None = None, chunk: int | None = None, *,
+             data: tuple[jax.Array, jax.Array] | None = None, chunk: Chunk = AUTO, *,
              jit: bool = True) -> dict[str, Any]:
     """Loss and accuracy of θ_α = (1 − α) θ_A + α θ_B for every α, vmapped over α.
 
@@ -142,7 +233,8 @@ def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, alphas: Sequence[float] | ja
       alphas: the α grid; default 25 points in [0, 1]. Values outside [0, 1] extrapolate.
       data: ``(x, y)`` to evaluate on.
       chunk: evaluate at most this many α at once (``lax.map`` with ``batch_size``: bounds
-        memory, same numbers); None = all α in one vmap.
+        memory, same numbers); None = all α in one vmap; ``"auto"`` (default) sizes the chunks
+        to the backend (:func:`auto_chunk`: cache-sized on CPU, memory-bounded elsewhere).
       jit: compile the path (cached per ``(eval_fn, chunk)``); False runs it eagerly, e.g.
         inside another transformation.
 
@@ -170,7 +262,7 @@ def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, alphas: Sequence[float] | ja
     _check_chunk(chunk)
     check_compatible(a, b)
     alphas = _check_alphas(alphas)
-    out = _path_program(eval_fn, None if chunk is None else int(chunk), bool(jit))(a, b, alphas, x, y)
+    out = _path_program(eval_fn, _normal_chunk(chunk), bool(jit))(a, b, alphas, x, y)
     return {"alpha": alphas, "loss": out["loss"], "accuracy": out["accuracy"]}
 
 
@@ -215,7 +307,7 @@ def all_pairs(n: int, max_pairs: int | None = None) -> list[tuple[int, int]]:
 
 
 @functools.lru_cache(maxsize=64)
-def _pairs_program(eval_fn: EvalFn, chunk: int | None, jit: bool) -> Callable[..., Any]:
+def _pairs_program(eval_fn: EvalFn, chunk: Chunk, jit: bool) -> Callable[..., Any]:
     def compute(stacked, ii, jj, pi, al, x, y):
         def point(inputs):
             p, alpha = inputs
@@ -223,14 +315,14 @@ def _pairs_program(eval_fn: EvalFn, chunk: int | None, jit: bool) -> Callable[..
             b = tree_lib.index(stacked, jj[p])
             return eval_fn(interpolate(a, b, alpha), x, y)
 
-        return _map(point, (pi, al), chunk)
+        return map_points(point, (pi, al), chunk)
 
     return jax.jit(compute) if jit else compute
 
 
 def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], *,
                       pairs: Sequence[tuple[int, int]] | None = None,
-                      alphas: Sequence[float] | None = None, chunk: int | None = None,
+                      alphas: Sequence[float] | None = None, chunk: Chunk = AUTO,
                       jit: bool = True) -> dict[str, Any]:
     """LMC between pairs of N stacked models, vmapped over pairs and α.
 
@@ -240,7 +332,8 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
       data: ``(x, y)``.
       pairs: which (i, j) to compare; default all i < j.
       alphas: the α grid (default 25 points in [0, 1]).
-      chunk: evaluate at most this many (pair, α) points at once.
+      chunk: evaluate at most this many (pair, α) points at once; None = all, ``"auto"``
+        (default) as in :func:`lmc_path`.
 
     Returns:
       ``{"pairs": [(i, j)...], "paths": {"alpha", "loss" (P, K), "accuracy" (P, K)},
@@ -267,7 +360,7 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
     # Flatten (pair, α) into one batch axis so chunking bounds the total work in flight.
     pi = jnp.repeat(jnp.arange(len(pairs), dtype=jnp.int32), k)
     al = jnp.tile(alphas_arr, len(pairs))
-    out = _pairs_program(eval_fn, None if chunk is None else int(chunk), bool(jit))(stacked, ii, jj, pi, al, x, y)
+    out = _pairs_program(eval_fn, _normal_chunk(chunk), bool(jit))(stacked, ii, jj, pi, al, x, y)
     loss = np.asarray(out["loss"]).reshape(len(pairs), k)
     acc = np.asarray(out["accuracy"]).reshape(len(pairs), k)
     per_pair = [barriers({"alpha": alphas_arr, "loss": loss[p], "accuracy": acc[p]}) for p in range(len(pairs))]
@@ -457,20 +550,20 @@ def _masked_lerp(a: PyTree, b: PyTree, alpha: jax.Array, select: PyTree) -> PyTr
 
 
 @functools.lru_cache(maxsize=64)
-def _layerwise_program(eval_fn: EvalFn, chunk: int | None, jit: bool) -> Callable[..., Any]:
+def _layerwise_program(eval_fn: EvalFn, chunk: Chunk, jit: bool) -> Callable[..., Any]:
     def compute(a, b, masks, gi, al, x, y):
         def point(inputs):
             g, alpha = inputs
             return eval_fn(_masked_lerp(a, b, alpha, tree_lib.index(masks, g)), x, y)
 
-        return _map(point, (gi, al), chunk)
+        return map_points(point, (gi, al), chunk)
 
     return jax.jit(compute) if jit else compute
 
 
 def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupSpec] | Mapping[str, GroupSpec] | None,
                   data: tuple[jax.Array, jax.Array], *, alphas: Sequence[float] | None = None, mode: str = "single",
-                  chunk: int | None = None, layer_order: Sequence[str] | None = None,
+                  chunk: Chunk = AUTO, layer_order: Sequence[str] | None = None,
                   jit: bool = True) -> dict[str, Any]:
     """Layer-wise linear mode connectivity: interpolate one group of layers, keep the rest at A.
 
@@ -499,7 +592,8 @@ def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupS
       data: ``(x, y)``.
       alphas: the α grid (default 25 points in [0, 1]; values outside extrapolate).
       mode: one of :data:`LAYERWISE_MODES`.
-      chunk: evaluate at most this many (group, α) points at once.
+      chunk: evaluate at most this many (group, α) points at once; None = all, ``"auto"``
+        (default) as in :func:`lmc_path`.
       layer_order: the weight layers from input to output (``net.layer_order()``).
 
     Returns:
@@ -542,7 +636,7 @@ def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupS
     g, k = matrix.shape[0], alphas_arr.shape[0]
     gi = jnp.repeat(jnp.arange(g, dtype=jnp.int32), k)
     al = jnp.tile(alphas_arr, g)
-    out = _layerwise_program(eval_fn, None if chunk is None else int(chunk), bool(jit))(a, b, masks, gi, al, x, y)
+    out = _layerwise_program(eval_fn, _normal_chunk(chunk), bool(jit))(a, b, masks, gi, al, x, y)
     loss = np.asarray(out["loss"]).reshape(g, k)
     acc = np.asarray(out["accuracy"]).reshape(g, k)
     per_group = [barriers({"alpha": alphas_arr, "loss": loss[i], "accuracy": acc[i]}) for i in range(g)]
