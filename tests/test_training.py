@@ -170,7 +170,9 @@ def test_conv_nets_on_cpu_unroll_their_steps_and_match_the_rolled_loop():
     net = build(c, digits)
     mlp = build(tiny_config(), digits)
     assert training.uses_convolutions(net) and not training.uses_convolutions(mlp)
-    assert training.loop_plan(net, 20, backend="cpu") == (training.AUTO_UNROLL_STEPS, True)
+    assert training.loop_plan(net, 24, backend="cpu") == (training.AUTO_UNROLL_STEPS, True)
+    assert training.loop_plan(net, 20, backend="cpu") == (5, True)  # divides the epoch: one compile
+    assert training.loop_plan(net, 23, backend="cpu") == (1, True)
     assert training.loop_plan(net, 20, backend="gpu") == (20, 1)
     assert training.loop_plan(net, 20, steps_per_call=5, unroll=2, backend="cpu") == (5, 2)
     assert training.loop_plan(mlp, 20, backend="cpu") == (20, 1)

@@ -48,9 +48,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.split_seed = 0
     c.data.normalize = True
     c.data.augment = "none"  # none | crop_flip (images only)
-    c.data.data_dir = ""  # tfds data directory
+    c.data.data_dir = ""  # tfds data directory ("" = tfds's default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.data.train_split = "train"  # tfds split names (slicing such as "train[:10%]" allowed)
+    c.data.test_split = "test"
     c.data.num_samples = 5000  # mnist1d / synthetic size
     c.data.generation_seed = 42  # mnist1d / synthetic generator seed
+    c.data.test_fraction = 0.2  # digits / synthetic: share held out for testing
+    c.data.synthetic = ml_collections.ConfigDict()  # tna_jax.data.synthetic
+    c.data.synthetic.kind = "mixture"  # mixture | teacher
+    c.data.synthetic.shape = (32,)  # one example: (d,) features or (H, W, C) images
+    c.data.synthetic.num_classes = 10
+    c.data.synthetic.class_sep = 3.0  # mixture: norm of the class means (noise std 1)
+    c.data.synthetic.teacher_width = 64
+    c.data.synthetic.teacher_depth = 1
+    c.data.synthetic.label_noise = 0.0
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"
@@ -303,6 +314,16 @@ def validate(config: Any, *, schema: Any = None) -> Any:
     _int(config, "data.split_seed", 0, 2**31 - 1)
     _bool(config, "data.normalize")
     _choice(config, "data.augment", ("none", "crop_flip"))
+    _str(config, "data.data_dir")
+    _str(config, "data.train_split")
+    _str(config, "data.test_split")
+    _float(config, "data.test_fraction", 0.0, 0.95, lo_open=True)
+    _choice(config, "data.synthetic.kind", ("mixture", "teacher"))
+    _int(config, "data.synthetic.num_classes", 2, 1 << 20)
+    _float(config, "data.synthetic.class_sep", 0.0, 1e6)
+    _int(config, "data.synthetic.teacher_width", 1, 1 << 20)
+    _int(config, "data.synthetic.teacher_depth", 0, 1000)
+    _float(config, "data.synthetic.label_noise", 0.0, 1.0)
     _str(config, "model.name")
     _choice(config, "optimizer.name", ("sgd", "momentum", "adam", "adamw", "lion"))
     _float(config, "optimizer.learning_rate", 0.0, 1e3, lo_open=True)

@@ -573,14 +573,29 @@ def loop_plan(net: Net, steps_per_epoch_: int, steps_per_call: int = 0, unroll: 
     """``(steps per jitted call, scan unroll)`` for :func:`make_train_epoch`.
 
     ``unroll=0`` is automatic: on CPU, a network with convolutions gets each call's steps
-    completely unrolled and at most :data:`AUTO_UNROLL_STEPS` steps per call, because XLA:CPU
-    runs a convolution's gradient inside a ``while`` loop about 30x slower than outside one
-    (measured: ``benchmarks/resnet20.py``, BENCHMARKS.md); everything else keeps one rolled
-    ``lax.scan`` over the call's steps (fast compiles, no dispatch per step). An explicit
-    `unroll` (1 = rolled, k = unroll factor) and `steps_per_call` (0 = the whole epoch) win.
+    completely unrolled, because XLA:CPU runs a convolution's gradient inside a ``while`` loop
+    about 30x slower than outside one (measured: ``benchmarks/resnet20.py``, BENCHMARKS.md), and
+    as many steps per call as the largest divisor of the epoch that is at most
+    :data:`AUTO_UNROLL_STEPS`: every call then has the same length and the unrolled program
+    compiles once (a shorter last call would compile a second one, which for an unrolled conv net
+    costs as much as the first). Everything else keeps one rolled ``lax.scan`` over the call's
+    steps (fast compiles, no dispatch per step). An explicit `unroll` (1 = rolled, k = unroll
+    factor) and `steps_per_call` (0 = the whole epoch) win.
+
+    Example:
+      >>> from tna_jax import models
+      >>> cnn = models.build({"name": "cnn", "width": 0.25, "hidden": 8}, (8, 8, 1), 10)
+      >>> loop_plan(cnn, 20, backend="cpu"), loop_plan(cnn, 24, backend="cpu"), loop_plan(cnn, 20, backend="gpu")
+      ((5, True), (8, True), (20, 1))
     """
     auto = unroll == 0 and (backend or jax.default_backend()) == "cpu" and uses_convolutions(net)
-    chunk = int(steps_per_call) or (min(steps_per_epoch_, AUTO_UNROLL_STEPS) if auto else steps_per_epoch_)
+    if steps_per_call:
+        chunk = int(steps_per_call)
+    elif auto:
+        cap = min(steps_per_epoch_, AUTO_UNROLL_STEPS)
+        chunk = next(d for d in range(cap, 0, -1) if steps_per_epoch_ % d == 0)
+    else:
+        chunk = steps_per_epoch_
     return chunk, (True if auto else max(1, int(unroll)))
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from tna_jax.data import sources
+from tna_jax.data import sources, synthetic
 from tna_jax.data.base import KINDS, Dataset, DeviceData, split_validation, to_device
 
 __all__ = ["Dataset", "DeviceData", "KINDS", "load", "to_device", "split_validation", "SOURCES", "register"]
@@ -19,6 +19,7 @@ __all__ = ["Dataset", "DeviceData", "KINDS", "load", "to_device", "split_validat
 SOURCES: dict[str, Callable[[Any], sources.SourceOutput]] = {
     "mnist1d": sources.mnist1d,
     "digits": sources.digits,
+    "synthetic": synthetic.synthetic,
 }
 
 
