@@ -542,7 +542,8 @@ def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Map
                 heads: Sequence[Any], tasks: ColdTasks, *, rounds: int, steps: int, batch_size: int,
                 key: jax.Array, anchor_ratio: float = 0.0, refresh_mask: bool = False,
                 head: str = "head", evaluate: Callable[[int, PyTree, PyTree, PyTree | None], dict[str, Any]] | None = None,
-                mask_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                mask_kwargs: Mapping[str, Any] | None = None, round_fn: Callable[..., Any] | None = None
+                ) -> dict[str, Any]:
     """ColD fusion of ``len(tasks)`` contributors for `rounds` rounds, optionally with TNA-PFN.
 
     Args:
@@ -561,6 +562,9 @@ def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Map
       evaluate: ``evaluate(round, shared_body, heads, contributors) -> dict`` called after round 0
         (the pretrained body, ``contributors=None``) and every round; its dicts are returned.
       mask_kwargs: extra arguments of ``anchors.anchor_mask`` (granularity, include, exclude).
+      round_fn: a round program from :func:`make_cold_round` with the same `net`, `steps`,
+        `batch_size` and `head`, to share one compilation between calls (arms, seeds); default:
+        a new one (compiled on first use).
 
     Returns:
       ``{"shared": body, "heads": stacked padded heads, "history": [evaluate dicts],
@@ -578,7 +582,8 @@ def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Map
             raise ValueError(f"head {i} has {np.shape(h['bias'])[-1]} classes; task {tasks.names[i]!r} has {k}.")
     stacked_heads = stack_candidates([p for p, _ in padded])
     frozen_heads = stack_candidates([f for _, f in padded])
-    round_fn = make_cold_round(net, base_tx, steps=steps, batch_size=batch_size, head=head)
+    if round_fn is None:
+        round_fn = make_cold_round(net, base_tx, steps=steps, batch_size=batch_size, head=head)
     anchor_key = jax.random.fold_in(key, 2**31 - 1)
     tx_x, tx_y, tx_n = jnp.asarray(tasks.x), jnp.asarray(tasks.y), jnp.asarray(tasks.n)
     history = [evaluate(0, body, stacked_heads, None)] if evaluate is not None else []
