@@ -92,8 +92,19 @@ def num_candidates(stacked: PyTree, name: str = "stacked") -> int:
     """K, the size of the leading (candidate) axis; checks that every leaf has it.
 
     Raises:
-      ValueError: no arrays, a scalar leaf, K = 0, or leaves with different leading sizes.
+      ValueError: no arrays, an empty list, a scalar leaf, K = 0, or leaves with different leading sizes.
+      TypeError: a list or tuple of models instead of one stacked pytree.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> num_candidates({"w": jnp.zeros((3, 2))})
+      3
     """
+    if isinstance(stacked, (list, tuple)):
+        if len(stacked) == 0:
+            raise ValueError(f"{name} is an empty list; a soup needs at least one candidate model.")
+        raise TypeError(f"{name} must be K models stacked on a leading axis; got a {type(stacked).__name__} of "
+                        f"{len(stacked)} models: stack them with fusion.stack_candidates(models).")
     named = tree_lib.named_leaves(stacked)
     if not named:
         raise ValueError(f"{name} holds no arrays; it must be K models stacked on a leading axis.")

@@ -86,7 +86,8 @@ def bbc_news() -> tuple[list[str], np.ndarray, tuple[str, ...], dict[str, Any]]:
 
 
 def vader_lexicon() -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """The alphabetic entries of the VADER lexicon and their mean human ratings in [-4, 4].
+    """The alphabetic entries of the VADER lexicon and their mean human ratings in [-4, 4]
+    (entries listed twice, with two ratings, are left out).
 
     Raises:
       ModuleNotFoundError: ``vaderSentiment`` is not installed.
@@ -108,9 +109,14 @@ def vader_lexicon() -> tuple[list[str], np.ndarray, dict[str, Any]]:
             if re.fullmatch(r"[a-z][a-z'-]*", word):  # words only: emoticons are not text for this task
                 words.append(word)
                 means.append(mean)
+    # A few entries (lol, xd, ok, ...) appear twice with different ratings: ambiguous, left out.
+    counts: dict[str, int] = {}
+    for w in words:
+        counts[w] = counts.get(w, 0) + 1
+    keep = [i for i, w in enumerate(words) if counts[w] == 1]
     info = {"corpus": "VADER sentiment lexicon (Hutto & Gilbert 2014)", "package": "vaderSentiment", "path": path,
-            "entries": len(words)}
-    return words, np.asarray(means, np.float64), info
+            "entries": len(keep), "duplicates_left_out": sorted(w for w, n in counts.items() if n > 1)}
+    return [words[i] for i in keep], np.asarray(means, np.float64)[keep], info
 
 
 def _bbc_topic() -> tuple[list[str], np.ndarray, tuple[str, ...], dict[str, Any]]:
