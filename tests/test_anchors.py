@@ -193,12 +193,13 @@ def train(params, tx, steps=100, seed=0):
 def test_anchors_stay_bit_identical_after_100_steps(name, dtype):
     params0 = mlp_params(jax.random.key(0), dtype=dtype)
     key = jax.random.key(42)
-    tx = optax.chain(OPTIMIZERS[name](4.0 if dtype == jnp.bfloat16 else 1.0), fixed_anchor_mask(0.4, key))
+    tx = optax.chain(OPTIMIZERS[name](6.0 if dtype == jnp.bfloat16 else 1.0), fixed_anchor_mask(0.4, key))
     params, state = train(params0, tx)
     mask = anchor_mask(params0, key, 0.4)
     chex.assert_trees_all_equal(state[1].mask, mask)
     for p0, p, m in zip(jax.tree.leaves(params0), jax.tree.leaves(params), jax.tree.leaves(mask)):
         assert p.dtype == dtype
+        assert bool(jnp.all(jnp.isfinite(p))), "training diverged: 'moved' would mean nothing"
         same_bits = jax.lax.bitcast_convert_type(p, jnp.uint16 if dtype == jnp.bfloat16 else jnp.uint32) == \
             jax.lax.bitcast_convert_type(p0, jnp.uint16 if dtype == jnp.bfloat16 else jnp.uint32)
         assert bool(jnp.all(same_bits[m])), "an anchored entry moved"

@@ -86,6 +86,38 @@ def test_path_endpoints_are_the_endpoint_models_and_vmap_chunks_and_loop_agree(s
     assert table["loss_barrier"][0, 1] == table["loss_barrier"][1, 0] == table["per_pair"][0]["loss_barrier"]
 
 
+def test_auto_chunk_fits_the_budget_and_gives_the_same_numbers(setup):
+    net, a, b, eval_fn, (x, y) = setup
+    alphas = lmc.default_alphas(9)
+    full = lmc.lmc_path(eval_fn, a, b, alphas, (x, y), chunk=None)
+    auto = lmc.lmc_path(eval_fn, a, b, alphas, (x, y))  # the default is "auto"
+    np.testing.assert_allclose(auto["loss"], full["loss"], rtol=1e-6)
+    np.testing.assert_array_equal(auto["accuracy"], full["accuracy"])
+
+    def point(alpha):
+        return eval_fn(lmc.interpolate(a, b, alpha), x, y)
+
+    per_point = lmc.intermediate_bytes(jax.make_jaxpr(point)(jnp.float32(0.5)).jaxpr)
+    # The activations of 200 examples through a 16-wide MLP are part of the count.
+    assert per_point >= 200 * 16 * 4
+    alphas_arr = jnp.asarray(alphas)
+    assert lmc.auto_chunk(point, alphas_arr, budget_bytes=3 * per_point) == 3
+    assert lmc.auto_chunk(point, alphas_arr, budget_bytes=per_point // 2) == 1  # never below one point
+    assert lmc.auto_chunk(point, alphas_arr, budget_bytes=1 << 40) == 9  # never above the point count
+
+
+def test_intermediate_bytes_counts_a_scan_body_once():
+    body_only = jax.make_jaxpr(lambda v: jnp.sin(v) * 2.0)(jnp.ones(100)).jaxpr
+
+    def scanned(v):
+        return jax.lax.scan(lambda c, _: (jnp.sin(c) * 2.0, None), v, None, length=50)[0]
+
+    scan_bytes = lmc.intermediate_bytes(jax.make_jaxpr(scanned)(jnp.ones(100)).jaxpr)
+    assert lmc.intermediate_bytes(body_only) == 2 * 100 * 4
+    # The body's buffers once (not 50 times), plus the scan's own output.
+    assert 2 * 100 * 4 <= scan_bytes <= 4 * 100 * 4
+
+
 def test_a_model_with_itself_has_zero_barrier(setup):
     _, a, _, eval_fn, d = setup
     b = lmc.barriers(lmc.lmc_path(eval_fn, a, a, lmc.default_alphas(7), d))
@@ -199,7 +231,7 @@ def test_errors_name_the_argument_and_the_value(setup):
         lmc.lmc_path(eval_fn, a, b, None, (d[0][:0], d[1][:0]))
     with pytest.raises(TypeError, match="data must be a pair"):
         lmc.lmc_path(eval_fn, a, b, None, d[0])
-    with pytest.raises(ValueError, match="chunk must be a positive integer or None; got 0"):
+    with pytest.raises(ValueError, match="chunk must be a positive integer, None .* or 'auto'; got 0"):
         lmc.pairwise_barriers(eval_fn, jax.tree.map(lambda *t: jnp.stack(t), a, b), d, chunk=0)
     with pytest.raises(ValueError, match="group 'conv' selects no leaf; the leaves are: dense_0/bias, dense_0/kernel"):
         lmc.layerwise_lmc(eval_fn, a, b, ["conv"], d)

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import chex
 import jax
+import jax.extend.random as jax_random_ext
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -188,10 +189,11 @@ def anchor_mask(
 
     For every parameter entry :math:`i` of leaf :math:`\ell` the mask is
 
-    .. math:: m_i = [u_i < \rho], \qquad u \sim U[0, 1)^{\text{shape}(\ell)}
-              \text{ drawn from } \operatorname{fold\_in}(\text{key}, \operatorname{crc32}(\ell)),
+    .. math:: m_i = [u_i < \rho], \qquad
+              u_i = 2^{-24} \lfloor \operatorname{Threefry}_{\text{key}}(\operatorname{crc32}(\ell), i) / 2^8 \rfloor,
 
-    so each entry is anchored independently with probability :math:`\rho` (``granularity="weight"``,
+    a counter-based uniform number in [0, 1) for entry :math:`i` (row-major) of leaf :math:`\ell`
+    (all leaves in ONE Threefry call, so the mask compiles fast), so each entry is anchored independently with probability :math:`\rho` (``granularity="weight"``,
     what the paper's experiments do). With ``granularity="neuron"`` one uniform number is drawn per
     output unit (the last axis of each leaf: a Dense unit's incoming weights and bias, a conv
     output channel) and shared by every leaf of the unit's module and of its normalisation module
@@ -251,26 +253,84 @@ def anchor_mask(
         eligible &= ~exc
     group_of = unit_groups or _default_unit_group
 
-    leaves = []
+    # One draw per anchorable leaf (weight granularity) or per unit group (neuron granularity).
+    draws: dict[str, int] = {}
+    plan: list[tuple[str, tuple[int, ...], str | None, int]] = []  # (name, shape, draw, units)
     for i, (name, leaf) in enumerate(named):
-        shape = np.shape(leaf)
+        shape = tuple(np.shape(leaf))
         if not eligible[i]:
-            leaves.append(jnp.zeros(shape, dtype=bool))
+            plan.append((name, shape, None, 0))
             continue
         if granularity == "weight":
-            u = jax.random.uniform(jax.random.fold_in(key, _stable_hash(name)), shape)
+            draw, size = name, int(np.prod(shape, dtype=np.int64))
         else:
-            units = shape[-1:] if shape else ()
-            group = group_of(name)
-            u = jax.random.uniform(jax.random.fold_in(key, _stable_hash("unit:" + group)), units)
-            u = jnp.broadcast_to(u, shape)
-        leaves.append(u < ratio)
+            draw, size = "unit:" + group_of(name), (shape[-1] if shape else 1)
+        draws[draw] = max(draws.get(draw, 0), size)
+        plan.append((name, shape, draw, size))
+    uniforms = _uniforms(key, draws)
+    leaves = []
+    for _, shape, draw, size in plan:
+        if draw is None:
+            leaves.append(jnp.zeros(shape, dtype=bool))
+        elif granularity == "weight":
+            leaves.append(uniforms[draw].reshape(shape) < ratio)
+        else:
+            leaves.append(jnp.broadcast_to(uniforms[draw][:size].reshape(shape[-1:]), shape) < ratio)
     treedef = jax.tree.structure(params)
     return jax.tree.unflatten(treedef, leaves)
 
 
+def _keypair(key: jax.Array) -> jax.Array:
+    """The Threefry key (2 x uint32) of any PRNG key: its own words for Threefry keys, the
+    words of wider keys (e.g. ``rbg``) hashed down pairwise."""
+    words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
+    pair = words[:2]
+    for i in range(2, int(words.shape[0]), 2):
+        pair = jax_random_ext.threefry_2x32(pair, words[i:i + 2])
+    return pair
+
+
+def _uniforms(key: jax.Array, draws: dict[str, int]) -> dict[str, jax.Array]:
+    """For every named draw of n numbers, u_j = bits(Threefry(key; crc32(draw), j)) / 2^32, j < n.
+
+    Threefry-2x32 is counter based, so each number depends on the key, the draw's name and its
+    index alone. All draws share ONE Threefry call over the concatenated counters: XLA compiles
+    Threefry's unrolled rounds once per call site, so one call per leaf made the mask of a
+    6-leaf MLP take seconds to compile (and most of a training run's set-up time); one call
+    for all leaves compiles as fast as a single ``jax.random.uniform``.
+    """
+    names = list(draws)
+    sizes = [draws[n] for n in names]
+    total = sum(sizes)
+    if total == 0:
+        return {n: jnp.zeros((0,), jnp.float32) for n in names}
+    draw_ids = jnp.concatenate([jnp.full((n,), _stable_hash(name), jnp.uint32) for name, n in zip(names, sizes)])
+    index = jnp.concatenate([jax.lax.iota(jnp.uint32, n) for n in sizes])
+    bits = jax_random_ext.threefry_2x32(_keypair(key), jnp.concatenate([draw_ids, index]))[:total]
+    # The top 24 bits as a float32 in [0, 1): exact, so u < ratio is True for all at ratio 1
+    # and for none at ratio 0, and masks are nested in the ratio.
+    u = jax.lax.shift_right_logical(bits, jnp.uint32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
+    out, start = {}, 0
+    for name, n in zip(names, sizes):
+        out[name] = u[start:start + n]
+        start += n
+    return out
+
+
 def check_mask(params: PyTree, mask: PyTree) -> None:
-    """Raises ValueError naming the first path where `mask` does not match `params`."""
+    """Raises ValueError naming the first path where `mask` does not match `params`.
+
+    Args:
+      params: the parameter pytree.
+      mask: a pytree of booleans that should have the structure and shapes of `params`.
+
+    Raises:
+      ValueError: a path in one tree only, or a shape mismatch (the path is named).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> check_mask({"w": jnp.zeros(3)}, {"w": jnp.array([True, False, True])})
+    """
     tree_lib.check_same_structure(params, mask, names=("params", "mask"))
 
 
@@ -279,6 +339,23 @@ def share_anchor_values(params: PyTree, anchor_values: PyTree, mask: PyTree) -> 
 
     Used when several models are trained from different seeds but must share the anchored
     values as well as the mask (the default in tna_jax; see DESIGN.md).
+
+    Args:
+      params: one model's parameters.
+      anchor_values: parameters of the same structure holding the shared anchored values.
+      mask: the anchor mask (True = anchored).
+
+    Returns:
+      ``where(mask, anchor_values, params)`` leaf by leaf, in the dtypes of `params`.
+
+    Raises:
+      ValueError: the three trees differ in structure or shape.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> out = share_anchor_values({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, {"w": jnp.array([True, False, True])})
+      >>> out["w"].tolist()
+      [1.0, 0.0, 1.0]
     """
     check_mask(params, mask)
     tree_lib.check_same_structure(params, anchor_values, names=("params", "anchor_values"))
@@ -297,8 +374,17 @@ def prune_at_init(
     entries. Chaining ``fixed_anchor_mask(mask=mask)`` after the optimizer keeps them at zero
     during training (an anchor whose value is 0).
 
+    Args:
+      params: the initial parameters.
+      key: the mask key (shared by every model that should have the same pruning).
+      ratio: the pruned fraction in [0, 1].
+      **mask_kwargs: further arguments of :func:`anchor_mask` (granularity, include, exclude).
+
     Returns:
       ``(pruned_params, mask)``.
+
+    Raises:
+      ValueError, TypeError: as :func:`anchor_mask`.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -315,9 +401,19 @@ def prune_at_init(
 def mask_summary(mask: PyTree) -> dict[str, Any]:
     """Anchored fraction per leaf, per layer (module) and overall, as plain Python numbers.
 
+    Args:
+      mask: a pytree of boolean arrays (True = anchored), e.g. ``state.mask`` of
+        :func:`fixed_anchor_mask`.
+
     Returns:
       ``{"overall": float, "anchored": int, "total": int, "per_layer": {module: float},
       "per_leaf": {path: float}}``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> s = mask_summary({"dense": {"kernel": jnp.array([[True, False], [False, False]]), "bias": jnp.ones(2, bool)}})
+      >>> s["overall"], s["anchored"], s["per_layer"]
+      (0.5, 3, {'dense': 0.5})
     """
     per_leaf: dict[str, float] = {}
     layer_counts: dict[str, list[int]] = {}
@@ -352,6 +448,12 @@ class FixedAnchorMaskState(NamedTuple):
       count: number of updates applied so far (int32).
       mask: tree of booleans shaped like the params, True = anchored.
       key: raw uint32 data of the anchor key (used when the mask is refreshed).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> state = fixed_anchor_mask(0.5, jax.random.key(0)).init({"w": jnp.zeros(8)})
+      >>> isinstance(state, FixedAnchorMaskState), state.mask["w"].dtype, int(state.count)
+      (True, dtype('bool'), 0)
     """
 
     count: chex.Array

@@ -23,7 +23,17 @@ class ConfigError(ValueError):
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Every field tna_jax reads, with its default. Configs in ``configs/`` override these."""
+    """Every field tna_jax reads, with its default. Configs in ``configs/`` override these.
+
+    Returns:
+      A fresh ``ml_collections.ConfigDict`` (sections ``data``, ``model``, ``optimizer``,
+      ``anchor``, ``prune``, ``sweep``, ``seeds``, ``train``, ``analysis``).
+
+    Examples:
+      >>> c = default_config()
+      >>> c.anchor.ratio, c.data.source, c.train.epochs
+      (0.4, 'mnist1d', 20)
+    """
     c = ml_collections.ConfigDict()
     c.name = "experiment"
     c.kind = "train"  # which experiment runs (tna_jax.experiment.EXPERIMENTS)
@@ -103,7 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.analysis.plot_ratios = ()  # ratios whose paths go into lmc_paths.png (empty = every arm)
     c.analysis.bn_reset = True  # nets with BatchNorm: also report LMC with statistics reset at every α
     c.analysis.bn_reset_examples = 2000  # training examples the reset uses (0 = the whole split)
-    c.analysis.chunk = 0  # >0: evaluate at most this many (pair, α) points at once (bounds memory)
+    c.analysis.chunk = 0  # >0: evaluate at most this many (pair, α) points at once; 0 = auto (lmc.auto_chunk)
     return c
 
 
@@ -116,7 +126,19 @@ RESUME_SAFE_FIELDS = (
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train.epochs": 20, ...}`` from a nested config."""
+    """``{"train.epochs": 20, ...}`` from a nested config.
+
+    Args:
+      config: a ``ConfigDict`` or nested mappings.
+      prefix: prepended to every name.
+
+    Returns:
+      A flat dict from dotted names to values.
+
+    Examples:
+      >>> flatten({"a": 1, "b": {"c": 2}})
+      {'a': 1, 'b.c': 2}
+    """
     out: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
@@ -128,6 +150,22 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def get(config: Any, dotted: str) -> Any:
+    """The value of a dotted field: ``get(config, "train.epochs")``.
+
+    Args:
+      config: a ``ConfigDict`` or nested mappings.
+      dotted: the field's dotted name.
+
+    Returns:
+      The value.
+
+    Raises:
+      KeyError: the field does not exist.
+
+    Examples:
+      >>> get({"train": {"epochs": 3}}, "train.epochs")
+      3
+    """
     node = config
     for part in dotted.split("."):
         node = node[part]
@@ -188,6 +226,26 @@ def validate(config: Any, *, schema: Any = None) -> Any:
     Unknown keys (not in :func:`default_config`) are errors, except in the sections that the
     module owning them checks: ``model`` (tna_jax.models) and the experiment-kind sections
     ``federated``, ``fusion``, ``align``, ``grid``, ``layerwise``, ``soup``, ``cold``.
+
+    Args:
+      config: the config to check (a ``ConfigDict`` from :func:`default_config`).
+      schema: the known fields (default :func:`default_config`).
+
+    Returns:
+      `config`, unchanged.
+
+    Raises:
+      ConfigError: an unknown field (with a "did you mean" hint), a value of the wrong type or
+        range (naming the field, the value and what is allowed), or options that cannot be combined.
+
+    Examples:
+      >>> c = default_config()
+      >>> c.num_seeds = 0
+      >>> try:
+      ...     validate(c)
+      ... except ConfigError as err:
+      ...     print(err)
+      config.num_seeds must be an integer >= 1 and <= 4096; got 0.
     """
     schema = schema if schema is not None else default_config()
     known = flatten(schema)

@@ -37,7 +37,24 @@ EXPERIMENTS: dict[str, Callable[[Any, str | None], dict[str, Any]]] = {}
 
 
 def register(kind: str):
-    """Decorator adding an experiment kind: ``fn(config, workdir) -> report dict``."""
+    """Decorator adding an experiment kind: ``fn(config, workdir) -> report dict``.
+
+    Args:
+      kind: the ``config.kind`` value that selects the function.
+
+    Returns:
+      The decorator (it returns the function unchanged).
+
+    Examples:
+      >>> @register("test_doc_kind")
+      ... def hello(config, workdir):
+      ...     return {"kind": "test_doc_kind", "seeds": config.num_seeds}
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> c.kind = "test_doc_kind"
+      >>> run(c)
+      {'kind': 'test_doc_kind', 'seeds': 4}
+    """
 
     def deco(fn):
         EXPERIMENTS[kind] = fn
@@ -56,6 +73,19 @@ class WorkdirLock:
     A second process fails at once with :class:`WorkdirBusy` naming the holder. A lock file left
     behind by a killed process carries no lock (the kernel dropped it), so it is simply taken
     over; the previous holder is reported.
+
+    Args:
+      workdir: the directory to lock (created on :meth:`acquire`).
+
+    Examples:
+      >>> import tempfile
+      >>> workdir = tempfile.mkdtemp()
+      >>> with WorkdirLock(workdir):
+      ...     try:
+      ...         WorkdirLock(workdir).acquire()
+      ...     except WorkdirBusy as err:
+      ...         print("busy:", "is in use by pid" in str(err))
+      busy: True
     """
 
     def __init__(self, workdir: str):
@@ -116,9 +146,21 @@ def config_dict(config: Any) -> dict[str, Any]:
 def prepare_workdir(config: Any, workdir: str) -> None:
     """Writes ``config.json``, or checks it against the existing one when resuming.
 
+    Args:
+      config: the run's config.
+      workdir: the run directory (created).
+
     Raises:
       ValueError: the workdir holds a run with a different config (the message lists the fields
         that differ; only fields in ``config.RESUME_SAFE_FIELDS`` may change on resume).
+
+    Examples:
+      >>> import os, tempfile
+      >>> from tna_jax.config import default_config
+      >>> workdir = tempfile.mkdtemp()
+      >>> prepare_workdir(default_config(), workdir)
+      >>> os.listdir(workdir)
+      ['config.json']
     """
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
@@ -145,7 +187,33 @@ def prepare_workdir(config: Any, workdir: str) -> None:
 
 def run(config: Any, workdir: str | None = None) -> dict[str, Any]:
     """Runs the experiment that `config` describes and returns its report (also written to
-    ``<workdir>/report.json`` when a workdir is given)."""
+    ``<workdir>/report.json`` when a workdir is given).
+
+    With a workdir, the workdir is locked for the run (:class:`WorkdirLock`) and its
+    ``config.json`` written or checked (:func:`prepare_workdir`); a rerun resumes.
+
+    Args:
+      config: the experiment config; ``config.kind`` picks the function (``"train"`` by default).
+      workdir: the run directory, or None to write nothing.
+
+    Returns:
+      The report dict of the experiment kind.
+
+    Raises:
+      tna_jax.config.ConfigError: an invalid config or an unknown kind.
+      WorkdirBusy: another process holds the workdir.
+      ValueError: the workdir holds a run with a different config.
+
+    Examples:
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> c.kind = "no_such_kind"
+      >>> try:
+      ...     run(c)
+      ... except ValueError as err:
+      ...     print(str(err).startswith("config.kind must be one of"), "'train'" in str(err))
+      True True
+    """
     config_lib.validate(config)
     kind = config.get("kind", "train") if hasattr(config, "get") else "train"
     if kind not in EXPERIMENTS:
@@ -184,6 +252,17 @@ def count_compiles():
 
     Uses ``jax.monitoring``'s backend-compile events (no log output). A sweep whose arms are
     one compiled program shows exactly one compile of the training step function.
+
+    Yields:
+      A dict ``{function name: compilations}`` filled while the block runs.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> with count_compiles() as compiles:
+      ...     f = jax.jit(lambda x: x * 3.0 + 1.0)
+      ...     _ = f(jnp.arange(7.0)), f(jnp.arange(7.0) + 1.0)
+      >>> compiles["jit(<lambda>)"]
+      1
     """
     counts: dict[str, int] = {}
 
@@ -200,7 +279,18 @@ def count_compiles():
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and (population) standard deviation; NaN for no values."""
+    """Mean and (population) standard deviation; NaN for no values.
+
+    Args:
+      values: numbers.
+
+    Returns:
+      ``(mean, std)`` as floats.
+
+    Examples:
+      >>> mean_std([1.0, 3.0]), mean_std([])
+      ((2.0, 1.0), (nan, nan))
+    """
     arr = np.asarray(values, dtype=float)
     return (float(np.mean(arr)), float(np.std(arr))) if arr.size else (float("nan"), float("nan"))
 
@@ -254,7 +344,7 @@ def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]
     reset_fn = bn_reset_eval(config, net, eval_fn, data)
     x, y = data.split(config.analysis.split)
     alphas = lmc.default_alphas(config.analysis.num_alphas)
-    chunk = int(config.analysis.chunk) or None
+    chunk = int(config.analysis.chunk) or lmc.AUTO
     out: dict[str, Any] = {}
     arms: dict[int, list[int]] = {}
     for r in result.runs:
@@ -274,7 +364,21 @@ def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    """A markdown table: ``columns`` are ``(key, header)`` pairs."""
+    """A markdown table: ``columns`` are ``(key, header)`` pairs.
+
+    Args:
+      rows: one dict per row (missing keys give empty cells).
+      columns: ``(key, header)`` pairs in column order.
+
+    Returns:
+      The table as Markdown text.
+
+    Examples:
+      >>> print(markdown_table([{"arm": "vanilla", "acc": 0.5}], [("arm", "arm"), ("acc", "accuracy")]))
+      | arm | accuracy |
+      |---|---|
+      | vanilla | 0.5 |
+    """
     head = "| " + " | ".join(c[1] for c in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(str(r.get(c[0], "")) for c in columns) + " |" for r in rows]

@@ -11,8 +11,8 @@ is the uniform (or weighted) average of K models against the mean of their indiv
 
 Every function is pure and takes an ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one
 model (``tna_jax.training.make_eval_fn``). α is a batch axis: a path is ``jax.vmap`` over α of
-"interpolate, then evaluate", optionally chunked with ``jax.lax.map(..., batch_size=chunk)`` to
-bound memory; a table over N seeds is a vmap over pairs. α outside [0, 1] is allowed and means
+"interpolate, then evaluate", chunked with ``jax.lax.map(..., batch_size=chunk)`` to bound memory
+(and, on CPU, to keep each chunk's activations in cache: ``chunk="auto"``, the default); a table over N seeds is a vmap over pairs. α outside [0, 1] is allowed and means
 extrapolation along the same line (θ_α for α < 0 lies beyond A, for α > 1 beyond B); barriers are
 still measured against the chord between the α = 0 and α = 1 points of the path.
 
@@ -47,12 +47,21 @@ EvalFn = Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]]
 __all__ = [
     "interpolate", "default_alphas", "lmc_path", "barriers", "all_pairs", "pairwise_barriers", "fuse",
     "check_compatible", "check_data", "layer_groups", "layerwise_lmc", "LAYERWISE_MODES",
-    "reset_bn_stats", "with_bn_reset",
+    "reset_bn_stats", "with_bn_reset", "map_points", "auto_chunk", "intermediate_bytes", "AUTO",
 ]
 
 
 def default_alphas(num: int = 25) -> np.ndarray:
     """``num`` evenly spaced α in [0, 1] (25 by default, as in the paper's plots).
+
+    Args:
+      num: number of points (at least 2, so that both endpoints are on the grid).
+
+    Returns:
+      A float64 NumPy vector from 0 to 1.
+
+    Raises:
+      ValueError: `num` is not an integer >= 2.
 
     Examples:
       >>> default_alphas(5).tolist()
@@ -65,12 +74,49 @@ def default_alphas(num: int = 25) -> np.ndarray:
 
 def check_compatible(a: PyTree, b: PyTree) -> None:
     """Raises ValueError naming the first path where two models' variables differ in structure
-    or shape (e.g. a width-64 and a width-128 MLP, or a model with and without BatchNorm)."""
+    or shape (e.g. a width-64 and a width-128 MLP, or a model with and without BatchNorm).
+
+    Args:
+      a, b: the variables of the two models.
+
+    Raises:
+      ValueError: the structures or shapes differ (the message names the path).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> check_compatible({"w": jnp.ones(2)}, {"w": jnp.zeros(2)})
+      >>> try:
+      ...     check_compatible({"w": jnp.ones(2)}, {"w": jnp.ones(3)})
+      ... except ValueError as err:
+      ...     print(err)
+      model a and model b differ in shape at path 'w': (2,) vs (3,).
+    """
     tree_lib.check_same_structure(a, b, names=("model a", "model b"))
 
 
 def check_data(data: tuple[jax.Array, jax.Array], name: str = "data") -> tuple[jax.Array, jax.Array]:
-    """Checks that `data` is a non-empty pair ``(x, y)`` of equal length; returns it."""
+    """Checks that `data` is a non-empty pair ``(x, y)`` of equal length; returns it.
+
+    Args:
+      data: the pair ``(inputs, labels)``.
+      name: what to call it in error messages.
+
+    Returns:
+      ``(x, y)``.
+
+    Raises:
+      TypeError: `data` is not a pair.
+      ValueError: no examples, or x and y of different lengths.
+
+    Examples:
+      >>> import numpy as np
+      >>> x, y = check_data((np.zeros((3, 2)), np.zeros(3)))
+      >>> try:
+      ...     check_data((np.zeros((3, 2)), np.zeros(2)), "test data")
+      ... except ValueError as err:
+      ...     print(err)
+      test data x and y differ in length: 3 vs (2,).
+    """
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise TypeError(f"{name} must be a pair (x, y); got {type(data).__name__}.")
     x, y = data
@@ -81,9 +127,99 @@ def check_data(data: tuple[jax.Array, jax.Array], name: str = "data") -> tuple[j
     return x, y
 
 
-def _check_chunk(chunk: int | None) -> None:
+AUTO = "auto"
+Chunk = int | str | None
+
+# Scratch memory one chunk of points may use when ``chunk="auto"``. On CPU the fastest chunk is
+# the one whose intermediates stay in cache: a big vmapped batch of models turns every matmul
+# into a batched matmul whose activations stream through DRAM, and XLA:CPU runs the batch
+# elements of such a dot one after another on one core, while ``lax.map`` over small chunks
+# keeps plain (multi-threaded) matmuls and still pays no per-point dispatch. Measured on the
+# MNIST-1D MLPs of benchmarks/lmc.py (2 cores): best chunk ~5 at width 32, ~1 at width 128; a
+# 4 MiB budget picks both. Accelerators have the memory bandwidth and parallelism to evaluate
+# everything at once, so their budget only bounds memory.
+AUTO_CHUNK_BYTES = {"cpu": 4 << 20}
+AUTO_CHUNK_BYTES_ACCELERATOR = 1 << 30
+
+
+def _check_chunk(chunk: Chunk) -> None:
+    if chunk == AUTO:
+        return
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
-        raise ValueError(f"chunk must be a positive integer or None; got {chunk!r}.")
+        raise ValueError(f"chunk must be a positive integer, None (all points at once) or 'auto'; got {chunk!r}.")
+
+
+def _normal_chunk(chunk: Chunk) -> Chunk:
+    """A hashable, canonical chunk for the program caches."""
+    return chunk if chunk is None or chunk == AUTO else int(chunk)
+
+
+def _sub_jaxprs(value: Any) -> list[Any]:
+    if hasattr(value, "eqns"):
+        return [value]
+    if hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+        return [value.jaxpr]
+    if isinstance(value, (list, tuple)):
+        return [j for v in value for j in _sub_jaxprs(v)]
+    return []
+
+
+def intermediate_bytes(jaxpr: Any) -> int:
+    """Bytes of every value a jaxpr computes (an upper bound on its scratch memory).
+
+    A sub-program (a ``scan``/``while`` body, the branches of a ``cond``, a nested ``jit``)
+    counts once, at its largest: its buffers are reused across iterations.
+
+    Args:
+      jaxpr: a ``Jaxpr`` (``jax.make_jaxpr(f)(*args).jaxpr``).
+
+    Returns:
+      The byte count, an int.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> intermediate_bytes(jax.make_jaxpr(lambda x: jnp.sin(x) * 2)(jnp.ones(10)).jaxpr)
+      80
+    """
+    total = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            aval = getattr(var, "aval", None)
+            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                total += int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+        subs = [j for v in eqn.params.values() for j in _sub_jaxprs(v)]
+        if subs:
+            total += max(intermediate_bytes(j) for j in subs)
+    return total
+
+
+def auto_chunk(fn: Callable[[Any], Any], xs: Any, *, budget_bytes: int | None = None) -> int:
+    """How many points of ``fn`` over ``xs`` (mapped over the leading axis) to evaluate at once.
+
+    Traces ``fn`` on one point (no compilation), counts the bytes of its intermediates
+    (:func:`intermediate_bytes`) and fits as many points as ``budget_bytes`` holds (default
+    :data:`AUTO_CHUNK_BYTES` for the backend): at least 1, at most the number of points.
+
+    Args:
+      fn: the function of one point.
+      xs: the points: a pytree of arrays with a shared leading axis.
+      budget_bytes: scratch bytes one chunk may use; default by backend (4 MiB on CPU, where a
+        cache-sized chunk is fastest; 1 GiB on accelerators, where it only bounds memory).
+
+    Returns:
+      The chunk size, an int in [1, number of points].
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> auto_chunk(lambda v: jnp.outer(v, v).sum(), jnp.ones((100, 256)), budget_bytes=1 << 20)
+      3
+    """
+    n = int(jax.tree.leaves(xs)[0].shape[0])
+    one = jax.tree.map(lambda v: v[0], xs)
+    per_point = intermediate_bytes(jax.make_jaxpr(fn)(one).jaxpr)
+    if budget_bytes is None:
+        budget_bytes = AUTO_CHUNK_BYTES.get(jax.default_backend(), AUTO_CHUNK_BYTES_ACCELERATOR)
+    return int(max(1, min(n, budget_bytes // max(per_point, 1))))
 
 
 def _check_alphas(alphas: Any) -> jax.Array:
@@ -105,6 +241,13 @@ def interpolate(a: PyTree, b: PyTree, alpha: float | jax.Array) -> PyTree:
     returns `b` exactly for finite float leaves. Integer leaves are taken from `a` for α < 0.5
     and from `b` otherwise. α outside [0, 1] extrapolates along the same line.
 
+    Args:
+      a, b: the variables of the two models (same structure).
+      alpha: the weight of `b` (a number or a traced scalar).
+
+    Returns:
+      The variables θ_α, with the structure and dtypes of `a`.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> interpolate({"w": jnp.zeros(2)}, {"w": jnp.full(2, 4.0)}, 0.25)["w"].tolist()
@@ -113,24 +256,48 @@ def interpolate(a: PyTree, b: PyTree, alpha: float | jax.Array) -> PyTree:
     return tree_lib.lerp(a, b, alpha)
 
 
-def _map(fn: Callable[[Any], Any], xs: Any, chunk: int | None) -> Any:
-    if chunk is None:
+def map_points(fn: Callable[[Any], Any], xs: Any, chunk: Chunk = AUTO) -> Any:
+    """``fn`` over the leading axis of ``xs``: one ``vmap``, or ``lax.map`` over chunks of points.
+
+    ``chunk=None`` vmaps every point at once; an integer k evaluates k points at a time (same
+    numbers, memory bounded by k points); ``"auto"`` picks k with :func:`auto_chunk` when the
+    program is traced (so once per compilation). Used by every path, table and curve evaluation.
+
+    Args:
+      fn: the function of one point.
+      xs: the points: a pytree of arrays with a shared leading axis.
+      chunk: None, a positive int or ``"auto"``.
+
+    Returns:
+      ``fn``'s outputs stacked on a leading axis, as ``jax.vmap(fn)(xs)`` would return them.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> map_points(lambda v: v.sum(), jnp.arange(6.0).reshape(3, 2), chunk=2).tolist()
+      [1.0, 5.0, 9.0]
+    """
+    n = int(jax.tree.leaves(xs)[0].shape[0])
+    if chunk == AUTO:
+        chunk = auto_chunk(fn, xs)
+    if chunk is None or chunk >= n:
         return jax.vmap(fn)(xs)
+    if chunk == 1:
+        return jax.lax.map(fn, xs)
     return jax.lax.map(fn, xs, batch_size=int(chunk))
 
 
 @functools.lru_cache(maxsize=64)
-def _path_program(eval_fn: EvalFn, chunk: int | None, jit: bool) -> Callable[..., Any]:
+def _path_program(eval_fn: EvalFn, chunk: Chunk, jit: bool) -> Callable[..., Any]:
     """One compiled program per (eval_fn, chunk): repeated paths reuse it (no recompiles)."""
 
     def compute(a, b, alphas, x, y):
-        return _map(lambda alpha: eval_fn(interpolate(a, b, alpha), x, y), alphas, chunk)
+        return map_points(lambda alpha: eval_fn(interpolate(a, b, alpha), x, y), alphas, chunk)
 
     return jax.jit(compute) if jit else compute
 
 
 def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, alphas: Sequence[float] | jax.Array | None = None,
-             data: tuple[jax.Array, jax.Array] | None = None, chunk: int | None = None, *,
+             data: tuple[jax.Array, jax.Array] | None = None, chunk: Chunk = AUTO, *,
              jit: bool = True) -> dict[str, Any]:
     """Loss and accuracy of θ_α = (1 − α) θ_A + α θ_B for every α, vmapped over α.
 
@@ -142,7 +309,8 @@ def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, alphas: Sequence[float] | ja
       alphas: the α grid; default 25 points in [0, 1]. Values outside [0, 1] extrapolate.
       data: ``(x, y)`` to evaluate on.
       chunk: evaluate at most this many α at once (``lax.map`` with ``batch_size``: bounds
-        memory, same numbers); None = all α in one vmap.
+        memory, same numbers); None = all α in one vmap; ``"auto"`` (default) sizes the chunks
+        to the backend (:func:`auto_chunk`: cache-sized on CPU, memory-bounded elsewhere).
       jit: compile the path (cached per ``(eval_fn, chunk)``); False runs it eagerly, e.g.
         inside another transformation.
 
@@ -170,7 +338,7 @@ def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, alphas: Sequence[float] | ja
     _check_chunk(chunk)
     check_compatible(a, b)
     alphas = _check_alphas(alphas)
-    out = _path_program(eval_fn, None if chunk is None else int(chunk), bool(jit))(a, b, alphas, x, y)
+    out = _path_program(eval_fn, _normal_chunk(chunk), bool(jit))(a, b, alphas, x, y)
     return {"alpha": alphas, "loss": out["loss"], "accuracy": out["accuracy"]}
 
 
@@ -180,9 +348,21 @@ def barriers(path: dict[str, Any]) -> dict[str, float]:
     The path must contain α = 0 and α = 1 (the endpoints). Accuracy at α = 0.5 is read off the
     path (linearly interpolated if 0.5 is not on the grid).
 
+    Args:
+      path: ``{"alpha", "loss", "accuracy"}`` vectors of one path (any order of α).
+
     Returns:
       ``{"loss_barrier", "accuracy_barrier", "avg_endpoint_accuracy", "interp_accuracy",
       "avg_endpoint_loss", "interp_loss", "argmax_alpha_loss", "argmax_alpha_accuracy"}``.
+
+    Raises:
+      ValueError: the path lacks α = 0 or α = 1.
+
+    Examples:
+      >>> path = {"alpha": [0.0, 0.5, 1.0], "loss": [0.2, 1.0, 0.4], "accuracy": [0.9, 0.5, 0.7]}
+      >>> b = barriers(path)
+      >>> round(b["loss_barrier"], 3), round(b["accuracy_barrier"], 3), round(b["interp_accuracy"], 3)
+      (0.7, 0.3, 0.5)
     """
     alpha = np.asarray(path["alpha"], np.float64)
     loss = np.asarray(path["loss"], np.float64)
@@ -209,13 +389,27 @@ def barriers(path: dict[str, Any]) -> dict[str, float]:
 
 
 def all_pairs(n: int, max_pairs: int | None = None) -> list[tuple[int, int]]:
-    """Pairs (i, j), i < j, of n models in a fixed order, at most `max_pairs` of them."""
+    """Pairs (i, j), i < j, of n models in a fixed order, at most `max_pairs` of them.
+
+    Args:
+      n: number of models.
+      max_pairs: keep the first this many pairs (None or 0: all n (n − 1) / 2).
+
+    Returns:
+      A list of ``(i, j)`` tuples, ordered by i, then j.
+
+    Examples:
+      >>> all_pairs(3)
+      [(0, 1), (0, 2), (1, 2)]
+      >>> all_pairs(4, max_pairs=2)
+      [(0, 1), (0, 2)]
+    """
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     return pairs[:max_pairs] if max_pairs else pairs
 
 
 @functools.lru_cache(maxsize=64)
-def _pairs_program(eval_fn: EvalFn, chunk: int | None, jit: bool) -> Callable[..., Any]:
+def _pairs_program(eval_fn: EvalFn, chunk: Chunk, jit: bool) -> Callable[..., Any]:
     def compute(stacked, ii, jj, pi, al, x, y):
         def point(inputs):
             p, alpha = inputs
@@ -223,14 +417,14 @@ def _pairs_program(eval_fn: EvalFn, chunk: int | None, jit: bool) -> Callable[..
             b = tree_lib.index(stacked, jj[p])
             return eval_fn(interpolate(a, b, alpha), x, y)
 
-        return _map(point, (pi, al), chunk)
+        return map_points(point, (pi, al), chunk)
 
     return jax.jit(compute) if jit else compute
 
 
 def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], *,
                       pairs: Sequence[tuple[int, int]] | None = None,
-                      alphas: Sequence[float] | None = None, chunk: int | None = None,
+                      alphas: Sequence[float] | None = None, chunk: Chunk = AUTO,
                       jit: bool = True) -> dict[str, Any]:
     """LMC between pairs of N stacked models, vmapped over pairs and α.
 
@@ -240,13 +434,28 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
       data: ``(x, y)``.
       pairs: which (i, j) to compare; default all i < j.
       alphas: the α grid (default 25 points in [0, 1]).
-      chunk: evaluate at most this many (pair, α) points at once.
+      chunk: evaluate at most this many (pair, α) points at once; None = all, ``"auto"``
+        (default) as in :func:`lmc_path`.
 
     Returns:
       ``{"pairs": [(i, j)...], "paths": {"alpha", "loss" (P, K), "accuracy" (P, K)},
       "per_pair": [barriers dicts], "loss_barrier": (N, N), "accuracy_barrier": (N, N)}``
       where the N×N tables are symmetric with NaN where a pair was not evaluated and 0 on the
       diagonal.
+
+    Raises:
+      ValueError: empty data, no pairs, a pair out of range, chunk < 1, a bad α grid.
+      TypeError: data that is not a pair ``(x, y)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> def eval_fn(v, x, y):
+      ...     loss = jnp.mean((x * v["w"] - y) ** 2)
+      ...     return {"loss": loss, "accuracy": (loss < 0.5).astype(jnp.float32)}
+      >>> stacked = {"w": jnp.array([0.0, 2.0, 1.0])}
+      >>> table = pairwise_barriers(eval_fn, stacked, (jnp.ones(4), jnp.ones(4)), alphas=[0.0, 0.5, 1.0])
+      >>> table["pairs"], float(table["loss_barrier"][0, 1])  # a convex loss: no barrier
+      ([(0, 1), (0, 2), (1, 2)], 0.0)
     """
     x, y = check_data(data)
     _check_chunk(chunk)
@@ -267,7 +476,7 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
     # Flatten (pair, α) into one batch axis so chunking bounds the total work in flight.
     pi = jnp.repeat(jnp.arange(len(pairs), dtype=jnp.int32), k)
     al = jnp.tile(alphas_arr, len(pairs))
-    out = _pairs_program(eval_fn, None if chunk is None else int(chunk), bool(jit))(stacked, ii, jj, pi, al, x, y)
+    out = _pairs_program(eval_fn, _normal_chunk(chunk), bool(jit))(stacked, ii, jj, pi, al, x, y)
     loss = np.asarray(out["loss"]).reshape(len(pairs), k)
     acc = np.asarray(out["accuracy"]).reshape(len(pairs), k)
     per_pair = [barriers({"alpha": alphas_arr, "loss": loss[p], "accuracy": acc[p]}) for p in range(len(pairs))]
@@ -292,10 +501,29 @@ def fuse(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], we
          ) -> dict[str, Any]:
     """Multi-model fusion: the (weighted) average of K models against their individual metrics.
 
+    Args:
+      eval_fn: evaluation of one model (``training.make_eval_fn``).
+      stacked: K models' variables on a leading axis.
+      data: ``(x, y)`` to evaluate on.
+      weights: None (uniform) or K non-negative weights.
+
     Returns:
       ``{"fused": variables, "fused_loss", "fused_accuracy", "individual_loss" (K,),
       "individual_accuracy" (K,), "mean_individual_loss", "mean_individual_accuracy",
       "accuracy_barrier" (mean individual − fused), "loss_barrier" (fused − mean individual)}``.
+
+    Raises:
+      ValueError: empty data; weights of the wrong length, negative or all zero.
+      TypeError: data that is not a pair ``(x, y)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> def eval_fn(v, x, y):
+      ...     loss = jnp.mean((x * v["w"] - y) ** 2)
+      ...     return {"loss": loss, "accuracy": (loss < 0.5).astype(jnp.float32)}
+      >>> out = fuse(eval_fn, {"w": jnp.array([0.0, 2.0])}, (jnp.ones(4), jnp.ones(4)))
+      >>> float(out["fused"]["w"]), out["fused_accuracy"], out["mean_individual_accuracy"]
+      (1.0, 1.0, 0.0)
     """
     x, y = check_data(data)
     fused = tree_lib.weighted_mean(stacked, weights)
@@ -370,6 +598,9 @@ def layer_groups(variables: PyTree, groups: Sequence[GroupSpec] | Mapping[str, G
       layer_order: the weight layers from input to output (``net.layer_order()``). Pass it: Flax
         returns params in call order but ``jax.tree.map`` re-sorts dict keys, so after training
         the insertion order may be alphabetical (``block10`` before ``block2``).
+
+    Returns:
+      ``[(name, selected), ...]``: one boolean vector over the leaves per group.
 
     Raises:
       ValueError: a group that selects nothing (naming it and listing the leaves), a bad regex,
@@ -457,20 +688,20 @@ def _masked_lerp(a: PyTree, b: PyTree, alpha: jax.Array, select: PyTree) -> PyTr
 
 
 @functools.lru_cache(maxsize=64)
-def _layerwise_program(eval_fn: EvalFn, chunk: int | None, jit: bool) -> Callable[..., Any]:
+def _layerwise_program(eval_fn: EvalFn, chunk: Chunk, jit: bool) -> Callable[..., Any]:
     def compute(a, b, masks, gi, al, x, y):
         def point(inputs):
             g, alpha = inputs
             return eval_fn(_masked_lerp(a, b, alpha, tree_lib.index(masks, g)), x, y)
 
-        return _map(point, (gi, al), chunk)
+        return map_points(point, (gi, al), chunk)
 
     return jax.jit(compute) if jit else compute
 
 
 def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupSpec] | Mapping[str, GroupSpec] | None,
                   data: tuple[jax.Array, jax.Array], *, alphas: Sequence[float] | None = None, mode: str = "single",
-                  chunk: int | None = None, layer_order: Sequence[str] | None = None,
+                  chunk: Chunk = AUTO, layer_order: Sequence[str] | None = None,
                   jit: bool = True) -> dict[str, Any]:
     """Layer-wise linear mode connectivity: interpolate one group of layers, keep the rest at A.
 
@@ -499,7 +730,8 @@ def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupS
       data: ``(x, y)``.
       alphas: the α grid (default 25 points in [0, 1]; values outside extrapolate).
       mode: one of :data:`LAYERWISE_MODES`.
-      chunk: evaluate at most this many (group, α) points at once.
+      chunk: evaluate at most this many (group, α) points at once; None = all, ``"auto"``
+        (default) as in :func:`lmc_path`.
       layer_order: the weight layers from input to output (``net.layer_order()``).
 
     Returns:
@@ -542,7 +774,7 @@ def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupS
     g, k = matrix.shape[0], alphas_arr.shape[0]
     gi = jnp.repeat(jnp.arange(g, dtype=jnp.int32), k)
     al = jnp.tile(alphas_arr, g)
-    out = _layerwise_program(eval_fn, None if chunk is None else int(chunk), bool(jit))(a, b, masks, gi, al, x, y)
+    out = _layerwise_program(eval_fn, _normal_chunk(chunk), bool(jit))(a, b, masks, gi, al, x, y)
     loss = np.asarray(out["loss"]).reshape(g, k)
     acc = np.asarray(out["accuracy"]).reshape(g, k)
     per_group = [barriers({"alpha": alphas_arr, "loss": loss[i], "accuracy": acc[i]}) for i in range(g)]
@@ -733,6 +965,15 @@ def with_bn_reset(net: Any, eval_fn: EvalFn, x_reset: jax.Array, *, batch_size: 
     reset (the "BN reset" variant of LMC in REPAIR and git-re-basin). Endpoints are reset too,
     so the barrier compares like with like. The result is pure and vmappable over α; `x_reset`
     is closed over (a constant of the compiled program).
+
+    Args:
+      net: the model (:class:`tna_jax.models.Net`) with BatchNorm.
+      eval_fn: evaluation of one model.
+      x_reset: the inputs the statistics are recomputed from (training data).
+      batch_size, num_batches, variance: as in :func:`reset_bn_stats`.
+
+    Returns:
+      ``eval_fn(variables, x, y)`` with the reset applied to `variables` first.
 
     Raises:
       ValueError: `net` has no BatchNorm statistics, or `x_reset` is empty.

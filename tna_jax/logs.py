@@ -24,7 +24,23 @@ SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 
 def read_metrics(path: str, upto_epoch: int | None = None) -> list[dict[str, Any]]:
-    """Complete lines of a metrics file (up to `upto_epoch`); stops at the first damaged line."""
+    r"""Complete lines of a metrics file (up to `upto_epoch`); stops at the first damaged line.
+
+    Args:
+      path: a ``metrics.jsonl`` file (missing: no rows).
+      upto_epoch: keep only rows of epochs <= this (None: all).
+
+    Returns:
+      The rows as dicts, in file order.
+
+    Examples:
+      >>> import os, tempfile
+      >>> path = os.path.join(tempfile.mkdtemp(), "metrics.jsonl")
+      >>> with open(path, "w") as f:
+      ...     _ = f.write('{"epoch": 1, "run": 0}\n{"epoch": 2, "run": 0}\n{"epoch": 3, "ru')
+      >>> read_metrics(path), read_metrics(path, upto_epoch=1)
+      ([{'epoch': 1, 'run': 0}, {'epoch': 2, 'run': 0}], [{'epoch': 1, 'run': 0}])
+    """
     if not os.path.exists(path):
         return []
     rows = []
@@ -51,6 +67,17 @@ class MetricsLog:
       runs: ``[{"run", "arm", "seed", ...}]`` descriptions (one TensorBoard writer each).
       resume_epoch: the epoch training resumes from (0 for a fresh run).
       tensorboard: also write TensorBoard event files.
+
+    Examples:
+      >>> import os, tempfile
+      >>> workdir = tempfile.mkdtemp()
+      >>> log = MetricsLog(workdir, [{"run": 0, "arm": "vanilla", "seed": 0}])
+      >>> log.write([{"epoch": 1, "run": 0, "arm": "vanilla", "seed": 0, "train_loss": 0.5}])
+      >>> log.close()
+      >>> read_metrics(os.path.join(workdir, "metrics.jsonl"))[0]["train_loss"]
+      0.5
+      >>> sorted(os.listdir(os.path.join(workdir, "tensorboard", "vanilla")))
+      ['seed_0']
     """
 
     def __init__(self, workdir: str | None, runs: Sequence[dict[str, Any]], resume_epoch: int = 0,

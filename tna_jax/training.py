@@ -100,7 +100,16 @@ class _StopSignal:
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-    """One training recipe: ``method`` in {"none", "anchor", "prune"} at mask ratio ``ratio``."""
+    """One training recipe: ``method`` in {"none", "anchor", "prune"} at mask ratio ``ratio``.
+
+    Attributes:
+      method: ``"none"`` (plain training), ``"anchor"`` (TNA-PFN) or ``"prune"`` (prune-at-init).
+      ratio: the mask ratio ρ in [0, 1].
+
+    Examples:
+      >>> Arm("anchor", 0.4).label, Arm("none", 0.0).label, Arm("prune", 0.2).label
+      ('TNA-PFN 0.4', 'vanilla', 'prune 0.2')
+    """
 
     method: str
     ratio: float
@@ -115,7 +124,18 @@ class Arm:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One model: an arm and a seed index; ``index`` is its place on the run axis."""
+    """One model: an arm and a seed index; ``index`` is its place on the run axis.
+
+    Attributes:
+      index: position on the run axis (arm-major: ``arm_index * num_seeds + seed``).
+      arm_index: the arm's position in :func:`arms_from_config`.
+      arm: the :class:`Arm`.
+      seed: the seed index within the arm.
+
+    Examples:
+      >>> Run(3, 1, Arm("anchor", 0.4), 1).describe()
+      {'run': 3, 'arm': 'TNA-PFN 0.4', 'method': 'anchor', 'ratio': 0.4, 'seed': 1}
+    """
 
     index: int
     arm_index: int
@@ -135,6 +155,21 @@ def arms_from_config(config: Any) -> tuple[Arm, ...]:
     * otherwise the main arm (prune-at-init when ``config.prune.ratio > 0``, else TNA-PFN at
       ``config.anchor.ratio``; ratio 0 is plain training) and, when ``config.baseline`` is set
       and the main arm is not plain, a plain arm with the same seeds.
+
+    Args:
+      config: the experiment config (:func:`tna_jax.config.default_config`).
+
+    Returns:
+      The arms, in run-axis order.
+
+    Examples:
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> [a.label for a in arms_from_config(c)]
+      ['vanilla', 'TNA-PFN 0.4']
+      >>> c.sweep.anchor_ratios, c.sweep.prune_ratios = (0.0, 0.2), (0.2,)
+      >>> [a.label for a in arms_from_config(c)]
+      ['vanilla', 'TNA-PFN 0.2', 'prune 0.2']
     """
     sweep_a = [float(r) for r in config.sweep.anchor_ratios]
     sweep_p = [float(r) for r in config.sweep.prune_ratios]
@@ -160,7 +195,21 @@ def arms_from_config(config: Any) -> tuple[Arm, ...]:
 
 
 def make_runs(config: Any) -> list[Run]:
-    """All runs, arm-major: run ``a * num_seeds + s`` is arm ``a`` with seed ``s``."""
+    """All runs, arm-major: run ``a * num_seeds + s`` is arm ``a`` with seed ``s``.
+
+    Args:
+      config: the experiment config.
+
+    Returns:
+      One :class:`Run` per (arm, seed).
+
+    Examples:
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> c.num_seeds = 2
+      >>> [(r.index, r.arm.label, r.seed) for r in make_runs(c)]
+      [(0, 'vanilla', 0), (1, 'vanilla', 1), (2, 'TNA-PFN 0.4', 0), (3, 'TNA-PFN 0.4', 1)]
+    """
     arms = arms_from_config(config)
     return [Run(a * config.num_seeds + s, a, arm, s) for a, arm in enumerate(arms) for s in range(config.num_seeds)]
 
@@ -173,7 +222,17 @@ PURPOSES = ("init", "data", "mask", "anchor_values", "dropout")
 
 
 class RunKeys(NamedTuple):
-    """Raw uint32 key data per run (leading run axis), one stream per purpose."""
+    """Raw uint32 key data per run (leading run axis), one stream per purpose.
+
+    Attributes:
+      init, data, mask, anchor_values, dropout: uint32 arrays of shape ``(runs, 2)``, one stream
+        per purpose (wrap a row with ``jax.random.wrap_key_data``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> RunKeys(*[jnp.zeros((3, 2), jnp.uint32)] * 5)._fields
+      ('init', 'data', 'mask', 'anchor_values', 'dropout')
+    """
 
     init: jax.Array
     data: jax.Array
@@ -189,6 +248,23 @@ def make_run_keys(config: Any, runs: Sequence[Run]) -> RunKeys:
     the data order; "data" shares the init. ``anchor.share_mask`` shares the mask key across
     seeds; ``anchor.share_values`` makes every seed take its anchored values from one shared
     initialisation. Runs of different arms with the same seed get the same keys (paired).
+
+    Args:
+      config: the experiment config (``seed``, ``seeds.vary``, ``anchor.share_mask``,
+        ``anchor.share_values``).
+      runs: the runs (:func:`make_runs`).
+
+    Returns:
+      :class:`RunKeys` with arrays of shape ``(len(runs), 2)`` (raw key data).
+
+    Examples:
+      >>> import numpy as np
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> c.num_seeds = 2
+      >>> keys = make_run_keys(c, make_runs(c))
+      >>> keys.init.shape, bool(np.array_equal(keys.mask[0], keys.mask[1]))  # one mask key for every seed
+      ((4, 2), True)
     """
     root = jax.random.key(config.seed)
     purpose = {p: jax.random.fold_in(root, i) for i, p in enumerate(PURPOSES)}
@@ -222,6 +298,25 @@ def make_optimizer(opt_config: Any, steps_per_epoch_: int, epochs: int) -> optax
     over training) | warmup_cosine (``warmup_epochs`` of linear warm-up); ``weight_decay``
     (decoupled for adamw/lion, added to the gradient otherwise); ``grad_clip_norm`` > 0 clips
     by global norm first.
+
+    Args:
+      opt_config: ``config.optimizer``.
+      steps_per_epoch_: optimizer steps per epoch (for the schedules).
+      epochs: training epochs (for the schedules).
+
+    Returns:
+      An optax ``GradientTransformation`` (chain :func:`tna_jax.anchors.fixed_anchor_mask` after it).
+
+    Raises:
+      ValueError: an unknown optimizer name.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from tna_jax.config import default_config
+      >>> tx = make_optimizer(default_config().optimizer, steps_per_epoch_=10, epochs=2)  # SGD, lr 0.05
+      >>> updates, _ = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.zeros(2)}))
+      >>> [round(float(u), 4) for u in updates["w"]]
+      [-0.05, -0.05]
     """
     lr = float(opt_config.learning_rate)
     total = max(1, steps_per_epoch_ * epochs)
@@ -356,7 +451,21 @@ def init_runs(net: Net, tx_factory: Callable[[Any, Any], optax.GradientTransform
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy with integer labels (and optional label smoothing)."""
+    """Per-example softmax cross-entropy with integer labels (and optional label smoothing).
+
+    Args:
+      logits: ``(..., classes)`` logits (computed in float32).
+      labels: integer labels of shape ``logits.shape[:-1]``.
+      label_smoothing: the smoothing factor in [0, 1).
+
+    Returns:
+      The per-example losses, shape ``labels.shape``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> [round(float(v), 4) for v in cross_entropy(jnp.array([[0.0, 0.0], [10.0, 0.0]]), jnp.array([0, 0]))]
+      [0.6931, 0.0]
+    """
     logits = logits.astype(jnp.float32)
     if label_smoothing:
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
@@ -520,13 +629,40 @@ def evaluate_runs(net: Net, state: TrainState, x: jax.Array, y: jax.Array, batch
 
 
 def run_mesh(devices: Sequence[Any] | None = None) -> Mesh:
-    """A 1-D mesh named "runs" over `devices` (default: all devices)."""
+    """A 1-D mesh named "runs" over `devices` (default: all devices).
+
+    Args:
+      devices: the devices (default ``jax.devices()``).
+
+    Returns:
+      A ``jax.sharding.Mesh`` with one axis, ``"runs"``.
+
+    Examples:
+      >>> import jax
+      >>> mesh = run_mesh()
+      >>> mesh.axis_names, mesh.devices.size == jax.device_count()
+      (('runs',), True)
+    """
     devices = list(devices) if devices is not None else jax.devices()
     return Mesh(np.array(devices), ("runs",))
 
 
 def shard_runs(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Places every leaf with its leading (run) axis split over the mesh."""
+    """Places every leaf with its leading (run) axis split over the mesh.
+
+    Args:
+      tree: a pytree whose leaves have the run axis first (its length a multiple of the mesh size).
+      mesh: the mesh (:func:`run_mesh`).
+
+    Returns:
+      The tree placed with ``NamedSharding(mesh, PartitionSpec("runs"))``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> x = shard_runs({"w": jnp.zeros((jax.device_count() * 2, 3))}, run_mesh())["w"]
+      >>> tuple(x.sharding.spec)
+      ('runs',)
+    """
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec("runs")))
 
 

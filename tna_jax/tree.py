@@ -56,6 +56,13 @@ def _key_str(key: Any) -> str | None:
 def path_str(path: Path) -> str:
     """Joins a JAX key path into a '/'-separated name, e.g. ``"dense_0/kernel"``.
 
+    Args:
+      path: a key path from ``jax.tree_util.tree_flatten_with_path`` (dict keys, sequence indices,
+        attribute names).
+
+    Returns:
+      The name; keys that carry no name are skipped.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> params = {"dense_0": {"kernel": jnp.ones((2, 3))}}
@@ -67,18 +74,53 @@ def path_str(path: Path) -> str:
 
 
 def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
-    """Returns ``[(name, leaf), ...]`` in JAX's canonical flattening order."""
+    """``[(name, leaf), ...]`` in JAX's canonical flattening order.
+
+    Args:
+      tree: any pytree.
+
+    Returns:
+      One ``(name, leaf)`` pair per leaf, names as in :func:`path_str`.
+
+    Examples:
+      >>> named_leaves({"b": 2, "a": {"w": 1}})
+      [('a/w', 1), ('b', 2)]
+    """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return [(path_str(p), leaf) for p, leaf in flat]
 
 
 def leaf_names(tree: PyTree) -> list[str]:
-    """The '/'-joined names of the leaves of `tree`, in flattening order."""
+    """The '/'-joined names of the leaves of `tree`, in flattening order.
+
+    Args:
+      tree: any pytree.
+
+    Returns:
+      A list of names (see :func:`named_leaves`).
+
+    Examples:
+      >>> leaf_names({"dense": {"kernel": 0, "bias": 0}})
+      ['dense/bias', 'dense/kernel']
+    """
     return [name for name, _ in named_leaves(tree)]
 
 
 def map_with_names(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
-    """Like ``jax.tree.map`` but ``fn(name, leaf, *other_leaves)`` also receives the leaf's name."""
+    """Like ``jax.tree.map`` but ``fn(name, leaf, *other_leaves)`` also receives the leaf's name.
+
+    Args:
+      fn: called once per leaf with its '/'-joined name first.
+      tree: the pytree whose structure the result has.
+      *rest: further pytrees of the same structure; their leaves are passed after `tree`'s.
+
+    Returns:
+      A pytree of `fn`'s results.
+
+    Examples:
+      >>> map_with_names(lambda name, x: f"{name}={x}", {"a": 1, "b": {"c": 2}})
+      {'a': 'a=1', 'b': {'c': 'b/c=2'}}
+    """
     return jax.tree_util.tree_map_with_path(lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest)
 
 
@@ -91,6 +133,19 @@ def check_same_structure(
       a, b: the two pytrees.
       names: how to call the two trees in the message (e.g. ``("params", "mask")``).
       check_shapes: also require equal leaf shapes.
+
+    Raises:
+      ValueError: a path in one tree only, the same leaves in another order, different tree types,
+        or (with `check_shapes`) different shapes at a path; the message names the path.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> check_same_structure({"w": jnp.ones(2)}, {"w": jnp.zeros(2)})
+      >>> try:
+      ...     check_same_structure({"w": jnp.ones(2)}, {"w": jnp.ones(3)}, names=("params", "mask"))
+      ... except ValueError as err:
+      ...     print(err)
+      params and mask differ in shape at path 'w': (2,) vs (3,).
     """
     la, lb = named_leaves(a), named_leaves(b)
     na, nb = [n for n, _ in la], [n for n, _ in lb]
@@ -135,6 +190,13 @@ def lerp(a: PyTree, b: PyTree, alpha: Any) -> PyTree:
     otherwise, so that interpolating whole train states is well defined. Floating leaves keep
     their dtype; ``alpha`` may be a traced scalar (this is what ``jax.vmap`` over α maps).
 
+    Args:
+      a, b: two pytrees of the same structure.
+      alpha: the interpolation weight of `b` (a Python number or a scalar array, possibly traced).
+
+    Returns:
+      A pytree of the structure and dtypes of `a`.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> lerp({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0.25)["w"]
@@ -158,13 +220,25 @@ def lerp(a: PyTree, b: PyTree, alpha: Any) -> PyTree:
 def weighted_mean(stacked: PyTree, weights: Any = None, *, axis: int = 0) -> PyTree:
     """Average over the leading (model) axis of a stacked tree, optionally weighted.
 
+    Integer leaves (step counters) are taken from the first model.
+
     Args:
       stacked: a pytree whose leaves have a leading axis of size K (K models).
       weights: None for the uniform average, or K non-negative weights (normalised here).
       axis: the model axis.
 
+    Returns:
+      One model: the pytree without the model axis.
+
     Raises:
       ValueError: weights of the wrong length, negative, or summing to zero.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> weighted_mean({"w": jnp.array([1.0, 3.0])})["w"].tolist()
+      2.0
+      >>> weighted_mean({"w": jnp.array([1.0, 3.0])}, weights=[3, 1])["w"].tolist()
+      1.5
     """
     leaves = jax.tree.leaves(stacked)
     if not leaves:
@@ -196,7 +270,22 @@ def weighted_mean(stacked: PyTree, weights: Any = None, *, axis: int = 0) -> PyT
 
 
 def stack(trees: Sequence[PyTree]) -> PyTree:
-    """Stacks a list of same-structure trees along a new leading axis."""
+    """Stacks a list of same-structure trees along a new leading axis.
+
+    Args:
+      trees: one or more pytrees of the same structure and shapes.
+
+    Returns:
+      A pytree whose leaves have a new leading axis of size ``len(trees)``.
+
+    Raises:
+      ValueError: an empty list, or trees that differ in structure or shape (the path is named).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> stack([{"w": jnp.zeros(3)}, {"w": jnp.ones(3)}])["w"].shape
+      (2, 3)
+    """
     if not trees:
         raise ValueError("stack() needs at least one tree; got an empty sequence.")
     for i, t in enumerate(trees[1:], start=1):
@@ -205,7 +294,19 @@ def stack(trees: Sequence[PyTree]) -> PyTree:
 
 
 def unstack(stacked: PyTree) -> list[PyTree]:
-    """Inverse of :func:`stack`: a list of trees, one per index of the leading axis."""
+    """Inverse of :func:`stack`: a list of trees, one per index of the leading axis.
+
+    Args:
+      stacked: a pytree whose leaves share a leading axis.
+
+    Returns:
+      A list of pytrees (empty for a tree without leaves).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> [t["w"].tolist() for t in unstack({"w": jnp.array([[0.0], [1.0]])})]
+      [[0.0], [1.0]]
+    """
     leaves, treedef = jax.tree.flatten(stacked)
     if not leaves:
         return []
@@ -214,22 +315,70 @@ def unstack(stacked: PyTree) -> list[PyTree]:
 
 
 def index(stacked: PyTree, i: Any) -> PyTree:
-    """The `i`-th tree of a stacked tree (works with traced `i`)."""
+    """The `i`-th tree of a stacked tree (works with traced `i`).
+
+    Args:
+      stacked: a pytree whose leaves share a leading axis.
+      i: an index, a slice or an integer array (then the result keeps an axis of that length).
+
+    Returns:
+      ``jax.tree.map(lambda x: x[i], stacked)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> index({"w": jnp.array([10.0, 20.0, 30.0])}, 1)["w"].tolist()
+      20.0
+    """
     return jax.tree.map(lambda x: x[i], stacked)
 
 
 def tree_size(tree: PyTree) -> int:
-    """Total number of entries over all leaves."""
+    """Total number of entries over all leaves.
+
+    Args:
+      tree: any pytree of arrays (or shape structs).
+
+    Returns:
+      The number of entries.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> tree_size({"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)})
+      15
+    """
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
 def tree_bytes(tree: PyTree) -> int:
-    """Total number of bytes over all array leaves."""
+    """Total number of bytes over all array leaves.
+
+    Args:
+      tree: a pytree of arrays (or shape structs with a dtype).
+
+    Returns:
+      The number of bytes.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> tree_bytes({"kernel": jnp.zeros((4, 3)), "mask": jnp.zeros(3, bool)})
+      51
+    """
     return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def natural_key(text: str) -> list[Any]:
-    """Sort key that orders ``layer_2`` before ``layer_10``."""
+    """Sort key that orders ``layer_2`` before ``layer_10``.
+
+    Args:
+      text: a name.
+
+    Returns:
+      The name split into text and integer parts.
+
+    Examples:
+      >>> sorted(["layer_10", "layer_2"], key=natural_key)
+      ['layer_2', 'layer_10']
+    """
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
@@ -239,6 +388,17 @@ def module_order(tree: Mapping[str, Any], weight_names: Iterable[str] = ("kernel
     Flax's ``init`` returns parameters in the order the modules were called, i.e. from the
     input to the output. JAX's own flattening sorts dict keys, so this walks the dicts
     directly. A module counts as a layer when it holds a leaf named in `weight_names`.
+
+    Args:
+      tree: nested dicts of parameters (e.g. ``variables["params"]``).
+      weight_names: leaf names that make a module a layer.
+
+    Returns:
+      The '/'-joined module paths, from the input to the output.
+
+    Examples:
+      >>> module_order({"dense_1": {"kernel": 0}, "dense_0": {"kernel": 0}, "block": {"conv": {"kernel": 0}}})
+      ['dense_1', 'dense_0', 'block/conv']
     """
     names = set(weight_names)
     order: list[str] = []

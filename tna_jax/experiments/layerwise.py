@@ -145,7 +145,7 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         evals[" (BN reset)"] = reset_fn
     x, y = data.split(config.analysis.split)
     alphas = lmc.default_alphas(config.analysis.num_alphas)
-    chunk = int(config.analysis.chunk) or None
+    chunk = int(config.analysis.chunk) or lmc.AUTO
     order = net.layer_order()
     arms: dict[int, list[int]] = {}
     for r in result.runs:

@@ -65,7 +65,31 @@ REGISTRY: dict[str, Callable[[Mapping[str, Any], tuple[int, ...], int], tuple[An
 
 
 def register(name: str):
-    """Decorator that adds a model factory to :data:`REGISTRY` under `name`."""
+    """Decorator that adds a model factory to :data:`REGISTRY` under `name`.
+
+    A factory is ``fn(model_config, input_shape, num_classes) -> (flax_module, input_dtype)``; it
+    reads and validates its own ``model.*`` fields (see :func:`positive_int`, :func:`choice`).
+
+    Args:
+      name: the ``model.name`` value that selects it.
+
+    Returns:
+      The decorator (it returns the factory unchanged).
+
+    Examples:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> class Linear(nn.Module):
+      ...     num_classes: int
+      ...     @nn.compact
+      ...     def __call__(self, x, train=False):
+      ...         return nn.Dense(self.num_classes, name="head")(x)
+      >>> @register("test_doc_linear")
+      ... def linear(cfg, input_shape, num_classes):
+      ...     return Linear(num_classes), jnp.float32
+      >>> net = build({"name": "test_doc_linear"}, (3,), 2)
+      >>> net.apply(net.init(jax.random.key(0)), jnp.ones((4, 3)))[0].shape
+      (4, 2)
+    """
 
     def deco(fn):
         REGISTRY[name] = fn
@@ -214,6 +238,9 @@ def build(model_config: Mapping[str, Any], input_shape: tuple[int, ...], num_cla
       model_config: ``name`` plus the model's own fields (see each model's docstring).
       input_shape: shape of one example, e.g. ``(40,)`` for MNIST-1D or ``(32, 32, 3)``.
       num_classes: number of classes; defaults to ``model_config.num_classes``.
+
+    Returns:
+      The :class:`Net` (pure ``init`` and ``apply``).
 
     Raises:
       ValueError: unknown model name (the message lists the known ones) or a bad field.

@@ -36,6 +36,15 @@ class Net:
       input_shape: shape of one example (without the batch axis).
       num_classes: number of output logits.
       input_dtype: dtype of the inputs (float32 for images/features, int32 for token ids).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from tna_jax.models import MLP
+      >>> net = Net("linear", MLP(hidden=(), num_classes=3), input_shape=(4,), num_classes=3)
+      >>> variables = net.init(jax.random.key(0))
+      >>> logits, state = net.apply(variables, jnp.ones((2, 4)))
+      >>> logits.shape, state, net.param_count(), net.layer_order()
+      ((2, 3), {}, 15, ['head'])
     """
 
     name: str
