@@ -91,6 +91,13 @@ def stack_candidates(candidates: Sequence[PyTree]) -> PyTree:
 def num_candidates(stacked: PyTree, name: str = "stacked") -> int:
     """K, the size of the leading (candidate) axis; checks that every leaf has it.
 
+    Args:
+      stacked: K models stacked on a leading axis (:func:`stack_candidates`).
+      name: how to call `stacked` in error messages.
+
+    Returns:
+      K.
+
     Raises:
       ValueError: no arrays, an empty list, a scalar leaf, K = 0, or leaves with different leading sizes.
       TypeError: a list or tuple of models instead of one stacked pytree.

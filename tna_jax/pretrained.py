@@ -64,9 +64,17 @@ def minilm_dir() -> str:
     Found with ``importlib.util.find_spec`` without importing the package (whose own loader
     would pull in sentence-transformers and torch).
 
+    Returns:
+      The directory holding ``config.json``, ``model.safetensors`` and ``tokenizer.json``.
+
     Raises:
       ModuleNotFoundError: the package is not installed (the message says how to install it).
       FileNotFoundError: the package is installed but its ``model`` directory is missing.
+
+    Examples:
+      >>> import os
+      >>> sorted(f for f in os.listdir(minilm_dir()) if f.endswith((".json", ".safetensors")))[:3]
+      ['config.json', 'config_sentence_transformers.json', 'data_config.json']
     """
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -157,10 +165,22 @@ def read_safetensors(path: str, names: Sequence[str] | None = None) -> dict[str,
 def read_bert_config(model_dir: str) -> dict[str, Any]:
     """The ``transformer`` model config (``tna_jax.models``) of a Hugging Face BERT ``config.json``.
 
+    Args:
+      model_dir: the directory with ``config.json``.
+
+    Returns:
+      ``{"name": "transformer", "vocab_size", "hidden", "layers", "heads", "intermediate",
+      "max_len", "type_vocab", "layer_norm_eps", "pad_token_id"}``.
+
     Raises:
       FileNotFoundError: no ``config.json`` in `model_dir`.
       PretrainedError: not valid JSON, not a BERT model, or a BERT variant the Flax encoder does not
         implement (another activation or position embedding type); the message names the field.
+
+    Examples:
+      >>> cfg = read_bert_config(minilm_dir())
+      >>> cfg["hidden"], cfg["layers"], cfg["heads"], cfg["vocab_size"]
+      (384, 6, 12, 30522)
     """
     path = _require(os.path.join(model_dir, "config.json"), "model config")
     try:
@@ -186,6 +206,12 @@ def hf_tensor_names(layers: int) -> dict[str, tuple[str, bool]]:
     """``{our '/'-path: (Hugging Face name, transposed)}`` for a BERT encoder with `layers` layers.
 
     ``transposed`` marks Dense kernels, stored by PyTorch as ``Linear.weight`` of shape (out, in).
+
+    Args:
+      layers: number of encoder layers.
+
+    Returns:
+      The mapping, 5 embedding entries plus 16 per layer.
 
     Examples:
       >>> hf_tensor_names(1)["layer_0/attention/out/kernel"]
@@ -238,6 +264,20 @@ def convert_bert(tensors: Mapping[str, np.ndarray], expected: Mapping[str, Any],
       PretrainedError: a tensor the encoder needs is missing, has another shape (both name the
         tensor and `source`), or the checkpoint holds tensors the encoder does not know (another
         architecture: more layers, other modules).
+
+    Examples:
+      >>> import numpy as np
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "transformer", "vocab_size": 10, "hidden": 4, "layers": 1, "heads": 2,
+      ...                     "intermediate": 8, "max_len": 6}, (6,), 2)
+      >>> expected = jax.eval_shape(net.init, jax.random.key(0))["params"]
+      >>> shapes = dict(tree_lib.named_leaves(expected))
+      >>> tensors = {hf: np.zeros(shapes[ours].shape[::-1] if t else shapes[ours].shape, np.float32)
+      ...            for ours, (hf, t) in hf_tensor_names(1).items()}
+      >>> tensors["encoder.layer.0.intermediate.dense.weight"].shape  # PyTorch's (out, in)
+      (8, 4)
+      >>> convert_bert(tensors, expected)["layer_0"]["intermediate"]["kernel"].shape
+      (4, 8)
     """
     tensors = {k.removeprefix("bert."): v for k, v in tensors.items()}
     body = {k: v for k, v in expected.items() if k != "head"}
@@ -306,6 +346,23 @@ def load_bert_params(model_dir: str, expected: Mapping[str, Any]) -> dict[str, A
 
     Only the tensors the encoder needs are read (a 2-layer encoder reads 2 layers); the names of
     the others still take part in the architecture check.
+
+    Args:
+      model_dir: the directory with ``model.safetensors``.
+      expected: the encoder's params or their shapes (``jax.eval_shape(net.init, key)["params"]``).
+
+    Returns:
+      The converted params (without ``head``).
+
+    Raises:
+      FileNotFoundError, PretrainedError: see :func:`read_safetensors` and :func:`convert_bert`.
+
+    Examples:
+      >>> from tna_jax import models
+      >>> net = models.build({**read_bert_config(minilm_dir()), "layers": 1}, (8,), 2)
+      >>> body = load_bert_params(minilm_dir(), jax.eval_shape(net.init, jax.random.key(0))["params"])
+      >>> sorted(body), body["layer_0"]["attention"]["query"]["kernel"].shape
+      (['embeddings', 'layer_0'], (384, 384))
     """
     path = _require(os.path.join(model_dir, "model.safetensors"), "weights file")
     body = {k: v for k, v in expected.items() if k != "head"}
@@ -330,6 +387,11 @@ class Tokenizer:
       backend: the ``tokenizers.Tokenizer``.
       path: the file it was read from.
       vocab_size: number of tokens.
+
+    Examples:
+      >>> tok = Tokenizer.from_dir(minilm_dir())
+      >>> tok.encode(["Hello, world!"], 8).tolist()
+      [[101, 7592, 1010, 2088, 999, 102, 0, 0]]
     """
 
     backend: Any
@@ -402,6 +464,13 @@ def load_minilm(num_classes: int = 2, *, key: jax.Array | None = None, seq_len: 
     Raises:
       ModuleNotFoundError, FileNotFoundError, PretrainedError: see :func:`minilm_dir`,
         :func:`read_safetensors`, :func:`convert_bert`.
+      ValueError: `num_layers` outside [1, the checkpoint's layers].
+
+    Examples:
+      >>> net, variables, tok = load_minilm(3, seq_len=16, num_layers=1)
+      >>> logits, _ = net.apply(variables, tok.encode(["a short text"], 16))
+      >>> logits.shape
+      (1, 3)
     """
     model_dir = model_dir or minilm_dir()
     cfg = read_bert_config(model_dir)
@@ -429,6 +498,13 @@ def load_minilm(num_classes: int = 2, *, key: jax.Array | None = None, seq_len: 
 def normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """Rows scaled to unit L2 norm, ``x / max(||x||, eps)`` (PyTorch's ``F.normalize``).
 
+    Args:
+      x: ``(..., d)`` vectors.
+      eps: lower bound of the norm (a zero vector stays zero).
+
+    Returns:
+      The normalised vectors.
+
     Examples:
       >>> normalize(jnp.array([[3.0, 4.0]])).tolist()
       [[0.6000000238418579, 0.800000011920929]]
@@ -448,6 +524,15 @@ def encode(net: models.Net, variables: Mapping[str, Any], ids: Any, *, batch_siz
       ids: int token ids ``(N, L)`` (:meth:`Tokenizer.encode`).
       batch_size: examples per forward pass.
       normalized: apply the L2 normalisation (the checkpoint's ``2_Normalize`` module).
+
+    Returns:
+      ``(N, hidden)`` float32 NumPy array.
+
+    Examples:
+      >>> net, variables, tok = load_minilm(2, seq_len=16, num_layers=1)
+      >>> e = encode(net, variables, tok.encode(["one", "two words"], 16))
+      >>> e.shape, np.round(np.linalg.norm(e, axis=1), 4).tolist()
+      ((2, 384), [1.0, 1.0])
     """
     ids = np.asarray(ids, np.int32)
     fn = jax.jit(lambda v, x: models.sentence_embedding(net, v, x))

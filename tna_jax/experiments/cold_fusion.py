@@ -58,9 +58,21 @@ COLD_DEFAULTS: dict[str, Any] = {
 def cold_options(config: Any) -> dict[str, Any]:
     """``config.cold`` merged over :data:`COLD_DEFAULTS`, checked.
 
+    Args:
+      config: the experiment config (its ``cold`` section may be missing: all defaults).
+
+    Returns:
+      The options dict (tasks as a tuple).
+
     Raises:
       ConfigError: an unknown field, an unknown task, or a value of the wrong type or range (the
         message names ``config.cold.<field>``, the value and what is allowed).
+
+    Examples:
+      >>> from tna_jax.config import default_config
+      >>> opts = cold_options(default_config())
+      >>> opts["tasks"], opts["rounds"]
+      (('bbc_topic', 'vader_polarity', 'vader_intensity'), 4)
     """
     from tna_jax.data.text import TEXT_TASKS
 
@@ -163,7 +175,21 @@ def _plots(workdir: str, report: dict[str, Any], name: str) -> list[str]:
 
 @exp_lib.register("cold_fusion")
 def cold_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
-    """ColD fusion of all-MiniLM-L6-v2 over the text tasks, plain and with TNA-PFN anchors."""
+    """ColD fusion of all-MiniLM-L6-v2 over the text tasks, plain and with TNA-PFN anchors.
+
+    Args:
+      config: the experiment config (``kind="cold_fusion"``; see the module docstring).
+      workdir: where ``report.json``, ``report.md`` and the plots go (None: nothing is written).
+
+    Returns:
+      The report: per arm and seed the history of every round (fused and contributor test
+      accuracies per task), the training losses, and the mean ± std summary.
+
+    Examples:
+      >>> from tna_jax.experiment import EXPERIMENTS  # run: python train.py --config configs/cold_minilm.py ...
+      >>> EXPERIMENTS["cold_fusion"] is cold_experiment
+      True
+    """
     from tna_jax import fusion, pretrained, training
     from tna_jax.data.text import text_task
     from tna_jax.models.transformer import BERT_INIT

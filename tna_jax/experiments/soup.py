@@ -60,9 +60,20 @@ METHODS = ("mean_individual", "best_single", "uniform_soup", "greedy_soup")
 def soup_options(config: Any) -> dict[str, Any]:
     """``config.soup`` over :data:`SOUP_DEFAULTS`, checked.
 
+    Args:
+      config: the experiment config (its ``soup`` section may be missing: all defaults).
+
+    Returns:
+      The options dict (class lists and hyperparameters as tuples).
+
     Raises:
       ConfigError: unknown field; class lists that are empty, repeat a class or overlap; epochs,
         candidates or hyperparameters of the wrong type or range (names ``config.soup.<field>``).
+
+    Examples:
+      >>> from tna_jax.config import default_config
+      >>> soup_options(default_config())["learning_rates"]
+      (0.0001, 0.0003, 0.001)
     """
     section = config.get("soup") if hasattr(config, "get") else None
     section = dict(section) if section is not None else {}
@@ -97,6 +108,14 @@ def soup_options(config: Any) -> dict[str, Any]:
 
 def class_subset(dataset: Any, classes: tuple[int, ...], name: str) -> Any:
     """The examples of `dataset` whose label is in `classes`, relabelled ``classes[i] -> i``.
+
+    Args:
+      dataset: a ``tna_jax.data.Dataset``.
+      classes: the class indices to keep, in their new order.
+      name: the new dataset's name.
+
+    Returns:
+      A validated ``Dataset`` with ``len(classes)`` classes.
 
     Raises:
       ValueError: a class outside ``[0, num_classes)`` or with no training example.
@@ -205,7 +224,26 @@ def _markdown(report: dict[str, Any]) -> str:
 
 @exp_lib.register("soup")
 def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
-    """Pretrain a ViT, fine-tune K candidates per arm and repeat (vmapped), and soup them."""
+    """Pretrain a ViT, fine-tune K candidates per arm and repeat (vmapped), and soup them.
+
+    Args:
+      config: the experiment config (``kind="soup"``; see the module docstring).
+      workdir: where the pretrained checkpoint, ``report.json``, ``report.md`` and ``soups.png``
+        go (None: nothing is written and the model is pretrained every time).
+
+    Returns:
+      The report: per arm and repeat every candidate's validation and test accuracy, the best
+      single model, the uniform and greedy soups (test accuracy, ingredients), and mean ± std.
+
+    Raises:
+      ConfigError: bad ``config.soup`` fields, or ``data.val_fraction = 0`` (no held-out split).
+      TrainingDiverged: a candidate's fine-tuning loss became NaN/inf (names it and its lr).
+
+    Examples:
+      >>> from tna_jax.experiment import EXPERIMENTS  # run: python train.py --config configs/soup_vit.py ...
+      >>> EXPERIMENTS["soup"] is soup_experiment
+      True
+    """
     from tna_jax import data as data_lib
     from tna_jax import fusion, models, training
 
