@@ -94,7 +94,6 @@ KNOWN_GAPS: dict[str, set[str]] = {
     "tna_jax.fusion.evaluate_soups": {'Args', 'Example'},
     "tna_jax.fusion.make_cold_round": {'Example', 'Raises', 'Returns'},
     "tna_jax.fusion.merge_head": {'Args', 'Example', 'Raises', 'Returns'},
-    "tna_jax.fusion.num_candidates": {'Args', 'Example', 'Returns'},
     "tna_jax.fusion.pad_head": {'Args'},
     "tna_jax.fusion.split_head": {'Args', 'Returns'},
     "tna_jax.fusion.stack_candidates": {'Args', 'Returns'},

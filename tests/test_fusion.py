@@ -119,6 +119,12 @@ def test_soup_errors():
     c = models.build({"name": "mlp", "depth": 1, "width": 8}, (IN,), CLASSES).init(jax.random.key(0))
     with pytest.raises(ValueError, match=r"candidate 1 differ in shape at path 'params/dense_0/bias'"):
         fusion.stack_candidates([a, c])
+    with pytest.raises(ValueError, match="empty list; a soup needs at least one candidate"):
+        fusion.greedy_soup(EVAL, [], _data(0))
+    with pytest.raises(TypeError, match=r"a list of 2 models: stack them with fusion.stack_candidates"):
+        fusion.uniform_soup(EVAL, [a, a], _data(0))
+    with pytest.raises(ValueError, match=r"candidate 0 and candidate 1 differ in shape"):
+        fusion.greedy_soup(EVAL, fusion.stack_candidates([a, c]), _data(0))
     empty = jax.tree.map(lambda x: x[:0], fusion.stack_candidates([a]))
     with pytest.raises(ValueError, match="0 candidates"):
         fusion.greedy_soup(EVAL, empty, _data(0))

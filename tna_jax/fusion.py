@@ -37,6 +37,7 @@ its softmax probability and gradient are exactly 0 and it never wins an argmax: 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -90,9 +91,27 @@ def stack_candidates(candidates: Sequence[PyTree]) -> PyTree:
 def num_candidates(stacked: PyTree, name: str = "stacked") -> int:
     """K, the size of the leading (candidate) axis; checks that every leaf has it.
 
+    Args:
+      stacked: K models stacked on a leading axis (:func:`stack_candidates`).
+      name: how to call `stacked` in error messages.
+
+    Returns:
+      K.
+
     Raises:
-      ValueError: no arrays, a scalar leaf, K = 0, or leaves with different leading sizes.
+      ValueError: no arrays, an empty list, a scalar leaf, K = 0, or leaves with different leading sizes.
+      TypeError: a list or tuple of models instead of one stacked pytree.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> num_candidates({"w": jnp.zeros((3, 2))})
+      3
     """
+    if isinstance(stacked, (list, tuple)):
+        if len(stacked) == 0:
+            raise ValueError(f"{name} is an empty list; a soup needs at least one candidate model.")
+        raise TypeError(f"{name} must be K models stacked on a leading axis; got a {type(stacked).__name__} of "
+                        f"{len(stacked)} models: stack them with fusion.stack_candidates(models).")
     named = tree_lib.named_leaves(stacked)
     if not named:
         raise ValueError(f"{name} holds no arrays; it must be K models stacked on a leading axis.")
@@ -141,8 +160,29 @@ def evaluate_candidates(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array,
     """
     x, y = lmc.check_data(data)
     num_candidates(stacked)
-    out = jax.jit(lambda s, x, y: _map(lambda v: eval_fn(v, x, y), s, chunk))(stacked, x, y)
+    _check_chunk(chunk)
+    out = _candidates_program(eval_fn, chunk)(stacked, x, y)
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _check_chunk(chunk: int | None) -> None:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+        raise ValueError(f"chunk must be a positive integer or None; got {chunk!r}.")
+
+
+# One compiled program per (eval_fn, chunk), as in tna_jax.lmc: repeated soups of the same models
+# (seeds, arms, benchmark rounds) reuse it instead of tracing and compiling a fresh closure.
+@functools.lru_cache(maxsize=64)
+def _candidates_program(eval_fn: EvalFn, chunk: int | None) -> Callable[..., Any]:
+    return jax.jit(lambda s, x, y: _map(lambda v: eval_fn(v, x, y), s, chunk))
+
+
+@functools.lru_cache(maxsize=64)
+def _soups_program(eval_fn: EvalFn, chunk: int | None) -> Callable[..., Any]:
+    def compute(stacked, w, x, y):
+        return _map(lambda row: eval_fn(tree_lib.weighted_mean(stacked, row), x, y), w, chunk)
+
+    return jax.jit(compute)
 
 
 def _check_weight_rows(weights: Any, k: int) -> jax.Array:
@@ -172,11 +212,8 @@ def evaluate_soups(eval_fn: EvalFn, stacked: PyTree, weights: Any, data: tuple[j
     x, y = lmc.check_data(data)
     k = num_candidates(stacked)
     w = _check_weight_rows(weights, k)
-
-    def compute(stacked, w, x, y):
-        return _map(lambda row: eval_fn(tree_lib.weighted_mean(stacked, row), x, y), w, chunk)
-
-    out = jax.jit(compute)(stacked, w, x, y)
+    _check_chunk(chunk)
+    out = _soups_program(eval_fn, chunk)(stacked, w, x, y)
     return {k_: np.asarray(v) for k_, v in out.items()}
 
 
@@ -252,6 +289,35 @@ def uniform_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, ja
                       order=_order(ind_acc), trials=[])
 
 
+_weighted_mean = jax.jit(tree_lib.weighted_mean)
+
+
+@functools.lru_cache(maxsize=64)
+def _greedy_program(eval_fn: EvalFn, chunk: int | None) -> Callable[..., Any]:
+    """The whole greedy soup (candidate evaluation, sort, scan over candidates) as one program."""
+
+    def compute(stacked, x, y):
+        ind = _map(lambda v: eval_fn(v, x, y), stacked, chunk)
+        k = ind["accuracy"].shape[0]
+        order = jnp.argsort(-ind["accuracy"], stable=True)
+        w0 = jax.nn.one_hot(order[0], k, dtype=jnp.float32)
+        first = (w0, ind["accuracy"][order[0]], ind["loss"][order[0]])
+
+        def step(carry, cand):
+            w, acc, loss = carry
+            trial = w.at[cand].set(1.0)
+            m = eval_fn(tree_lib.weighted_mean(stacked, trial), x, y)
+            accept = m["accuracy"] >= acc
+            new = (jnp.where(accept, trial, w), jnp.where(accept, m["accuracy"], acc),
+                   jnp.where(accept, m["loss"], loss))
+            return new, (m["accuracy"], m["loss"], accept)
+
+        (w, acc, loss), trials = jax.lax.scan(step, first, order[1:])
+        return ind, order, w, acc, loss, trials
+
+    return jax.jit(compute)
+
+
 def greedy_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, jax.Array],
                 *, chunk: int | None = None) -> SoupResult:
     """Wortsman et al.'s greedy soup, chosen on `held_out`, as one jitted program.
@@ -287,27 +353,9 @@ def greedy_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, jax
       ([0, 2], [True, False])
     """
     x, y = lmc.check_data(held_out)
-    k = num_candidates(stacked)
-
-    def compute(stacked, x, y):
-        ind = _map(lambda v: eval_fn(v, x, y), stacked, chunk)
-        order = jnp.argsort(-ind["accuracy"], stable=True)
-        w0 = jax.nn.one_hot(order[0], k, dtype=jnp.float32)
-        first = (w0, ind["accuracy"][order[0]], ind["loss"][order[0]])
-
-        def step(carry, cand):
-            w, acc, loss = carry
-            trial = w.at[cand].set(1.0)
-            m = eval_fn(tree_lib.weighted_mean(stacked, trial), x, y)
-            accept = m["accuracy"] >= acc
-            new = (jnp.where(accept, trial, w), jnp.where(accept, m["accuracy"], acc),
-                   jnp.where(accept, m["loss"], loss))
-            return new, (m["accuracy"], m["loss"], accept)
-
-        (w, acc, loss), trials = jax.lax.scan(step, first, order[1:])
-        return ind, order, w, acc, loss, trials
-
-    ind, order, w, acc, loss, trials = jax.jit(compute)(stacked, x, y)
+    num_candidates(stacked)
+    _check_chunk(chunk)
+    ind, order, w, acc, loss, trials = _greedy_program(eval_fn, chunk)(stacked, x, y)
     order = np.asarray(order)
     w = np.asarray(w, np.float64)
     t_acc, t_loss, t_ok = (np.asarray(t) for t in trials)
@@ -315,7 +363,7 @@ def greedy_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, jax
                   for c, a, lo, ok in zip(order[1:], t_acc, t_loss, t_ok)]
     ingredients = [int(order[0])] + [r["candidate"] for r in trial_rows if r["accepted"]]
     weights = w / w.sum()
-    params = jax.jit(tree_lib.weighted_mean)(stacked, jnp.asarray(weights, jnp.float32))
+    params = _weighted_mean(stacked, jnp.asarray(weights, jnp.float32))
     return SoupResult(params=params, weights=weights, ingredients=ingredients,
                       held_out_accuracy=float(acc), held_out_loss=float(loss),
                       individual_accuracy=np.asarray(ind["accuracy"]), individual_loss=np.asarray(ind["loss"]),
@@ -542,7 +590,8 @@ def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Map
                 heads: Sequence[Any], tasks: ColdTasks, *, rounds: int, steps: int, batch_size: int,
                 key: jax.Array, anchor_ratio: float = 0.0, refresh_mask: bool = False,
                 head: str = "head", evaluate: Callable[[int, PyTree, PyTree, PyTree | None], dict[str, Any]] | None = None,
-                mask_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                mask_kwargs: Mapping[str, Any] | None = None, round_fn: Callable[..., Any] | None = None
+                ) -> dict[str, Any]:
     """ColD fusion of ``len(tasks)`` contributors for `rounds` rounds, optionally with TNA-PFN.
 
     Args:
@@ -561,6 +610,9 @@ def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Map
       evaluate: ``evaluate(round, shared_body, heads, contributors) -> dict`` called after round 0
         (the pretrained body, ``contributors=None``) and every round; its dicts are returned.
       mask_kwargs: extra arguments of ``anchors.anchor_mask`` (granularity, include, exclude).
+      round_fn: a round program from :func:`make_cold_round` with the same `net`, `steps`,
+        `batch_size` and `head`, to share one compilation between calls (arms, seeds); default:
+        a new one (compiled on first use).
 
     Returns:
       ``{"shared": body, "heads": stacked padded heads, "history": [evaluate dicts],
@@ -578,7 +630,8 @@ def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Map
             raise ValueError(f"head {i} has {np.shape(h['bias'])[-1]} classes; task {tasks.names[i]!r} has {k}.")
     stacked_heads = stack_candidates([p for p, _ in padded])
     frozen_heads = stack_candidates([f for _, f in padded])
-    round_fn = make_cold_round(net, base_tx, steps=steps, batch_size=batch_size, head=head)
+    if round_fn is None:
+        round_fn = make_cold_round(net, base_tx, steps=steps, batch_size=batch_size, head=head)
     anchor_key = jax.random.fold_in(key, 2**31 - 1)
     tx_x, tx_y, tx_n = jnp.asarray(tasks.x), jnp.asarray(tasks.y), jnp.asarray(tasks.n)
     history = [evaluate(0, body, stacked_heads, None)] if evaluate is not None else []
