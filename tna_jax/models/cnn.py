@@ -26,6 +26,13 @@ class CNN(nn.Module):
         ``max(1, round(64*width))``.
       hidden: width of ``dense1``.
       dtype: computation dtype (parameters are float32).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> cnn = CNN(num_classes=10, width=0.25, hidden=16)
+      >>> variables = jax.eval_shape(cnn.init, jax.random.key(0), jnp.ones((2, 8, 8, 1)))
+      >>> variables["params"]["conv1"]["kernel"].shape, variables["params"]["head"]["kernel"].shape
+      ((5, 5, 1, 8), (16, 10))
     """
 
     num_classes: int

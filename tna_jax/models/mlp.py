@@ -22,6 +22,15 @@ class MLP(nn.Module):
       activation: one of ``relu``, ``gelu``, ``tanh``, ``silu``.
       norm: ``"none"`` or ``"layer"`` (LayerNorm after each hidden layer, named ``dense_i_norm``).
       dtype: computation dtype (parameters are float32; logits are returned as float32).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> mlp = MLP(hidden=(16, 8), num_classes=3)
+      >>> variables = jax.eval_shape(mlp.init, jax.random.key(0), jnp.ones((2, 5)))  # shapes only
+      >>> sorted(variables["params"]), variables["params"]["dense_0"]["kernel"].shape
+      (['dense_0', 'dense_1', 'head'], (5, 16))
+      >>> jax.eval_shape(mlp.apply, variables, jnp.ones((2, 5))).shape
+      (2, 3)
     """
 
     hidden: Sequence[int]

@@ -78,6 +78,15 @@ class ResNet(nn.Module):
       width: channel multiplier.
       norm: ``"batch"`` or ``"layer"`` (LayerNorm over channels, per position).
       dtype: computation dtype (parameters are float32).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> resnet = ResNet(num_classes=10, blocks=(1, 1), channels=(4, 8))
+      >>> variables = jax.eval_shape(resnet.init, jax.random.key(0), jnp.ones((2, 8, 8, 3)))
+      >>> sorted(variables["params"])
+      ['conv_stem', 'conv_stem_norm', 'head', 'stage0_block0', 'stage1_block0']
+      >>> sorted(variables["params"]["stage1_block0"])  # stride 2 and more channels: a projection
+      ['conv1', 'conv1_norm', 'conv2', 'conv2_norm', 'shortcut', 'shortcut_norm']
     """
 
     num_classes: int
@@ -153,6 +162,18 @@ class WideResNet(nn.Module):
       norm: ``"batch"`` or ``"layer"``.
       dropout: dropout rate between the two convs of each block (training only).
       dtype: computation dtype (parameters are float32).
+
+    Raises:
+      ValueError: on the first call, when `depth` is not ``6n + 4`` with ``n >= 1``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> wrn = WideResNet(num_classes=10, depth=10, width=0.5)
+      >>> variables = jax.eval_shape(wrn.init, jax.random.key(0), jnp.ones((2, 8, 8, 3)))
+      >>> sorted(variables["params"])
+      ['conv_stem', 'final_norm', 'head', 'stage0_block0', 'stage1_block0', 'stage2_block0']
+      >>> variables["params"]["stage2_block0"]["conv2"]["kernel"].shape
+      (3, 3, 32, 32)
     """
 
     num_classes: int

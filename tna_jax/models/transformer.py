@@ -122,6 +122,17 @@ class TransformerEncoder(nn.Module):
         BERT uses 0.1 for both of its rates).
       layer_norm_eps: LayerNorm epsilon.
       dtype: computation dtype (parameters are float32).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> bert = TransformerEncoder(num_classes=2, vocab_size=50, hidden=8, layers=1, heads=2,
+      ...                           intermediate=16, max_len=6)
+      >>> ids = jnp.array([[5, 7, 9, 0, 0, 0]])  # 0 is padding
+      >>> variables = jax.eval_shape(bert.init, jax.random.key(0), ids)
+      >>> variables["params"]["embeddings"]["word_embeddings"]["embedding"].shape
+      (50, 8)
+      >>> jax.eval_shape(bert.apply, variables, ids).shape
+      (1, 2)
     """
 
     num_classes: int
@@ -157,5 +168,23 @@ def sentence_embedding(net: Any, variables: dict[str, Any], ids: jax.Array) -> j
 
     This is what sentence-transformers returns for a BERT model with mean pooling (without its
     optional L2 normalisation). `net` is the ``Net`` built for ``name="transformer"``.
+
+    Args:
+      net: a ``Net`` whose module is a :class:`TransformerEncoder`.
+      variables: its variables (``{"params": ...}``).
+      ids: int token ids ``(batch, seq_len)``, pad id 0 (padded positions are left out of the mean).
+
+    Returns:
+      float32 ``(batch, hidden)``: the mean of the last layer's outputs over the real tokens.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "transformer", "vocab_size": 50, "hidden": 8, "layers": 1,
+      ...                     "heads": 2, "intermediate": 16, "max_len": 6}, (6,), 2)
+      >>> variables = jax.eval_shape(net.init, jax.random.key(0))  # shapes only: no compile
+      >>> ids = jnp.array([[5, 7, 9, 0, 0, 0], [5, 7, 0, 0, 0, 0]])
+      >>> jax.eval_shape(lambda v: sentence_embedding(net, v, ids), variables).shape
+      (2, 8)
     """
     return net.module.apply(variables, ids, train=False, return_embedding=True)

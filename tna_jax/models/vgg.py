@@ -36,6 +36,13 @@ class VGG(nn.Module):
       width: channel multiplier, ``channels = max(1, round(base * width))``.
       norm: ``"batch"`` or ``"none"``.
       dtype: computation dtype (parameters are float32).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> vgg = VGG(layers=(8, "M", 16, "M"), num_classes=10)
+      >>> variables = jax.eval_shape(vgg.init, jax.random.key(0), jnp.ones((2, 8, 8, 3)))
+      >>> sorted(variables["params"]), variables["batch_stats"]["conv_1_norm"]["mean"].shape
+      (['conv_0', 'conv_0_norm', 'conv_1', 'conv_1_norm', 'head'], (16,))
     """
 
     layers: Sequence[int | str]

@@ -83,6 +83,15 @@ class ViT(nn.Module):
       dropout: dropout rate after the embeddings, on attention probabilities, inside the MLPs
         and on each residual branch (training only).
       dtype: computation dtype (parameters are float32).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> vit = ViT(num_classes=10, patch_size=2, dim=16, depth=1, heads=2, mlp_dim=32)
+      >>> variables = jax.eval_shape(vit.init, jax.random.key(0), jnp.ones((2, 8, 8, 1)))
+      >>> variables["params"]["embed"]["pos_embedding"].shape  # CLS + (8/2) * (8/2) patches
+      (17, 16)
+      >>> jax.eval_shape(vit.apply, variables, jnp.ones((2, 8, 8, 1))).shape
+      (2, 10)
     """
 
     num_classes: int
