@@ -22,7 +22,28 @@ def _plt():
 
 
 def save_figure(fig: Any, path: str, dpi: int = 130) -> str:
-    """Saves `fig` to `path` (PNG) through a temporary file and a rename; closes it."""
+    """Saves `fig` to `path` (PNG) through a temporary file and a rename; closes it.
+
+    A reader never sees a half-written PNG: the figure goes to a temporary file in the same
+    directory, which is renamed onto `path` (and removed if saving fails).
+
+    Args:
+      fig: a matplotlib ``Figure``.
+      path: output PNG; missing directories are created.
+      dpi: resolution.
+
+    Returns:
+      `path`.
+
+    Example:
+      >>> import os, tempfile
+      >>> import matplotlib.pyplot as plt
+      >>> fig, ax = plt.subplots(figsize=(2, 2))
+      >>> _ = ax.plot([0, 1], [1, 0])
+      >>> out = save_figure(fig, os.path.join(tempfile.mkdtemp(), "plots", "line.png"), dpi=40)
+      >>> os.path.basename(out), os.path.getsize(out) > 0
+      ('line.png', True)
+    """
     plt = _plt()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -42,8 +63,21 @@ def plot_lmc_paths(curves: dict[str, dict[str, Any]], path: str, title: str = "L
     """Accuracy and loss along α, mean ± std over pairs, one line per arm.
 
     Args:
-      curves: ``{label: {"alpha": (K,), "accuracy": (P, K), "loss": (P, K)}}``.
+      curves: ``{label: {"alpha": (K,), "accuracy": (P, K), "loss": (P, K)}}`` (P pairs, K values
+        of α; a 1-D ``(K,)`` curve counts as one pair).
       path: output PNG.
+      title: figure title.
+
+    Returns:
+      `path` (written with :func:`save_figure`).
+
+    Example:
+      >>> import os, tempfile
+      >>> curves = {"vanilla": {"alpha": [0, 0.5, 1], "accuracy": [[0.9, 0.5, 0.9]], "loss": [[0.3, 1.2, 0.3]]},
+      ...           "TNA-PFN": {"alpha": [0, 0.5, 1], "accuracy": [[0.88, 0.8, 0.87]], "loss": [[0.3, 0.5, 0.3]]}}
+      >>> out = plot_lmc_paths(curves, os.path.join(tempfile.mkdtemp(), "lmc.png"))
+      >>> os.path.exists(out)
+      True
     """
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -71,7 +105,23 @@ def plot_ratio_sweep(rows: Sequence[dict[str, Any]], path: str, methods: Sequenc
 
     Args:
       rows: dicts with ``method``, ``ratio``, ``avg_endpoint_accuracy_mean``,
-        ``interp_accuracy_mean`` (and optional ``*_std``).
+        ``interp_accuracy_mean`` (and optional ``*_std``); rows of method ``"none"`` (ρ = 0) start
+        every panel.
+      path: output PNG.
+      methods: the panels, in order; a method without rows gets no panel.
+      title: figure title.
+
+    Returns:
+      `path` (written with :func:`save_figure`).
+
+    Example:
+      >>> import os, tempfile
+      >>> rows = [{"method": "none", "ratio": 0.0, "avg_endpoint_accuracy_mean": 0.9, "interp_accuracy_mean": 0.5},
+      ...         {"method": "anchor", "ratio": 0.4, "avg_endpoint_accuracy_mean": 0.88, "interp_accuracy_mean": 0.7},
+      ...         {"method": "prune", "ratio": 0.4, "avg_endpoint_accuracy_mean": 0.85, "interp_accuracy_mean": 0.5}]
+      >>> out = plot_ratio_sweep(rows, os.path.join(tempfile.mkdtemp(), "sweep.png"))
+      >>> os.path.exists(out)
+      True
     """
     plt = _plt()
     present = [m for m in methods if any(r["method"] in (m, "none") for r in rows)]
@@ -99,7 +149,30 @@ def plot_ratio_sweep(rows: Sequence[dict[str, Any]], path: str, methods: Sequenc
 def plot_barrier_bars(rows: Sequence[dict[str, Any]], path: str, group_key: str, series_key: str,
                       value_key: str = "accuracy_barrier_mean", std_key: str | None = "accuracy_barrier_std",
                       ylabel: str = "accuracy barrier", title: str = "") -> str:
-    """Grouped bar chart (e.g. barrier per architecture, vanilla vs TNA-PFN)."""
+    """Grouped bar chart (e.g. barrier per architecture, vanilla vs TNA-PFN).
+
+    Args:
+      rows: dicts, one per bar, with the keys below.
+      path: output PNG.
+      group_key: key of the x-axis groups (in order of first appearance).
+      series_key: key of the bars within a group (one colour each); a missing (group, series) bar
+        is left empty.
+      value_key: key of the bar height.
+      std_key: key of the error bar, or None for none.
+      ylabel, title: axis label and title (no title when empty).
+
+    Returns:
+      `path` (written with :func:`save_figure`).
+
+    Example:
+      >>> import os, tempfile
+      >>> rows = [{"model": "MLP", "arm": "vanilla", "accuracy_barrier_mean": 14.3, "accuracy_barrier_std": 4.4},
+      ...         {"model": "MLP", "arm": "TNA-PFN", "accuracy_barrier_mean": 5.5, "accuracy_barrier_std": 1.3},
+      ...         {"model": "CNN", "arm": "vanilla", "accuracy_barrier_mean": 47.2, "accuracy_barrier_std": 16.3}]
+      >>> out = plot_barrier_bars(rows, os.path.join(tempfile.mkdtemp(), "bars.png"), "model", "arm")
+      >>> os.path.exists(out)
+      True
+    """
     plt = _plt()
     groups = list(dict.fromkeys(r[group_key] for r in rows))
     series = list(dict.fromkeys(r[series_key] for r in rows))
@@ -127,6 +200,25 @@ def plot_curves(series: dict[str, dict[str, Any]], path: str, xlabel: str, ylabe
     """Lines with optional shaded std: ``{label: {"x": [...], "y": [...] or (S, T), "std": optional}}``.
 
     ``xscale="log2"`` puts x on a base-2 log axis (widths), "linear" otherwise.
+
+    Args:
+      series: ``{label: {"x": (T,), "y": (T,) or (S, T), "std": optional (T,)}}``; a 2-D ``y`` is
+        drawn as its mean over the S rows with their std shaded.
+      path: output PNG.
+      xlabel, ylabel: axis labels.
+      title: title (none when empty).
+      xscale: ``"linear"`` or ``"log2"``.
+
+    Returns:
+      `path` (written with :func:`save_figure`).
+
+    Example:
+      >>> import os, tempfile
+      >>> series = {"FedAvg": {"x": [1, 2, 3], "y": [[0.3, 0.5, 0.6], [0.35, 0.5, 0.62]]},
+      ...           "FedPFN": {"x": [1, 2, 3], "y": [0.3, 0.45, 0.55], "std": [0.01, 0.02, 0.02]}}
+      >>> out = plot_curves(series, os.path.join(tempfile.mkdtemp(), "acc.png"), "round", "test accuracy")
+      >>> os.path.exists(out)
+      True
     """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.8))
