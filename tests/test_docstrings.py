@@ -99,14 +99,6 @@ KNOWN_GAPS: dict[str, set[str]] = {
     "tna_jax.fusion.stack_candidates": {'Args', 'Returns'},
     "tna_jax.fusion.stack_tasks": {'Args', 'Example', 'Returns'},
     "tna_jax.fusion.uniform_soup": {'Args', 'Returns'},
-    "tna_jax.training.TrainResult": {'Example'},
-    "tna_jax.training.TrainState": {'Example'},
-    "tna_jax.training.evaluate_runs": {'Args', 'Example', 'Returns'},
-    "tna_jax.training.fit": {'Args', 'Example', 'Returns'},
-    "tna_jax.training.init_runs": {'Args', 'Example', 'Returns'},
-    "tna_jax.training.make_eval_fn": {'Args', 'Example', 'Returns'},
-    "tna_jax.training.make_train_epoch": {'Args', 'Example', 'Raises'},
-    "tna_jax.training.make_transform": {'Args', 'Example', 'Returns'},
 }
 
 

@@ -363,7 +363,33 @@ def make_transform(base: optax.GradientTransformation, config: Any, net: Net, ar
                    ) -> Callable[[Any, Any], optax.GradientTransformation]:
     """``tx(ratio, key)``: the optimizer of one run, with ``fixed_anchor_mask`` appended when
     any arm masks weights. Its ``update`` reads the mask from the state only, so one instance
-    updates every run; ``init`` is called per run (inside vmap) with the run's ratio and key."""
+    updates every run; ``init`` is called per run (inside vmap) with the run's ratio and key.
+
+    Args:
+      base: the base optimizer (:func:`make_optimizer`).
+      config: the experiment config (``config.anchor``: granularity, include/exclude patterns,
+        ``refresh_every``).
+      net: the model (its layer order feeds neuron-granularity masks).
+      arms: the arms of the experiment (:func:`arms_from_config`); when none has a ratio > 0 the
+        factory returns `base` unchanged.
+
+    Returns:
+      ``tx(ratio, key) -> optax.GradientTransformation``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from tna_jax import models
+      >>> from tna_jax.config import default_config
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 3)
+      >>> c = default_config()
+      >>> tx = make_transform(optax.sgd(0.1), c, net, arms_from_config(c))  # vanilla and TNA-PFN 0.4
+      >>> params = {"w": jnp.zeros((10, 10))}
+      >>> mask = find_mask(tx(0.4, jax.random.key(0)).init(params))
+      >>> mask["w"].dtype, round(float(mask["w"].mean()), 2)  # each entry an anchor with probability 0.4
+      (dtype('bool'), 0.46)
+      >>> make_transform(optax.sgd(0.1), c, net, [Arm("none", 0.0)])(0.0, None) is not None
+      True
+    """
     if not any(a.ratio > 0 for a in arms):
         return lambda ratio, key: base
     refresh = config.anchor.refresh_every or None
@@ -388,6 +414,12 @@ class TrainState(NamedTuple):
       model_state: non-parameter collections (``{"batch_stats": ...}`` or ``{}``).
       opt_state: optimizer state (holds the anchor mask when anchors are used).
       step: optimizer steps taken (int32 per run).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> state = TrainState({"w": jnp.arange(6.0).reshape(3, 2)}, {}, (), jnp.zeros(3, jnp.int32))
+      >>> state.variables(1)  # run 1 of the 3 stacked runs, as Flax variables
+      {'params': {'w': Array([2., 3.], dtype=float32)}}
     """
 
     params: PyTree
@@ -427,6 +459,29 @@ def init_runs(net: Net, tx_factory: Callable[[Any, Any], optax.GradientTransform
     The mask is the one the run's ``fixed_anchor_mask`` draws; anchored entries take their
     values from the anchor-values init (shared across seeds by default) and pruned entries are
     zero, which the transform then keeps for the whole of training.
+
+    Args:
+      net: the model.
+      tx_factory: ``tx(ratio, key)`` (:func:`make_transform`).
+      runs: the runs (:func:`make_runs`), in run-axis order.
+      keys: their keys (:func:`make_run_keys`).
+
+    Returns:
+      A :class:`TrainState` whose leaves have a leading axis of ``len(runs)``.
+
+    Example:
+      >>> import jax, optax
+      >>> from tna_jax import models
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> c.num_seeds = 2
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 3)
+      >>> runs = make_runs(c)  # 2 vanilla + 2 TNA-PFN 0.4
+      >>> tx = make_transform(optax.sgd(0.1), c, net, arms_from_config(c))
+      >>> keys = make_run_keys(c, runs)
+      >>> state = jax.eval_shape(lambda k: init_runs(net, tx, runs, k), keys)  # shapes; jit it to run
+      >>> state.params["dense_0"]["kernel"].shape, state.step.shape
+      ((4, 4, 8), (4,))
     """
     ratios = jnp.asarray([r.arm.ratio for r in runs], jnp.float32)
     prune = jnp.asarray([r.arm.method == "prune" for r in runs])
@@ -497,8 +552,45 @@ def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: i
     same length shares one compilation. `unroll` is ``lax.scan``'s: ``True`` unrolls the chunk's
     steps completely (see :func:`loop_plan`).
 
+    Args:
+      net: the model.
+      tx: the optimizer that updates every run (``make_transform(...)(0.0, key)``: it reads each
+        run's ratio and mask from that run's state).
+      num_train: training examples (the data arrays passed to the chunk have this many rows).
+      batch_size: examples per step (the last partial batch of an epoch is dropped).
+      augment: optional ``augment(key, x) -> x`` applied to every batch inside the step.
+      label_smoothing: of the cross-entropy.
+      donate: donate the state's buffers to the call (the input state is then invalid).
+      num_steps: steps per call, in ``[1, steps per epoch]`` (None: the whole epoch).
+      unroll: ``lax.scan``'s unroll.
+
     Returns:
-      ``(new_state, ChunkMetrics)`` with per-run sums.
+      The jitted ``train_chunk``, which returns ``(new_state, ChunkMetrics)`` with per-run sums.
+
+    Raises:
+      ValueError: `num_steps` outside ``[1, steps per epoch]``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from tna_jax import models
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> c.num_seeds = 1
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 3)
+      >>> runs = make_runs(c)  # vanilla and TNA-PFN 0.4, one seed each
+      >>> tx = make_transform(optax.sgd(0.1), c, net, arms_from_config(c))
+      >>> keys = make_run_keys(c, runs)
+      >>> state = jax.eval_shape(lambda k: init_runs(net, tx, runs, k), keys)
+      >>> update_tx = tx(0.0, jax.random.key(0))  # update() reads each run's ratio and mask from its state
+      >>> chunk = make_train_epoch(net, update_tx, num_train=10, batch_size=4)  # 2 steps per epoch
+      >>> x, y = jnp.ones((10, 4)), jnp.zeros(10, jnp.int32)
+      >>> _, metrics = jax.eval_shape(chunk, state, keys.data, keys.dropout, 0, 0, x, y)  # traced only
+      >>> metrics.loss_sum.shape  # one sum per run
+      (2,)
+      >>> make_train_epoch(net, update_tx, num_train=10, batch_size=4, num_steps=3)
+      Traceback (most recent call last):
+      ...
+      ValueError: num_steps must be in [1, 2] (steps per epoch); got 3.
     """
     steps_total = steps_per_epoch(num_train, batch_size)
     steps = steps_total if num_steps is None else int(num_steps)
@@ -605,6 +697,24 @@ def make_eval_fn(net: Net, batch_size: int = 1000) -> Callable[[PyTree, jax.Arra
     Pure and jittable: it scans over batches of at most `batch_size` examples (padding is masked
     out), so ``jax.vmap`` over models, α or pairs composes with it. This is the evaluation every
     analysis in tna_jax uses (LMC paths, fusion, federated rounds).
+
+    Args:
+      net: the model.
+      batch_size: the largest batch one evaluation step sees (memory, not the result).
+
+    Returns:
+      ``eval_fn(variables, x, y)`` returning the mean cross-entropy ``"loss"`` and the fraction
+      ``"accuracy"`` of correctly classified examples (float32 scalars).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 0}, (4,), 3)  # a linear model
+      >>> variables = {"params": {"head": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}}
+      >>> eval_fn = jax.jit(make_eval_fn(net, batch_size=4))  # 10 examples: 3 batches, the last padded
+      >>> out = eval_fn(variables, jnp.ones((10, 4)), jnp.zeros(10, jnp.int32))
+      >>> round(float(out["loss"]), 4), float(out["accuracy"])  # uniform logits: loss log 3
+      (1.0986, 1.0)
     """
 
     def eval_fn(variables: PyTree, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
@@ -633,7 +743,29 @@ def _batched_eval(net: Net, batch_size: int):
 
 
 def evaluate_runs(net: Net, state: TrainState, x: jax.Array, y: jax.Array, batch_size: int = 1000) -> dict[str, np.ndarray]:
-    """Loss and accuracy of every run on (x, y), in one call; NumPy arrays of shape (runs,)."""
+    """Loss and accuracy of every run on (x, y), in one call; NumPy arrays of shape (runs,).
+
+    The jitted, vmapped :func:`make_eval_fn` is cached per ``(net, batch_size)``, so repeated
+    evaluations (every epoch) compile once.
+
+    Args:
+      net: the model.
+      state: the runs' state (leading run axis).
+      x, y: one split's inputs and int labels (shared by every run).
+      batch_size: evaluation batch size.
+
+    Returns:
+      ``{"loss": (runs,), "accuracy": (runs,)}`` as NumPy arrays.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 0}, (4,), 3)
+      >>> head = {"kernel": jnp.zeros((2, 4, 3)), "bias": jnp.array([[0.0, 0.0, 0.0], [0.0, 5.0, 0.0]])}
+      >>> state = TrainState({"head": head}, {}, (), jnp.zeros(2, jnp.int32))  # two runs
+      >>> evaluate_runs(net, state, jnp.ones((6, 4)), jnp.zeros(6, jnp.int32))["accuracy"]
+      array([1., 0.], dtype=float32)
+    """
     out = _batched_eval(net, batch_size)(state.variables(), x, y)
     return {k: np.asarray(v) for k, v in out.items()}
 
@@ -710,6 +842,14 @@ class TrainResult:
       mask: the anchor mask of every run (stacked) or None.
       seconds: wall time of training (excluding set-up).
       resumed_from: the epoch training resumed from (0 for a fresh run).
+
+    Example:
+      >>> import numpy as np
+      >>> runs = [Run(0, 0, Arm("none", 0.0), 0), Run(1, 1, Arm("anchor", 0.4), 0), Run(2, 1, Arm("anchor", 0.4), 1)]
+      >>> result = TrainResult(state=None, runs=runs, history=[], test={"accuracy": np.array([0.7, 0.6, 0.65])},
+      ...                      val={}, mask=None, seconds=1.0, resumed_from=0)
+      >>> result.arm_runs(1), float(result.test["accuracy"][result.arm_runs(1)].mean())
+      ([1, 2], 0.625)
     """
 
     state: TrainState
@@ -743,11 +883,45 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
     checkpoint and ends bit-identical to an uninterrupted run on the same devices (every step's
     randomness is a function of the run's keys, the epoch and the step only).
 
+    Args:
+      config: the experiment config (:func:`tna_jax.config.default_config`): arms and seeds,
+        ``train``, ``optimizer``, ``anchor``, ``prune``, ``data.normalize``.
+      net: the model (:func:`tna_jax.models.build`).
+      dataset: a host :class:`tna_jax.data.Dataset` (moved to the devices here).
+      workdir: where metrics, TensorBoard logs and checkpoints go (None: nothing is written and
+        nothing resumed).
+      augment: optional ``augment(key, x) -> x`` applied in the training step.
+      devices: the devices the run axis is sharded over (default ``jax.devices()``).
+      log: where the one-line summaries go.
+      on_epoch: optional ``on_epoch(epoch, {"rows": [...]})`` called after every epoch.
+
+    Returns:
+      A :class:`TrainResult` (state, runs, per-epoch history, final test/validation metrics,
+      masks, timing).
+
     Raises:
+      ValueError: ``config.train.batch_size`` exceeds the training examples.
       TrainingDiverged: a run's loss became NaN/inf (message names the run, epoch and step); the
         last good checkpoint is kept.
       Preempted: SIGTERM/SIGINT arrived; the state was checkpointed at the next step boundary
         (end of the current call) and training stopped.
+
+    Example:
+      A run is ``result = fit(config, net, dataset, workdir="runs/x")`` (``tests/test_training.py``
+      trains real ones; here nothing is compiled): a bad batch size is refused before any work.
+
+      >>> import numpy as np
+      >>> from tna_jax import models
+      >>> from tna_jax.config import default_config
+      >>> from tna_jax.data import Dataset
+      >>> x, y = np.zeros((40, 4), np.float32), np.arange(40, dtype=np.int32) % 2
+      >>> ds = Dataset("toy", x[:30], y[:30], x[30:35], y[30:35], x[35:], y[35:], num_classes=2)
+      >>> c = default_config()
+      >>> c.train.batch_size = 64
+      >>> fit(c, models.build({"name": "mlp", "depth": 0}, ds.input_shape, ds.num_classes), ds)
+      Traceback (most recent call last):
+      ...
+      ValueError: config.train.batch_size=64 exceeds the 30 training examples of toy.
     """
     from tna_jax.data import to_device
 
