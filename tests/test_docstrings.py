@@ -87,18 +87,6 @@ KNOWN_GAPS: dict[str, set[str]] = {
     "tna_jax.experiments.layerwise.aggregate_pairs": {'Args', 'Example', 'Returns'},
     "tna_jax.experiments.layerwise.layerwise_experiment": {'Args', 'Example', 'Raises', 'Returns'},
     "tna_jax.experiments.layerwise.layerwise_options": {'Args', 'Example', 'Returns'},
-    "tna_jax.fusion.ColdTasks": {'Example'},
-    "tna_jax.fusion.SoupResult": {'Example'},
-    "tna_jax.fusion.cold_fusion": {'Example', 'Raises'},
-    "tna_jax.fusion.cold_masks": {'Args', 'Example', 'Raises'},
-    "tna_jax.fusion.evaluate_soups": {'Args', 'Example'},
-    "tna_jax.fusion.make_cold_round": {'Example', 'Raises', 'Returns'},
-    "tna_jax.fusion.merge_head": {'Args', 'Example', 'Raises', 'Returns'},
-    "tna_jax.fusion.pad_head": {'Args'},
-    "tna_jax.fusion.split_head": {'Args', 'Returns'},
-    "tna_jax.fusion.stack_candidates": {'Args', 'Returns'},
-    "tna_jax.fusion.stack_tasks": {'Args', 'Example', 'Returns'},
-    "tna_jax.fusion.uniform_soup": {'Args', 'Returns'},
 }
 
 

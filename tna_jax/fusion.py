@@ -70,7 +70,14 @@ __all__ = [
 def stack_candidates(candidates: Sequence[PyTree]) -> PyTree:
     """Stacks K models of the same structure on a new leading axis.
 
+    Args:
+      candidates: a list (or tuple) of K models' params or variables, all of one structure.
+
+    Returns:
+      One pytree of that structure whose leaves have a new leading axis of size K.
+
     Raises:
+      TypeError: `candidates` is not a sequence of models (e.g. a dict, or one stacked pytree).
       ValueError: no candidates; candidates whose structure or shapes differ (the message names
         the candidate and the first mismatching parameter path).
 
@@ -203,11 +210,33 @@ def evaluate_soups(eval_fn: EvalFn, stacked: PyTree, weights: Any, data: tuple[j
     uniform soup. The S soups are evaluated with one jitted ``vmap`` over rows (chunked with
     `chunk` to bound memory: each soup in flight is a full copy of the model).
 
+    Args:
+      eval_fn: ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one model
+        (``training.make_eval_fn``).
+      stacked: K models' variables on a leading axis.
+      weights: (S, K) non-negative ingredient weights, one soup per row.
+      data: ``(x, y)``.
+      chunk: evaluate at most this many soups at once (``lax.map`` with ``batch_size``).
+
     Returns:
       ``{"loss": (S,), "accuracy": (S,)}`` NumPy arrays.
 
     Raises:
-      ValueError: weights of the wrong shape, negative, non-finite or with an all-zero row.
+      ValueError: weights of the wrong shape, negative, non-finite or with an all-zero row; a bad
+        `chunk`; no candidates or empty data.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> def eval_fn(v, x, y):
+      ...     return {"loss": jnp.mean((x * v["w"] - y) ** 2), "accuracy": jnp.mean(jnp.abs(x * v["w"] - y) < 0.5)}
+      >>> stacked = {"w": jnp.array([0.0, 2.0])}
+      >>> out = evaluate_soups(eval_fn, stacked, [[1, 0], [1, 1], [1, 3]], (jnp.ones(3), jnp.ones(3)))
+      >>> out["loss"].tolist()  # w = 0, the uniform soup w = 1, and w = 1.5
+      [1.0, 0.0, 0.25]
+      >>> evaluate_soups(eval_fn, stacked, [[1, -1]], (jnp.ones(3), jnp.ones(3)))
+      Traceback (most recent call last):
+      ...
+      ValueError: weights rows must be finite, non-negative and not all zero; row 0 is [1.0, -1.0].
     """
     x, y = lmc.check_data(data)
     k = num_candidates(stacked)
@@ -235,6 +264,15 @@ class SoupResult:
       order: (K,) candidates sorted by held-out accuracy, best first (ties: lower index first).
       trials: the greedy loop, one dict per tried candidate: ``{"candidate", "accuracy", "loss",
         "accepted"}`` (empty for the uniform soup).
+
+    Examples:
+      >>> import numpy as np
+      >>> soup = SoupResult(params={"w": 1.0}, weights=np.array([0.5, 0.0, 0.5]), ingredients=[2, 0],
+      ...                   held_out_accuracy=0.9, held_out_loss=0.3,
+      ...                   individual_accuracy=np.array([0.8, 0.5, 0.85]), individual_loss=np.array([0.4, 0.9, 0.35]),
+      ...                   order=np.array([2, 0, 1]), trials=[])
+      >>> soup.best_index, soup.summary()["ingredients"]
+      (2, [2, 0])
     """
 
     params: PyTree
@@ -270,6 +308,18 @@ def uniform_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, ja
     """The uniform soup (1/K) Σ θ_k (or a weighted one), with its held-out metrics.
 
     A thin wrapper of ``lmc.fuse``, which evaluates the K candidates (vmapped) and their average.
+
+    Args:
+      eval_fn: evaluation of one model (``training.make_eval_fn``).
+      stacked: K candidates on a leading axis (see :func:`stack_candidates`).
+      held_out: ``(x, y)`` the soup is evaluated on.
+      weights: None (uniform) or (K,) non-negative weights (normalised to sum to 1).
+
+    Returns:
+      A :class:`SoupResult` (no ``trials``; the ingredients are the candidates with weight > 0).
+
+    Raises:
+      ValueError: no candidates, bad weights or empty held-out data (from ``lmc.fuse``).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -387,6 +437,17 @@ def split_head(params: Mapping[str, Any], head: str = "head") -> tuple[dict[str,
 
     Works on stacked params too (the split is by name, not by shape).
 
+    Args:
+      params: a model's params, a dict of top-level modules.
+      head: the name of the head module.
+
+    Returns:
+      ``(body, head_params)``: a new dict without `head`, and ``params[head]``.
+
+    Raises:
+      TypeError: `params` is not a dict.
+      ValueError: `head` is not a top-level module (the message lists the modules).
+
     Examples:
       >>> body, h = split_head({"dense_0": {"kernel": 1}, "head": {"kernel": 2}})
       >>> body, h
@@ -397,7 +458,28 @@ def split_head(params: Mapping[str, Any], head: str = "head") -> tuple[dict[str,
 
 
 def merge_head(body: Mapping[str, Any], head_params: Any, head: str = "head") -> dict[str, Any]:
-    """Inverse of :func:`split_head` (the head goes last, as Flax orders it)."""
+    """Inverse of :func:`split_head` (the head goes last, as Flax orders it).
+
+    Args:
+      body: the params without the head.
+      head_params: the head module's params.
+      head: its name.
+
+    Returns:
+      A new dict ``{**body, head: head_params}``.
+
+    Raises:
+      ValueError: `body` already has a module named `head`.
+
+    Examples:
+      >>> body, h = split_head({"dense_0": {"kernel": 1}, "head": {"kernel": 2}})
+      >>> merge_head(body, {"kernel": 3})
+      {'dense_0': {'kernel': 1}, 'head': {'kernel': 3}}
+      >>> merge_head({"head": {}}, h)
+      Traceback (most recent call last):
+      ...
+      ValueError: body already has a module named 'head'.
+    """
     if head in body:
         raise ValueError(f"body already has a module named {head!r}.")
     return {**body, head: head_params}
@@ -408,6 +490,11 @@ def pad_head(head_params: Mapping[str, Any], max_classes: int) -> tuple[dict[str
 
     Padded classes get a zero kernel column and bias :data:`PAD_LOGIT`, so their logit is −1e9:
     zero probability, zero gradient, never the argmax.
+
+    Args:
+      head_params: ``{"kernel": (..., d, n), "bias": (..., n)}`` (leading axes, e.g. stacked
+        contributors, are kept).
+      max_classes: the padded number of outputs, at least n.
 
     Returns:
       ``(padded_head, frozen)``: the padded head and a boolean tree, True on padded entries, to
@@ -452,6 +539,13 @@ class ColdTasks:
       n: (C,) real example counts.
       num_classes: (C,) class counts of the tasks.
       names: task names.
+
+    Examples:
+      >>> import numpy as np
+      >>> tasks = ColdTasks(x=np.zeros((2, 3, 4)), y=np.zeros((2, 3), np.int32), n=np.array([3, 1]),
+      ...                   num_classes=np.array([5, 2]), names=("topic", "polarity"))
+      >>> len(tasks), tasks.max_classes
+      (2, 5)
     """
 
     x: np.ndarray
@@ -471,9 +565,27 @@ class ColdTasks:
 def stack_tasks(tasks: Sequence[tuple[np.ndarray, np.ndarray, int]], names: Sequence[str] | None = None) -> ColdTasks:
     """Pads C tasks' ``(x_train, y_train, num_classes)`` to one array per field.
 
+    Args:
+      tasks: C tuples ``(x_train, y_train, num_classes)``; inputs of one shape per example.
+      names: C task names (default ``task_0``, ``task_1``, ...).
+
+    Returns:
+      A :class:`ColdTasks`, every task zero-padded to the largest one's example count.
+
     Raises:
-      ValueError: no tasks; inputs of different shapes; labels outside ``[0, num_classes)``;
-        an empty task.
+      ValueError: no tasks; as many names as tasks; inputs of different shapes; labels outside
+        ``[0, num_classes)``; an empty task.
+
+    Examples:
+      >>> import numpy as np
+      >>> tasks = stack_tasks([(np.ones((3, 4)), np.array([0, 4, 2]), 5), (np.ones((1, 4)), np.array([1]), 2)],
+      ...                     names=["topic", "polarity"])
+      >>> tasks.x.shape, tasks.n.tolist(), tasks.num_classes.tolist(), tasks.y[1].tolist()
+      ((2, 3, 4), [3, 1], [5, 2], [1, 0, 0])
+      >>> stack_tasks([(np.ones((2, 4)), np.array([0, 3]), 2)])
+      Traceback (most recent call last):
+      ...
+      ValueError: task 'task_0' has labels in [0, 3], outside [0, 1].
     """
     if len(tasks) == 0:
         raise ValueError("tasks must hold at least one (x, y, num_classes) task; got none.")
@@ -506,10 +618,35 @@ def cold_masks(body: PyTree, frozen_heads: PyTree, key: jax.Array | None, ratio:
 
     The body mask is ``anchors.anchor_mask(body, k, ratio)`` with ``k = key`` (fixed mask) or
     ``k = fold_in(key, round_index)`` (``refresh=True``: a fresh mask each round, as FedPNU).
-    ``ratio = 0`` (or ``key=None``) gives plain ColD fusion.
+    ``ratio = 0`` gives plain ColD fusion (no body entry is masked).
+
+    Args:
+      body: the shared params without the head.
+      frozen_heads: the contributors' stacked head masks (True on padded entries; see
+        :func:`pad_head`).
+      key: the anchor key shared by every contributor (None only with ``ratio = 0``).
+      ratio: the TNA-PFN mask ratio ρ over the body.
+      round_index: the round (folded into `key` when `refresh`).
+      refresh: a fresh mask every round instead of one for all rounds.
+      head: name of the head module.
+      **mask_kwargs: extra arguments of ``anchors.anchor_mask`` (granularity, include, exclude).
 
     Returns:
       ``(body_mask, masks)`` where `masks` has the contributor axis of `frozen_heads`.
+
+    Raises:
+      ValueError: ``ratio > 0`` without a key.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> body = {"dense_0": {"kernel": jnp.zeros((10, 10))}}
+      >>> _, frozen = pad_head({"kernel": jnp.zeros((10, 2)), "bias": jnp.zeros(2)}, 3)
+      >>> frozen = jax.tree.map(lambda m: jnp.stack([m, m]), frozen)  # 2 contributors
+      >>> body_mask, masks = cold_masks(body, frozen, jax.random.key(0), 0.4, round_index=0)
+      >>> masks["dense_0"]["kernel"].shape, masks["head"]["bias"][0].tolist()
+      ((2, 10, 10), [False, False, True])
+      >>> bool(jnp.array_equal(masks["dense_0"]["kernel"][1], body_mask["dense_0"]["kernel"]))  # one shared mask
+      True
     """
     if ratio > 0:
         if key is None:
@@ -547,6 +684,32 @@ def make_cold_round(net: Any, base_tx: optax.GradientTransformation, *, steps: i
       batch_size: examples per step.
       head: name of the head module.
       weights: None (uniform, as in ColD fusion) or (C,) averaging weights.
+
+    Returns:
+      The jitted ``round_fn`` (compiled on its first call).
+
+    Raises:
+      ValueError: `steps` or `batch_size` not a positive integer.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 3)
+      >>> round_fn = make_cold_round(net, optax.sgd(0.1), steps=5, batch_size=2)
+      >>> body, _ = split_head(jax.eval_shape(net.init, jax.random.key(0))["params"])
+      >>> heads = {"kernel": jnp.zeros((2, 8, 3)), "bias": jnp.zeros((2, 3))}  # 2 contributors
+      >>> no_mask = jax.tree.map(lambda p: jnp.zeros(p.shape, bool), body)
+      >>> masks = merge_head(jax.tree.map(lambda m: jnp.stack([m, m]), no_mask),
+      ...                    jax.tree.map(lambda h: jnp.zeros(h.shape, bool), heads))
+      >>> x, y, n = jnp.ones((2, 6, 4)), jnp.zeros((2, 6), jnp.int32), jnp.array([6, 4])
+      >>> keys = jnp.stack([jax.random.key(0), jax.random.key(1)])
+      >>> out = jax.eval_shape(round_fn, body, heads, no_mask, masks, x, y, n, keys)  # traced, not compiled
+      >>> out[0]["dense_0"]["kernel"].shape, out[2]["head"]["kernel"].shape, out[3].shape
+      ((4, 8), (2, 8, 3), (2,))
+      >>> make_cold_round(net, optax.sgd(0.1), steps=0, batch_size=2)
+      Traceback (most recent call last):
+      ...
+      ValueError: steps must be a positive integer; got 0.
     """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer; got {steps!r}.")
@@ -617,6 +780,33 @@ def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Map
     Returns:
       ``{"shared": body, "heads": stacked padded heads, "history": [evaluate dicts],
       "losses": [(C,) per round], "anchor_mask": body mask of the last round}``.
+
+    Raises:
+      ValueError: `rounds` not a non-negative integer; as many heads as tasks; a head whose class
+        count differs from its task's; and the errors of :func:`pad_head` and :func:`cold_masks`.
+      FloatingPointError: a contributor's training loss became NaN/inf (the message names the
+        round and the task).
+
+    Examples:
+      Zero rounds evaluate the pretrained body with the padded heads and compile nothing
+      (``configs/cold_minilm.py`` runs real rounds on all-MiniLM-L6-v2):
+
+      >>> import jax, jax.numpy as jnp, numpy as np, optax
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 3)
+      >>> pretrained = jax.eval_shape(net.init, jax.random.key(0))["params"]
+      >>> tasks = stack_tasks([(np.ones((6, 4), np.float32), np.array([0, 1, 2, 0, 1, 2]), 3),
+      ...                      (np.ones((4, 4), np.float32), np.array([0, 1, 1, 0]), 2)])
+      >>> heads = [{"kernel": jnp.zeros((8, 3)), "bias": jnp.zeros(3)}, {"kernel": jnp.zeros((8, 2)), "bias": jnp.zeros(2)}]
+      >>> out = cold_fusion(net, optax.sgd(0.1), pretrained, heads, tasks, rounds=0, steps=5, batch_size=2,
+      ...                   key=jax.random.key(0), evaluate=lambda r, body, heads, contributors: {"round": r})
+      >>> out["history"], out["heads"]["bias"][1].tolist()
+      ([{'round': 0}], [0.0, 0.0, -1000000000.0])
+      >>> cold_fusion(net, optax.sgd(0.1), pretrained, heads[:1], tasks, rounds=1, steps=5, batch_size=2,
+      ...             key=jax.random.key(0))
+      Traceback (most recent call last):
+      ...
+      ValueError: heads has 1 entries for 2 tasks.
     """
     if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
         raise ValueError(f"rounds must be a non-negative integer; got {rounds!r}.")
