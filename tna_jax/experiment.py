@@ -302,7 +302,31 @@ LMC_KEYS = ("loss_barrier", "accuracy_barrier", "avg_endpoint_accuracy", "interp
 def lmc_stats(eval_fn: Any, stacked: Any, x: Any, y: Any, *, pairs: list[tuple[int, int]], alphas: Any,
               chunk: int | None = None) -> dict[str, Any]:
     """Pairwise LMC of stacked models: ``<key>_mean``/``<key>_std`` over pairs for every key of
-    :data:`LMC_KEYS`, the per-pair barriers, the curves, and the fusion of all models."""
+    :data:`LMC_KEYS`, the per-pair barriers, the curves, and the fusion of all models.
+
+    Args:
+      eval_fn: ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one model
+        (``training.make_eval_fn``).
+      stacked: the models' variables on a leading axis.
+      x, y: the split the paths are evaluated on.
+      pairs: the ``(i, j)`` index pairs (``lmc.all_pairs``).
+      alphas: the interpolation coefficients.
+      chunk: evaluate at most this many (pair, α) points at once (None: all).
+
+    Returns:
+      ``{"<key>_mean", "<key>_std" for key in LMC_KEYS, "per_pair": [...], "curve": {"alpha",
+      "accuracy", "loss"} (lists, pairs x alphas), "fusion": lmc.fuse's numbers without the model}``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> def eval_fn(v, x, y):  # loss (w - 1)^2 - 1: convex, so no loss barrier; accuracy 1 near 0 and 2
+      ...     loss = (v["w"] - 1.0) ** 2 - 1.0
+      ...     return {"loss": loss, "accuracy": jnp.where(jnp.abs(loss) < 0.1, 1.0, 0.0)}
+      >>> stats = lmc_stats(eval_fn, {"w": jnp.array([0.0, 2.0])}, jnp.zeros(1), jnp.zeros(1),
+      ...                   pairs=[(0, 1)], alphas=jnp.linspace(0, 1, 3))
+      >>> stats["accuracy_barrier_mean"], stats["loss_barrier_mean"], stats["curve"]["accuracy"]
+      (1.0, 0.0, [[1.0, 0.0, 1.0]])
+    """
     from tna_jax import lmc
 
     table = lmc.pairwise_barriers(eval_fn, stacked, (x, y), pairs=pairs, alphas=alphas, chunk=chunk)
@@ -337,6 +361,33 @@ def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]
     For nets with BatchNorm (and ``analysis.bn_reset``, the default) every arm is reported both
     ways: with the interpolated running statistics (top level) and with the statistics reset
     from training data at every α (``"bn_reset"``; :func:`tna_jax.lmc.with_bn_reset`).
+
+    Args:
+      config: the experiment config (``analysis.*``: split, α count, pair cap, chunk, BN reset).
+      net: the model.
+      result: the :class:`tna_jax.training.TrainResult` of the runs.
+      data: the dataset on the device (:class:`tna_jax.data.DeviceData`).
+
+    Returns:
+      ``{arm label: {"runs": [...], and for arms with 2+ seeds the :func:`lmc_stats` numbers,
+      "pairs" (run indices) and, with BN reset, "bn_reset"}}``.
+
+    Examples:
+      An arm with one seed has no pair, so nothing is evaluated (:func:`lmc_stats` shows the
+      numbers an arm with 2+ seeds gets):
+
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from tna_jax import models, training
+      >>> from tna_jax.config import default_config
+      >>> from tna_jax.data import Dataset, to_device
+      >>> net = models.build({"name": "mlp", "depth": 0}, (1,), 2)
+      >>> runs = [training.Run(0, 0, training.Arm("none", 0.0), 0), training.Run(1, 1, training.Arm("anchor", 0.4), 0)]
+      >>> head = {"kernel": jnp.zeros((2, 1, 2)), "bias": jnp.zeros((2, 2))}
+      >>> state = training.TrainState({"head": head}, {}, (), jnp.zeros(2, jnp.int32))
+      >>> result = training.TrainResult(state, runs, [], {}, {}, None, 0.0, 0)
+      >>> x, y = np.zeros((4, 1), np.float32), np.array([0, 0, 1, 1], np.int32)
+      >>> analyse_lmc(default_config(), net, result, to_device(Dataset("toy", x, y, x, y, x, y, 2), normalize=False))
+      {'vanilla': {'runs': [0]}, 'TNA-PFN 0.4': {'runs': [1]}}
     """
     from tna_jax import lmc, training
 
@@ -430,7 +481,21 @@ _STEP_FUNCTIONS = ("jit(run_chunk)", "jit(run_epoch)")
 
 @dataclasses.dataclass
 class Trained:
-    """What :func:`train_and_analyse` returns: the report and the objects behind it."""
+    """What :func:`train_and_analyse` returns: the report and the objects behind it.
+
+    Attributes:
+      report: the train report (JSON-ready dict).
+      net: the model (``tna_jax.models.Net``).
+      dataset: the host dataset (``tna_jax.data.Dataset``).
+      result: the ``tna_jax.training.TrainResult`` of :func:`tna_jax.training.fit`.
+      data: the dataset on the device (``tna_jax.data.DeviceData``).
+
+    Examples:
+      >>> trained = Trained(report={"name": "toy", "markdown": "| arm |"}, net=None, dataset=None, result=None,
+      ...                   data=None)
+      >>> trained.report["name"]
+      'toy'
+    """
 
     report: dict[str, Any]
     net: Any
@@ -440,7 +505,34 @@ class Trained:
 
 
 def load_problem(config: Any) -> tuple[Any, Any, Any]:
-    """``(dataset, net, augment)`` from ``config.data`` and ``config.model``."""
+    """``(dataset, net, augment)`` from ``config.data`` and ``config.model``.
+
+    Args:
+      config: the experiment config.
+
+    Returns:
+      ``(dataset, net, augment)``: the loaded :class:`tna_jax.data.Dataset`, the model built for
+      its input shape and class count, and ``augment(key, x)`` for ``data.augment="crop_flip"``
+      (None otherwise).
+
+    Raises:
+      tna_jax.config.ConfigError: ``data.augment="crop_flip"`` on data that are not images; and
+        the errors of :func:`tna_jax.data.load` and :func:`tna_jax.models.build`.
+
+    Examples:
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> c.data.source, c.data.num_samples, c.model.name = "synthetic", 200, "cnn"
+      >>> c.data.synthetic.shape = (8, 8, 1)
+      >>> dataset, net, augment = load_problem(c)
+      >>> dataset.input_shape, dataset.sizes(), net.name, augment is None
+      ((8, 8, 1), {'train': 144, 'val': 16, 'test': 40}, 'cnn', True)
+      >>> c.data.synthetic.shape, c.data.augment, c.model.name = (32,), "crop_flip", "mlp"
+      >>> load_problem(c)
+      Traceback (most recent call last):
+      ...
+      tna_jax.config.ConfigError: config.data.augment='crop_flip' needs images; synthetic has features.
+    """
     from tna_jax import data as data_lib
     from tna_jax import models
 
@@ -460,7 +552,32 @@ def load_problem(config: Any) -> tuple[Any, Any, Any]:
 def train_and_analyse(config: Any, workdir: str | None, *, lmc: bool | None = None) -> Trained:
     """Multi-seed training of every arm (resuming from `workdir`'s checkpoints), then the train
     report: per-arm accuracy, masks and (when ``lmc``, default ``config.analysis.lmc``) pairwise
-    LMC and fusion. Writes nothing but what :func:`tna_jax.training.fit` writes."""
+    LMC and fusion. Writes nothing but what :func:`tna_jax.training.fit` writes.
+
+    Args:
+      config: the experiment config.
+      workdir: the run directory (checkpoints, metrics), or None.
+      lmc: run the LMC analysis (None: ``config.analysis.lmc``; needs at least 2 seeds).
+
+    Returns:
+      A :class:`Trained` with the report (``data``, ``model``, ``devices``, ``training``,
+      ``arms``, ``runs``, ``mask``, ``lmc``, ``seconds_total``) and the objects behind it.
+
+    Raises:
+      tna_jax.config.ConfigError: see :func:`load_problem`; and the errors of
+        :func:`tna_jax.training.fit` (``TrainingDiverged``, ``Preempted``, a bad batch size).
+
+    Examples:
+      A real run trains (``tests/test_training.py``); a config that cannot work stops before any:
+
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> c.data.source, c.data.augment = "synthetic", "crop_flip"
+      >>> train_and_analyse(c, None)
+      Traceback (most recent call last):
+      ...
+      tna_jax.config.ConfigError: config.data.augment='crop_flip' needs images; synthetic has features.
+    """
     from tna_jax import data as data_lib
     from tna_jax import training
 
@@ -508,7 +625,23 @@ def _sweep_rows(report: dict[str, Any], key: str | None = None) -> list[dict[str
 def write_train_outputs(config: Any, workdir: str, trained: Trained) -> None:
     """``report.json``, ``report.md`` and the plots of a train report: ``lmc_paths.png`` (the
     arms of ``analysis.plot_ratios``, or all), and for ratio sweeps ``ratio_sweep.png`` (the
-    paper's Figure 2; ``ratio_sweep_bn_reset.png`` too for BatchNorm nets)."""
+    paper's Figure 2; ``ratio_sweep_bn_reset.png`` too for BatchNorm nets).
+
+    Args:
+      config: the experiment config (``analysis.plots``, ``analysis.plot_ratios``, the sweep).
+      workdir: the run directory.
+      trained: what :func:`train_and_analyse` returned, its report with a ``markdown`` table.
+
+    Examples:
+      >>> import os, tempfile
+      >>> from tna_jax.config import default_config
+      >>> workdir = tempfile.mkdtemp()
+      >>> trained = Trained(report={"name": "toy", "arms": [], "markdown": "| arm |"}, net=None, dataset=None,
+      ...                   result=None, data=None)
+      >>> write_train_outputs(default_config(), workdir, trained)  # no "lmc" in the report: no plots
+      >>> sorted(os.listdir(workdir)), open(os.path.join(workdir, "report.md")).read().splitlines()
+      (['report.json', 'report.md'], ['# experiment', '', '| arm |'])
+    """
     from tna_jax import plotting
 
     report = trained.report
@@ -539,7 +672,35 @@ def write_train_outputs(config: Any, workdir: str, trained: Trained) -> None:
 
 @register("train")
 def train_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
-    """Multi-seed training of every arm, then pairwise LMC and fusion within each arm."""
+    """Multi-seed training of every arm, then pairwise LMC and fusion within each arm.
+
+    The ``"train"`` kind: :func:`train_and_analyse`, the arms table (``report["markdown"]``,
+    printed) and, with a workdir, :func:`write_train_outputs`.
+
+    Args:
+      config: the experiment config.
+      workdir: the run directory, or None to write nothing.
+
+    Returns:
+      The train report (see :func:`train_and_analyse`) with its ``markdown`` table.
+
+    Raises:
+      tna_jax.config.ConfigError: see :func:`train_and_analyse`.
+
+    Examples:
+      ``python train.py --config configs/quickstart.py --workdir runs/quick`` runs this kind; a
+      config that cannot work stops before training:
+
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> c.data.source, c.data.augment = "synthetic", "crop_flip"
+      >>> EXPERIMENTS["train"] is train_experiment
+      True
+      >>> train_experiment(c, None)
+      Traceback (most recent call last):
+      ...
+      tna_jax.config.ConfigError: config.data.augment='crop_flip' needs images; synthetic has features.
+    """
     trained = train_and_analyse(config, workdir)
     report = trained.report
     report["markdown"] = markdown_summary(report)
