@@ -74,12 +74,6 @@ KNOWN_GAPS: dict[str, set[str]] = {
     "tna_jax.experiments.align_compare.align_defaults": {'Example', 'Returns'},
     "tna_jax.experiments.align_compare.check_align_options": {'Args', 'Example', 'Returns'},
     "tna_jax.experiments.align_compare.task_config": {'Args', 'Example', 'Returns'},
-    "tna_jax.experiments.grid.grid_experiment": {'Args', 'Example', 'Returns'},
-    "tna_jax.experiments.grid.grid_rows": {'Args', 'Example', 'Returns'},
-    "tna_jax.experiments.grid.variant_configs": {'Args', 'Example', 'Returns'},
-    "tna_jax.experiments.layerwise.aggregate_pairs": {'Args', 'Example', 'Returns'},
-    "tna_jax.experiments.layerwise.layerwise_experiment": {'Args', 'Example', 'Raises', 'Returns'},
-    "tna_jax.experiments.layerwise.layerwise_options": {'Args', 'Example', 'Returns'},
 }
 
 

@@ -49,7 +49,20 @@ NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedpfn": "FedPFN", "fedpnu":
 
 @dataclasses.dataclass(frozen=True)
 class FedArm:
-    """One recipe: ``algorithm`` with ``server`` optimizer on Dirichlet(α) clients, mask ratio ρ."""
+    """One recipe: ``algorithm`` with ``server`` optimizer on Dirichlet(α) clients, mask ratio ρ.
+
+    Attributes:
+      algorithm: ``"fedavg"``, ``"fedprox"``, ``"fedpfn"`` or ``"fedpnu"``.
+      server: the server optimizer: ``"none"``, ``"fedavgm"``, ``"fedadam"`` or ``"fedyogi"``.
+      alpha: the Dirichlet α of the clients (None for other partitions).
+      ratio: the mask ratio ρ (FedPFN/FedPNU; None for the others).
+      show_alpha: put α in the label (sweeps over α).
+
+    Example:
+      >>> arm = FedArm("fedpfn", "fedavgm", alpha=0.5, ratio=0.4, show_alpha=True)
+      >>> arm.label, arm.slug, arm.masked
+      ('α=0.5 FedPFN ρ=0.4 + FedAvgM', 'alpha_0_5_FedPFN_rho_0_4_FedAvgM', True)
+    """
 
     algorithm: str
     server: str
@@ -81,6 +94,12 @@ def arms_from_config(config: Any) -> list[FedArm]:
     """Every algorithm x server optimizer, once per α of ``sweep_alphas`` (or the one ``alpha``)
     and, for FedPFN/FedPNU, once per ρ of ``sweep_ratios`` (or the one ``mask_ratio``).
 
+    Args:
+      config: a config with a ``federated`` section (:func:`tna_jax.config.federated_config`).
+
+    Returns:
+      The arms in order (α, algorithm, ρ, server optimizer), without duplicates.
+
     Example:
       >>> from tna_jax.config import default_config, federated_config
       >>> c = default_config(); c.federated = federated_config()
@@ -109,10 +128,27 @@ def arms_from_config(config: Any) -> list[FedArm]:
 def require_data(config: Any) -> None:
     """Fails fast, before any training, when a ``tfds:<name>`` source cannot be read here.
 
+    Other sources pass (they are generated or shipped offline).
+
+    Args:
+      config: the experiment config (``data.source``, ``data.data_dir``).
+
     Raises:
       FileNotFoundError: the prepared data are not under ``data.data_dir`` (the message says how
         to prepare them: nothing is downloaded at run time).
       config.ConfigError: tensorflow-datasets or the tfds loader is not installed.
+
+    Example:
+      >>> import tempfile
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> require_data(c)  # mnist1d: generated offline
+      >>> c.data.source, c.data.data_dir = "tfds:cifar10", tempfile.mkdtemp()
+      >>> try:
+      ...     require_data(c)
+      ... except FileNotFoundError as err:
+      ...     print(str(err).split(";")[0].replace(c.data.data_dir, "DIR"))
+      config.data.source='tfds:cifar10': no prepared 'cifar10' data in DIR
     """
     source = str(config.data.source)
     if not source.startswith("tfds:"):
@@ -145,7 +181,26 @@ def _check(config: Any) -> None:
 
 
 def make_clients(config: Any, labels: np.ndarray, alpha: float | None) -> list[np.ndarray]:
-    """The partition of the training labels that ``config.federated`` asks for (α overrides)."""
+    """The partition of the training labels that ``config.federated`` asks for (α overrides).
+
+    Args:
+      config: a config with a ``federated`` section (``num_clients``, ``partition``, ``alpha``,
+        ``shards_per_client``, ``min_client_size``, ``partition_seed``).
+      labels: the training labels.
+      alpha: the Dirichlet α of this arm (None: ``federated.alpha``).
+
+    Returns:
+      One int array of example indices per client (:func:`tna_jax.federated.partition.partition`).
+
+    Example:
+      >>> import numpy as np
+      >>> from tna_jax.config import default_config, federated_config
+      >>> c = default_config()
+      >>> c.federated = federated_config()
+      >>> c.federated.num_clients, c.federated.partition = 4, "iid"
+      >>> [len(p) for p in make_clients(c, np.arange(100) % 10, alpha=None)]
+      [25, 25, 25, 25]
+    """
     from tna_jax.federated import partition
 
     f = config.federated
@@ -266,7 +321,37 @@ def _plots(config: Any, workdir: str, report: dict[str, Any], arms: list[FedArm]
 
 @exp_lib.register("federated")
 def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
-    """Trains every arm of ``config.federated`` for ``rounds`` rounds and reports accuracy per round."""
+    """Trains every arm of ``config.federated`` for ``rounds`` rounds and reports accuracy per round.
+
+    Args:
+      config: a ``kind="federated"`` config with a ``federated`` section (see the module docstring).
+      workdir: the run directory (``metrics.jsonl``, checkpoints, ``report.json``, ``report.md``,
+        plots), or None to write nothing.
+
+    Returns:
+      ``{"name", "kind": "federated", "eval_split", "data", "model", "devices", "federation",
+      "arms": per-arm final accuracy (and paired difference to FedAvg), "curves": accuracy per
+      evaluated round and seed, "training", "markdown"[, "plots"]}``.
+
+    Raises:
+      tna_jax.config.ConfigError: no ``federated`` section, a schedule other than ``constant``,
+        augmentation, an empty evaluation split (all before training); see also
+        :func:`require_data`.
+      tna_jax.training.TrainingDiverged: a client loss became NaN/inf.
+
+    Example:
+      ``python train.py --config configs/fed_mnist1d.py --workdir runs/fed_mnist1d`` runs the
+      README's table; a config the clients cannot use stops before anything is compiled:
+
+      >>> from tna_jax.config import default_config, federated_config
+      >>> c = default_config()
+      >>> c.kind, c.federated = "federated", federated_config()
+      >>> c.optimizer.schedule = "cosine"
+      >>> federated_experiment(c, None)
+      Traceback (most recent call last):
+      ...
+      tna_jax.config.ConfigError: config.optimizer.schedule must be 'constant' for kind='federated' (the clients' optimizer is reset every round); got 'cosine'.
+    """
     from tna_jax import data as data_lib
     from tna_jax.federated import client, driver, partition
 

@@ -61,9 +61,32 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any], prefix: str = "")
 def variant_configs(config: Any) -> list[tuple[str, dict[str, Any], ml_collections.ConfigDict]]:
     """``[(name, variant spec, train config), ...]`` from ``config.grid.variants``, validated.
 
+    Args:
+      config: a ``kind="grid"`` config with a ``grid.variants`` section (see the module docstring).
+
+    Returns:
+      One ``(name, spec, train config)`` per variant in key order; each train config is the base
+      config with the variant's ``set`` applied, ``kind="train"`` and ``name="<name>/<variant>"``.
+
     Raises:
       ConfigError: no variants, a bad variant name or key, a non-numeric ``x``, or an override
         that makes an invalid train config (the message names the variant and the field).
+
+    Example:
+      >>> import ml_collections
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> c.kind = "grid"
+      >>> c.grid = ml_collections.ConfigDict({"variants": {
+      ...     "depth_1": {"axis": "depth", "x": 1, "set": {"model": {"name": "mlp", "depth": 1}}},
+      ...     "depth_3": {"axis": "depth", "x": 3, "set": {"model": {"name": "mlp", "depth": 3}, "num_seeds": 2}}}})
+      >>> [(name, sub.name, sub.model.depth, sub.num_seeds) for name, _, sub in variant_configs(c)]
+      [('depth_1', 'experiment/depth_1', 1, 4), ('depth_3', 'experiment/depth_3', 3, 2)]
+      >>> c.grid.variants.depth_1.colour = "red"
+      >>> variant_configs(c)
+      Traceback (most recent call last):
+      ...
+      tna_jax.config.ConfigError: config.grid.variants.depth_1.colour is not a known field; allowed: ('axis', 'x', 'label', 'set').
     """
     grid = config.get("grid") if hasattr(config, "get") else None
     if grid is None or "variants" not in grid:
@@ -121,7 +144,27 @@ def _load_finished(sub: Any, subdir: str) -> dict[str, Any] | None:
 
 
 def grid_rows(name: str, spec: Mapping[str, Any], report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per arm (and per arm with BN reset) of a variant's train report."""
+    """One row per arm (and per arm with BN reset) of a variant's train report.
+
+    Args:
+      name: the variant's key.
+      spec: its spec (``label``, ``axis``, ``x``).
+      report: its train report (:func:`tna_jax.experiment.train_experiment`).
+
+    Returns:
+      Dicts with the variant, arm, model, parameter count, test accuracy and, for every key of
+      ``experiment.LMC_KEYS``, ``<key>_mean``/``<key>_std`` (NaN when the arm has no LMC).
+
+    Example:
+      >>> report = {"arms": [{"arm": "vanilla", "method": "none", "ratio": 0.0, "test_accuracy_mean": 0.98,
+      ...                     "test_accuracy_std": 0.004}],
+      ...           "lmc": {"vanilla": {"accuracy_barrier_mean": 0.143, "accuracy_barrier_std": 0.044,
+      ...                               "per_pair": [{}, {}, {}]}},
+      ...           "model": {"name": "mlp", "params": 26122}, "training": {"seconds": 12.0}}
+      >>> row, = grid_rows("1_mlp", {"label": "MLP"}, report)
+      >>> row["label"], row["arm"], row["accuracy_barrier_mean"], row["pairs"], row["loss_barrier_mean"]
+      ('MLP', 'vanilla', 0.143, 3, nan)
+    """
     rows = []
     for arm in report["arms"]:
         lm = report.get("lmc", {}).get(arm["arm"], {})
@@ -186,7 +229,35 @@ def _plots(config: Any, workdir: str, rows: list[dict[str, Any]]) -> list[str]:
 
 @exp_lib.register("grid")
 def grid_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
-    """Trains and analyses every variant of ``config.grid.variants``; one aggregated report."""
+    """Trains and analyses every variant of ``config.grid.variants``; one aggregated report.
+
+    Each variant runs the ``"train"`` kind in ``<workdir>/variants/<name>``; a variant whose
+    ``report.json`` exists there with the same config is reused, so a rerun resumes the grid.
+
+    Args:
+      config: a ``kind="grid"`` config.
+      workdir: the grid's directory (``report.json``, ``report.md``, the plots, ``variants/``), or
+        None to write nothing.
+
+    Returns:
+      ``{"name", "kind": "grid", "rows": grid_rows of every variant, "variants": their reports
+      without per-run details, "markdown", "seconds_total", "seconds_variants"[, "plots"]}``.
+
+    Raises:
+      ConfigError: see :func:`variant_configs` (checked before anything trains).
+
+    Example:
+      ``python train.py --config configs/lmc_depth_width.py --workdir runs/lmc_depth_width`` runs
+      the paper's Figure 4 grid; a grid without variants stops before training:
+
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> c.kind = "grid"
+      >>> grid_experiment(c, None)
+      Traceback (most recent call last):
+      ...
+      tna_jax.config.ConfigError: config.grid.variants must hold at least one variant for kind='grid'; got none.
+    """
     import time
 
     t0 = time.time()

@@ -37,8 +37,30 @@ _KEYS = ("modes", "groups")
 def layerwise_options(config: Any) -> tuple[tuple[str, ...], list[str] | None]:
     """``(modes, groups)`` from ``config.layerwise`` (defaults: all modes, one group per layer).
 
+    Args:
+      config: the experiment config (its ``layerwise`` section may be missing).
+
+    Returns:
+      ``(modes, groups)``: a tuple of ``lmc.LAYERWISE_MODES`` entries, and the group regexes
+      (None: one group per weight layer).
+
     Raises:
       ConfigError: an unknown field or mode, or groups that are not a string.
+
+    Example:
+      >>> import ml_collections
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> layerwise_options(c)
+      (('single', 'from_input', 'from_output'), None)
+      >>> c.layerwise = ml_collections.ConfigDict({"modes": ("single",), "groups": "dense_0, head"})
+      >>> layerwise_options(c)
+      (('single',), ['dense_0', 'head'])
+      >>> c.layerwise.modes = ("backwards",)
+      >>> layerwise_options(c)
+      Traceback (most recent call last):
+      ...
+      tna_jax.config.ConfigError: config.layerwise.modes must be a non-empty tuple of ('single', 'from_input', 'from_output'); got ('backwards',).
     """
     from tna_jax import lmc
 
@@ -61,7 +83,23 @@ def layerwise_options(config: Any) -> tuple[tuple[str, ...], list[str] | None]:
 
 
 def aggregate_pairs(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean ± std over pairs of :func:`tna_jax.lmc.layerwise_lmc` outputs (same groups)."""
+    """Mean ± std over pairs of :func:`tna_jax.lmc.layerwise_lmc` outputs (same groups).
+
+    Args:
+      results: one ``layerwise_lmc`` output per seed pair, all over the same groups.
+
+    Returns:
+      ``{"groups", "pairs", "<b>_mean", "<b>_std", "<b>_per_pair" for b in (loss_barrier,
+      accuracy_barrier), "interp_accuracy_mean", "interp_loss_mean"}`` (lists over groups).
+
+    Example:
+      >>> def pair(acc_barriers):
+      ...     return {"groups": ["dense_0", "head"], "loss_barrier": [0.0, 0.0], "accuracy_barrier": acc_barriers,
+      ...             "per_group": [{"interp_accuracy": 0.5, "interp_loss": 1.0}] * 2}
+      >>> out = aggregate_pairs([pair([0.1, 0.0]), pair([0.3, 0.02])])
+      >>> out["pairs"], [round(v, 3) for v in out["accuracy_barrier_mean"]], [round(v, 3) for v in out["accuracy_barrier_std"]]
+      (2, [0.2, 0.01], [0.1, 0.01])
+    """
     out: dict[str, Any] = {"groups": results[0]["groups"], "pairs": len(results)}
     for key in ("loss_barrier", "accuracy_barrier"):
         vals = np.stack([r[key] for r in results])  # (pairs, groups)
@@ -128,7 +166,32 @@ def _plots(config: Any, workdir: str, report: dict[str, Any]) -> list[str]:
 
 @exp_lib.register("layerwise")
 def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
-    """Trains the arms, then layer-wise LMC between the seeds of each arm in every mode."""
+    """Trains the arms, then layer-wise LMC between the seeds of each arm in every mode.
+
+    Args:
+      config: a ``kind="layerwise"`` config (at least 2 seeds).
+      workdir: the run directory (checkpoints, ``report.json``, ``report.md``, plots), or None.
+
+    Returns:
+      ``{"name", "kind": "layerwise", "modes", "layer_order", "train": the train report,
+      "layerwise": {arm: {mode: aggregate_pairs(...) plus "members"}}, "markdown", timings}``.
+
+    Raises:
+      ConfigError: see :func:`layerwise_options`; fewer than 2 seeds (both before training); and
+        the errors of :func:`tna_jax.experiment.train_and_analyse`.
+
+    Example:
+      ``python train.py --config configs/layerwise.py --workdir runs/layerwise`` runs it; with one
+      seed there is no pair, which is refused before training:
+
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> c.kind, c.num_seeds = "layerwise", 1
+      >>> layerwise_experiment(c, None)
+      Traceback (most recent call last):
+      ...
+      tna_jax.config.ConfigError: config.num_seeds must be >= 2 for kind='layerwise' (pairs of seeds); got 1.
+    """
     from tna_jax import lmc, training
 
     modes, groups = layerwise_options(config)
