@@ -132,7 +132,17 @@ def default_config() -> ml_collections.ConfigDict:
 def federated_config() -> ml_collections.ConfigDict:
     """The ``config.federated`` section of ``kind="federated"`` with its defaults (see
     ``tna_jax/experiments/federated.py``). The clients' optimizer is ``config.optimizer``; the
-    anchor options (granularity, include, exclude, share_mask) come from ``config.anchor``."""
+    anchor options (granularity, include, exclude, share_mask) come from ``config.anchor``.
+
+    Returns:
+      A new ``ConfigDict``; assign it to ``config.federated`` and override fields as needed
+      (:func:`validate_federated` checks them).
+
+    Example:
+      >>> f = federated_config()
+      >>> f.algorithms, f.server_optimizers, f.num_clients, f.partition, f.alpha, f.mask_ratio
+      (('fedavg', 'fedprox', 'fedpfn', 'fedpnu'), ('none', 'fedavgm'), 20, 'dirichlet', 0.5, 0.4)
+    """
     f = ml_collections.ConfigDict()
     f.algorithms = ("fedavg", "fedprox", "fedpfn", "fedpnu")  # each trained with every server optimizer
     f.server_optimizers = ("none", "fedavgm")  # none | fedavgm | fedadam | fedyogi
@@ -392,6 +402,14 @@ def _positives(config: Any, field: str, hi: float) -> None:
 
 def validate_federated(config: Any) -> Any:
     """Checks the ``config.federated`` section (unknown keys and values name the field).
+
+    :func:`validate` calls it when the config has a ``federated`` section.
+
+    Args:
+      config: a config with a ``federated`` section.
+
+    Returns:
+      `config`, unchanged.
 
     Raises:
       ConfigError: an unknown field, α <= 0, a fraction outside (0, 1], a mask ratio outside

@@ -17,7 +17,18 @@ __all__ = ["random_crop_flip", "augment_images", "default_padding"]
 
 
 def default_padding(height: int, width: int) -> int:
-    """Crop padding for an image size: 1/8 of the shorter side, at least 1 (4 for 32x32, 1 for 8x8)."""
+    """Crop padding for an image size: 1/8 of the shorter side, at least 1 (4 for 32x32, 1 for 8x8).
+
+    Args:
+      height, width: the image size in pixels.
+
+    Returns:
+      ``max(1, min(height, width) // 8)``.
+
+    Example:
+      >>> default_padding(32, 32), default_padding(8, 8), default_padding(28, 64)
+      (4, 1, 3)
+    """
     return max(1, min(int(height), int(width)) // 8)
 
 
@@ -69,6 +80,13 @@ def random_crop_flip(key: jax.Array, images: jax.Array, *, padding: int | None =
 
 def augment_images(key: jax.Array, images: jax.Array) -> jax.Array:
     """``config.data.augment = "crop_flip"``: :func:`random_crop_flip` with the default padding.
+
+    Args:
+      key: a PRNG key (one per batch, run and step).
+      images: a ``(B, H, W, C)`` batch.
+
+    Returns:
+      The augmented batch, same shape and dtype.
 
     Example:
       >>> augment_images(jax.random.key(1), jnp.ones((3, 8, 8, 1))).shape

@@ -72,6 +72,14 @@ def mixture(rng: np.random.Generator, n: int, shape: tuple[int, ...], num_classe
     (norm `class_sep` = s whatever the dimension, so the difficulty does not depend on the
     shape), labels uniform, and :math:`x = \\mu_y + \\varepsilon`, :math:`\\varepsilon \\sim N(0, I)`.
 
+    Args:
+      rng: the NumPy generator that draws the means, labels and noise.
+      n: number of examples.
+      shape: one example's shape, ``(d,)`` or ``(H, W, C)`` (images are drawn on a coarse grid
+        and upsampled in blocks, so they have spatial structure).
+      num_classes: number of classes (mixture components).
+      class_sep: the norm s of every class mean.
+
     Returns:
       ``(x, y)``: float32 of shape ``(n, *shape)`` and int32 of shape ``(n,)``.
 
@@ -96,6 +104,14 @@ def teacher(rng: np.random.Generator, n: int, shape: tuple[int, ...], num_classe
     :math:`W_l`, logits :math:`z = V h_L / \\sqrt{\\dim h_L}`, each standardised over the sample
     and shifted by a per-class bias :math:`b` fitted (100 steps at most) to make the
     classes about equally frequent; :math:`y = \\arg\\max_k (z_k + b_k)`.
+
+    Args:
+      rng: the NumPy generator that draws the inputs and the teacher's weights.
+      n: number of examples.
+      shape: one example's shape, ``(d,)`` or ``(H, W, C)``.
+      num_classes: number of classes (teacher outputs).
+      width: hidden width of the teacher.
+      depth: hidden layers of the teacher (0: a linear teacher).
 
     Returns:
       ``(x, y)``: float32 of shape ``(n, *shape)`` and int32 of shape ``(n,)``.
@@ -146,6 +162,15 @@ def _options(cfg: Any) -> dict[str, Any]:
 
 def synthetic(cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, str, dict[str, Any]]:
     """The ``"synthetic"`` data source: ``(x_train, y_train, x_test, y_test, num_classes, kind, info)``.
+
+    Args:
+      cfg: the data config: ``synthetic`` (the section of the module docstring), ``num_samples``,
+        ``test_fraction``, ``generation_seed``.
+
+    Returns:
+      ``(x_train, y_train, x_test, y_test, num_classes, kind, info)``: NumPy arrays (float32
+      inputs, int32 labels; the first ``round(num_samples * test_fraction)`` examples are the
+      test split), the class count, ``"features"`` or ``"image"``, and the generation arguments.
 
     Raises:
       ValueError: a bad field of ``data.synthetic`` (named), ``data.num_samples`` or

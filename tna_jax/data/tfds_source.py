@@ -60,7 +60,21 @@ def _has_tensorflow() -> bool:
 
 
 def prepare_hint(name: str, data_dir: str) -> str:
-    """How to prepare dataset `name` for ``data_dir`` (the advice in :class:`DatasetNotPrepared`)."""
+    """How to prepare dataset `name` for ``data_dir`` (the advice in :class:`DatasetNotPrepared`).
+
+    Args:
+      name: the tfds name (``"cifar10"``, ``"cifar10:3.0.2"``; the version is dropped).
+      data_dir: the directory that was searched.
+
+    Returns:
+      One paragraph: the ``tfds build`` command to run on a machine with network, and the flag
+      that points tna_jax at the copied directory.
+
+    Example:
+      >>> hint = prepare_hint("cifar10:3.0.2", "/data/tfds")
+      >>> "tfds build cifar10 --data_dir" in hint, "(now '/data/tfds')" in hint
+      (True, True)
+    """
     base = name.split(":")[0]
     return (f"On a machine with network: pip install \"tna_jax[tfds]\" && tfds build {base} --data_dir "
             f"~/tensorflow_datasets (add --file_format=array_record to read it without TensorFlow); then copy "
@@ -157,6 +171,11 @@ def load(cfg: Any, *, reader: str = "auto") -> tuple[np.ndarray, np.ndarray, np.
       reader: ``"auto"`` (``"data_source"`` for array_record/parquet data or without
         TensorFlow, else ``"tf_data"``), ``"tf_data"`` or ``"data_source"``.
 
+    Returns:
+      ``(x_train, y_train, x_test, y_test, num_classes, kind, info)``: float32 inputs (images
+      scaled to [0, 1], shape (H, W, C)), int32 labels, the class count, ``"image"`` or
+      ``"features"``, and ``{"source", "data_dir", "version", "reader", "splits"}``.
+
     Raises:
       DatasetNotPrepared: the dataset is not in the data directory (within seconds; nothing is
         downloaded); the message says how to prepare it.
@@ -164,7 +183,9 @@ def load(cfg: Any, *, reader: str = "auto") -> tuple[np.ndarray, np.ndarray, np.
       ValueError: an unknown dataset name, a dataset without supervised keys or with
         non-numeric inputs, or a bad `reader`.
 
-    Example (random stand-in data from tfds's own mock, so it runs without MNIST on disk):
+    Example:
+      Random stand-in data from tfds's own mock, so it runs without MNIST on disk:
+
       >>> import tensorflow_datasets as tfds
       >>> with tfds.testing.mock_data(num_examples=8):
       ...     x_train, y_train, x_test, y_test, num_classes, kind, info = load({"source": "tfds:mnist"},
