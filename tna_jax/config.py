@@ -138,7 +138,7 @@ def federated_config() -> ml_collections.ConfigDict:
       A new ``ConfigDict``; assign it to ``config.federated`` and override fields as needed
       (:func:`validate_federated` checks them).
 
-    Example:
+    Examples:
       >>> f = federated_config()
       >>> f.algorithms, f.server_optimizers, f.num_clients, f.partition, f.alpha, f.mask_ratio
       (('fedavg', 'fedprox', 'fedpfn', 'fedpnu'), ('none', 'fedavgm'), 20, 'dirichlet', 0.5, 0.4)
@@ -415,7 +415,7 @@ def validate_federated(config: Any) -> Any:
       ConfigError: an unknown field, α <= 0, a fraction outside (0, 1], a mask ratio outside
         [0, 1], an unknown algorithm, server optimizer, partition or BN mode, ...
 
-    Example:
+    Examples:
       >>> c = default_config()
       >>> c.federated = federated_config()
       >>> c.federated.alpha = 0.0

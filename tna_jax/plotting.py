@@ -35,7 +35,7 @@ def save_figure(fig: Any, path: str, dpi: int = 130) -> str:
     Returns:
       `path`.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> import matplotlib.pyplot as plt
       >>> fig, ax = plt.subplots(figsize=(2, 2))
@@ -71,7 +71,7 @@ def plot_lmc_paths(curves: dict[str, dict[str, Any]], path: str, title: str = "L
     Returns:
       `path` (written with :func:`save_figure`).
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> curves = {"vanilla": {"alpha": [0, 0.5, 1], "accuracy": [[0.9, 0.5, 0.9]], "loss": [[0.3, 1.2, 0.3]]},
       ...           "TNA-PFN": {"alpha": [0, 0.5, 1], "accuracy": [[0.88, 0.8, 0.87]], "loss": [[0.3, 0.5, 0.3]]}}
@@ -114,7 +114,7 @@ def plot_ratio_sweep(rows: Sequence[dict[str, Any]], path: str, methods: Sequenc
     Returns:
       `path` (written with :func:`save_figure`).
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> rows = [{"method": "none", "ratio": 0.0, "avg_endpoint_accuracy_mean": 0.9, "interp_accuracy_mean": 0.5},
       ...         {"method": "anchor", "ratio": 0.4, "avg_endpoint_accuracy_mean": 0.88, "interp_accuracy_mean": 0.7},
@@ -164,7 +164,7 @@ def plot_barrier_bars(rows: Sequence[dict[str, Any]], path: str, group_key: str,
     Returns:
       `path` (written with :func:`save_figure`).
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> rows = [{"model": "MLP", "arm": "vanilla", "accuracy_barrier_mean": 14.3, "accuracy_barrier_std": 4.4},
       ...         {"model": "MLP", "arm": "TNA-PFN", "accuracy_barrier_mean": 5.5, "accuracy_barrier_std": 1.3},
@@ -212,7 +212,7 @@ def plot_curves(series: dict[str, dict[str, Any]], path: str, xlabel: str, ylabe
     Returns:
       `path` (written with :func:`save_figure`).
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> series = {"FedAvg": {"x": [1, 2, 3], "y": [[0.3, 0.5, 0.6], [0.35, 0.5, 0.62]]},
       ...           "FedPFN": {"x": [1, 2, 3], "y": [0.3, 0.45, 0.55], "std": [0.01, 0.02, 0.02]}}

@@ -376,7 +376,7 @@ def make_transform(base: optax.GradientTransformation, config: Any, net: Net, ar
     Returns:
       ``tx(ratio, key) -> optax.GradientTransformation``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax
       >>> from tna_jax import models
       >>> from tna_jax.config import default_config
@@ -415,7 +415,7 @@ class TrainState(NamedTuple):
       opt_state: optimizer state (holds the anchor mask when anchors are used).
       step: optimizer steps taken (int32 per run).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> state = TrainState({"w": jnp.arange(6.0).reshape(3, 2)}, {}, (), jnp.zeros(3, jnp.int32))
       >>> state.variables(1)  # run 1 of the 3 stacked runs, as Flax variables
@@ -469,7 +469,7 @@ def init_runs(net: Net, tx_factory: Callable[[Any, Any], optax.GradientTransform
     Returns:
       A :class:`TrainState` whose leaves have a leading axis of ``len(runs)``.
 
-    Example:
+    Examples:
       >>> import jax, optax
       >>> from tna_jax import models
       >>> from tna_jax.config import default_config
@@ -570,7 +570,7 @@ def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: i
     Raises:
       ValueError: `num_steps` outside ``[1, steps per epoch]``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax
       >>> from tna_jax import models
       >>> from tna_jax.config import default_config
@@ -674,7 +674,7 @@ def loop_plan(net: Net, steps_per_epoch_: int, steps_per_call: int = 0, unroll: 
     steps (fast compiles, no dispatch per step). An explicit `unroll` (1 = rolled, k = unroll
     factor) and `steps_per_call` (0 = the whole epoch) win.
 
-    Example:
+    Examples:
       >>> from tna_jax import models
       >>> cnn = models.build({"name": "cnn", "width": 0.25, "hidden": 8}, (8, 8, 1), 10)
       >>> loop_plan(cnn, 20, backend="cpu"), loop_plan(cnn, 24, backend="cpu"), loop_plan(cnn, 20, backend="gpu")
@@ -706,7 +706,7 @@ def make_eval_fn(net: Net, batch_size: int = 1000) -> Callable[[PyTree, jax.Arra
       ``eval_fn(variables, x, y)`` returning the mean cross-entropy ``"loss"`` and the fraction
       ``"accuracy"`` of correctly classified examples (float32 scalars).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from tna_jax import models
       >>> net = models.build({"name": "mlp", "depth": 0}, (4,), 3)  # a linear model
@@ -757,7 +757,7 @@ def evaluate_runs(net: Net, state: TrainState, x: jax.Array, y: jax.Array, batch
     Returns:
       ``{"loss": (runs,), "accuracy": (runs,)}`` as NumPy arrays.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from tna_jax import models
       >>> net = models.build({"name": "mlp", "depth": 0}, (4,), 3)
@@ -843,7 +843,7 @@ class TrainResult:
       seconds: wall time of training (excluding set-up).
       resumed_from: the epoch training resumed from (0 for a fresh run).
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> runs = [Run(0, 0, Arm("none", 0.0), 0), Run(1, 1, Arm("anchor", 0.4), 0), Run(2, 1, Arm("anchor", 0.4), 1)]
       >>> result = TrainResult(state=None, runs=runs, history=[], test={"accuracy": np.array([0.7, 0.6, 0.65])},
@@ -906,7 +906,7 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
       Preempted: SIGTERM/SIGINT arrived; the state was checkpointed at the next step boundary
         (end of the current call) and training stopped.
 
-    Example:
+    Examples:
       A run is ``result = fit(config, net, dataset, workdir="runs/x")`` (``tests/test_training.py``
       trains real ones; here nothing is compiled): a bad batch size is refused before any work.
 

@@ -25,7 +25,7 @@ def default_padding(height: int, width: int) -> int:
     Returns:
       ``max(1, min(height, width) // 8)``.
 
-    Example:
+    Examples:
       >>> default_padding(32, 32), default_padding(8, 8), default_padding(28, 64)
       (4, 1, 3)
     """
@@ -54,7 +54,7 @@ def random_crop_flip(key: jax.Array, images: jax.Array, *, padding: int | None =
     Raises:
       ValueError: `images` is not 4-D, or `padding` is negative.
 
-    Example:
+    Examples:
       >>> x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
       >>> y = random_crop_flip(jax.random.key(0), x, padding=1)
       >>> y.shape, bool(jnp.all(random_crop_flip(jax.random.key(0), x, padding=0, flip=False) == x))
@@ -88,7 +88,7 @@ def augment_images(key: jax.Array, images: jax.Array) -> jax.Array:
     Returns:
       The augmented batch, same shape and dtype.
 
-    Example:
+    Examples:
       >>> augment_images(jax.random.key(1), jnp.ones((3, 8, 8, 1))).shape
       (3, 8, 8, 1)
     """

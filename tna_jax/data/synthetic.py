@@ -83,7 +83,7 @@ def mixture(rng: np.random.Generator, n: int, shape: tuple[int, ...], num_classe
     Returns:
       ``(x, y)``: float32 of shape ``(n, *shape)`` and int32 of shape ``(n,)``.
 
-    Example:
+    Examples:
       >>> x, y = mixture(np.random.default_rng(0), 100, (5,), 3, 3.0)
       >>> x.shape, y.shape, sorted(set(y.tolist()))
       ((100, 5), (100,), [0, 1, 2])
@@ -116,7 +116,7 @@ def teacher(rng: np.random.Generator, n: int, shape: tuple[int, ...], num_classe
     Returns:
       ``(x, y)``: float32 of shape ``(n, *shape)`` and int32 of shape ``(n,)``.
 
-    Example:
+    Examples:
       >>> x, y = teacher(np.random.default_rng(0), 2000, (8,), 4, 16, 1)
       >>> x.shape, int(np.bincount(y).min()) > 300
       ((2000, 8), True)
@@ -176,7 +176,7 @@ def synthetic(cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
       ValueError: a bad field of ``data.synthetic`` (named), ``data.num_samples`` or
         ``data.test_fraction``.
 
-    Example:
+    Examples:
       >>> out = synthetic({"num_samples": 500, "synthetic": {"kind": "teacher", "shape": (8, 8, 1)}})
       >>> out[0].shape, out[2].shape, out[4], out[5]
       ((400, 8, 8, 1), (100, 8, 8, 1), 10, 'image')

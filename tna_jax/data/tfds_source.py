@@ -70,7 +70,7 @@ def prepare_hint(name: str, data_dir: str) -> str:
       One paragraph: the ``tfds build`` command to run on a machine with network, and the flag
       that points tna_jax at the copied directory.
 
-    Example:
+    Examples:
       >>> hint = prepare_hint("cifar10:3.0.2", "/data/tfds")
       >>> "tfds build cifar10 --data_dir" in hint, "(now '/data/tfds')" in hint
       (True, True)
@@ -183,7 +183,7 @@ def load(cfg: Any, *, reader: str = "auto") -> tuple[np.ndarray, np.ndarray, np.
       ValueError: an unknown dataset name, a dataset without supervised keys or with
         non-numeric inputs, or a bad `reader`.
 
-    Example:
+    Examples:
       Random stand-in data from tfds's own mock, so it runs without MNIST on disk:
 
       >>> import tensorflow_datasets as tfds

@@ -58,7 +58,7 @@ class FedArm:
       ratio: the mask ratio ρ (FedPFN/FedPNU; None for the others).
       show_alpha: put α in the label (sweeps over α).
 
-    Example:
+    Examples:
       >>> arm = FedArm("fedpfn", "fedavgm", alpha=0.5, ratio=0.4, show_alpha=True)
       >>> arm.label, arm.slug, arm.masked
       ('α=0.5 FedPFN ρ=0.4 + FedAvgM', 'alpha_0_5_FedPFN_rho_0_4_FedAvgM', True)
@@ -100,7 +100,7 @@ def arms_from_config(config: Any) -> list[FedArm]:
     Returns:
       The arms in order (α, algorithm, ρ, server optimizer), without duplicates.
 
-    Example:
+    Examples:
       >>> from tna_jax.config import default_config, federated_config
       >>> c = default_config(); c.federated = federated_config()
       >>> c.federated.algorithms = ("fedavg", "fedpfn"); c.federated.server_optimizers = ("none", "fedavgm")
@@ -138,7 +138,7 @@ def require_data(config: Any) -> None:
         to prepare them: nothing is downloaded at run time).
       config.ConfigError: tensorflow-datasets or the tfds loader is not installed.
 
-    Example:
+    Examples:
       >>> import tempfile
       >>> from tna_jax.config import default_config
       >>> c = default_config()
@@ -192,7 +192,7 @@ def make_clients(config: Any, labels: np.ndarray, alpha: float | None) -> list[n
     Returns:
       One int array of example indices per client (:func:`tna_jax.federated.partition.partition`).
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from tna_jax.config import default_config, federated_config
       >>> c = default_config()
@@ -339,7 +339,7 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         :func:`require_data`.
       tna_jax.training.TrainingDiverged: a client loss became NaN/inf.
 
-    Example:
+    Examples:
       ``python train.py --config configs/fed_mnist1d.py --workdir runs/fed_mnist1d`` runs the
       README's table; a config the clients cannot use stops before anything is compiled:
 

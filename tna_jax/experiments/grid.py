@@ -72,7 +72,7 @@ def variant_configs(config: Any) -> list[tuple[str, dict[str, Any], ml_collectio
       ConfigError: no variants, a bad variant name or key, a non-numeric ``x``, or an override
         that makes an invalid train config (the message names the variant and the field).
 
-    Example:
+    Examples:
       >>> import ml_collections
       >>> from tna_jax.config import default_config
       >>> c = default_config()
@@ -155,7 +155,7 @@ def grid_rows(name: str, spec: Mapping[str, Any], report: dict[str, Any]) -> lis
       Dicts with the variant, arm, model, parameter count, test accuracy and, for every key of
       ``experiment.LMC_KEYS``, ``<key>_mean``/``<key>_std`` (NaN when the arm has no LMC).
 
-    Example:
+    Examples:
       >>> report = {"arms": [{"arm": "vanilla", "method": "none", "ratio": 0.0, "test_accuracy_mean": 0.98,
       ...                     "test_accuracy_std": 0.004}],
       ...           "lmc": {"vanilla": {"accuracy_barrier_mean": 0.143, "accuracy_barrier_std": 0.044,
@@ -246,7 +246,7 @@ def grid_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     Raises:
       ConfigError: see :func:`variant_configs` (checked before anything trains).
 
-    Example:
+    Examples:
       ``python train.py --config configs/lmc_depth_width.py --workdir runs/lmc_depth_width`` runs
       the paper's Figure 4 grid; a grid without variants stops before training:
 

@@ -47,7 +47,7 @@ def layerwise_options(config: Any) -> tuple[tuple[str, ...], list[str] | None]:
     Raises:
       ConfigError: an unknown field or mode, or groups that are not a string.
 
-    Example:
+    Examples:
       >>> import ml_collections
       >>> from tna_jax.config import default_config
       >>> c = default_config()
@@ -92,7 +92,7 @@ def aggregate_pairs(results: list[dict[str, Any]]) -> dict[str, Any]:
       ``{"groups", "pairs", "<b>_mean", "<b>_std", "<b>_per_pair" for b in (loss_barrier,
       accuracy_barrier), "interp_accuracy_mean", "interp_loss_mean"}`` (lists over groups).
 
-    Example:
+    Examples:
       >>> def pair(acc_barriers):
       ...     return {"groups": ["dense_0", "head"], "loss_barrier": [0.0, 0.0], "accuracy_barrier": acc_barriers,
       ...             "per_group": [{"interp_accuracy": 0.5, "interp_loss": 1.0}] * 2}
@@ -180,7 +180,7 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
       ConfigError: see :func:`layerwise_options`; fewer than 2 seeds (both before training); and
         the errors of :func:`tna_jax.experiment.train_and_analyse`.
 
-    Example:
+    Examples:
       ``python train.py --config configs/layerwise.py --workdir runs/layerwise`` runs it; with one
       seed there is no pair, which is refused before training:
 

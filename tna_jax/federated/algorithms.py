@@ -118,7 +118,7 @@ def server_optimizer(name: str, learning_rate: float | None = None, *, momentum:
     Raises:
       ValueError: an unknown name (listing :data:`SERVER_OPTIMIZERS`) or a learning rate <= 0.
 
-    Example:
+    Examples:
       >>> server_optimizer("none") is None, type(server_optimizer("fedadam")).__name__
       (True, 'GradientTransformationExtraArgs')
     """
@@ -145,7 +145,7 @@ def cohort_size(num_clients: int, fraction: float, num_devices: int = 1) -> tupl
     Raises:
       ValueError: `fraction` outside (0, 1], K < 1.
 
-    Example:
+    Examples:
       >>> cohort_size(20, 0.1, 4), cohort_size(20, 1.0, 1)
       ((2, 4), (20, 20))
     """
@@ -160,7 +160,7 @@ def cohort_size(num_clients: int, fraction: float, num_devices: int = 1) -> tupl
 def bn_modules(model_state: PyTree) -> set[str]:
     """Module paths that hold BatchNorm statistics (``batch_stats``), e.g. ``{"conv1_norm"}``.
 
-    Example:
+    Examples:
       >>> bn_modules({"batch_stats": {"conv1_norm": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}})
       {'conv1_norm'}
     """
@@ -232,7 +232,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
       ValueError: an unknown method or BN mode, ρ outside [0, 1], fraction outside (0, 1], μ <= 0
         for FedProx, bad sizes; at ``init``, a missing anchor key.
 
-    Example:
+    Examples:
       >>> import jax, optax
       >>> from tna_jax import models, anchors
       >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 2)
@@ -389,7 +389,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
 def anchors_fraction(mask: PyTree) -> jax.Array:
     """Fraction of entries that `mask` anchors (jittable).
 
-    Example:
+    Examples:
       >>> float(anchors_fraction({"a": jnp.array([True, False]), "b": jnp.array([True, True])}))
       0.75
     """
@@ -401,7 +401,7 @@ def anchors_fraction(mask: PyTree) -> jax.Array:
 def fed_avg(net: Any, client_optimizer: optax.GradientTransformation, **kwargs: Any) -> FederatedAlgorithm:
     """FedAvg (McMahan et al., 2017): :func:`federated_algorithm` with ``method="fedavg"``.
 
-    Example:
+    Examples:
       >>> import optax
       >>> from tna_jax import models
       >>> net = models.build({"name": "mlp", "depth": 1, "width": 4}, (3,), 2)

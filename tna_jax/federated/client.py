@@ -102,7 +102,7 @@ def pack_clients(x: np.ndarray, y: np.ndarray, parts: Sequence[np.ndarray], *, m
     Raises:
       ValueError: no clients, an empty client, or indices outside the data.
 
-    Example:
+    Examples:
       >>> d = pack_clients(np.arange(5.0)[:, None], np.arange(5), [np.array([0, 1, 2]), np.array([4])], multiple=4)
       >>> d.x.shape, d.n.tolist(), d.y[1].tolist()
       ((4, 3, 1), [3, 1, 0, 0], [4, 0, 0])
@@ -137,7 +137,7 @@ def pack_clients(x: np.ndarray, y: np.ndarray, parts: Sequence[np.ndarray], *, m
 def local_steps_count(max_examples: int, batch_size: int, local_epochs: int, local_steps: int = 0) -> int:
     """T, the steps every client's scan runs: ``local_steps`` if > 0, else ``E * ceil(N_max / B)``.
 
-    Example:
+    Examples:
       >>> local_steps_count(100, 32, 2)
       8
     """
@@ -153,7 +153,7 @@ def epoch_order(order_key: jax.Array, n: jax.Array, max_examples: int) -> jax.Ar
     (index >= n) moved, in order, behind the real ones. Without padding it is exactly
     ``jax.random.permutation(order_key, N_max)`` (the order of ``training.epoch_indices``).
 
-    Example:
+    Examples:
       >>> import jax
       >>> order = epoch_order(jax.random.key(0), 3, 6)
       >>> sorted(order[:3].tolist())
@@ -199,7 +199,7 @@ def make_local_update(net: Any, tx: optax.GradientTransformation, *, batch_size:
     Raises:
       ValueError: bad sizes or a negative `prox_mu`.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax
       >>> from tna_jax import models
       >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 2)

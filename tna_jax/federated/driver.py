@@ -51,7 +51,7 @@ def seed_keys(seed: int, num_seeds: int, *, share_mask: bool = True) -> SeedKeys
     With `share_mask` every seed uses the same anchor-mask key (as in ``tna_jax.training``).
     Arms trained with the same `seed` get the same keys: their comparison is paired.
 
-    Example:
+    Examples:
       >>> keys = seed_keys(0, 3)
       >>> keys.init.shape, bool((keys.mask[0] == keys.mask[2]).all())
       ((3, 2), True)
@@ -75,7 +75,7 @@ def _spec(mesh: Mesh, sharded: bool) -> NamedSharding:
 def client_rows_of_process(num_rows: int, mesh: Mesh, process: int | None = None) -> np.ndarray:
     """The client rows whose data live on `process`'s devices (default: this process).
 
-    Example:
+    Examples:
       >>> from tna_jax.training import run_mesh
       >>> client_rows_of_process(4, run_mesh()).tolist()
       [0, 1, 2, 3]
@@ -92,7 +92,7 @@ def client_rows_of_process(num_rows: int, mesh: Mesh, process: int | None = None
 def place_clients(clients: ClientData, mesh: Mesh) -> ClientData:
     """The client data as global arrays with the client axis split over `mesh`.
 
-    Example:
+    Examples:
       >>> from tna_jax.training import run_mesh
       >>> d = ClientData(np.zeros((2, 3, 1)), np.zeros((2, 3), np.int32), np.array([3, 1]))
       >>> place_clients(d, run_mesh()).n.tolist()
@@ -121,7 +121,7 @@ def place_clients(clients: ClientData, mesh: Mesh) -> ClientData:
 def replicated(tree: PyTree, mesh: Mesh) -> PyTree:
     """`tree` (the same host values in every process) replicated over every device of `mesh`.
 
-    Example:
+    Examples:
       >>> from tna_jax.training import run_mesh
       >>> replicated({"w": np.ones(3)}, run_mesh())["w"].sharding.is_fully_replicated
       True
@@ -186,7 +186,7 @@ def make_rounds(alg: FederatedAlgorithm, mesh: Mesh, *, donate: bool = True):
 def round_keys(keys: SeedKeys, round_index: int) -> np.ndarray:
     """(S, 2) raw keys of round `round_index` for every seed: ``fold_in(rounds_key[s], round)``.
 
-    Example:
+    Examples:
       >>> keys = seed_keys(0, 2)
       >>> round_keys(keys, 3).shape, bool((round_keys(keys, 3) != round_keys(keys, 4)).any())
       ((2, 2), True)
@@ -198,7 +198,7 @@ def round_keys(keys: SeedKeys, round_index: int) -> np.ndarray:
 def to_host(tree: PyTree) -> PyTree:
     """NumPy copies of replicated (or fully addressable) arrays, in any process.
 
-    Example:
+    Examples:
       >>> type(to_host({"a": jnp.ones(2)})["a"]).__name__
       'ndarray'
     """

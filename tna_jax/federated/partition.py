@@ -66,7 +66,7 @@ def iid(labels: np.ndarray, num_clients: int, seed: int = 0) -> list[np.ndarray]
     Raises:
       ValueError: K < 1 or K > N.
 
-    Example:
+    Examples:
       >>> [len(p) for p in iid(np.zeros(10, np.int32), 3)]
       [4, 3, 3]
     """
@@ -101,7 +101,7 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int = 0,
         `max_tries` gave every client `min_size` examples (the message suggests a larger α or
         fewer clients).
 
-    Example:
+    Examples:
       >>> y = np.repeat(np.arange(10), 50)
       >>> parts = dirichlet(y, 5, alpha=0.5, seed=0)
       >>> sum(len(p) for p in parts), min(len(p) for p in parts) >= 1
@@ -151,7 +151,7 @@ def shards(labels: np.ndarray, num_clients: int, shards_per_client: int = 2, see
     Raises:
       ValueError: K < 1, ``K * S > N`` (a shard would be empty), or S < 1.
 
-    Example:
+    Examples:
       >>> y = np.repeat(np.arange(10), 20)
       >>> parts = shards(y, 10, 2, seed=0)
       >>> max(len(np.unique(y[p])) for p in parts) <= 2
@@ -181,7 +181,7 @@ def partition(labels: np.ndarray, num_clients: int, method: str = "dirichlet", *
     Raises:
       ValueError: unknown `method` (listing :data:`PARTITIONS`), or the errors of the method.
 
-    Example:
+    Examples:
       >>> parts = partition(np.arange(12) % 3, 4, "iid")
       >>> sorted(np.concatenate(parts).tolist()) == list(range(12))
       True
@@ -202,7 +202,7 @@ def check_partition(parts: Sequence[np.ndarray], num_examples: int) -> None:
     """Raises ValueError unless `parts` assigns each of `num_examples` examples to exactly one client
     and no client is empty (the message names the client or the example).
 
-    Example:
+    Examples:
       >>> check_partition([np.array([0, 2]), np.array([1])], 3)
       >>> check_partition([np.array([0]), np.array([], np.int64)], 1)
       Traceback (most recent call last):
@@ -226,7 +226,7 @@ def check_partition(parts: Sequence[np.ndarray], num_examples: int) -> None:
 def label_histogram(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
     """(K, num_classes) counts of each class on each client (for reports and plots).
 
-    Example:
+    Examples:
       >>> label_histogram(np.array([0, 1, 1]), [np.array([0, 1]), np.array([2])], 2).tolist()
       [[1, 1], [0, 1]]
     """

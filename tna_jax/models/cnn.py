@@ -27,7 +27,7 @@ class CNN(nn.Module):
       hidden: width of ``dense1``.
       dtype: computation dtype (parameters are float32).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> cnn = CNN(num_classes=10, width=0.25, hidden=16)
       >>> variables = jax.eval_shape(cnn.init, jax.random.key(0), jnp.ones((2, 8, 8, 1)))

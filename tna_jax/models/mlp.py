@@ -23,7 +23,7 @@ class MLP(nn.Module):
       norm: ``"none"`` or ``"layer"`` (LayerNorm after each hidden layer, named ``dense_i_norm``).
       dtype: computation dtype (parameters are float32; logits are returned as float32).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> mlp = MLP(hidden=(16, 8), num_classes=3)
       >>> variables = jax.eval_shape(mlp.init, jax.random.key(0), jnp.ones((2, 5)))  # shapes only

@@ -79,7 +79,7 @@ class ResNet(nn.Module):
       norm: ``"batch"`` or ``"layer"`` (LayerNorm over channels, per position).
       dtype: computation dtype (parameters are float32).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> resnet = ResNet(num_classes=10, blocks=(1, 1), channels=(4, 8))
       >>> variables = jax.eval_shape(resnet.init, jax.random.key(0), jnp.ones((2, 8, 8, 3)))
@@ -166,7 +166,7 @@ class WideResNet(nn.Module):
     Raises:
       ValueError: on the first call, when `depth` is not ``6n + 4`` with ``n >= 1``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> wrn = WideResNet(num_classes=10, depth=10, width=0.5)
       >>> variables = jax.eval_shape(wrn.init, jax.random.key(0), jnp.ones((2, 8, 8, 3)))

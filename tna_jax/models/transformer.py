@@ -123,7 +123,7 @@ class TransformerEncoder(nn.Module):
       layer_norm_eps: LayerNorm epsilon.
       dtype: computation dtype (parameters are float32).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> bert = TransformerEncoder(num_classes=2, vocab_size=50, hidden=8, layers=1, heads=2,
       ...                           intermediate=16, max_len=6)
@@ -177,7 +177,7 @@ def sentence_embedding(net: Any, variables: dict[str, Any], ids: jax.Array) -> j
     Returns:
       float32 ``(batch, hidden)``: the mean of the last layer's outputs over the real tokens.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from tna_jax import models
       >>> net = models.build({"name": "transformer", "vocab_size": 50, "hidden": 8, "layers": 1,

@@ -37,7 +37,7 @@ class VGG(nn.Module):
       norm: ``"batch"`` or ``"none"``.
       dtype: computation dtype (parameters are float32).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> vgg = VGG(layers=(8, "M", 16, "M"), num_classes=10)
       >>> variables = jax.eval_shape(vgg.init, jax.random.key(0), jnp.ones((2, 8, 8, 3)))

@@ -84,7 +84,7 @@ class ViT(nn.Module):
         and on each residual branch (training only).
       dtype: computation dtype (parameters are float32).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> vit = ViT(num_classes=10, patch_size=2, dim=16, depth=1, heads=2, mlp_dim=32)
       >>> variables = jax.eval_shape(vit.init, jax.random.key(0), jnp.ones((2, 8, 8, 1)))
