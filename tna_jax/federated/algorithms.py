@@ -77,6 +77,17 @@ class ServerState(NamedTuple):
       anchor_key: raw uint32 data of the anchor key (FedPFN / FedPNU), or ``()``.
       mask_ratio: ρ of FedPFN / FedPNU (float32; a traced value, so arms that differ only in ρ
         share one compiled program), or ``()``.
+
+    Examples:
+      >>> import jax, optax
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 2)
+      >>> params = jax.eval_shape(net.init, jax.random.key(0))["params"]
+      >>> alg = fed_avg(net, optax.sgd(0.1), num_clients=2, max_examples=4, batch_size=2,
+      ...               server_tx=server_optimizer("fedavgm"))
+      >>> state = jax.eval_shape(alg.init, params)  # shapes only
+      >>> state.round.shape, state.mask, state.params["dense_0"]["kernel"].shape
+      ((), (), (4, 8))
     """
 
     params: PyTree
@@ -99,6 +110,20 @@ class FederatedAlgorithm(NamedTuple):
       apply: one round (jittable; ``jax.vmap`` over seeds composes with it).
       local_update: the single-client function every round vmaps (for loops and tests).
       cohort: the number of clients per round, m, and padded to the devices, m'.
+
+    Examples:
+      >>> import jax, numpy as np, optax
+      >>> from tna_jax import models
+      >>> from tna_jax.federated.client import pack_clients
+      >>> net = models.build({"name": "mlp", "depth": 0}, (3,), 2)
+      >>> alg = fed_avg(net, optax.sgd(0.1), num_clients=3, max_examples=2, batch_size=2, client_fraction=0.5)
+      >>> alg.cohort  # ceil(0.5 * 3) clients per round
+      (2, 2)
+      >>> clients = pack_clients(np.ones((6, 3), np.float32), np.arange(6) % 2, np.split(np.arange(6), 3))
+      >>> state = jax.eval_shape(alg.init, jax.eval_shape(net.init, jax.random.key(0))["params"])
+      >>> new_state, metrics = jax.eval_shape(alg.apply, state, clients, jax.random.key(1))  # traced only
+      >>> sorted(metrics), metrics["clients"].shape
+      (['client_loss', 'clients', 'steps', 'train_accuracy', 'train_loss', 'update_norm'], (2,))
     """
 
     init: Callable[..., ServerState]
@@ -114,6 +139,15 @@ def server_optimizer(name: str, learning_rate: float | None = None, *, momentum:
     * ``"fedavgm"``: ``optax.sgd(lr, momentum)`` (default lr 1.0; Hsu et al., 2019);
     * ``"fedadam"``: ``optax.adam(lr, b1, b2, eps)`` (default lr 0.01, ε = τ = 1e-3 as in Reddi et al.);
     * ``"fedyogi"``: ``optax.yogi(lr, b1, b2, eps)`` (default lr 0.01).
+
+    Args:
+      name: one of :data:`SERVER_OPTIMIZERS`.
+      learning_rate: the server learning rate (None: the default above).
+      momentum: FedAvgM's momentum in [0, 1).
+      b1, b2, eps: FedAdam's / FedYogi's moment decays and ε (τ).
+
+    Returns:
+      An optax transform for ``federated_algorithm(server_tx=...)``, or None for ``"none"``.
 
     Raises:
       ValueError: an unknown name (listing :data:`SERVER_OPTIMIZERS`) or a learning rate <= 0.
@@ -142,6 +176,14 @@ def cohort_size(num_clients: int, fraction: float, num_devices: int = 1) -> tupl
     """``(m, m')``: clients per round :math:`m = \\max(1, \\lceil qK \\rceil)` and m padded up to a
     multiple of the devices (padding slots train nothing and weigh 0).
 
+    Args:
+      num_clients: K >= 1.
+      fraction: q in (0, 1].
+      num_devices: the devices the client axis is sharded over.
+
+    Returns:
+      ``(m, m')``.
+
     Raises:
       ValueError: `fraction` outside (0, 1], K < 1.
 
@@ -159,6 +201,12 @@ def cohort_size(num_clients: int, fraction: float, num_devices: int = 1) -> tupl
 
 def bn_modules(model_state: PyTree) -> set[str]:
     """Module paths that hold BatchNorm statistics (``batch_stats``), e.g. ``{"conv1_norm"}``.
+
+    Args:
+      model_state: a model's non-parameter collections (``{}`` for nets without BatchNorm).
+
+    Returns:
+      The set of module paths (``"stage0_block0/conv1_norm"``), empty without BatchNorm.
 
     Examples:
       >>> bn_modules({"batch_stats": {"conv1_norm": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}})
@@ -401,6 +449,15 @@ def anchors_fraction(mask: PyTree) -> jax.Array:
 def fed_avg(net: Any, client_optimizer: optax.GradientTransformation, **kwargs: Any) -> FederatedAlgorithm:
     """FedAvg (McMahan et al., 2017): :func:`federated_algorithm` with ``method="fedavg"``.
 
+    Args:
+      net: the model.
+      client_optimizer: the clients' optimizer.
+      **kwargs: the other arguments of :func:`federated_algorithm` (``num_clients``,
+        ``max_examples``, ``batch_size`` are required).
+
+    Returns:
+      The :class:`FederatedAlgorithm`.
+
     Examples:
       >>> import optax
       >>> from tna_jax import models
@@ -412,19 +469,85 @@ def fed_avg(net: Any, client_optimizer: optax.GradientTransformation, **kwargs: 
 
 
 def fed_prox(net: Any, client_optimizer: optax.GradientTransformation, mu: float, **kwargs: Any) -> FederatedAlgorithm:
-    """FedProx (Li et al., 2020) with proximal weight ``mu`` > 0."""
+    """FedProx (Li et al., 2020) with proximal weight ``mu`` > 0.
+
+    Each client minimises its loss plus :math:`\\frac{\\mu}{2}\\lVert w - \\theta^r\\rVert^2`.
+
+    Args:
+      net: the model.
+      client_optimizer: the clients' optimizer.
+      mu: the proximal weight μ > 0.
+      **kwargs: the other arguments of :func:`federated_algorithm`.
+
+    Returns:
+      The :class:`FederatedAlgorithm`.
+
+    Raises:
+      ValueError: ``mu <= 0`` and the errors of :func:`federated_algorithm`.
+
+    Examples:
+      >>> import optax
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 0}, (3,), 2)
+      >>> fed_prox(net, optax.sgd(0.1), 0.01, num_clients=4, max_examples=5, batch_size=2).cohort
+      (4, 4)
+      >>> fed_prox(net, optax.sgd(0.1), 0.0, num_clients=4, max_examples=5, batch_size=2)
+      Traceback (most recent call last):
+      ...
+      ValueError: fedprox needs prox_mu > 0; got 0.0.
+    """
     return federated_algorithm(net, client_optimizer, method="fedprox", prox_mu=mu, **kwargs)
 
 
 def fed_pfn(net: Any, client_optimizer: optax.GradientTransformation, ratio: float, anchor_key: jax.Array,
             **kwargs: Any) -> FederatedAlgorithm:
-    """FedPFN: one shared anchor mask of ratio ρ, fixed for all rounds (see the module docstring)."""
+    """FedPFN: one shared anchor mask of ratio ρ, fixed for all rounds (see the module docstring).
+
+    Args:
+      net: the model.
+      client_optimizer: the clients' optimizer.
+      ratio: the mask ratio ρ in [0, 1].
+      anchor_key: the PRNG key of the mask (every client and round uses the same mask).
+      **kwargs: the other arguments of :func:`federated_algorithm`.
+
+    Returns:
+      The :class:`FederatedAlgorithm`; its state holds the mask (``ServerState.mask``).
+
+    Examples:
+      >>> import jax, optax
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 2)
+      >>> alg = fed_pfn(net, optax.sgd(0.1), 0.4, jax.random.key(0), num_clients=2, max_examples=4, batch_size=2)
+      >>> state = jax.eval_shape(alg.init, jax.eval_shape(net.init, jax.random.key(1))["params"])
+      >>> state.mask["dense_0"]["kernel"].shape, state.mask["dense_0"]["kernel"].dtype
+      ((4, 8), dtype('bool'))
+    """
     return federated_algorithm(net, client_optimizer, method="fedpfn", mask_ratio=ratio, anchor_key=anchor_key,
                                **kwargs)
 
 
 def fed_pnu(net: Any, client_optimizer: optax.GradientTransformation, ratio: float, anchor_key: jax.Array,
             **kwargs: Any) -> FederatedAlgorithm:
-    """FedPNU: a fresh shared mask of ratio ρ every round, ``fold_in(anchor_key, round)``."""
+    """FedPNU: a fresh shared mask of ratio ρ every round, ``fold_in(anchor_key, round)``.
+
+    Args:
+      net: the model.
+      client_optimizer: the clients' optimizer.
+      ratio: the mask ratio ρ in [0, 1].
+      anchor_key: the PRNG key the round's mask is folded from.
+      **kwargs: the other arguments of :func:`federated_algorithm`.
+
+    Returns:
+      The :class:`FederatedAlgorithm`; its state holds no mask, only the key and ρ.
+
+    Examples:
+      >>> import jax, optax
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 2)
+      >>> alg = fed_pnu(net, optax.sgd(0.1), 0.4, jax.random.key(0), num_clients=2, max_examples=4, batch_size=2)
+      >>> state = jax.eval_shape(alg.init, jax.eval_shape(net.init, jax.random.key(1))["params"])
+      >>> state.mask, state.anchor_key.shape, state.mask_ratio.dtype
+      ((), (2,), dtype('float32'))
+    """
     return federated_algorithm(net, client_optimizer, method="fedpnu", mask_ratio=ratio, anchor_key=anchor_key,
                                **kwargs)

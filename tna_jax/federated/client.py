@@ -54,6 +54,11 @@ class ClientData(NamedTuple):
       x: (K, N_max, ...) inputs; rows from ``n[c]`` on are zero padding.
       y: (K, N_max) int32 labels (padding rows 0).
       n: (K,) int32 true sizes; a padding *client* (added to fill devices) has n = 0.
+
+    Examples:
+      >>> d = ClientData(np.zeros((4, 3, 2)), np.zeros((4, 3), np.int32), np.array([3, 2, 0, 0]))
+      >>> d.max_examples, d.num_rows
+      (3, 4)
     """
 
     x: Any
@@ -78,6 +83,12 @@ class LocalResult(NamedTuple):
       loss: mean training cross-entropy over its steps (0 for a client that took none).
       accuracy: fraction of its training rows classified correctly during training.
       steps: optimizer steps it took.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> r = LocalResult({"w": jnp.ones(2)}, {}, jnp.float32(0.7), jnp.float32(0.5), jnp.int32(4))
+      >>> r._fields, int(r.steps)
+      (('params', 'model_state', 'loss', 'accuracy', 'steps'), 4)
     """
 
     params: PyTree
@@ -137,9 +148,25 @@ def pack_clients(x: np.ndarray, y: np.ndarray, parts: Sequence[np.ndarray], *, m
 def local_steps_count(max_examples: int, batch_size: int, local_epochs: int, local_steps: int = 0) -> int:
     """T, the steps every client's scan runs: ``local_steps`` if > 0, else ``E * ceil(N_max / B)``.
 
+    Args:
+      max_examples: N_max >= 1, the padded client size.
+      batch_size: B >= 1.
+      local_epochs: E >= 1.
+      local_steps: K >= 0 (0: epochs).
+
+    Returns:
+      T.
+
+    Raises:
+      ValueError: an argument that is not an integer in its range (named).
+
     Examples:
-      >>> local_steps_count(100, 32, 2)
-      8
+      >>> local_steps_count(100, 32, 2), local_steps_count(100, 32, 2, local_steps=5)
+      (8, 5)
+      >>> local_steps_count(100, 0, 1)
+      Traceback (most recent call last):
+      ...
+      ValueError: batch_size must be an integer >= 1; got 0.
     """
     for name, v, lo in (("max_examples", max_examples, 1), ("batch_size", batch_size, 1),
                         ("local_epochs", local_epochs, 1), ("local_steps", local_steps, 0)):
@@ -152,6 +179,14 @@ def epoch_order(order_key: jax.Array, n: jax.Array, max_examples: int) -> jax.Ar
     """The rows of one epoch: a random permutation of ``range(N_max)`` with the padding rows
     (index >= n) moved, in order, behind the real ones. Without padding it is exactly
     ``jax.random.permutation(order_key, N_max)`` (the order of ``training.epoch_indices``).
+
+    Args:
+      order_key: the epoch's PRNG key.
+      n: the client's true size (may be traced).
+      max_examples: N_max (static).
+
+    Returns:
+      An int array of shape ``(N_max,)``: the real rows first, in random order.
 
     Examples:
       >>> import jax

@@ -38,7 +38,18 @@ PURPOSES = ("init", "mask", "rounds")
 
 
 class SeedKeys(NamedTuple):
-    """Raw uint32 key data per seed (leading seed axis), one stream per purpose."""
+    """Raw uint32 key data per seed (leading seed axis), one stream per purpose.
+
+    Attributes:
+      init: (S, 2) keys of the initial global models.
+      mask: (S, 2) keys of the anchor masks (FedPFN / FedPNU).
+      rounds: (S, 2) keys of the rounds (:func:`round_keys` folds the round in).
+
+    Examples:
+      >>> keys = SeedKeys(*[np.zeros((3, 2), np.uint32)] * 3)
+      >>> keys._fields, keys.rounds.shape
+      (('init', 'mask', 'rounds'), (3, 2))
+    """
 
     init: jax.Array
     mask: jax.Array
@@ -50,6 +61,17 @@ def seed_keys(seed: int, num_seeds: int, *, share_mask: bool = True) -> SeedKeys
 
     With `share_mask` every seed uses the same anchor-mask key (as in ``tna_jax.training``).
     Arms trained with the same `seed` get the same keys: their comparison is paired.
+
+    Args:
+      seed: the root seed (``config.seed``).
+      num_seeds: S >= 1.
+      share_mask: one anchor-mask key for every seed.
+
+    Returns:
+      :class:`SeedKeys` of shape ``(S, 2)`` each (raw key data).
+
+    Raises:
+      ValueError: `num_seeds` not a positive integer.
 
     Examples:
       >>> keys = seed_keys(0, 3)
@@ -75,6 +97,14 @@ def _spec(mesh: Mesh, sharded: bool) -> NamedSharding:
 def client_rows_of_process(num_rows: int, mesh: Mesh, process: int | None = None) -> np.ndarray:
     """The client rows whose data live on `process`'s devices (default: this process).
 
+    Args:
+      num_rows: the rows of the client data (a multiple of the mesh size).
+      mesh: the mesh the client axis is split over.
+      process: a process index (default ``jax.process_index()``).
+
+    Returns:
+      The sorted row indices (int64) that `process` must supply to :func:`place_clients`.
+
     Examples:
       >>> from tna_jax.training import run_mesh
       >>> client_rows_of_process(4, run_mesh()).tolist()
@@ -92,18 +122,25 @@ def client_rows_of_process(num_rows: int, mesh: Mesh, process: int | None = None
 def place_clients(clients: ClientData, mesh: Mesh) -> ClientData:
     """The client data as global arrays with the client axis split over `mesh`.
 
+    Each process reads only the rows of its own devices from `clients` (so a host may hold just its
+    clients' rows, zeros elsewhere). The number of rows must be a multiple of the mesh size
+    (``pack_clients(..., multiple=mesh.size)``).
+
+    Args:
+      clients: host client data (:func:`tna_jax.federated.client.pack_clients`).
+      mesh: the mesh (:func:`tna_jax.training.run_mesh`).
+
+    Returns:
+      A :class:`ClientData` of ``jax.Array`` sharded over the mesh's first axis.
+
+    Raises:
+      ValueError: rows not a multiple of the devices.
+
     Examples:
       >>> from tna_jax.training import run_mesh
       >>> d = ClientData(np.zeros((2, 3, 1)), np.zeros((2, 3), np.int32), np.array([3, 1]))
       >>> place_clients(d, run_mesh()).n.tolist()
       [3, 1]
-
-    Each process reads only the rows of its own devices from `clients` (so a host may hold just its
-    clients' rows, zeros elsewhere). The number of rows must be a multiple of the mesh size
-    (``pack_clients(..., multiple=mesh.size)``).
-
-    Raises:
-      ValueError: rows not a multiple of the devices.
     """
     rows = int(np.shape(clients.n)[0])
     if rows % mesh.devices.size:
@@ -120,6 +157,13 @@ def place_clients(clients: ClientData, mesh: Mesh) -> ClientData:
 
 def replicated(tree: PyTree, mesh: Mesh) -> PyTree:
     """`tree` (the same host values in every process) replicated over every device of `mesh`.
+
+    Args:
+      tree: a pytree of host arrays (identical in every process).
+      mesh: the mesh.
+
+    Returns:
+      The tree as fully replicated ``jax.Array`` leaves.
 
     Examples:
       >>> from tna_jax.training import run_mesh
@@ -146,7 +190,31 @@ def _init_fn(alg: FederatedAlgorithm, net: Any):
 
 def make_init(alg: FederatedAlgorithm, net: Any, mesh: Mesh):
     """``init(keys, mask_ratio=None) -> states``: :func:`init_states` jitted once, so arms that differ
-    only in ρ (a traced value) share one compiled program."""
+    only in ρ (a traced value) share one compiled program.
+
+    Args:
+      alg: the algorithm (:func:`tna_jax.federated.algorithms.federated_algorithm`).
+      net: its model.
+      mesh: the mesh the states are replicated over.
+
+    Returns:
+      ``init(keys, mask_ratio=None)`` returning the stacked round-0 :class:`ServerState` of every
+      seed of `keys` (:func:`seed_keys`).
+
+    Examples:
+      >>> import optax
+      >>> from tna_jax import models
+      >>> from tna_jax.experiment import count_compiles
+      >>> from tna_jax.federated.algorithms import fed_pfn
+      >>> from tna_jax.training import run_mesh
+      >>> net = models.build({"name": "mlp", "depth": 0}, (3,), 2)
+      >>> alg = fed_pfn(net, optax.sgd(0.1), 0.4, jax.random.key(0), num_clients=2, max_examples=4, batch_size=2)
+      >>> init = make_init(alg, net, run_mesh())
+      >>> with count_compiles() as compiles:
+      ...     states = [init(seed_keys(0, 2), ratio) for ratio in (0.2, 0.6)]
+      >>> states[1].mask["head"]["kernel"].shape, [round(r, 2) for r in states[1].mask_ratio.tolist()], compiles["jit(one)"]
+      ((2, 3, 2), [0.6, 0.6], 1)
+    """
     fn = jax.jit(_init_fn(alg, net), out_shardings=_spec(mesh, False))
 
     def init(keys: SeedKeys, mask_ratio: float | None = None) -> ServerState:
@@ -162,13 +230,54 @@ def init_states(alg: FederatedAlgorithm, net: Any, keys: SeedKeys, mesh: Mesh, m
 
     Seed s's global model is ``net.init(init_key[s])`` and its anchor key ``mask[s]``; `mask_ratio`
     overrides the algorithm's ρ.
+
+    Args:
+      alg: the algorithm.
+      net: its model.
+      keys: the seeds' keys (:func:`seed_keys`).
+      mesh: the mesh the states are replicated over.
+      mask_ratio: ρ for FedPFN / FedPNU (None: the algorithm's).
+
+    Returns:
+      A :class:`ServerState` whose leaves have a leading seed axis.
+
+    Examples:
+      >>> import optax
+      >>> from tna_jax import models
+      >>> from tna_jax.federated.algorithms import fed_avg
+      >>> from tna_jax.training import run_mesh
+      >>> net = models.build({"name": "mlp", "depth": 0}, (3,), 2)
+      >>> alg = fed_avg(net, optax.sgd(0.1), num_clients=2, max_examples=4, batch_size=2)
+      >>> states = init_states(alg, net, seed_keys(0, 2), run_mesh())
+      >>> states.params["head"]["kernel"].shape, states.round.tolist()
+      ((2, 3, 2), [0, 0])
     """
     return make_init(alg, net, mesh)(keys, mask_ratio)
 
 
 def abstract_states(alg: FederatedAlgorithm, net: Any, keys: SeedKeys, mesh: Mesh,
                     mask_ratio: float | None = None) -> ServerState:
-    """Shapes, dtypes and shardings of :func:`init_states` (the target of a checkpoint restore)."""
+    """Shapes, dtypes and shardings of :func:`init_states` (the target of a checkpoint restore).
+
+    Nothing is computed or compiled (``jax.eval_shape``).
+
+    Args:
+      alg, net, keys, mesh, mask_ratio: as for :func:`init_states`.
+
+    Returns:
+      A :class:`ServerState` of ``jax.ShapeDtypeStruct`` leaves, replicated over `mesh`.
+
+    Examples:
+      >>> import optax
+      >>> from tna_jax import models
+      >>> from tna_jax.federated.algorithms import fed_avg
+      >>> from tna_jax.training import run_mesh
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (3,), 2)
+      >>> alg = fed_avg(net, optax.sgd(0.1), num_clients=2, max_examples=4, batch_size=2)
+      >>> target = abstract_states(alg, net, seed_keys(0, 4), run_mesh())
+      >>> target.params["dense_0"]["kernel"].shape, target.round.dtype
+      ((4, 3, 8), dtype('int32'))
+    """
     shapes = jax.eval_shape(_init_fn(alg, net), keys.init, keys.mask, mask_ratio)
     sharding = _spec(mesh, False)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
@@ -178,6 +287,31 @@ def make_rounds(alg: FederatedAlgorithm, mesh: Mesh, *, donate: bool = True):
     """``rounds(states, clients, keys) -> (states, metrics)``: one round of every seed, jitted.
 
     `keys` are the (S,) raw round keys (:func:`round_keys`); the states stay replicated.
+
+    Args:
+      alg: the algorithm.
+      mesh: the mesh (the output states are replicated over it).
+      donate: donate the input states' buffers to the call.
+
+    Returns:
+      The jitted ``rounds`` (compiled on its first call): ``jax.vmap`` over seeds of ``alg.apply``.
+
+    Examples:
+      >>> import optax
+      >>> from tna_jax import models
+      >>> from tna_jax.federated.algorithms import fed_avg
+      >>> from tna_jax.federated.client import pack_clients
+      >>> from tna_jax.training import run_mesh
+      >>> net = models.build({"name": "mlp", "depth": 0}, (3,), 2)
+      >>> alg = fed_avg(net, optax.sgd(0.1), num_clients=2, max_examples=4, batch_size=2)
+      >>> keys, mesh = seed_keys(0, 3), run_mesh()
+      >>> clients = pack_clients(np.ones((6, 3), np.float32), np.array([0, 1, 0, 1, 1, 0]),
+      ...                        [np.arange(4), np.arange(4, 6)])
+      >>> rounds = make_rounds(alg, mesh)
+      >>> states = abstract_states(alg, net, keys, mesh)
+      >>> _, metrics = jax.eval_shape(rounds, states, clients, round_keys(keys, 0))  # traced, not compiled
+      >>> metrics["train_loss"].shape, metrics["client_loss"].shape  # (seeds,), (seeds, clients)
+      ((3,), (3, 2))
     """
     fn = jax.vmap(alg.apply, in_axes=(0, None, 0))
     return jax.jit(fn, out_shardings=_spec(mesh, False), donate_argnums=(0,) if donate else ())
@@ -185,6 +319,13 @@ def make_rounds(alg: FederatedAlgorithm, mesh: Mesh, *, donate: bool = True):
 
 def round_keys(keys: SeedKeys, round_index: int) -> np.ndarray:
     """(S, 2) raw keys of round `round_index` for every seed: ``fold_in(rounds_key[s], round)``.
+
+    Args:
+      keys: the seeds' keys (:func:`seed_keys`).
+      round_index: the round r (0 for the first).
+
+    Returns:
+      A NumPy uint32 array of shape ``(S, 2)``.
 
     Examples:
       >>> keys = seed_keys(0, 2)
@@ -197,6 +338,13 @@ def round_keys(keys: SeedKeys, round_index: int) -> np.ndarray:
 
 def to_host(tree: PyTree) -> PyTree:
     """NumPy copies of replicated (or fully addressable) arrays, in any process.
+
+    Args:
+      tree: a pytree of arrays (a replicated array that spans other processes is read from this
+        process's first shard).
+
+    Returns:
+      The tree with NumPy leaves.
 
     Examples:
       >>> type(to_host({"a": jnp.ones(2)})["a"]).__name__
@@ -212,7 +360,23 @@ def to_host(tree: PyTree) -> PyTree:
 
 def evaluate_program(eval_fn: Any, mesh: Mesh):
     """``evaluate(params, model_state, x, y)``: ``eval_fn`` (``training.make_eval_fn``) vmapped over
-    the seed axis, jitted; returns ``{"loss": (S,), "accuracy": (S,)}``."""
+    the seed axis, jitted; returns ``{"loss": (S,), "accuracy": (S,)}``.
+
+    Args:
+      eval_fn: the evaluation of one model.
+      mesh: the mesh (outputs are replicated over it).
+
+    Returns:
+      The jitted ``evaluate`` (compiled on its first call).
+
+    Examples:
+      >>> from tna_jax import models, training
+      >>> net = models.build({"name": "mlp", "depth": 0}, (3,), 2)
+      >>> evaluate = evaluate_program(training.make_eval_fn(net), training.run_mesh())
+      >>> params = {"head": {"kernel": jnp.zeros((2, 3, 2)), "bias": jnp.array([[1.0, 0.0], [0.0, 1.0]])}}
+      >>> evaluate(params, {}, jnp.ones((4, 3)), jnp.zeros(4, jnp.int32))["accuracy"].tolist()  # 2 seeds
+      [1.0, 0.0]
+    """
     def run(params, model_state, x, y):
         return jax.vmap(lambda p, s: eval_fn({"params": p, **s}, x, y))(params, model_state)
 

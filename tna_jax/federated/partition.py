@@ -178,6 +178,18 @@ def partition(labels: np.ndarray, num_clients: int, method: str = "dirichlet", *
               shards_per_client: int = 2, min_size: int = 1, seed: int = 0) -> list[np.ndarray]:
     """Dispatches to :func:`iid`, :func:`dirichlet` or :func:`shards` and checks the result.
 
+    Args:
+      labels: (N,) integer class ids.
+      num_clients: K.
+      method: one of :data:`PARTITIONS`.
+      alpha: Dirichlet concentration (``"dirichlet"``).
+      shards_per_client: shards per client (``"shards"``).
+      min_size: the smallest client allowed (``"dirichlet"``).
+      seed: NumPy seed.
+
+    Returns:
+      K sorted int64 index arrays that hold every example exactly once.
+
     Raises:
       ValueError: unknown `method` (listing :data:`PARTITIONS`), or the errors of the method.
 
@@ -202,6 +214,13 @@ def check_partition(parts: Sequence[np.ndarray], num_examples: int) -> None:
     """Raises ValueError unless `parts` assigns each of `num_examples` examples to exactly one client
     and no client is empty (the message names the client or the example).
 
+    Args:
+      parts: K index arrays, one per client.
+      num_examples: N, the size of the training set.
+
+    Raises:
+      ValueError: an empty client, an index outside ``[0, N)``, an example on two clients or on none.
+
     Examples:
       >>> check_partition([np.array([0, 2]), np.array([1])], 3)
       >>> check_partition([np.array([0]), np.array([], np.int64)], 1)
@@ -225,6 +244,14 @@ def check_partition(parts: Sequence[np.ndarray], num_examples: int) -> None:
 
 def label_histogram(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
     """(K, num_classes) counts of each class on each client (for reports and plots).
+
+    Args:
+      labels: (N,) integer class ids.
+      parts: K index arrays.
+      num_classes: the number of classes (columns).
+
+    Returns:
+      An int64 array of shape ``(K, num_classes)``.
 
     Examples:
       >>> label_histogram(np.array([0, 1, 1]), [np.array([0, 1]), np.array([2])], 2).tolist()
