@@ -65,6 +65,9 @@ def load(data_config: Any) -> Dataset:
     """
     source = _get(data_config, "source", "mnist1d")
     x, y, x_test, y_test, num_classes, kind, info = _source_fn(source)(data_config)
+    for split, (xs, ys) in (("train", (x, y)), ("test", (x_test, y_test))):
+        if len(xs) != len(ys):  # checked before splitting, which would silently drop the extra rows
+            raise DataError(f"{source}: x_{split} has {len(xs)} rows but y_{split} has {len(ys)}.")
     split_seed = _get(data_config, "split_seed", 0)
     if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
         raise ValueError(f"data.split_seed must be a non-negative integer; got {split_seed!r}.")
