@@ -145,10 +145,16 @@ def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], str]:
 
 
 def _abstract(tree: Any) -> Any:
+    """Restore targets with a sharding on every leaf: the leaf's own, else the first local device
+    (so that a checkpoint written by 4 devices restores on 1, where orbax refuses to guess)."""
+    default = None
+
     def one(x):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return x
+        nonlocal default
         sharding = getattr(x, "sharding", None)
+        if sharding is None:
+            default = default or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            sharding = default
         return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
     return jax.tree.map(one, tree)
