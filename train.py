@@ -68,6 +68,17 @@ def _one_line(text: str) -> str:
     return " ".join(lines[:6])
 
 
+def _config_file_line(err: BaseException, path: str) -> int | None:
+    """The line of the config file where `err` was raised (None if it was raised elsewhere)."""
+    target = os.path.abspath(path.split(":", 1)[0])
+    line, tb = None, err.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == target:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
     """absl's flags parser for train.py: loads ``--config``, applies the overrides and validates
     the config (:func:`tna_jax.config.validate`), so that every mistake stops the program before
@@ -96,17 +107,23 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
                           + (f": {text!r}" if text else "") + ".") from None
     except flags.Error as err:
         raise flags.Error(_one_line(str(err))) from None
-    except (OSError, ImportError) as err:
-        raise flags.Error(f"--config={path}: {_one_line(str(err))}") from None
-    except (AttributeError, KeyError) as err:
-        # ml_collections reports an unknown field as the repr of "'name'\nDid you mean ...".
-        text = str(err)
-        key = re.search(r"'([\w.-]+)\\?'", text)
-        hint = re.search(r"Did you mean[^?]*\?", text)
-        raise flags.Error(f"--config={path}: an override names a field the config does not have "
-                          f"({', '.join(_overrides(argv))}): no field {key.group(1) if key else text!r}"
-                          + (f"; {hint.group(0)}" if hint else "") + ".") from None
-    except (TypeError, ValueError) as err:
+    except Exception as err:  # the config file is user code: any failure in it is a config error
+        line = _config_file_line(err, path)
+        if line is not None:
+            raise flags.Error(f"--config={path}: get_config failed at line {line}: {type(err).__name__}: "
+                              f"{_one_line(str(err))}") from None
+        if isinstance(err, (OSError, ImportError)):
+            raise flags.Error(f"--config={path}: {_one_line(str(err))}") from None
+        if isinstance(err, AttributeError) and "get_config" in str(err):
+            raise flags.Error(f"--config={path}: the file defines no get_config() function.") from None
+        if isinstance(err, (AttributeError, KeyError)):
+            # ml_collections reports an unknown field as the repr of "'name'\nDid you mean ...".
+            text = str(err)
+            key = re.search(r"'([\w.-]+)\\?'", text)
+            hint = re.search(r"Did you mean[^?]*\?", text)
+            raise flags.Error(f"--config={path}: an override names a field the config does not have "
+                              f"({', '.join(_overrides(argv))}): no field {key.group(1) if key else text!r}"
+                              + (f"; {hint.group(0)}" if hint else "") + ".") from None
         raise flags.Error(f"--config={path} with overrides {_overrides(argv)}: {type(err).__name__}: "
                           f"{_one_line(str(err))}") from None
     return rest

@@ -4,7 +4,9 @@ Set ``TNA_JAX_KILL_AT`` to a point name (``"after_save:4"``, ``"epoch_end:3"``,
 ``"before_save:2"``, ``"write:report.json"``, ...) and the process SIGKILLs itself when it
 reaches that point, exactly as a preemption or an OOM kill would. Unset (the default),
 :func:`point` costs one dict lookup. Several points may be given, comma-separated; the first one
-reached fires. ``TNA_JAX_TERM_AT`` sends SIGTERM (a preemption notice) instead.
+reached fires. ``TNA_JAX_TERM_AT`` sends SIGTERM (a preemption notice) instead, and
+``TNA_JAX_STOP_AT`` SIGSTOPs the process (it keeps its locks until someone sends SIGCONT: how the
+tests hold a workdir busy for as long as they need).
 
 Points that cover a stretch of work rather than an instant (``"during_save:2"``, a checkpoint
 being written) use :func:`during`: a watchdog thread kills the process while the block writes
@@ -27,6 +29,7 @@ from collections.abc import Iterator
 
 ENV = "TNA_JAX_KILL_AT"
 TERM_ENV = "TNA_JAX_TERM_AT"
+STOP_ENV = "TNA_JAX_STOP_AT"
 FILES_ENV = "TNA_JAX_KILL_FILES"
 ORBAX_TMP = ".orbax-checkpoint-tmp"
 
@@ -39,7 +42,7 @@ def _armed(env: str, name: str) -> bool:
 def point(name: str) -> None:
     """SIGKILLs this process if `name` is in ``$TNA_JAX_KILL_AT``; sends it SIGTERM (a
     preemption notice, which training honours at the next step boundary) if `name` is in
-    ``$TNA_JAX_TERM_AT``.
+    ``$TNA_JAX_TERM_AT``; SIGSTOPs it if `name` is in ``$TNA_JAX_STOP_AT``.
 
     Example:
       >>> point("nothing_armed:1")  # no-op unless the environment arms it
@@ -48,6 +51,8 @@ def point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if _armed(TERM_ENV, name):
         os.kill(os.getpid(), signal.SIGTERM)
+    if _armed(STOP_ENV, name):
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _count_files(directory: str, marker: str) -> int:
