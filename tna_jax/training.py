@@ -576,7 +576,12 @@ class TrainResult:
 
 def device_memory_bytes(devices: Sequence[Any]) -> int | None:
     """Memory of `devices` together: accelerators report theirs; CPU devices share the host's RAM
-    (counted once). None when unknown."""
+    (counted once). None when unknown.
+
+    Example:
+      >>> device_memory_bytes(jax.devices()) > 2**20
+      True
+    """
     total, host = 0, False
     for d in devices:
         stats = d.memory_stats() if hasattr(d, "memory_stats") else None
@@ -600,6 +605,13 @@ def check_fits_in_memory(abstract_state: PyTree, devices: Sequence[Any], num_run
 
     Raises:
       ValueError: naming the state size, the memory and the fields that size it.
+
+    Example:
+      >>> huge = {"w": jax.ShapeDtypeStruct((1 << 22, 1 << 22), jnp.float32)}  # 64 TiB
+      >>> check_fits_in_memory(huge, jax.devices(), 1)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: the training state of 1 runs needs 65536.0 GiB ...
     """
     need = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in jax.tree.leaves(abstract_state))
     have = device_memory_bytes(devices)
