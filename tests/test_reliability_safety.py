@@ -77,6 +77,7 @@ def test_reading_a_workdir_executes_nothing(tmp_path):
     ckpt_lib.write_json(str(tmp_path / "config.json"), {"name": payload})
     assert ckpt.read_meta(1)["note"] == payload
     assert ckpt_lib.read_json(str(tmp_path / "config.json"))["name"] == payload
+    assert os.stat(tmp_path / "config.json").st_mode & 0o777 == 0o644  # atomic writes keep files readable
     ckpt.restore({"w": jnp.zeros(2)})
     ckpt.close()
     assert not marker.exists()

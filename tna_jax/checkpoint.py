@@ -58,6 +58,7 @@ def write_json(path: str, obj: Any, *, indent: int | None = 2) -> str:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=indent, sort_keys=True, default=_json_default, allow_nan=True)
             f.write("\n")
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600: reports must stay readable by the group
             f.flush()
             os.fsync(f.fileno())
         faults.point(f"write:{os.path.basename(path)}")
@@ -77,6 +78,7 @@ def write_text(path: str, text: str) -> str:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            os.fchmod(f.fileno(), 0o644)
             f.flush()
             os.fsync(f.fileno())
         faults.point(f"write:{os.path.basename(path)}")
