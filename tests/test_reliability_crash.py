@@ -111,7 +111,7 @@ def full_schedule(seed=11):
     rng = random.Random(seed)
     return [
         Kill(point="write:config.json"),
-        Kill(after_s=rng.uniform(0.2, 3.0), point="write:metrics.jsonl"),
+        Kill(after_s=rng.uniform(0.2, 1.2), point="write:metrics.jsonl"),
         Kill(point="write:metrics.jsonl"),
         Kill(point="chunk_end:0.2"),
         Kill(term="chunk_end:0.4", point="during_save:0.4", files=3),
@@ -122,13 +122,13 @@ def full_schedule(seed=11):
         Kill(point="during_save:1", files=1),
         Kill(point="during_save:1", files=12),
         Kill(point="after_save:1"),
-        Kill(after_s=rng.uniform(0.5, 6.0), signal=signal.SIGTERM, point="chunk_end:1.4"),
+        Kill(after_s=rng.uniform(0.5, 2.5), signal=signal.SIGTERM, point="chunk_end:1.4"),
         Kill(point="chunk_end:1.4"),
         Kill(point="epoch_end:2", damage=cut_metrics_line),
         Kill(point="during_save:2", files=6),
         Kill(point="after_save:2"),
         Kill(point="chunk_end:2.2"),
-        Kill(after_s=rng.uniform(0.5, 6.0), point="chunk_end:2.4"),
+        Kill(after_s=rng.uniform(0.5, 3.0), point="chunk_end:2.4"),
         Kill(term="chunk_end:2.4", point="after_save:2.4"),
         Kill(point="chunk_end:2.6"),
         Kill(point="epoch_end:3"),
@@ -136,7 +136,7 @@ def full_schedule(seed=11):
         Kill(point="during_save:3", files=2),
         Kill(point="after_save:3"),
         Kill(point="write:metrics.jsonl"),
-        Kill(after_s=rng.uniform(0.5, 4.0), signal=signal.SIGTERM, point="write:report.json"),
+        Kill(after_s=rng.uniform(0.3, 1.5), signal=signal.SIGTERM, point="write:report.json"),
         Kill(point="write:report.json"),
         Kill(point="write:report.md"),
     ]
@@ -148,13 +148,14 @@ def smoke_schedule(seed=5):
     return [
         Kill(point="during_save:1", files=3),
         Kill(term="chunk_end:1.4", point="during_save:1.4", files=2),
-        Kill(after_s=rng.uniform(0.5, 4.0), point="epoch_end:2", damage=cut_metrics_line),
+        Kill(after_s=rng.uniform(0.5, 2.5), point="epoch_end:2", damage=cut_metrics_line),
         Kill(point="write:report.json"),
     ]
 
 
 KINDS = {  # reliability-report rows: which kills count as which fault
-    "sigkill_point": ("crash", "SIGKILL at a step/epoch boundary or around a checkpoint"),
+    "sigkill_point": ("crash", "SIGKILL at a step/epoch boundary or around a checkpoint (or the fallback "
+                               "point of a timed signal that had not fired yet)"),
     "sigkill_during_save": ("crash", "SIGKILL while orbax writes a checkpoint (temporary files on disk)"),
     "sigkill_during_write": ("crash", "SIGKILL between an atomic write and its rename (config, metrics, report)"),
     "sigkill_timed": ("crash", "SIGKILL at a random time (seeded delays)"),
@@ -164,13 +165,16 @@ KINDS = {  # reliability-report rows: which kills count as which fault
 }
 
 
-def kind_of(kill):
+def kind_of(attempt):
+    """What actually interrupted the process: a timed signal counts as timed only if it fired
+    before the fallback point did."""
+    kill = attempt.kill
     if kill.term and kill.point:
         return "sigkill_in_preemption_save"
-    if kill.term or (kill.after_s is not None and kill.signal == signal.SIGTERM):
+    if kill.term:
         return "sigterm"
-    if kill.after_s is not None:
-        return "sigkill_timed"
+    if kill.after_s is not None and attempt.outcome != "killed at point":
+        return "sigterm" if kill.signal == signal.SIGTERM else "sigkill_timed"
     if kill.point.startswith("during_save"):
         return "sigkill_during_save"
     if kill.point.startswith("write:"):
@@ -184,7 +188,7 @@ def check_chain(attempts, reference_fp, workdir, verifier, reliability, prefix, 
     ok = final.outcome == "finished" and not differences(reference_fp, fingerprint(workdir))
     per_kind = {}
     for a in attempts[:-1]:
-        kind = kind_of(a.kill)
+        kind = kind_of(a)
         tried, survived = per_kind.get(kind, (0, 0))
         per_kind[kind] = (tried + 1, survived + int(ok and not a.problems))
         if a.damage:
@@ -303,8 +307,8 @@ def test_second_run_on_a_busy_workdir_fails_at_once_naming_the_holder(tmp_path, 
 
 # 4 forced CPU devices shard the run axis (one run per device); XLA then compiles per-device
 # programs for a batch of 1 instead of 4, which may fuse and vectorise reductions differently,
-# so float32 rounding differs. Measured on this tiny config: ~1e-7 after 18 steps (see
-# docs/reliability.md); the bound leaves two orders of magnitude of headroom.
+# so float32 rounding differs. Measured on this tiny config: max |Δparam| = 6e-8 after 18 steps,
+# test accuracy identical (docs/reliability.md); the bound leaves two orders of magnitude of headroom.
 DEVICE_PARAM_ATOL = 1e-5
 DEVICE_ACCURACY_ATOL = 1 / 120 + 1e-9  # at most one test example (of 120) may flip
 
