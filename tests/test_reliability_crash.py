@@ -105,7 +105,7 @@ class StepVerifier:
 
 
 def full_schedule(seed=11):
-    """28 interruptions spread over the whole run, in the order the run reaches them. Timed
+    """29 interruptions spread over the whole run, in the order the run reaches them. Timed
     kills (random delays from a seeded generator) carry a fault point as a fallback so that
     the process is dead before the next interruption's point."""
     rng = random.Random(seed)
@@ -253,7 +253,7 @@ def check_lock_takeovers(attempts, reliability, key):
 
 
 @pytest.mark.slow
-def test_crash_anywhere_28_interruptions_resume_bit_identical(tmp_path, launcher, reference, reliability):
+def test_crash_anywhere_29_interruptions_resume_bit_identical(tmp_path, launcher, reference, reliability):
     workdir = str(tmp_path / "run")
     verifier = StepVerifier()
     schedule = full_schedule()
