@@ -134,6 +134,9 @@ def _selection(
         return None
     if isinstance(patterns, str):
         patterns = [patterns]
+    if not isinstance(patterns, (list, tuple)):
+        raise TypeError(f"{arg} must be a string or a list of strings (regular expressions or one of "
+                        f"{NAMED_SELECTIONS}); got {type(patterns).__name__} {_short(patterns)}.")
     patterns = list(patterns)
     if not patterns:
         raise ValueError(f"{arg} must name at least one pattern when given; got an empty list.")
@@ -240,6 +243,15 @@ def anchor_mask(
         raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}.")
     key = _as_key(key)
     named = tree_lib.named_leaves(params)
+    for name, leaf in named:
+        if isinstance(leaf, (str, bytes)) or not hasattr(leaf, "shape"):
+            raise TypeError(f"params leaves must be arrays; got {type(leaf).__name__} {_short(leaf)} at path {name!r}.")
+    if layer_order is not None and (isinstance(layer_order, str) or not isinstance(layer_order, (list, tuple))
+                                    or not all(isinstance(n, str) for n in layer_order)):
+        raise TypeError(f"layer_order must be a list of module paths (strings); got {_short(layer_order)}.")
+    if unit_groups is not None and not callable(unit_groups):
+        raise TypeError(f"unit_groups must be a function from a leaf name to a group name; got "
+                        f"{type(unit_groups).__name__}.")
     names = [n for n, _ in named]
     if layer_order is None:
         layer_order = tree_lib.module_order(params) if hasattr(params, "items") else []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from typing import Any
@@ -25,9 +26,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from tna_jax import faults
 from tna_jax import tree as tree_lib
 
-__all__ = ["write_json", "read_json", "tree_digest", "Checkpointer", "CheckpointError"]
+__all__ = ["write_json", "write_text", "read_json", "tree_digest", "Checkpointer", "CheckpointError",
+           "remove_stale_temporaries"]
 
 
 class CheckpointError(RuntimeError):
@@ -75,8 +78,10 @@ def write_json(path: str, obj: Any, *, indent: int | None = 2) -> str:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=indent, sort_keys=True, default=_json_default, allow_nan=True)
             f.write("\n")
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600: reports must stay readable by the group
             f.flush()
             os.fsync(f.fileno())
+        faults.point(f"write:{os.path.basename(path)}")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -93,14 +98,39 @@ def write_text(path: str, text: str) -> str:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            os.fchmod(f.fileno(), 0o644)
             f.flush()
             os.fsync(f.fileno())
+        faults.point(f"write:{os.path.basename(path)}")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # mkstemp names of write_json / write_text
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Deletes the temporary files that :func:`write_json` / :func:`write_text` leave in
+    `directory` when killed between writing and renaming; returns their names.
+
+    Call it only while no other process writes there (a run holds its workdir's lock).
+
+    Example:
+      >>> import tempfile
+      >>> remove_stale_temporaries(tempfile.mkdtemp())
+      []
+    """
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if _TEMPORARY.match(name) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(name)
+    return removed
 
 
 def read_json(path: str) -> Any:
@@ -158,11 +188,27 @@ def tree_digest(tree: Any) -> str:
     return h.hexdigest()
 
 
+def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], str]:
+    """``(shape, dtype name)`` of an array, a ``ShapeDtypeStruct`` or an orbax array metadata."""
+    dtype = getattr(leaf, "dtype", None)
+    try:
+        name = str(np.dtype(dtype))
+    except TypeError:  # typed PRNG keys and other extended dtypes
+        name = str(dtype)
+    return tuple(int(d) for d in getattr(leaf, "shape", np.shape(leaf))), name
+
+
 def _abstract(tree: Any) -> Any:
+    """Restore targets with a sharding on every leaf: the leaf's own, else the first local device
+    (so that a checkpoint written by 4 devices restores on 1, where orbax refuses to guess)."""
+    default = None
+
     def one(x):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return x
+        nonlocal default
         sharding = getattr(x, "sharding", None)
+        if sharding is None:
+            default = default or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            sharding = default
         return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
     return jax.tree.map(one, tree)
@@ -187,13 +233,20 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 2):
         import orbax.checkpoint as ocp
 
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be a positive integer (steps to keep); got {keep!r}.")
+
         self._ocp = ocp
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Handlers named up front, so that a fresh process can read what a step holds (shapes and
+        # dtypes) before restoring it.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "extras": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def steps(self) -> list[int]:
         self._manager.reload()
@@ -204,8 +257,18 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def save(self, step: int, state: Any, *, extras: Any = None, meta: dict[str, Any] | None = None) -> None:
-        """Saves `state` (and `extras`, `meta`) as step `step`; complete or not at all."""
+        """Saves `state` (and `extras`, `meta`) as step `step`; complete or not at all.
+
+        Raises:
+          ValueError / TypeError: a step that is not an integer >= 0; a leaf that is not an array.
+        """
         ocp = self._ocp
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be a non-negative integer; got {step!r}.")
+        for label, tree in (("state", state), ("extras", extras)):
+            for name, leaf in tree_lib.named_leaves(tree) if tree is not None else []:
+                if not isinstance(leaf, (np.ndarray, jax.Array, np.generic)):
+                    raise TypeError(f"{label} leaves must be arrays; got {type(leaf).__name__} at path {name!r}.")
         meta = dict(meta or {})
         meta["state_digest"] = tree_digest(state)
         if extras is not None:
@@ -221,19 +284,53 @@ class Checkpointer:
         ocp = self._ocp
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def _restore_step(self, step: int, target: Any, extras_target: Any) -> tuple[Any, Any, dict[str, Any]]:
+    def _check_stored(self, step: int, item: str, target: Any) -> None:
+        """Compares the leaves a step holds (names, shapes, dtypes, read from orbax's metadata)
+        with `target`, so that a checkpoint of another model fails with the first leaf that
+        differs instead of deep inside orbax (or, for a dtype, silently cast)."""
+        path = os.path.join(self.directory, str(step))
+        stored = self._manager.item_metadata(step)[item]
+        if stored is None:
+            raise CheckpointError(f"checkpoint {path} holds no {item!r} item.")
+        have = {name: _shape_dtype(leaf) for name, leaf in tree_lib.named_leaves(stored.tree)}
+        want = {name: _shape_dtype(leaf) for name, leaf in tree_lib.named_leaves(target)}
+        missing = [n for n in want if n not in have]
+        extra = [n for n in have if n not in want]
+        if missing or extra:
+            first = (f"{missing[0]!r} is expected but not in the checkpoint" if missing
+                     else f"{extra[0]!r} is in the checkpoint but not expected")
+            raise CheckpointError(f"checkpoint {path} was saved for another model: {item} {first} "
+                                  f"({len(have)} leaves there, {len(want)} expected).")
+        for name, expected in want.items():
+            if have[name] != expected:
+                raise CheckpointError(f"checkpoint {path} was saved for another model: {item} {name!r} has "
+                                      f"shape {have[name][0]} and dtype {have[name][1]} there; expected shape "
+                                      f"{expected[0]} and dtype {expected[1]}.")
+
+    def _restore_step(self, step: int, target: Any, extras_target: Any, *,
+                      with_state: bool = True) -> tuple[Any, Any, dict[str, Any]]:
         ocp = self._ocp
         path = os.path.join(self.directory, str(step))
         meta = self.read_meta(step)
-        items = {"state": ocp.args.StandardRestore(_abstract(target))}
-        if extras_target is not None and "extras_digest" in meta:
-            items["extras"] = ocp.args.StandardRestore(_abstract(extras_target))
+        items = {}
+        if with_state:
+            self._check_stored(step, "state", target)
+            items["state"] = ocp.args.StandardRestore(_abstract(target))
+        if extras_target is not None:
+            if "extras_digest" not in meta:
+                if not with_state:
+                    raise CheckpointError(f"checkpoint {path} holds no extra arrays.")
+            else:
+                self._check_stored(step, "extras", extras_target)
+                items["extras"] = ocp.args.StandardRestore(_abstract(extras_target))
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        state = restored["state"]
-        tree_lib.check_same_structure(target, state, names=("expected state", f"checkpoint {path}"))
-        if tree_digest(state) != meta.get("state_digest"):
-            raise CheckpointError(f"checkpoint {path} is damaged: its arrays do not match the digest "
-                                  "recorded when it was saved (truncated or modified files).")
+        state = None
+        if with_state:
+            state = restored["state"]
+            tree_lib.check_same_structure(target, state, names=("expected state", f"checkpoint {path}"))
+            if tree_digest(state) != meta.get("state_digest"):
+                raise CheckpointError(f"checkpoint {path} is damaged: its arrays do not match the digest "
+                                      "recorded when it was saved (truncated or modified files).")
         extras = restored.get("extras") if "extras" in items else None
         if extras is not None and tree_digest(extras) != meta.get("extras_digest"):
             raise CheckpointError(f"checkpoint {path} is damaged: its extra arrays do not match their digest.")
@@ -257,6 +354,33 @@ class Checkpointer:
           CheckpointError: no checkpoint, or every candidate is damaged or of another model (the
             message names the directory and what failed).
         """
+        return self._first_good(step, fallback, lambda s: self._restore_step(s, target, extras_target))
+
+    def restore_extras(self, extras_target: Any, *, step: int | None = None,
+                       fallback: bool = True) -> tuple[Any, dict[str, Any]]:
+        """Restores only the extra arrays (e.g. the anchor mask) of step `step` (default: the
+        latest good one), checked against `extras_target` and their digest.
+
+        Returns:
+          ``(extras, meta)``.
+
+        Raises:
+          CheckpointError: no checkpoint, no extras in it, or extras of another shape or dtype
+            (the message names the step directory and the first leaf that differs).
+
+        Examples:
+          >>> import tempfile, jax.numpy as jnp
+          >>> ckpt = Checkpointer(tempfile.mkdtemp())
+          >>> ckpt.save(1, {"w": jnp.ones(3)}, extras={"mask": jnp.array([True, False, True])})
+          >>> extras, meta = ckpt.restore_extras({"mask": jnp.zeros(3, bool)})
+          >>> extras["mask"].tolist()
+          [True, False, True]
+        """
+        _, extras, meta = self._first_good(
+            step, fallback, lambda s: self._restore_step(s, None, extras_target, with_state=False))
+        return extras, meta
+
+    def _first_good(self, step: int | None, fallback: bool, restore_one: Any) -> Any:
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}.")
@@ -266,13 +390,16 @@ class Checkpointer:
         errors = []
         for s in candidates if fallback else candidates[:1]:
             try:
-                return self._restore_step(s, target, extras_target)
+                return restore_one(s)
             except Exception as err:  # orbax/tensorstore raise many types on damaged files
-                message = f"step {s}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                errors.append(message)
+                where = os.path.join(self.directory, str(s))
+                first = str(err).splitlines()[0] if str(err) else ""
+                own = isinstance(err, CheckpointError) and first.startswith(f"checkpoint {where} ")
+                reason = first[len(f"checkpoint {where} "):] if own else f"{type(err).__name__}: {first}"
+                errors.append(f"{where} {reason}" if own else f"{where}: {reason}")
                 if fallback and s != candidates[-1]:
-                    warnings.warn(f"checkpoint {os.path.join(self.directory, str(s))} could not be restored "
-                                  f"({message}); trying the previous one.", stacklevel=2)
+                    warnings.warn(f"checkpoint {where} could not be restored ({reason}); trying the previous one.",
+                                  stacklevel=3)
         raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(errors))
 
     def delete_after(self, step: int) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
 __all__ = ["default_config", "federated_config", "validate", "validate_federated", "ConfigError", "get", "flatten",
-           "RESUME_SAFE_FIELDS"]
+           "RESUME_SAFE_FIELDS", "check_relative_path", "PATH_SUFFIXES"]
 
 
 class ConfigError(ValueError):
@@ -276,6 +277,37 @@ def _ratios(config: Any, field: str) -> None:
 
 MAX_SIZE = 1 << 24  # no sane experiment here asks for more seeds, epochs or examples
 
+# Fields named ``*_path``, ``*_file`` or ``*_subdir`` (in any section, the open ones included) are
+# places a run writes to: they must stay inside its workdir (see check_relative_path). Input
+# locations (``data.data_dir``) are not affected.
+PATH_SUFFIXES = ("_path", "_file", "_subdir")
+
+
+def check_relative_path(field: str, value: Any) -> str:
+    """Checks that `value` is a path that stays inside the workdir; returns it.
+
+    Allowed: a non-empty relative path without ``..`` components, NUL bytes or a leading ``~``.
+    (Symbolic links are checked where the path is joined: :func:`tna_jax.experiment.workdir_path`.)
+
+    Raises:
+      ConfigError: naming ``config.<field>``, the value and what is allowed.
+
+    Examples:
+      >>> check_relative_path("soup.out_file", "soups/greedy.json")
+      'soups/greedy.json'
+      >>> check_relative_path("soup.out_file", "../elsewhere.json")
+      Traceback (most recent call last):
+      ...
+      tna_jax.config.ConfigError: config.soup.out_file must be a relative path inside the workdir (no '..', not absolute); got '../elsewhere.json'.
+    """
+    allowed = "a relative path inside the workdir (no '..', not absolute)"
+    if not isinstance(value, str) or not value:
+        _fail(field, value, allowed)
+    parts = value.replace("\\", "/").split("/")
+    if "\0" in value or os.path.isabs(value) or value.startswith(("~", "\\")) or ".." in parts:
+        _fail(field, value, allowed)
+    return value
+
 
 def validate(config: Any, *, schema: Any = None) -> Any:
     """Checks every field of `config`; returns it unchanged or raises :class:`ConfigError`.
@@ -312,7 +344,12 @@ def validate(config: Any, *, schema: Any = None) -> Any:
             close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"config.{name} is not a known field{hint}.")
+    for name, value in flatten(config).items():
+        if name.rpartition(".")[2].endswith(PATH_SUFFIXES) and value != "":
+            check_relative_path(name, value)
     _str(config, "name")
+    if not config.name.strip():
+        _fail("name", config.name, "a non-empty name (it heads the report)")
     _str(config, "kind")
     _int(config, "seed", 0, 2**31 - 1)
     _int(config, "num_seeds", 1, 4096)

@@ -30,7 +30,7 @@ from tna_jax import config as config_lib
 __all__ = [
     "run", "EXPERIMENTS", "register", "WorkdirLock", "WorkdirBusy", "prepare_workdir", "train_experiment",
     "Trained", "load_problem", "train_and_analyse", "write_train_outputs", "analyse_lmc", "lmc_stats",
-    "count_compiles", "markdown_table", "mean_std",
+    "count_compiles", "markdown_table", "mean_std", "workdir_path",
 ]
 
 EXPERIMENTS: dict[str, Callable[[Any, str | None], dict[str, Any]]] = {}
@@ -72,13 +72,18 @@ class WorkdirLock:
 
     A second process fails at once with :class:`WorkdirBusy` naming the holder. A lock file left
     behind by a killed process carries no lock (the kernel dropped it), so it is simply taken
-    over; the previous holder is reported.
+    over. The holder writes its pid, host and start time into the file and empties it on a
+    clean release, so a non-empty file found on acquiring means the previous holder died
+    holding it: that holder is kept in :attr:`previous_holder` (None after a clean release).
 
     Args:
       workdir: the directory to lock (created on :meth:`acquire`).
 
     Examples:
       >>> import tempfile
+      >>> with WorkdirLock(tempfile.mkdtemp()) as lock:
+      ...     lock.previous_holder is None
+      True
       >>> workdir = tempfile.mkdtemp()
       >>> with WorkdirLock(workdir):
       ...     try:
@@ -124,6 +129,7 @@ class WorkdirLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # an empty file = released cleanly (see previous_holder)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -163,6 +169,7 @@ def prepare_workdir(config: Any, workdir: str) -> None:
       ['config.json']
     """
     os.makedirs(workdir, exist_ok=True)
+    ckpt_lib.remove_stale_temporaries(workdir)  # left by a writer killed before its rename
     path = os.path.join(workdir, "config.json")
     new = config_dict(config)
     if os.path.exists(path):
@@ -224,9 +231,46 @@ def run(config: Any, workdir: str | None = None) -> dict[str, Any]:
         return EXPERIMENTS[kind](config, None)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    with WorkdirLock(workdir):
+    with WorkdirLock(workdir) as lock:
+        if lock.previous_holder:
+            h = lock.previous_holder
+            print(f"workdir {workdir}: took over the lock of pid {h.get('pid')} on {h.get('host')} (since "
+                  f"{h.get('started')}), which ended without releasing it; resuming from its checkpoints.")
         prepare_workdir(config, workdir)
         return EXPERIMENTS[kind](config, workdir)
+
+
+def workdir_path(workdir: str, relative: str, field: str) -> str:
+    """``<workdir>/<relative>``, refusing anything that would land outside the workdir.
+
+    Experiment kinds use it for every path built from a config value (sub-run names, output
+    files), so that a config cannot write outside its workdir: absolute paths, ``..``
+    components and symbolic links leading out are rejected.
+
+    Args:
+      workdir: the run directory.
+      relative: the path from the config.
+      field: the config field it came from, for the message.
+
+    Returns:
+      The joined path.
+
+    Raises:
+      ConfigError: `relative` is empty, absolute, contains ``..`` or a NUL byte, or resolves
+        outside `workdir`.
+
+    Example:
+      >>> workdir_path("/tmp/run", "ratio_0.4", "grid.variants")
+      '/tmp/run/ratio_0.4'
+    """
+    config_lib.check_relative_path(field, relative)
+    root = os.path.realpath(workdir)
+    path = os.path.join(workdir, relative)
+    resolved = os.path.realpath(path)
+    if resolved != root and not resolved.startswith(root + os.sep):
+        raise config_lib.ConfigError(f"config.{field}={relative!r} resolves to {resolved}, outside the workdir "
+                                     f"{root} (a symbolic link?); use a plain relative path.")
+    return path
 
 
 def _load_kinds() -> None:

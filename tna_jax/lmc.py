@@ -30,6 +30,7 @@ a path is evaluated after the reset (still vmappable over α).
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -51,6 +52,10 @@ __all__ = [
 ]
 
 
+MAX_ALPHAS = 1_000_000  # points on one path; far more than any plot needs, far less than memory
+MAX_ALL_PAIRS = 10_000_000
+
+
 def default_alphas(num: int = 25) -> np.ndarray:
     """``num`` evenly spaced α in [0, 1] (25 by default, as in the paper's plots).
 
@@ -67,8 +72,8 @@ def default_alphas(num: int = 25) -> np.ndarray:
       >>> default_alphas(5).tolist()
       [0.0, 0.25, 0.5, 0.75, 1.0]
     """
-    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 2:
-        raise ValueError(f"num_alphas must be an integer >= 2; got {num!r}.")
+    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or not 2 <= num <= MAX_ALPHAS:
+        raise ValueError(f"num_alphas must be an integer in [2, {MAX_ALPHAS}]; got {num!r}.")
     return np.linspace(0.0, 1.0, int(num))
 
 
@@ -92,6 +97,10 @@ def check_compatible(a: PyTree, b: PyTree) -> None:
       model a and model b differ in shape at path 'w': (2,) vs (3,).
     """
     tree_lib.check_same_structure(a, b, names=("model a", "model b"))
+    for name, leaf in tree_lib.named_leaves(a):
+        if isinstance(leaf, (str, bytes)) or not (hasattr(leaf, "dtype") or isinstance(leaf, (int, float))):
+            raise TypeError(f"model variables must be arrays; model a has {type(leaf).__name__} {leaf!r:.40} at "
+                            f"path {name!r}.")
 
 
 def check_data(data: tuple[jax.Array, jax.Array], name: str = "data") -> tuple[jax.Array, jax.Array]:
@@ -226,11 +235,16 @@ def _check_alphas(alphas: Any) -> jax.Array:
     """The α grid as a float32 vector (default 25 points in [0, 1]); any finite values allowed."""
     arr = default_alphas() if alphas is None else alphas
     if not isinstance(arr, jax.core.Tracer):
-        host = np.asarray(arr, dtype=np.float64)
+        try:
+            host = np.asarray(arr, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"alphas must be a 1-D sequence of numbers; got {type(arr).__name__} {arr!r:.60}.") from None
         if host.ndim != 1 or host.shape[0] == 0:
             raise ValueError(f"alphas must be a non-empty 1-D sequence; got shape {host.shape}.")
-        if not np.isfinite(host).all():
-            raise ValueError(f"alphas must be finite; got {host.tolist()}.")
+        with np.errstate(over="ignore"):
+            finite = np.isfinite(host.astype(np.float32)).all()
+        if not finite:
+            raise ValueError(f"alphas must be finite (in float32); got {host.tolist()[:8]}.")
     return jnp.asarray(arr, jnp.float32)
 
 
@@ -334,6 +348,8 @@ def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, alphas: Sequence[float] | ja
     """
     if data is None:
         raise ValueError("lmc_path needs data=(x, y) to evaluate on; got None.")
+    if not callable(eval_fn):
+        raise TypeError(f"eval_fn must be a function eval_fn(variables, x, y); got {type(eval_fn).__name__}.")
     x, y = check_data(data)
     _check_chunk(chunk)
     check_compatible(a, b)
@@ -356,7 +372,8 @@ def barriers(path: dict[str, Any]) -> dict[str, float]:
       "avg_endpoint_loss", "interp_loss", "argmax_alpha_loss", "argmax_alpha_accuracy"}``.
 
     Raises:
-      ValueError: the path lacks α = 0 or α = 1.
+      ValueError: a path without the keys "alpha", "loss", "accuracy" of one length, or
+        without the endpoints.
 
     Examples:
       >>> path = {"alpha": [0.0, 0.5, 1.0], "loss": [0.2, 1.0, 0.4], "accuracy": [0.9, 0.5, 0.7]}
@@ -364,9 +381,16 @@ def barriers(path: dict[str, Any]) -> dict[str, float]:
       >>> round(b["loss_barrier"], 3), round(b["accuracy_barrier"], 3), round(b["interp_accuracy"], 3)
       (0.7, 0.3, 0.5)
     """
-    alpha = np.asarray(path["alpha"], np.float64)
-    loss = np.asarray(path["loss"], np.float64)
-    acc = np.asarray(path["accuracy"], np.float64)
+    if not isinstance(path, dict) or any(k not in path for k in ("alpha", "loss", "accuracy")):
+        raise ValueError("path must be a dict with 'alpha', 'loss' and 'accuracy' (the output of lmc_path); got "
+                         f"{sorted(path) if isinstance(path, dict) else type(path).__name__}.")
+    try:
+        alpha, loss, acc = (np.asarray(path[k], np.float64) for k in ("alpha", "loss", "accuracy"))
+    except (TypeError, ValueError):
+        raise ValueError("path['alpha'], path['loss'] and path['accuracy'] must be numeric arrays.") from None
+    if alpha.ndim != 1 or loss.shape != alpha.shape or acc.shape != alpha.shape:
+        raise ValueError(f"path arrays must be 1-D of one length; got alpha {alpha.shape}, loss {loss.shape}, "
+                         f"accuracy {acc.shape}.")
     i0 = np.where(np.isclose(alpha, 0.0))[0]
     i1 = np.where(np.isclose(alpha, 1.0))[0]
     if not len(i0) or not len(i1):
@@ -398,14 +422,27 @@ def all_pairs(n: int, max_pairs: int | None = None) -> list[tuple[int, int]]:
     Returns:
       A list of ``(i, j)`` tuples, ordered by i, then j.
 
+    Raises:
+      ValueError / TypeError: `n` not an integer >= 0, `max_pairs` not a positive integer (or
+        None/0 for all), or more than ``MAX_ALL_PAIRS`` pairs asked for.
+
     Examples:
       >>> all_pairs(3)
       [(0, 1), (0, 2), (1, 2)]
       >>> all_pairs(4, max_pairs=2)
       [(0, 1), (0, 2)]
     """
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    return pairs[:max_pairs] if max_pairs else pairs
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise TypeError(f"n must be a non-negative integer; got {type(n).__name__} {n!r}.")
+    if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, (int, np.integer))
+                                  or max_pairs < 0):
+        raise TypeError(f"max_pairs must be a positive integer or None; got {type(max_pairs).__name__} {max_pairs!r}.")
+    total = n * (n - 1) // 2
+    wanted = min(total, max_pairs) if max_pairs else total
+    if wanted > MAX_ALL_PAIRS:
+        raise ValueError(f"all_pairs({n}) asks for {wanted} pairs (more than {MAX_ALL_PAIRS}); pass max_pairs.")
+    pairs = ((i, j) for i in range(n) for j in range(i + 1, n))
+    return list(itertools.islice(pairs, wanted))
 
 
 @functools.lru_cache(maxsize=64)

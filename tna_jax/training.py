@@ -865,6 +865,53 @@ class TrainResult:
         return [r.index for r in self.runs if r.arm_index == arm_index]
 
 
+def device_memory_bytes(devices: Sequence[Any]) -> int | None:
+    """Memory of `devices` together: accelerators report theirs; CPU devices share the host's RAM
+    (counted once). None when unknown.
+
+    Example:
+      >>> device_memory_bytes(jax.devices()) > 2**20
+      True
+    """
+    total, host = 0, False
+    for d in devices:
+        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        if stats and stats.get("bytes_limit"):
+            total += int(stats["bytes_limit"])
+        elif d.platform == "cpu":
+            host = True
+        else:
+            return None
+    if host:
+        try:
+            total += os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return total or None
+
+
+def check_fits_in_memory(abstract_state: PyTree, devices: Sequence[Any], num_runs: int) -> None:
+    """Refuses a training state larger than the devices' memory, before anything is allocated
+    (a huge width or depth would otherwise end in an out-of-memory kill, not an error).
+
+    Raises:
+      ValueError: naming the state size, the memory and the fields that size it.
+
+    Example:
+      >>> huge = {"w": jax.ShapeDtypeStruct((1 << 22, 1 << 22), jnp.float32)}  # 64 TiB
+      >>> check_fits_in_memory(huge, jax.devices(), 1)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: the training state of 1 runs needs 65536.0 GiB ...
+    """
+    need = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in jax.tree.leaves(abstract_state))
+    have = device_memory_bytes(devices)
+    if have is not None and need > have:
+        raise ValueError(f"the training state of {num_runs} runs needs {need / 2**30:.1f} GiB (parameters and "
+                         f"optimizer state), more than the {have / 2**30:.1f} GiB of memory of {len(devices)} "
+                         "device(s); lower config.model.width / depth, config.num_seeds or the number of arms.")
+
+
 def _slice_runs(tree: PyTree, n: int) -> PyTree:
     return jax.tree.map(lambda x: x[:n], tree)
 
@@ -953,6 +1000,7 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
     run_sharding = NamedSharding(mesh, PartitionSpec("runs"))
     abstract_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=run_sharding),
                                   abstract_state)
+    check_fits_in_memory(abstract_state, devices, len(all_runs))
 
     checkpointer = None
     start_epoch, start_step, partial = 0, 0, None
@@ -991,8 +1039,9 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
                 "runs": [r.describe() for r in runs], "num_padded_runs": len(all_runs) - n_real}
         if sums is not None:
             meta["partial_sums"] = {k: v.tolist() for k, v in sums.items()}
-        checkpointer.save(epoch * spe + step_in_epoch, state, extras=None if mask is None else {"mask": mask},
-                          meta=meta)
+        with faults.during(f"during_save:{point}", checkpointer.directory):
+            checkpointer.save(epoch * spe + step_in_epoch, state, extras=None if mask is None else {"mask": mask},
+                              meta=meta)
         faults.point(f"after_save:{point}")
 
     def diverged(m: Any, epoch: int) -> None:

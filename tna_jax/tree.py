@@ -9,6 +9,7 @@ path that differs), and does the arithmetic that linear mode connectivity and mo
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -201,7 +202,15 @@ def lerp(a: PyTree, b: PyTree, alpha: Any) -> PyTree:
       >>> import jax.numpy as jnp
       >>> lerp({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0.25)["w"]
       Array([0.25, 0.25], dtype=float32)
+
+    Raises:
+      ValueError: `a` and `b` differ in structure or shape (naming the first path).
+      TypeError: `alpha` is not a real number or a numeric array.
     """
+    check_same_structure(a, b)
+    if isinstance(alpha, (str, bytes, bool)) or not (
+            isinstance(alpha, numbers.Real) or hasattr(alpha, "dtype") and jnp.issubdtype(alpha.dtype, jnp.number)):
+        raise TypeError(f"alpha must be a real number or a numeric array; got {type(alpha).__name__} {alpha!r:.60}.")
 
     def one(x, y):
         x = jnp.asarray(x)
@@ -231,7 +240,8 @@ def weighted_mean(stacked: PyTree, weights: Any = None, *, axis: int = 0) -> PyT
       One model: the pytree without the model axis.
 
     Raises:
-      ValueError: weights of the wrong length, negative, or summing to zero.
+      ValueError: weights of the wrong length, negative, or summing to zero; an `axis` that
+        some leaf does not have.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -243,6 +253,10 @@ def weighted_mean(stacked: PyTree, weights: Any = None, *, axis: int = 0) -> PyT
     leaves = jax.tree.leaves(stacked)
     if not leaves:
         return stacked
+    ndim = min(np.ndim(x) for x in leaves)
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
+        raise ValueError(f"axis must be an integer in [{-ndim}, {ndim - 1}] (every leaf has {ndim}+ dimensions); "
+                         f"got {axis!r}.")
     k = np.shape(leaves[0])[axis]
     if weights is None:
         return jax.tree.map(

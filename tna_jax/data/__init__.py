@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from tna_jax.data import sources, synthetic
-from tna_jax.data.base import KINDS, Dataset, DeviceData, split_validation, to_device
+from tna_jax.data.base import KINDS, DataError, Dataset, DeviceData, split_validation, to_device
 
-__all__ = ["Dataset", "DeviceData", "KINDS", "load", "to_device", "split_validation", "SOURCES", "register"]
+__all__ = ["Dataset", "DataError", "DeviceData", "KINDS", "load", "to_device", "split_validation", "SOURCES", "register"]
 
 SOURCES: dict[str, Callable[[Any], sources.SourceOutput]] = {
     "mnist1d": sources.mnist1d,
@@ -91,7 +91,12 @@ def load(data_config: Any) -> Dataset:
     """
     source = _get(data_config, "source", "mnist1d")
     x, y, x_test, y_test, num_classes, kind, info = _source_fn(source)(data_config)
+    for split, (xs, ys) in (("train", (x, y)), ("test", (x_test, y_test))):
+        if len(xs) != len(ys):  # checked before splitting, which would silently drop the extra rows
+            raise DataError(f"{source}: x_{split} has {len(xs)} rows but y_{split} has {len(ys)}.")
     split_seed = _get(data_config, "split_seed", 0)
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+        raise ValueError(f"data.split_seed must be a non-negative integer; got {split_seed!r}.")
     num_train = _get(data_config, "num_train", 0)
     if isinstance(num_train, bool) or not isinstance(num_train, int) or num_train < 0:
         raise ValueError(f"data.num_train must be a non-negative integer (0 = all); got {num_train!r}.")

@@ -18,6 +18,11 @@ import numpy as np
 KINDS = ("features", "image", "tokens")
 
 
+class DataError(ValueError):
+    """A dataset is unusable (NaN features, labels out of range, mismatched splits); the
+    message names the dataset and the split."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """A labelled dataset on the host, already split.
@@ -56,24 +61,26 @@ class Dataset:
         return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
 
     def validate(self) -> Dataset:
-        """Checks shapes, label range and finiteness; raises ValueError naming the split."""
+        """Checks shapes, label range and finiteness; raises DataError (a ValueError) naming the split."""
         if self.kind not in KINDS:
-            raise ValueError(f"dataset kind must be one of {KINDS}; got {self.kind!r}.")
+            raise DataError(f"dataset kind must be one of {KINDS}; got {self.kind!r}.")
         for split in ("train", "val", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if len(x) != len(y):
-                raise ValueError(f"{self.name}: x_{split} has {len(x)} rows but y_{split} has {len(y)}.")
+                raise DataError(f"{self.name}: x_{split} has {len(x)} rows but y_{split} has {len(y)}.")
             if x.shape[1:] != self.x_train.shape[1:]:
-                raise ValueError(f"{self.name}: x_{split} examples have shape {x.shape[1:]}, "
-                                 f"train examples {self.x_train.shape[1:]}.")
+                raise DataError(f"{self.name}: x_{split} examples have shape {x.shape[1:]}, "
+                                f"train examples {self.x_train.shape[1:]}.")
+            if not np.issubdtype(y.dtype, np.integer):
+                raise DataError(f"{self.name}: y_{split} must hold integer class labels; got dtype {y.dtype}.")
             if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
-                raise ValueError(f"{self.name}: y_{split} has labels in [{y.min()}, {y.max()}], outside "
-                                 f"[0, {self.num_classes - 1}] for num_classes={self.num_classes}.")
+                raise DataError(f"{self.name}: y_{split} has labels in [{y.min()}, {y.max()}], outside "
+                                f"[0, {self.num_classes - 1}] for num_classes={self.num_classes}.")
             if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
                 bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
-                raise ValueError(f"{self.name}: x_{split} has {bad} examples with NaN or infinite features.")
+                raise DataError(f"{self.name}: x_{split} has {bad} examples with NaN or infinite features.")
         if len(self.y_train) == 0:
-            raise ValueError(f"{self.name}: the training split is empty.")
+            raise DataError(f"{self.name}: the training split is empty.")
         return self
 
 
@@ -89,7 +96,7 @@ def split_validation(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: in
       ``(x_train, y_train, x_val, y_val)``.
 
     Raises:
-      ValueError: `val_fraction` outside [0, 1).
+      ValueError: `val_fraction` not a number in [0, 1).
 
     Examples:
       >>> import numpy as np
@@ -97,7 +104,7 @@ def split_validation(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: in
       >>> [len(p) for p in parts]
       [8, 8, 2, 2]
     """
-    if not 0.0 <= val_fraction < 1.0:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in [0, 1); got {val_fraction!r}.")
     n = len(y)
     n_val = int(round(n * val_fraction))

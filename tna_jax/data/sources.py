@@ -44,28 +44,34 @@ def mnist1d(cfg: Any) -> SourceOutput:
 
     Fields: ``num_samples`` (default 5000, 80% train / 20% test as in the package),
     ``generation_seed`` (default 42, the package's). Never uses the package's download path.
-    Generated arrays are cached as ``.npz`` (no pickle) in :func:`cache_dir`.
+    Generated arrays are cached as ``.npz`` (no pickle) in :func:`cache_dir`, keyed by the two
+    fields and the package version, so a cached dataset loads without importing the package
+    (which pulls in matplotlib and scipy: seconds per process).
     """
-    import mnist1d.data as m1d
+    import importlib.metadata
 
     num_samples = _get(cfg, "num_samples", 5000)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 20:
         raise ValueError(f"data.num_samples must be an integer >= 20; got {num_samples!r}.")
     gen_seed = _get(cfg, "generation_seed", 42)
-    args = m1d.get_dataset_args()
-    args.num_samples = num_samples
-    args.seed = gen_seed
-    spec = {k: v for k, v in vars(args).items() if k != "url"}
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    key = {"num_samples": num_samples, "seed": gen_seed, "mnist1d": importlib.metadata.version("mnist1d")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir(), f"mnist1d_{digest}.npz")
     if os.path.exists(path):
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+                spec = json.loads(str(z["spec"]))
             return (arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"], 10, "features",
                     {"generator": "mnist1d", **spec})
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache file is regenerated below
+    import mnist1d.data as m1d
+
+    args = m1d.get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = gen_seed
+    spec = {k: v for k, v in vars(args).items() if k != "url"}
     # make_dataset seeds NumPy's global generator; restore it so we leave no trace.
     state = np.random.get_state()  # noqa: NPY002 (restoring the global generator mnist1d seeds)
     try:
@@ -77,7 +83,7 @@ def mnist1d(cfg: Any) -> SourceOutput:
         "x_test": data["x_test"].astype(np.float32), "y_test": data["y_test"].astype(np.int32),
     }
     try:
-        _save_npz_atomic(path, **arrays)
+        _save_npz_atomic(path, spec=np.array(json.dumps(spec, sort_keys=True, default=str)), **arrays)
     except OSError:
         pass  # a read-only home is fine: we just do not cache
     return arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"], 10, "features", {"generator": "mnist1d", **spec}
@@ -89,7 +95,7 @@ def digits(cfg: Any) -> SourceOutput:
     from sklearn.datasets import load_digits
 
     test_fraction = _get(cfg, "test_fraction", 0.2)
-    if not 0.0 < test_fraction < 1.0:
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
         raise ValueError(f"data.test_fraction must be in (0, 1); got {test_fraction!r}.")
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[..., None]

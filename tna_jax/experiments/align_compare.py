@@ -38,7 +38,7 @@ from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
 from tna_jax import data as data_lib
 from tna_jax import tree as tree_lib
-from tna_jax.experiment import prepare_workdir, register
+from tna_jax.experiment import prepare_workdir, register, workdir_path
 
 __all__ = ["align_compare", "align_defaults", "check_align_options", "task_config"]
 
@@ -368,9 +368,10 @@ def align_compare(config: Any, workdir: str | None) -> dict[str, Any]:
     t0 = time.time()
     report: dict[str, Any] = {"name": config.name, "kind": "align_compare", "tasks": {},
                               "devices": {"backend": jax.default_backend(), "count": jax.device_count()}}
+    task_dirs = {name: workdir_path(workdir, name, f"align.tasks.{name}") if workdir else None for name in wanted}
     for name in wanted:
         cfg = task_config(config, name)
-        task_dir = os.path.join(workdir, name) if workdir else None
+        task_dir = task_dirs[name]
         report["tasks"][name] = _run_task(name, cfg, opts, task_dir, print)
     report["seconds_total"] = time.time() - t0
     text = markdown(report)

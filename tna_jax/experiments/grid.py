@@ -102,7 +102,7 @@ def variant_configs(config: Any) -> list[tuple[str, dict[str, Any], ml_collectio
     base["kind"] = "train"
     out = []
     for name, spec in variants.items():
-        if not _NAME.match(str(name)):
+        if not _NAME.match(str(name)) or str(name) in (".", ".."):
             raise config_lib.ConfigError(f"config.grid.variants key {name!r} must use only letters, digits, '_', '.' "
                                          "and '-' (it names a sub-directory).")
         if not isinstance(spec, Mapping):
@@ -266,7 +266,7 @@ def grid_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     reports: dict[str, Any] = {}
     for name, spec, sub in variants:
         print(f"== grid variant {name} ({sub.model.name}) ==")
-        subdir = os.path.join(workdir, "variants", name) if workdir else None
+        subdir = exp_lib.workdir_path(workdir, f"variants/{name}", f"grid.variants.{name}") if workdir else None
         report = _load_finished(sub, subdir) if subdir else None
         if report is None:
             if subdir:

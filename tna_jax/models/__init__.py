@@ -102,11 +102,14 @@ def _get(cfg: Mapping[str, Any], field: str, default: Any) -> Any:
     return cfg.get(field, default) if hasattr(cfg, "get") else getattr(cfg, field, default)
 
 
+MAX_SIZE = 1 << 20  # widths, depths, sequence lengths: no model here (or memory) goes beyond
+
+
 def positive_int(cfg: Mapping[str, Any], field: str, default: int) -> int:
-    """Reads an integer field >= 1 from a model config, with an error naming the field."""
+    """Reads an integer field in [1, MAX_SIZE] from a model config, with an error naming the field."""
     value = _get(cfg, field, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"model.{field} must be a positive integer; got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+        raise ValueError(f"model.{field} must be a positive integer (at most {MAX_SIZE}); got {value!r}.")
     return value
 
 
@@ -145,8 +148,8 @@ def _image(name: str, input_shape: tuple[int, ...]) -> None:
 @register("mlp")
 def _mlp(cfg, input_shape, num_classes):
     depth = _get(cfg, "depth", 2)
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-        raise ValueError(f"model.depth must be a non-negative integer; got {depth!r}.")
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= 10_000:
+        raise ValueError(f"model.depth must be an integer in [0, 10000]; got {depth!r}.")
     width = positive_int(cfg, "width", 128)
     activation = choice(cfg, "activation", "relu", tuple(ACTIVATIONS))
     norm = choice(cfg, "norm", "none", ("none", "layer"))
