@@ -11,7 +11,11 @@ the same data, and rescales θ_α's channel to the interpolated statistics
 
 folding the affine correction into the layer's own weights, so the result is an ordinary set of
 variables of the same model. Layers are repaired in call order, each measured after the
-corrections of the layers before it (exact statistics, one pass over the data per layer).
+corrections of the layers before it (exact statistics). When the data fit in one batch this
+takes one forward pass: each corrected output is replaced by its correction as the pass computes
+it (``flax.linen.intercept_methods``), so every later layer is measured on corrected inputs;
+otherwise one pass over the batches per layer (about L/2 forward passes for L layers, since a
+pass stops at its layer).
 
 Which outputs are corrected (the *points*): every dense/convolution layer whose output units are
 a (non-nested) permutation of the spec, i.e. every hidden layer but not the classifier. When the
@@ -32,6 +36,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,6 +187,35 @@ def _fold(variables: PyTree, point: RepairPoint, scale: jax.Array, shift: jax.Ar
     return {**variables, "params": params}
 
 
+def _correct_in_one_pass(net: Any, m: PyTree, x: jax.Array, pts: Sequence[RepairPoint],
+                         target: dict[str, tuple[jax.Array, jax.Array]], eps: float) -> PyTree:
+    """REPAIR of `m` with one forward pass over `x` (one batch): each target's output is corrected
+    to the target statistics as it is computed, and the corrections are folded afterwards."""
+    wanted = {p.target for p in pts}
+    found: dict[str, tuple[jax.Array, jax.Array]] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        path = "/".join(context.module.scope.path)
+        if context.method_name != "__call__" or path not in wanted or path in found:
+            return y
+        flat = y.astype(jnp.float32).reshape(-1, y.shape[-1])
+        mean = flat.mean(0)
+        sd = jnp.sqrt(jnp.maximum((flat * flat).mean(0) - mean * mean, 0.0))
+        scale = target[path][1] / (sd + eps)
+        found[path] = (scale, target[path][0] - scale * mean)
+        return (y.astype(jnp.float32) * found[path][0] + found[path][1]).astype(y.dtype)
+
+    with nn.intercept_methods(interceptor):
+        net.module.apply(m, x, train=False)
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ValueError(f"REPAIR points {missing} were not called by the model's forward pass.")
+    for p in pts:
+        m = _fold(m, p, *found[p.target])
+    return m
+
+
 def make_repair(net: Any, a: PyTree, b: PyTree, data: Any, *, batch_size: int = 500, eps: float = 1e-5,
                 points: Sequence[RepairPoint] | None = None) -> Callable[[Any], PyTree]:
     """``fn(alpha) -> variables``: REPAIR of the interpolation between `a` and `b` at α.
@@ -193,7 +227,9 @@ def make_repair(net: Any, a: PyTree, b: PyTree, data: Any, *, batch_size: int = 
       net: the model.
       a, b: the endpoint variables (same structure).
       data: inputs ``x`` or ``(x, y)`` for the statistics (training data).
-      batch_size: examples per forward pass (full batches only).
+      batch_size: examples per forward pass (full batches only). With ``len(x) <= batch_size``
+        the whole correction is one forward pass (see the module docstring); otherwise one pass
+        over the batches per corrected layer.
       eps: added to σ^α.
       points: the outputs to correct (default :func:`repair_points`).
 
@@ -210,6 +246,10 @@ def make_repair(net: Any, a: PyTree, b: PyTree, data: Any, *, batch_size: int = 
     def fn(alpha: Any) -> PyTree:
         alpha = jnp.asarray(alpha, jnp.float32)
         m = tree_lib.lerp(a, b, alpha)
+        if xs.shape[0] == 1:
+            target = {t: ((1 - alpha) * stats_a[t][0] + alpha * stats_b[t][0],
+                          (1 - alpha) * stats_a[t][1] + alpha * stats_b[t][1]) for t in targets}
+            return _correct_in_one_pass(net, m, xs[0], pts, target, eps)
         for p in pts:
             mu_m, sd_m = output_stats(net, m, xs, [p.target])[p.target]
             mu_t = (1 - alpha) * stats_a[p.target][0] + alpha * stats_b[p.target][0]
