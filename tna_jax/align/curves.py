@@ -13,7 +13,7 @@ same batch (``jax.vmap`` over t on accelerators; one t after the other on CPU, s
 curve is the straight line. Aligning the endpoints first (``apply_permutation`` of a weight- or
 activation-matching permutation to θ_B) gives Tatro et al.'s aligned curves.
 
-Evaluation is ``vmap`` over a grid of t (chunked with ``lax.map``), reporting the average and the
+Evaluation maps over a grid of t (:func:`tna_jax.lmc.map_points`, chunked), reporting the average and the
 minimum accuracy along the curve. BatchNorm networks train with batch statistics; for evaluation
 pass ``bn_reset`` to recompute each point's running statistics (Garipov et al. do the same).
 """
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tna_jax import lmc as lmc_lib
 from tna_jax import tree as tree_lib
 from tna_jax.data.batching import epoch_indices, gather, steps_per_epoch
 from tna_jax.training import cross_entropy, loop_plan
@@ -228,7 +229,7 @@ def train_curve(net: Any, curve: Curve, data: tuple[jax.Array, jax.Array], *, ke
 
 
 @functools.lru_cache(maxsize=32)
-def _eval_fn(eval_fn: Callable[..., Any], chunk: int | None, bn_reset: Callable[[PyTree], PyTree] | None):
+def _eval_fn(eval_fn: Callable[..., Any], chunk: Any, bn_reset: Callable[[PyTree], PyTree] | None):
     def run(ts, curve, x, y):
         def at(t):
             v = curve_point(curve, t)
@@ -236,13 +237,13 @@ def _eval_fn(eval_fn: Callable[..., Any], chunk: int | None, bn_reset: Callable[
                 v = bn_reset(v)
             return eval_fn(v, x, y)
 
-        return jax.vmap(at)(ts) if chunk is None else jax.lax.map(at, ts, batch_size=chunk)
+        return lmc_lib.map_points(at, ts, chunk)
 
     return jax.jit(run)
 
 
 def evaluate_curve(eval_fn: Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]], curve: Curve,
-                   data: tuple[jax.Array, jax.Array], ts: Any = None, *, chunk: int | None = None,
+                   data: tuple[jax.Array, jax.Array], ts: Any = None, *, chunk: Any = lmc_lib.AUTO,
                    bn_reset: Callable[[PyTree], PyTree] | None = None) -> dict[str, Any]:
     """Loss and accuracy along the curve, vmapped over t.
 
@@ -252,7 +253,8 @@ def evaluate_curve(eval_fn: Callable[[PyTree, jax.Array, jax.Array], dict[str, j
       curve: the curve.
       data: ``(x, y)`` to evaluate on.
       ts: grid of t (default 21 points in [0, 1]).
-      chunk: evaluate at most this many t at once (``lax.map`` batch size).
+      chunk: evaluate at most this many t at once (:func:`tna_jax.lmc.map_points`: ``None``
+        vmaps every t, ``"auto"`` sizes the chunks from the program's memory, as LMC paths do).
       bn_reset: optional ``variables -> variables`` applied to each point first (e.g.
         ``lambda v: reset_batch_stats(net, v, x_train)`` for BatchNorm networks).
 
@@ -263,7 +265,11 @@ def evaluate_curve(eval_fn: Callable[[PyTree, jax.Array, jax.Array], dict[str, j
     x, y = _xy(data, "data")
     ts = jnp.asarray(np.linspace(0.0, 1.0, 21) if ts is None else ts, jnp.float32)
 
-    out = jax.device_get(_eval_fn(eval_fn, None if chunk is None else int(chunk), bn_reset)(ts, curve, x, y))
+    if chunk is not None and chunk != lmc_lib.AUTO:
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise ValueError(f"chunk must be None, 'auto' or a positive integer; got {chunk!r}.")
+        chunk = int(chunk)
+    out = jax.device_get(_eval_fn(eval_fn, chunk, bn_reset)(ts, curve, x, y))
     acc = np.asarray(out["accuracy"], np.float64)
     loss = np.asarray(out["loss"], np.float64)
     return {"t": np.asarray(ts), "loss": loss, "accuracy": acc, "avg_accuracy": float(acc.mean()),

@@ -26,7 +26,7 @@ and bias.
 
 :func:`reset_batch_stats` is the simpler repair for BatchNorm networks: recompute the running
 statistics of the interpolated network on data (the statistics of θ_α are not the interpolation
-of the endpoints' statistics).
+of the endpoints' statistics); it is :func:`tna_jax.lmc.reset_bn_stats` behind REPAIR's checks.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tna_jax import lmc as lmc_lib
 from tna_jax import tree as tree_lib
 from tna_jax.align.derive import analyze
 
@@ -289,18 +290,31 @@ def _repair_jit(net: Any, batch_size: int, eps: float):
 
 
 def reset_batch_stats(net: Any, variables: PyTree, data: Any, *, batch_size: int = 500) -> PyTree:
-    """Recomputes BatchNorm running statistics as averages over `data` (a no-op without BatchNorm).
+    """Recomputes BatchNorm running statistics over `data` (a no-op without BatchNorm).
 
-    Every full batch is run in training mode; the batch statistics are read back from Flax's
-    running-average update ``new = m·old + (1 − m)·batch`` (called with ``old = 0`` and
-    ``old = 1``, which gives ``m`` and then ``batch`` for any momentum), and averaged over the
-    batches. Pure and traceable (``vmap`` it over α). Dropout, if any, uses a fixed key.
+    The same operation as :func:`tna_jax.lmc.reset_bn_stats` (which it calls: one training-mode
+    pass per full batch, population statistics over the batches; dropout, if any, with a fixed
+    key), with REPAIR's data checks and the identity for models without ``batch_stats``. Pure and traceable (``vmap`` it over α).
 
-    Note: the LMC helper plans ``tna_jax.lmc.reset_bn_stats``; this is the same operation and one
-    of the two should go when both exist.
+    Args:
+      net: the model.
+      variables: the model's variables (e.g. an interpolated model).
+      data: inputs ``x`` or ``(x, y)`` (training data).
+      batch_size: examples per forward pass (full batches only).
+
+    Returns:
+      `variables` with ``batch_stats`` recomputed (unchanged when there are none).
 
     Raises:
       ValueError: fewer than 2 examples.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 4}, (3,), 2)
+      >>> v = net.init(jax.random.key(0))
+      >>> reset_batch_stats(net, v, jnp.ones((8, 3))) is v  # no BatchNorm: nothing to reset
+      True
     """
     if "batch_stats" not in variables:
         return variables
@@ -311,29 +325,7 @@ def reset_batch_stats(net: Any, variables: PyTree, data: Any, *, batch_size: int
 
 @functools.lru_cache(maxsize=16)
 def _reset_jit(net: Any, batch_size: int):
-    return jax.jit(functools.partial(_reset, net, batch_size=batch_size))
+    def reset(variables: PyTree, x: jax.Array) -> PyTree:  # dropout, if any, with a fixed key
+        return lmc_lib.reset_bn_stats(net, variables, x, batch_size=batch_size, rng=jax.random.key(0))
 
-
-def _reset(net: Any, variables: PyTree, x: jax.Array, *, batch_size: int) -> PyTree:
-    xs = _batches(x, batch_size, "reset_batch_stats")
-    stats = variables["batch_stats"]
-    zeros = jax.tree.map(jnp.zeros_like, stats)
-    ones = jax.tree.map(jnp.ones_like, stats)
-    rng = jax.random.key(0)
-
-    def one(xb):
-        _, s0 = net.apply({**variables, "batch_stats": zeros}, xb, train=True, rng=rng)
-        _, s1 = net.apply({**variables, "batch_stats": ones}, xb, train=True, rng=rng)
-
-        def batch_value(n0, n1):
-            keep = n1 - n0  # the momentum m
-            return jnp.where(keep < 1, n0 / jnp.where(keep < 1, 1 - keep, 1.0), n0)
-
-        return jax.tree.map(batch_value, s0["batch_stats"], s1["batch_stats"])
-
-    def body(carry, xb):
-        return jax.tree.map(jnp.add, carry, one(xb)), None
-
-    total, _ = jax.lax.scan(body, zeros, xs)
-    new = jax.tree.map(lambda t, old: (t / xs.shape[0]).astype(old.dtype), total, stats)
-    return {**variables, "batch_stats": new}
+    return jax.jit(reset)

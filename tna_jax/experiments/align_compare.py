@@ -267,7 +267,8 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
         for p, (i, j) in enumerate(pairs[: opts.curve_pairs]):
             curve_rows.append(_curves(net, cfg, eval_fn, opts, tx, label, (arms[arm_index][i], arms[arm_index][j]),
                                       ms[i], {"none": ms[j], "WM": aligned["WM"][p]}, data, (x_eval, y_eval),
-                                      reset, jax.random.fold_in(key, 7919 + 100 * arm_index + p), curve_plots))
+                                      reset, jax.random.fold_in(key, 7919 + 100 * arm_index + p), curve_plots,
+                                      chunk))
     lap("curves", f"trained and evaluated {2 * len(curve_rows)} curves")
     return {
         "task": name, "data": {"name": dataset.name, "sizes": dataset.sizes()},
@@ -303,18 +304,20 @@ def _row(arm: str, method: str, per_pair: list[dict[str, float]], dist: list[flo
     return row
 
 
-def _curves(net, cfg, eval_fn, opts, tx, label, pair, a, bs, data, eval_data, reset, key, plots) -> dict[str, Any]:
+def _curves(net, cfg, eval_fn, opts, tx, label, pair, a, bs, data, eval_data, reset, key, plots,
+            chunk) -> dict[str, Any]:
     ts = np.linspace(0.0, 1.0, int(opts.curve_points))
     out: dict[str, Any] = {"arm": label, "pair": list(pair)}
     for method, b in bs.items():
-        line = align.evaluate_curve(eval_fn, align.init_curve(a, b, "polychain"), eval_data, ts, bn_reset=reset)
+        line = align.evaluate_curve(eval_fn, align.init_curve(a, b, "polychain"), eval_data, ts, bn_reset=reset,
+                                    chunk=chunk)
         curve = align.init_curve(a, b, opts.curve_kind)
         curve, hist = align.train_curve(net, curve, (data.x_train, data.y_train), key=key,
                                         epochs=int(opts.curve_epochs),
                                         batch_size=min(int(opts.curve_batch), int(data.x_train.shape[0])),
                                         num_t=int(opts.curve_num_t), optimizer=tx,
                                         steps_per_call=int(cfg.train.steps_per_call))
-        ev = align.evaluate_curve(eval_fn, curve, eval_data, ts, bn_reset=reset)
+        ev = align.evaluate_curve(eval_fn, curve, eval_data, ts, bn_reset=reset, chunk=chunk)
         out[method] = {"line_avg_accuracy": line["avg_accuracy"], "line_min_accuracy": line["min_accuracy"],
                        "curve_avg_accuracy": ev["avg_accuracy"], "curve_min_accuracy": ev["min_accuracy"],
                        "curve_max_loss": ev["max_loss"], "train_loss_first": hist[0]["loss"],
