@@ -18,7 +18,7 @@ before it). Sweeps are capped where a full run would take too long on 2 shared C
 is in the table and JSON).
 
     python benchmarks/align.py            # all cases
-    python benchmarks/align.py --quick    # MLP 512 and ResNet-20x1 only
+    python benchmarks/align.py --quick    # MLP 512 and ResNet-20x1 only, 2 rounds, no peak memory
 """
 
 from __future__ import annotations
@@ -152,12 +152,13 @@ def child_peak(index: int, variant: str) -> float:
     return float("nan")
 
 
-def case(index, net, max_iter, rounds):
+def case(index, net, max_iter, rounds, memory=True):
     name = CASES[index][0]
     spec, a, fns, out = setup(net, max_iter)
     t0 = time.time()
     times = time_interleaved(fns, rounds=rounds, warmup=1)
-    mem = {v: child_peak(index, v) for v in fns}
+    # peak memory needs a fresh process per variant (a cold call); --quick leaves it out
+    mem = {v: child_peak(index, v) if memory else None for v in fns}
     same = all(np.array_equal(out["ours"].perm[p], out["ref"][0][p]) for p in spec.names)
     row = {
         "model": name, "params": tree_lib.tree_size(a["params"]), "perms": len(spec),
@@ -201,7 +202,8 @@ def main():
         if cfg["name"] not in models.REGISTRY:
             print(f"{name}: model {cfg['name']!r} is not in tna_jax.models yet; skipped.")
             continue
-        rows.append(case(index, models.build(cfg, shape, 10), max_iter, rounds))
+        rows.append(case(index, models.build(cfg, shape, 10), max_iter, 2 if args.quick else rounds,
+                         memory=not args.quick))
     cols = ["model", "params", "perms", "max_iter", "sweeps_tna_jax", "sweeps_reference", "same_result",
             "tna_jax_s", "reference_s", "speedup", "tna_jax_peak_mb", "reference_peak_mb"]
     table = print_table(rows, cols)

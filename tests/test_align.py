@@ -27,9 +27,17 @@ from tna_jax.tree import map_with_names
 # multi-head attention.
 # ---------------------------------------------------------------------------------------------
 
-ZOO = {
+ZOO = {  # every registered model (test_zoo_covers_the_registry), small enough to compile in seconds
     "mlp": ({"name": "mlp", "depth": 2, "width": 8}, (40,)),
     "mlp_layernorm": ({"name": "mlp", "depth": 3, "width": 6, "norm": "layer", "activation": "gelu"}, (40,)),
+    "cnn": ({"name": "cnn", "width": 0.125, "hidden": 8}, (8, 8, 1)),
+    "vgg11": ({"name": "vgg11", "width": 1 / 32}, (4, 4, 1)),
+    "vgg16": ({"name": "vgg16", "width": 1 / 32, "norm": "none"}, (4, 4, 1)),
+    "resnet20": ({"name": "resnet20", "width": 0.125}, (4, 4, 1)),
+    "wrn_layernorm": ({"name": "wrn", "depth": 10, "width": 0.25, "norm": "layer"}, (4, 4, 1)),
+    "vit": ({"name": "vit", "patch_size": 2, "dim": 8, "depth": 1, "heads": 2, "mlp_dim": 8}, (4, 4, 1)),
+    "transformer": ({"name": "transformer", "vocab_size": 12, "hidden": 8, "layers": 1, "heads": 2,
+                     "intermediate": 8, "max_len": 8, "dropout": 0.0}, (5,)),
 }
 
 
@@ -158,7 +166,14 @@ def leaves_equal(a, b):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+def test_zoo_covers_the_registry():
+    # Other test modules register helper models named "test_*" in the same process.
+    library = {name for name in models.REGISTRY if not name.startswith("test_")}
+    assert {cfg["name"] for cfg, _ in ZOO.values()} == library
+
+
+# The zoo's resnet20 (BatchNorm) and wrn (LayerNorm) stand for the two local ResNets here.
+@pytest.mark.parametrize("arch", [a for a in ARCHS if not a.startswith("local_resnet")])
 def test_permuted_model_computes_the_same_function(arch):
     net = make_net(arch)
     spec = align.permutation_spec(net)
@@ -172,8 +187,9 @@ def test_permuted_model_computes_the_same_function(arch):
     ref, out = apply(v), apply(pv)
     assert float(jnp.max(jnp.abs(ref - out))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(ref))))
     assert not leaves_equal(v, pv)  # the permutation really moved units
-    # leaving one array of the spec unpermuted breaks the function: the spec is not vacuous
-    path = spec.layouts[0][0]
+    # leaving one array of the spec unpermuted breaks the function: the spec is not vacuous (the
+    # array read last, since a deep tiny net at random init barely depends on its first layers)
+    path = spec.layouts[-1][0]
     partial = map_with_names(lambda name, a, b: a if name == path else b, v, pv)
     assert float(jnp.max(jnp.abs(apply(partial) - ref))) > 1e-3
 
@@ -325,6 +341,12 @@ class BNMLP(nn.Module):
         return nn.Dense(10, name="head")(x)
 
 
+@models.register("test_align_bn_mlp")
+def _bn_mlp(cfg, input_shape, num_classes):
+    del cfg, input_shape, num_classes  # digits: 10 classes, as BNMLP's head
+    return BNMLP(), jnp.float32
+
+
 def train_pair():
     """Two BatchNorm MLPs trained from different seeds on scikit-learn's digits (one fit call)."""
     cfg = tiny_config(anchor__ratio=0.0, baseline=False, train__epochs=6, data__source="digits")
@@ -471,8 +493,11 @@ def test_align_compare_smoke(tmp_path):
 
     c = get_config()
     c.num_seeds = 2
-    c.align.tasks = {"mlp": {"data": {"source": "mnist1d", "num_samples": 400},
-                             "model": {"name": "mlp", "depth": 2, "width": 16}, "train": {"epochs": 2}}}
+    # one BatchNorm task (the statistics reset at every point is the longest code path; the
+    # MLP without norms is the same path without it); ResNet-20 itself takes minutes to compile
+    c.align.tasks = {"bn": {"data": {"source": "digits", "num_train": 300}, "model": {"name": "test_align_bn_mlp"},
+                            "train": {"epochs": 2, "steps_per_call": 2}}}
+    c.align.curve_kind = "polychain"  # the same compiled evaluation as the line
     c.align.curve_epochs = 1
     c.align.curve_pairs = 1
     c.align.stats_examples = 100
@@ -481,17 +506,56 @@ def test_align_compare_smoke(tmp_path):
     c.analysis.num_alphas = 5
     c.train.eval_batch_size = 256
     report = experiment.run(c, str(tmp_path))
-    t = report["tasks"]["mlp"]
-    assert [(r["arm"], r["method"]) for r in t["rows"]] == [
-        (arm, m) for arm in ("vanilla", "TNA-PFN 0.4") for m in ("none", "WM", "AM", "WM + REPAIR")]
-    for r in t["rows"]:
-        assert r["pairs"] == 1 and 0.0 <= r["accuracy_barrier_mean"] <= 1.0 and np.isfinite(r["loss_barrier_mean"])
-    assert [it["arm"] for it in t["wm_iterations"]] == ["vanilla", "TNA-PFN 0.4"]
-    assert all(it["iterations_mean"] >= 1 for it in t["wm_iterations"])
-    assert {c_["arm"] for c_ in t["curves"]} == {"vanilla", "TNA-PFN 0.4"}
-    for name in ("report.json", "report.md", "lmc_mlp.png", "curves_mlp.png", "mlp/metrics.jsonl"):
-        assert (tmp_path / name).exists(), name
-    assert "WM sweeps to converge" in (tmp_path / "report.md").read_text()
+    assert list(report["tasks"]) == ["bn"] and report["tasks"]["bn"]["model"]["batch_norm"]
+    for task, t in report["tasks"].items():
+        assert [(r["arm"], r["method"]) for r in t["rows"]] == [
+            (arm, m) for arm in ("vanilla", "TNA-PFN 0.4") for m in ("none", "WM", "AM", "WM + REPAIR")]
+        assert [r["name"] for r in t["rows"]][:5] == ["vanilla", "WM", "AM", "WM + REPAIR", "TNA-PFN 0.4"]
+        for r in t["rows"]:
+            assert r["pairs"] == 1 and 0.0 <= r["accuracy_barrier_mean"] <= 1.0
+            assert np.isfinite(r["loss_barrier_mean"])
+        assert [it["arm"] for it in t["wm_iterations"]] == ["vanilla", "TNA-PFN 0.4"]
+        assert all(it["iterations_mean"] >= 1 for it in t["wm_iterations"])
+        assert {c_["arm"] for c_ in t["curves"]} == {"vanilla", "TNA-PFN 0.4"}
+        for c_ in t["curve_pairs"]:
+            for method in ("none", "WM"):
+                assert 0.0 <= c_[method]["curve_min_accuracy"] <= c_[method]["curve_avg_accuracy"] <= 1.0
+        assert {"train", "matching", "paths", "repair", "curves", "total", "cpu"} <= set(t["seconds"])
+        for name in ("lmc_{}.png", "curves_{}.png", "{}/metrics.jsonl"):
+            assert (tmp_path / name.format(task)).exists(), name.format(task)
+    text = (tmp_path / "report.md").read_text()
+    assert "WM sweeps to converge" in text and "BatchNorm statistics are reset" in text
+    assert json.loads((tmp_path / "report.json").read_text())["tasks"]["bn"]["rows"][0]["name"] == "vanilla"
     with pytest.raises(ValueError, match="config.align.bogus is not a known field"):
         c.align.bogus = 1
         experiment.run(c, None)
+
+
+def test_repair_in_one_pass_equals_layer_by_layer():
+    """Data in one batch: one forward pass; in two batches: one pass per layer. Same statistics,
+    same result (conv + BatchNorm points, and a dense layer without a norm)."""
+    net = make_net("local_cnn_bn_flatten")
+    a, b = perturbed(net, 0), perturbed(net, 1)
+    x = inputs(net, jax.random.key(2), n=64)
+    assert [p.target for p in align.repair_points(net)] == ["conv0_norm", "conv1_norm", "fc"]
+    one = jax.jit(align.make_repair(net, a, b, x, batch_size=64))(0.3)
+    layered = jax.jit(align.make_repair(net, a, b, x, batch_size=32))(0.3)
+    chex.assert_trees_all_close(one, layered, rtol=2e-4, atol=2e-5)
+    assert not leaves_equal(one, lmc.interpolate(a, b, 0.3))
+
+
+def test_align_compare_config_tasks_are_valid():
+    """Every task of configs/align_compare.py, and the optional CIFAR-10 one, is a valid config."""
+    from configs import align_compare as cfg_module
+    from tna_jax.experiments.align_compare import task_config
+
+    c = cfg_module.get_config()
+    assert {"mlp", "resnet20"} <= set(c.align.tasks)
+    c.align.tasks.cifar10 = cfg_module.cifar10_task("/nonexistent")
+    for name in c.align.tasks:
+        cfg = task_config(c, name)
+        assert cfg.kind == "train" and "align" not in cfg
+    cifar = task_config(c, "cifar10")
+    assert (cifar.data.source, cifar.model.name, cifar.model.width) == ("tfds:cifar10", "resnet20", 1)
+    assert task_config(c, "resnet20").model.name == "resnet20"
+    assert task_config(c, "mlp").model.depth == 3

@@ -195,7 +195,7 @@ def intermediate_bytes(jaxpr: Any) -> int:
         for var in eqn.outvars:
             aval = getattr(var, "aval", None)
             if hasattr(aval, "shape") and hasattr(aval, "dtype"):
-                total += int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+                total += int(np.prod(aval.shape, dtype=np.int64)) * aval.dtype.itemsize  # PRNG key dtypes too
         subs = [j for v in eqn.params.values() for j in _sub_jaxprs(v)]
         if subs:
             total += max(intermediate_bytes(j) for j in subs)

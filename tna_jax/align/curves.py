@@ -7,12 +7,13 @@ With endpoints θ_A, θ_B and control point θ_C, for t ∈ [0, 1]:
 * poly-chain:  φ(t) = θ_A + 2t (θ_C − θ_A) for t ≤ ½, θ_C + (2t − 1)(θ_B − θ_C) for t > ½
 
 Only θ_C is trained, to minimise the loss averaged along the curve,
-``E_{t ~ U[0,1]} L(φ(t))``: every step draws ``num_t`` values of t and evaluates them at once
-(``jax.vmap`` over t) on the same batch. θ_C starts at the midpoint of the line, so an untrained
+``E_{t ~ U[0,1]} L(φ(t))``: every step draws ``num_t`` values of t and evaluates them on the
+same batch (``jax.vmap`` over t on accelerators; one t after the other on CPU, see
+:func:`train_curve`). θ_C starts at the midpoint of the line, so an untrained
 curve is the straight line. Aligning the endpoints first (``apply_permutation`` of a weight- or
 activation-matching permutation to θ_B) gives Tatro et al.'s aligned curves.
 
-Evaluation is ``vmap`` over a grid of t (chunked with ``lax.map``), reporting the average and the
+Evaluation maps over a grid of t (:func:`tna_jax.lmc.map_points`, chunked), reporting the average and the
 minimum accuracy along the curve. BatchNorm networks train with batch statistics; for evaluation
 pass ``bn_reset`` to recompute each point's running statistics (Garipov et al. do the same).
 """
@@ -29,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tna_jax import lmc as lmc_lib
 from tna_jax import tree as tree_lib
 from tna_jax.data.batching import epoch_indices, gather, steps_per_epoch
-from tna_jax.training import cross_entropy
+from tna_jax.training import cross_entropy, loop_plan
 
 PyTree = Any
 
@@ -118,9 +120,11 @@ def _default_optimizer() -> optax.GradientTransformation:
 
 
 @functools.lru_cache(maxsize=32)
-def _epoch_fn(net: Any, n: int, batch_size: int, num_t: int, tx: optax.GradientTransformation):
-    """One jitted epoch of curve training (cached, so repeated curves compile once)."""
-    steps = steps_per_epoch(n, batch_size)
+def _chunk_fn(net: Any, n: int, batch_size: int, num_t: int, tx: optax.GradientTransformation, steps: int,
+              unroll: int | bool, t_chunk: int):
+    """``steps`` consecutive steps of one epoch of curve training, jitted and cached (so repeated
+    curves compile once). The epoch's batch order and t draws depend on (key, step) only, so an
+    epoch cut into chunks takes exactly the steps of an uncut one."""
 
     def loss_fn(params, curve, xb, yb, ts, rng):
         control = {**curve.control, "params": params}
@@ -130,11 +134,14 @@ def _epoch_fn(net: Any, n: int, batch_size: int, num_t: int, tx: optax.GradientT
             logits, _ = net.apply(v, xb, train=True, rng=rng)
             return cross_entropy(logits, yb).mean()
 
-        return jax.vmap(at)(ts).mean()
+        # chunks of t in a Python loop, not lax.map: a loop around convolutions is the slow path
+        # of XLA:CPU (see train_curve)
+        losses = [jax.vmap(at)(ts[i:i + t_chunk]) for i in range(0, num_t, t_chunk)]
+        return jnp.concatenate(losses).mean()
 
-    def epoch(params, opt_state, k, curve, x, y):
+    def chunk(params, opt_state, k, start, curve, x, y):
         order_key, t_key = jax.random.split(k)
-        rows = epoch_indices(order_key, n, batch_size)
+        rows = jax.lax.dynamic_slice_in_dim(epoch_indices(order_key, n, batch_size), start, steps, axis=0)
 
         def step(carry, inputs):
             params, opt_state, total = carry
@@ -146,15 +153,15 @@ def _epoch_fn(net: Any, n: int, batch_size: int, num_t: int, tx: optax.GradientT
             return (optax.apply_updates(params, updates), opt_state, total + loss), None
 
         (params, opt_state, total), _ = jax.lax.scan(step, (params, opt_state, jnp.zeros(())),
-                                                     (jnp.arange(steps), rows))
-        return params, opt_state, total / steps
+                                                     (start + jnp.arange(steps), rows), unroll=unroll)
+        return params, opt_state, total
 
-    return jax.jit(epoch)
+    return jax.jit(chunk)
 
 
 def train_curve(net: Any, curve: Curve, data: tuple[jax.Array, jax.Array], *, key: jax.Array,
-                epochs: int = 10, batch_size: int = 128, num_t: int = 4,
-                optimizer: optax.GradientTransformation | None = None,
+                epochs: int = 10, batch_size: int = 128, num_t: int = 4, t_chunk: int | str = "auto",
+                steps_per_call: int = 0, optimizer: optax.GradientTransformation | None = None,
                 log: Callable[[str], None] | None = None) -> tuple[Curve, list[dict[str, float]]]:
     """Trains the control point to minimise the loss along the curve.
 
@@ -165,7 +172,15 @@ def train_curve(net: Any, curve: Curve, data: tuple[jax.Array, jax.Array], *, ke
       key: PRNG key for batch order and the sampled t.
       epochs: passes over the data.
       batch_size: examples per step.
-      num_t: values of t ~ U[0, 1] per step (vmapped, same batch).
+      num_t: values of t ~ U[0, 1] per step, all on the same batch; the loss is their mean.
+      t_chunk: how many of them are evaluated at once (``jax.vmap``; chunks one after the other
+        when fewer than `num_t`). ``"auto"``: all at once on accelerators, one at a time on CPU,
+        where XLA's batched matmuls (every t has its own weights) cost about twice a loop
+        (measured: an MNIST-1D MLP 40-256-256-256-10, 4 t, 2.2 s vs 1.2 s of CPU time per epoch).
+      steps_per_call: steps per jitted call, as ``train.steps_per_call`` (0 = automatic, see
+        :func:`tna_jax.training.loop_plan`: the whole epoch in one scan, or for convolutional
+        nets on CPU short fully unrolled chunks). 1 compiles one step only: the fastest start
+        when compilation dominates (small images, few epochs).
       optimizer: optax transformation for the control point's parameters (default
         ``optax.adam(1e-3)``); pass the same object to repeated calls to reuse the compiled step.
       log: optional callback for one line per epoch.
@@ -174,22 +189,39 @@ def train_curve(net: Any, curve: Curve, data: tuple[jax.Array, jax.Array], *, ke
       ``(trained curve, [{"epoch", "loss"}, ...])``.
 
     Raises:
-      ValueError: non-positive epochs/batch_size/num_t, batch larger than the data.
+      ValueError: non-positive epochs/batch_size/num_t/t_chunk, negative steps_per_call, batch
+        larger than the data.
     """
     x, y = _xy(data, "data")
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("num_t", num_t)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, (int, np.integer)) or steps_per_call < 0:
+        raise ValueError(f"steps_per_call must be a non-negative integer; got {steps_per_call!r}.")
     n = int(x.shape[0])
     if batch_size > n:
         raise ValueError(f"batch_size={batch_size} exceeds the {n} training examples.")
     tx = optimizer if optimizer is not None else _default_optimizer()
-    epoch = _epoch_fn(net, n, int(batch_size), int(num_t), tx)
+    steps = steps_per_epoch(n, int(batch_size))
+    # Convolutional nets on CPU: short fully unrolled chunks, as in training (XLA:CPU runs a
+    # convolution's gradient inside a while loop many times slower); otherwise one rolled scan.
+    per_call, unroll = loop_plan(net, steps, steps_per_call)
+    if t_chunk == "auto":
+        t_chunk = 1 if jax.default_backend() == "cpu" else int(num_t)
+    if isinstance(t_chunk, bool) or not isinstance(t_chunk, (int, np.integer)) or t_chunk < 1:
+        raise ValueError(f"t_chunk must be 'auto' or a positive integer; got {t_chunk!r}.")
     params = curve.control["params"]
     opt_state = tx.init(params)
     history = []
     for e in range(int(epochs)):
-        params, opt_state, loss = epoch(params, opt_state, jax.random.fold_in(key, e), curve, x, y)
+        k = jax.random.fold_in(key, e)
+        total = 0.0
+        for start in range(0, steps, per_call):
+            fn = _chunk_fn(net, n, int(batch_size), int(num_t), tx, min(per_call, steps - start), unroll,
+                           min(int(t_chunk), int(num_t)))
+            params, opt_state, part = fn(params, opt_state, k, jnp.asarray(start, jnp.int32), curve, x, y)
+            total = total + part
+        loss = float(total) / steps
         history.append({"epoch": e + 1, "loss": float(loss)})
         if log is not None:
             log(f"curve epoch {e + 1}/{epochs}: loss along the curve {float(loss):.4f}")
@@ -197,7 +229,7 @@ def train_curve(net: Any, curve: Curve, data: tuple[jax.Array, jax.Array], *, ke
 
 
 @functools.lru_cache(maxsize=32)
-def _eval_fn(eval_fn: Callable[..., Any], chunk: int | None, bn_reset: Callable[[PyTree], PyTree] | None):
+def _eval_fn(eval_fn: Callable[..., Any], chunk: Any, bn_reset: Callable[[PyTree], PyTree] | None):
     def run(ts, curve, x, y):
         def at(t):
             v = curve_point(curve, t)
@@ -205,13 +237,13 @@ def _eval_fn(eval_fn: Callable[..., Any], chunk: int | None, bn_reset: Callable[
                 v = bn_reset(v)
             return eval_fn(v, x, y)
 
-        return jax.vmap(at)(ts) if chunk is None else jax.lax.map(at, ts, batch_size=chunk)
+        return lmc_lib.map_points(at, ts, chunk)
 
     return jax.jit(run)
 
 
 def evaluate_curve(eval_fn: Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]], curve: Curve,
-                   data: tuple[jax.Array, jax.Array], ts: Any = None, *, chunk: int | None = None,
+                   data: tuple[jax.Array, jax.Array], ts: Any = None, *, chunk: Any = lmc_lib.AUTO,
                    bn_reset: Callable[[PyTree], PyTree] | None = None) -> dict[str, Any]:
     """Loss and accuracy along the curve, vmapped over t.
 
@@ -221,7 +253,8 @@ def evaluate_curve(eval_fn: Callable[[PyTree, jax.Array, jax.Array], dict[str, j
       curve: the curve.
       data: ``(x, y)`` to evaluate on.
       ts: grid of t (default 21 points in [0, 1]).
-      chunk: evaluate at most this many t at once (``lax.map`` batch size).
+      chunk: evaluate at most this many t at once (:func:`tna_jax.lmc.map_points`: ``None``
+        vmaps every t, ``"auto"`` sizes the chunks from the program's memory, as LMC paths do).
       bn_reset: optional ``variables -> variables`` applied to each point first (e.g.
         ``lambda v: reset_batch_stats(net, v, x_train)`` for BatchNorm networks).
 
@@ -232,7 +265,11 @@ def evaluate_curve(eval_fn: Callable[[PyTree, jax.Array, jax.Array], dict[str, j
     x, y = _xy(data, "data")
     ts = jnp.asarray(np.linspace(0.0, 1.0, 21) if ts is None else ts, jnp.float32)
 
-    out = jax.device_get(_eval_fn(eval_fn, None if chunk is None else int(chunk), bn_reset)(ts, curve, x, y))
+    if chunk is not None and chunk != lmc_lib.AUTO:
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise ValueError(f"chunk must be None, 'auto' or a positive integer; got {chunk!r}.")
+        chunk = int(chunk)
+    out = jax.device_get(_eval_fn(eval_fn, chunk, bn_reset)(ts, curve, x, y))
     acc = np.asarray(out["accuracy"], np.float64)
     loss = np.asarray(out["loss"], np.float64)
     return {"t": np.asarray(ts), "loss": loss, "accuracy": acc, "avg_accuracy": float(acc.mean()),

@@ -11,7 +11,11 @@ the same data, and rescales θ_α's channel to the interpolated statistics
 
 folding the affine correction into the layer's own weights, so the result is an ordinary set of
 variables of the same model. Layers are repaired in call order, each measured after the
-corrections of the layers before it (exact statistics, one pass over the data per layer).
+corrections of the layers before it (exact statistics). When the data fit in one batch this
+takes one forward pass: each corrected output is replaced by its correction as the pass computes
+it (``flax.linen.intercept_methods``), so every later layer is measured on corrected inputs;
+otherwise one pass over the batches per layer (about L/2 forward passes for L layers, since a
+pass stops at its layer).
 
 Which outputs are corrected (the *points*): every dense/convolution layer whose output units are
 a (non-nested) permutation of the spec, i.e. every hidden layer but not the classifier. When the
@@ -22,7 +26,7 @@ and bias.
 
 :func:`reset_batch_stats` is the simpler repair for BatchNorm networks: recompute the running
 statistics of the interpolated network on data (the statistics of θ_α are not the interpolation
-of the endpoints' statistics).
+of the endpoints' statistics); it is :func:`tna_jax.lmc.reset_bn_stats` behind REPAIR's checks.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tna_jax import lmc as lmc_lib
 from tna_jax import tree as tree_lib
 from tna_jax.align.derive import analyze
 
@@ -182,6 +188,35 @@ def _fold(variables: PyTree, point: RepairPoint, scale: jax.Array, shift: jax.Ar
     return {**variables, "params": params}
 
 
+def _correct_in_one_pass(net: Any, m: PyTree, x: jax.Array, pts: Sequence[RepairPoint],
+                         target: dict[str, tuple[jax.Array, jax.Array]], eps: float) -> PyTree:
+    """REPAIR of `m` with one forward pass over `x` (one batch): each target's output is corrected
+    to the target statistics as it is computed, and the corrections are folded afterwards."""
+    wanted = {p.target for p in pts}
+    found: dict[str, tuple[jax.Array, jax.Array]] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        path = "/".join(context.module.scope.path)
+        if context.method_name != "__call__" or path not in wanted or path in found:
+            return y
+        flat = y.astype(jnp.float32).reshape(-1, y.shape[-1])
+        mean = flat.mean(0)
+        sd = jnp.sqrt(jnp.maximum((flat * flat).mean(0) - mean * mean, 0.0))
+        scale = target[path][1] / (sd + eps)
+        found[path] = (scale, target[path][0] - scale * mean)
+        return (y.astype(jnp.float32) * found[path][0] + found[path][1]).astype(y.dtype)
+
+    with nn.intercept_methods(interceptor):
+        net.module.apply(m, x, train=False)
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ValueError(f"REPAIR points {missing} were not called by the model's forward pass.")
+    for p in pts:
+        m = _fold(m, p, *found[p.target])
+    return m
+
+
 def make_repair(net: Any, a: PyTree, b: PyTree, data: Any, *, batch_size: int = 500, eps: float = 1e-5,
                 points: Sequence[RepairPoint] | None = None) -> Callable[[Any], PyTree]:
     """``fn(alpha) -> variables``: REPAIR of the interpolation between `a` and `b` at α.
@@ -193,7 +228,9 @@ def make_repair(net: Any, a: PyTree, b: PyTree, data: Any, *, batch_size: int = 
       net: the model.
       a, b: the endpoint variables (same structure).
       data: inputs ``x`` or ``(x, y)`` for the statistics (training data).
-      batch_size: examples per forward pass (full batches only).
+      batch_size: examples per forward pass (full batches only). With ``len(x) <= batch_size``
+        the whole correction is one forward pass (see the module docstring); otherwise one pass
+        over the batches per corrected layer.
       eps: added to σ^α.
       points: the outputs to correct (default :func:`repair_points`).
 
@@ -210,6 +247,10 @@ def make_repair(net: Any, a: PyTree, b: PyTree, data: Any, *, batch_size: int = 
     def fn(alpha: Any) -> PyTree:
         alpha = jnp.asarray(alpha, jnp.float32)
         m = tree_lib.lerp(a, b, alpha)
+        if xs.shape[0] == 1:
+            target = {t: ((1 - alpha) * stats_a[t][0] + alpha * stats_b[t][0],
+                          (1 - alpha) * stats_a[t][1] + alpha * stats_b[t][1]) for t in targets}
+            return _correct_in_one_pass(net, m, xs[0], pts, target, eps)
         for p in pts:
             mu_m, sd_m = output_stats(net, m, xs, [p.target])[p.target]
             mu_t = (1 - alpha) * stats_a[p.target][0] + alpha * stats_b[p.target][0]
@@ -249,18 +290,31 @@ def _repair_jit(net: Any, batch_size: int, eps: float):
 
 
 def reset_batch_stats(net: Any, variables: PyTree, data: Any, *, batch_size: int = 500) -> PyTree:
-    """Recomputes BatchNorm running statistics as averages over `data` (a no-op without BatchNorm).
+    """Recomputes BatchNorm running statistics over `data` (a no-op without BatchNorm).
 
-    Every full batch is run in training mode; the batch statistics are read back from Flax's
-    running-average update ``new = m·old + (1 − m)·batch`` (called with ``old = 0`` and
-    ``old = 1``, which gives ``m`` and then ``batch`` for any momentum), and averaged over the
-    batches. Pure and traceable (``vmap`` it over α). Dropout, if any, uses a fixed key.
+    The same operation as :func:`tna_jax.lmc.reset_bn_stats` (which it calls: one training-mode
+    pass per full batch, population statistics over the batches; dropout, if any, with a fixed
+    key), with REPAIR's data checks and the identity for models without ``batch_stats``. Pure and traceable (``vmap`` it over α).
 
-    Note: the LMC helper plans ``tna_jax.lmc.reset_bn_stats``; this is the same operation and one
-    of the two should go when both exist.
+    Args:
+      net: the model.
+      variables: the model's variables (e.g. an interpolated model).
+      data: inputs ``x`` or ``(x, y)`` (training data).
+      batch_size: examples per forward pass (full batches only).
+
+    Returns:
+      `variables` with ``batch_stats`` recomputed (unchanged when there are none).
 
     Raises:
       ValueError: fewer than 2 examples.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 4}, (3,), 2)
+      >>> v = net.init(jax.random.key(0))
+      >>> reset_batch_stats(net, v, jnp.ones((8, 3))) is v  # no BatchNorm: nothing to reset
+      True
     """
     if "batch_stats" not in variables:
         return variables
@@ -271,29 +325,7 @@ def reset_batch_stats(net: Any, variables: PyTree, data: Any, *, batch_size: int
 
 @functools.lru_cache(maxsize=16)
 def _reset_jit(net: Any, batch_size: int):
-    return jax.jit(functools.partial(_reset, net, batch_size=batch_size))
+    def reset(variables: PyTree, x: jax.Array) -> PyTree:  # dropout, if any, with a fixed key
+        return lmc_lib.reset_bn_stats(net, variables, x, batch_size=batch_size, rng=jax.random.key(0))
 
-
-def _reset(net: Any, variables: PyTree, x: jax.Array, *, batch_size: int) -> PyTree:
-    xs = _batches(x, batch_size, "reset_batch_stats")
-    stats = variables["batch_stats"]
-    zeros = jax.tree.map(jnp.zeros_like, stats)
-    ones = jax.tree.map(jnp.ones_like, stats)
-    rng = jax.random.key(0)
-
-    def one(xb):
-        _, s0 = net.apply({**variables, "batch_stats": zeros}, xb, train=True, rng=rng)
-        _, s1 = net.apply({**variables, "batch_stats": ones}, xb, train=True, rng=rng)
-
-        def batch_value(n0, n1):
-            keep = n1 - n0  # the momentum m
-            return jnp.where(keep < 1, n0 / jnp.where(keep < 1, 1 - keep, 1.0), n0)
-
-        return jax.tree.map(batch_value, s0["batch_stats"], s1["batch_stats"])
-
-    def body(carry, xb):
-        return jax.tree.map(jnp.add, carry, one(xb)), None
-
-    total, _ = jax.lax.scan(body, zeros, xs)
-    new = jax.tree.map(lambda t, old: (t / xs.shape[0]).astype(old.dtype), total, stats)
-    return {**variables, "batch_stats": new}
+    return jax.jit(reset)

@@ -40,7 +40,7 @@ from tna_jax import data as data_lib
 from tna_jax import tree as tree_lib
 from tna_jax.experiment import prepare_workdir, register, workdir_path
 
-__all__ = ["align_compare", "align_defaults", "check_align_options", "task_config"]
+__all__ = ["align_compare", "align_defaults", "check_align_options", "task_config", "comparison_name", "markdown"]
 
 METHODS = ("none", "WM", "AM", "WM + REPAIR")
 
@@ -52,7 +52,7 @@ def align_defaults() -> ml_collections.ConfigDict:
     c.run = ""  # comma-separated subset of the tasks ("" = all)
     c.max_pairs = 6  # seed pairs per arm
     c.wm_max_iter = 100
-    c.stats_examples = 1000  # training examples for activation statistics, REPAIR and BN reset
+    c.stats_examples = 1000  # training examples for activation statistics, REPAIR (one batch) and BN reset
     c.stats_batch = 250
     c.repair_alphas = 11
     c.chunk = 0  # evaluate at most this many (pair, α) points at once (0 = auto, lmc.auto_chunk)
@@ -147,7 +147,7 @@ def _rel_distance(a: Any, b: Any) -> float:
 
 
 def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> dict[str, Any]:
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     dataset = data_lib.load(cfg.data)
     net = models.build(cfg.model, dataset.input_shape, dataset.num_classes)
     augment = None
@@ -177,6 +177,15 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
     chunk = int(opts.chunk) or lmc.AUTO
     key = jax.random.key(cfg.seed)
     log(f"[{name}] {net.name} on {dataset.name}: {len(spec)} permutations; trained in {t_train:.0f}s")
+    seconds = {"train": t_train}
+    t_phase = time.time()
+
+    def lap(phase: str, what: str) -> None:
+        nonlocal t_phase
+        seconds[phase] = time.time() - t_phase
+        t_phase = time.time()
+        log(f"[{name}] {what} in {seconds[phase]:.0f}s")
+
 
     # 1. alignments of every pair within every arm
     arms: dict[int, list[int]] = {}
@@ -208,7 +217,7 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
                       "converged": sum(w["converged"] for w in wm_info),
                       "seconds_mean": _mean_std([w["seconds"] for w in wm_info])[0], "per_pair": wm_info})
         jobs.append((label, arm_index, pairs, ms, aligned))
-    log(f"[{name}] matched {sum(len(j[2]) for j in jobs)} pairs")
+    lap("matching", f"matched {sum(len(j[2]) for j in jobs)} pairs (WM and AM)")
 
     # 2. every (arm, method, pair) path in one vmapped, chunked evaluation
     entries, stack = [], []
@@ -227,12 +236,12 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
             paths[f"{label} · {method}"] = {"alpha": table["paths"]["alpha"].tolist(),
                                             "accuracy": table["paths"]["accuracy"][sel].tolist(),
                                             "loss": table["paths"]["loss"][sel].tolist()}
-    log(f"[{name}] evaluated {len(entries)} linear paths")
+    lap("paths", f"evaluated {len(entries)} linear paths")
 
     # 3. REPAIR along the WM-aligned paths (one compiled program for all pairs)
     @jax.jit
     def repair_path(a, b, al):
-        fn = align.make_repair(net, a, b, x_stats, batch_size=sbatch)
+        fn = align.make_repair(net, a, b, x_stats, batch_size=n_stats)  # one batch: one pass per α
         return jax.lax.map(lambda a_: eval_fn(fn(a_), x_eval, y_eval), al)
 
     for label, _, pairs, ms, aligned in jobs:
@@ -248,7 +257,7 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
         rows.append(_row(label, "WM + REPAIR", per_pair, dist))
         paths[f"{label} · WM + REPAIR"] = {"alpha": np.asarray(r_alphas).tolist(), "accuracy": acc, "loss": loss}
     rows.sort(key=lambda r: ([j[0] for j in jobs].index(r["arm"]), METHODS.index(r["method"])))
-    log(f"[{name}] REPAIR done")
+    lap("repair", "REPAIRed the WM-aligned paths")
 
     # 4. curves between raw and WM-aligned endpoints
     curve_rows: list[dict[str, Any]] = []
@@ -256,10 +265,11 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
     tx = optax.adam(float(opts.curve_lr))
     for label, arm_index, pairs, ms, aligned in jobs:
         for p, (i, j) in enumerate(pairs[: opts.curve_pairs]):
-            curve_rows.append(_curves(net, eval_fn, opts, tx, label, (arms[arm_index][i], arms[arm_index][j]),
+            curve_rows.append(_curves(net, cfg, eval_fn, opts, tx, label, (arms[arm_index][i], arms[arm_index][j]),
                                       ms[i], {"none": ms[j], "WM": aligned["WM"][p]}, data, (x_eval, y_eval),
-                                      reset, jax.random.fold_in(key, 7919 + 100 * arm_index + p), curve_plots))
-    log(f"[{name}] trained {2 * len(curve_rows)} curves")
+                                      reset, jax.random.fold_in(key, 7919 + 100 * arm_index + p), curve_plots,
+                                      chunk))
+    lap("curves", f"trained and evaluated {2 * len(curve_rows)} curves")
     return {
         "task": name, "data": {"name": dataset.name, "sizes": dataset.sizes()},
         "model": {"name": net.name, "params": net.param_count(), "batch_norm": has_bn,
@@ -267,30 +277,47 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
         "spec": {"permutations": len(spec), "sizes": dict(spec.sizes), "describe": spec.describe()},
         "arms": training.summarize(result), "rows": rows, "wm_iterations": iters,
         "curves": _curve_summary(curve_rows), "curve_pairs": curve_rows, "paths": paths,
-        "curve_paths": curve_plots, "seconds": {"train": t_train, "total": time.time() - t0},
-        "settings": {"epochs": cfg.train.epochs, "num_seeds": cfg.num_seeds, "anchor_ratio": cfg.anchor.ratio},
+        "curve_paths": curve_plots, "seconds": {**seconds, "total": time.time() - t0, "cpu": time.process_time() - cpu0},
+        "settings": {"epochs": cfg.train.epochs, "num_seeds": cfg.num_seeds, "anchor_ratio": cfg.anchor.ratio,
+                     "split": cfg.analysis.split},
     }
 
 
+def comparison_name(arm: str, method: str) -> str:
+    """The row's name in the tables: ``"vanilla"``, ``"TNA-PFN 0.4"``, ``"WM"``, ``"TNA-PFN 0.4 + WM"``...
+
+    Examples:
+      >>> comparison_name("vanilla", "WM + REPAIR"), comparison_name("TNA-PFN 0.4", "none")
+      ('WM + REPAIR', 'TNA-PFN 0.4')
+    """
+    if method == "none":
+        return arm
+    return method if arm == "vanilla" else f"{arm} + {method}"
+
+
 def _row(arm: str, method: str, per_pair: list[dict[str, float]], dist: list[float]) -> dict[str, Any]:
-    row: dict[str, Any] = {"arm": arm, "method": method, "pairs": len(per_pair)}
+    row: dict[str, Any] = {"name": comparison_name(arm, method), "arm": arm, "method": method,
+                           "pairs": len(per_pair)}
     for key in ("accuracy_barrier", "loss_barrier", "interp_accuracy", "avg_endpoint_accuracy", "interp_loss"):
         row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([p[key] for p in per_pair])
     row["distance_mean"], row["distance_std"] = _mean_std(dist)
     return row
 
 
-def _curves(net, eval_fn, opts, tx, label, pair, a, bs, data, eval_data, reset, key, plots) -> dict[str, Any]:
+def _curves(net, cfg, eval_fn, opts, tx, label, pair, a, bs, data, eval_data, reset, key, plots,
+            chunk) -> dict[str, Any]:
     ts = np.linspace(0.0, 1.0, int(opts.curve_points))
     out: dict[str, Any] = {"arm": label, "pair": list(pair)}
     for method, b in bs.items():
-        line = align.evaluate_curve(eval_fn, align.init_curve(a, b, "polychain"), eval_data, ts, bn_reset=reset)
+        line = align.evaluate_curve(eval_fn, align.init_curve(a, b, "polychain"), eval_data, ts, bn_reset=reset,
+                                    chunk=chunk)
         curve = align.init_curve(a, b, opts.curve_kind)
         curve, hist = align.train_curve(net, curve, (data.x_train, data.y_train), key=key,
                                         epochs=int(opts.curve_epochs),
                                         batch_size=min(int(opts.curve_batch), int(data.x_train.shape[0])),
-                                        num_t=int(opts.curve_num_t), optimizer=tx)
-        ev = align.evaluate_curve(eval_fn, curve, eval_data, ts, bn_reset=reset)
+                                        num_t=int(opts.curve_num_t), optimizer=tx,
+                                        steps_per_call=int(cfg.train.steps_per_call))
+        ev = align.evaluate_curve(eval_fn, curve, eval_data, ts, bn_reset=reset, chunk=chunk)
         out[method] = {"line_avg_accuracy": line["avg_accuracy"], "line_min_accuracy": line["min_accuracy"],
                        "curve_avg_accuracy": ev["avg_accuracy"], "curve_min_accuracy": ev["min_accuracy"],
                        "curve_max_loss": ev["max_loss"], "train_loss_first": hist[0]["loss"],
@@ -327,11 +354,16 @@ def markdown(report: dict[str, Any]) -> str:
                      f"({t['spec']['permutations']} permutations, BatchNorm: {t['model']['batch_norm']})\n")
         accs = ", ".join(f"{a['arm']} {_pm(a['test_accuracy_mean'], a['test_accuracy_std'])}" for a in t["arms"])
         parts.append(f"Endpoint test accuracy (%): {accs}.\n")
-        head = ("| arm | alignment | pairs | acc. barrier % | loss barrier | Interp. Acc. % (α=0.5) | "
-                "Avg. Acc. % | ‖θ_A − Pθ_B‖/‖θ_A‖ |\n|---|---|---|---|---|---|---|---|")
+        reset = (" BatchNorm statistics are reset on training data at every α (REPAIR rows: REPAIR "
+                 "corrects the statistics itself)." if t["model"]["batch_norm"] else "")
+        parts.append(f"Barriers on the {t['settings'].get('split', 'test')} split, mean ± std over seed pairs. WM: weight matching (Git "
+                     "Re-Basin), AM: activation matching, both applied to the second model of each pair; "
+                     f"REPAIR: applied at every α of the WM-aligned path.{reset}\n")
+        head = ("| comparison | pairs | acc. barrier % | loss barrier | Interp. Acc. % (α=0.5) | "
+                "Avg. Acc. % | ‖θ_A − Pθ_B‖/‖θ_A‖ |\n|---|---|---|---|---|---|---|")
         lines = [head]
         for r in t["rows"]:
-            lines.append(f"| {r['arm']} | {r['method']} | {r['pairs']} | "
+            lines.append(f"| {r['name']} | {r['pairs']} | "
                          f"{_pm(r['accuracy_barrier_mean'], r['accuracy_barrier_std'])} | "
                          f"{_pm(r['loss_barrier_mean'], r['loss_barrier_std'], 1.0, 3)} | "
                          f"{_pm(r['interp_accuracy_mean'], r['interp_accuracy_std'])} | "
@@ -356,6 +388,9 @@ def markdown(report: dict[str, Any]) -> str:
                         f"{_pm(c[f'{method}_curve_avg_accuracy_mean'], c[f'{method}_curve_avg_accuracy_std'])} / "
                         f"{_pm(c[f'{method}_curve_min_accuracy_mean'], c[f'{method}_curve_min_accuracy_std'])} |")
             parts.append("\n".join(lines) + "\n")
+        sec = t["seconds"]
+        phases = ", ".join(f"{k} {sec[k]:.0f}" for k in ("train", "matching", "paths", "repair", "curves") if k in sec)
+        parts.append(f"Seconds: {phases}; total {sec['total']:.0f} (wall), {sec.get('cpu', math.nan):.0f} CPU.\n")
     return "\n".join(parts)
 
 
