@@ -71,27 +71,31 @@ def write_json(path: str, obj: Any, *, indent: int | None = 2) -> str:
       >>> read_json(path)
       {'acc': 0.5, 'n': [0, 1]}
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent, sort_keys=True, default=_json_default, allow_nan=True)
-            f.write("\n")
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600: reports must stay readable by the group
-            f.flush()
-            os.fsync(f.fileno())
-        faults.point(f"write:{os.path.basename(path)}")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    # Serialised before anything touches the disk: an unserialisable object leaves no file behind.
+    text = json.dumps(obj, indent=indent, sort_keys=True, default=_json_default, allow_nan=True) + "\n"
+    return write_text(path, text)
 
 
 def write_text(path: str, text: str) -> str:
-    """Writes text to `path` atomically."""
+    """Writes `text` to `path` atomically: a temporary file in the same directory, fsync, rename.
+
+    A reader sees the old file or the new one, never a part; a process killed in between leaves
+    only a temporary (``.<name>.<random>.tmp``, removed by :func:`remove_stale_temporaries`).
+    The file is made 0644 (``mkstemp`` makes 0600: reports must stay readable by the group).
+
+    Args:
+      path: the file (its directory is created).
+      text: the contents.
+
+    Returns:
+      `path`.
+
+    Examples:
+      >>> import os, tempfile
+      >>> path = write_text(os.path.join(tempfile.mkdtemp(), "report.md"), "# hello\\n")
+      >>> open(path).read(), oct(os.stat(path).st_mode & 0o777)
+      ('# hello\\n', '0o644')
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -119,7 +123,13 @@ def remove_stale_temporaries(directory: str) -> list[str]:
 
     Call it only while no other process writes there (a run holds its workdir's lock).
 
-    Example:
+    Args:
+      directory: the directory to clean (not recursive).
+
+    Returns:
+      The names of the files removed, sorted.
+
+    Examples:
       >>> import tempfile
       >>> remove_stale_temporaries(tempfile.mkdtemp())
       []
@@ -220,6 +230,11 @@ class Checkpointer:
     Args:
       directory: where the steps live (created if missing).
       keep: how many most recent steps to keep.
+
+    Raises:
+      ValueError: `keep` not a positive integer.
+      CheckpointError: (from :meth:`restore`) a step that is damaged, or of another model (the
+        first leaf whose shape or dtype differs is named with both).
 
     Examples:
       >>> import tempfile, jax.numpy as jnp

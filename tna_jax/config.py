@@ -289,6 +289,13 @@ def check_relative_path(field: str, value: Any) -> str:
     Allowed: a non-empty relative path without ``..`` components, NUL bytes or a leading ``~``.
     (Symbolic links are checked where the path is joined: :func:`tna_jax.experiment.workdir_path`.)
 
+    Args:
+      field: the config field's dotted name (for the message), e.g. ``"soup.out_file"``.
+      value: the path to check.
+
+    Returns:
+      `value`, unchanged.
+
     Raises:
       ConfigError: naming ``config.<field>``, the value and what is allowed.
 

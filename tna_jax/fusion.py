@@ -137,12 +137,6 @@ def num_candidates(stacked: PyTree, name: str = "stacked") -> int:
     return int(k)
 
 
-def _map(fn: Callable[[Any], Any], xs: Any, chunk: int | None) -> Any:
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
-        raise ValueError(f"chunk must be a positive integer or None; got {chunk!r}.")
-    return jax.vmap(fn)(xs) if chunk is None else jax.lax.map(fn, xs, batch_size=int(chunk))
-
-
 def evaluate_candidates(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array],
                         *, chunk: int | None = None) -> dict[str, np.ndarray]:
     """Loss and accuracy of each of K stacked models: one jitted ``vmap`` of `eval_fn`.
@@ -167,27 +161,22 @@ def evaluate_candidates(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array,
     """
     x, y = lmc.check_data(data)
     num_candidates(stacked)
-    _check_chunk(chunk)
+    chunk = lmc.check_chunk(chunk)
     out = _candidates_program(eval_fn, chunk)(stacked, x, y)
     return {k: np.asarray(v) for k, v in out.items()}
-
-
-def _check_chunk(chunk: int | None) -> None:
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
-        raise ValueError(f"chunk must be a positive integer or None; got {chunk!r}.")
 
 
 # One compiled program per (eval_fn, chunk), as in tna_jax.lmc: repeated soups of the same models
 # (seeds, arms, benchmark rounds) reuse it instead of tracing and compiling a fresh closure.
 @functools.lru_cache(maxsize=64)
 def _candidates_program(eval_fn: EvalFn, chunk: int | None) -> Callable[..., Any]:
-    return jax.jit(lambda s, x, y: _map(lambda v: eval_fn(v, x, y), s, chunk))
+    return jax.jit(lambda s, x, y: lmc.map_points(lambda v: eval_fn(v, x, y), s, chunk))
 
 
 @functools.lru_cache(maxsize=64)
 def _soups_program(eval_fn: EvalFn, chunk: int | None) -> Callable[..., Any]:
     def compute(stacked, w, x, y):
-        return _map(lambda row: eval_fn(tree_lib.weighted_mean(stacked, row), x, y), w, chunk)
+        return lmc.map_points(lambda row: eval_fn(tree_lib.weighted_mean(stacked, row), x, y), w, chunk)
 
     return jax.jit(compute)
 
@@ -241,7 +230,7 @@ def evaluate_soups(eval_fn: EvalFn, stacked: PyTree, weights: Any, data: tuple[j
     x, y = lmc.check_data(data)
     k = num_candidates(stacked)
     w = _check_weight_rows(weights, k)
-    _check_chunk(chunk)
+    chunk = lmc.check_chunk(chunk)
     out = _soups_program(eval_fn, chunk)(stacked, w, x, y)
     return {k_: np.asarray(v) for k_, v in out.items()}
 
@@ -347,7 +336,7 @@ def _greedy_program(eval_fn: EvalFn, chunk: int | None) -> Callable[..., Any]:
     """The whole greedy soup (candidate evaluation, sort, scan over candidates) as one program."""
 
     def compute(stacked, x, y):
-        ind = _map(lambda v: eval_fn(v, x, y), stacked, chunk)
+        ind = lmc.map_points(lambda v: eval_fn(v, x, y), stacked, chunk)
         k = ind["accuracy"].shape[0]
         order = jnp.argsort(-ind["accuracy"], stable=True)
         w0 = jax.nn.one_hot(order[0], k, dtype=jnp.float32)
@@ -404,7 +393,7 @@ def greedy_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, jax
     """
     x, y = lmc.check_data(held_out)
     num_candidates(stacked)
-    _check_chunk(chunk)
+    chunk = lmc.check_chunk(chunk)
     ind, order, w, acc, loss, trials = _greedy_program(eval_fn, chunk)(stacked, x, y)
     order = np.asarray(order)
     w = np.asarray(w, np.float64)

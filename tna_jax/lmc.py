@@ -48,7 +48,7 @@ EvalFn = Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]]
 __all__ = [
     "interpolate", "default_alphas", "lmc_path", "barriers", "all_pairs", "pairwise_barriers", "fuse",
     "check_compatible", "check_data", "layer_groups", "layerwise_lmc", "LAYERWISE_MODES",
-    "reset_bn_stats", "with_bn_reset", "map_points", "auto_chunk", "intermediate_bytes", "AUTO",
+    "reset_bn_stats", "with_bn_reset", "map_points", "check_chunk", "auto_chunk", "intermediate_bytes", "AUTO",
 ]
 
 
@@ -151,16 +151,29 @@ AUTO_CHUNK_BYTES = {"cpu": 4 << 20}
 AUTO_CHUNK_BYTES_ACCELERATOR = 1 << 30
 
 
-def _check_chunk(chunk: Chunk) -> None:
-    if chunk == AUTO:
-        return
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+def check_chunk(chunk: Chunk) -> Chunk:
+    """Checks a `chunk` argument of the map/path functions; returns it in canonical form.
+
+    Args:
+      chunk: ``None`` (every point at once), ``"auto"`` (sized from memory, :func:`auto_chunk`)
+        or a positive integer (that many points at a time).
+
+    Returns:
+      `chunk` as ``None``, ``"auto"`` or a Python ``int`` (hashable: the program caches key on it).
+
+    Raises:
+      ValueError: anything else (0, negative, a float, a bool, another string).
+
+    Examples:
+      >>> import numpy as np
+      >>> check_chunk(np.int64(4)), check_chunk(None), check_chunk("auto")
+      (4, None, 'auto')
+    """
+    if chunk is None or (isinstance(chunk, str) and chunk == AUTO):
+        return chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer, None (all points at once) or 'auto'; got {chunk!r}.")
-
-
-def _normal_chunk(chunk: Chunk) -> Chunk:
-    """A hashable, canonical chunk for the program caches."""
-    return chunk if chunk is None or chunk == AUTO else int(chunk)
+    return int(chunk)
 
 
 def _sub_jaxprs(value: Any) -> list[Any]:
@@ -351,10 +364,10 @@ def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, alphas: Sequence[float] | ja
     if not callable(eval_fn):
         raise TypeError(f"eval_fn must be a function eval_fn(variables, x, y); got {type(eval_fn).__name__}.")
     x, y = check_data(data)
-    _check_chunk(chunk)
+    chunk = check_chunk(chunk)
     check_compatible(a, b)
     alphas = _check_alphas(alphas)
-    out = _path_program(eval_fn, _normal_chunk(chunk), bool(jit))(a, b, alphas, x, y)
+    out = _path_program(eval_fn, chunk, bool(jit))(a, b, alphas, x, y)
     return {"alpha": alphas, "loss": out["loss"], "accuracy": out["accuracy"]}
 
 
@@ -495,7 +508,7 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
       ([(0, 1), (0, 2), (1, 2)], 0.0)
     """
     x, y = check_data(data)
-    _check_chunk(chunk)
+    chunk = check_chunk(chunk)
     leaves = jax.tree.leaves(stacked)
     if not leaves:
         raise ValueError("stacked has no arrays.")
@@ -513,7 +526,7 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
     # Flatten (pair, α) into one batch axis so chunking bounds the total work in flight.
     pi = jnp.repeat(jnp.arange(len(pairs), dtype=jnp.int32), k)
     al = jnp.tile(alphas_arr, len(pairs))
-    out = _pairs_program(eval_fn, _normal_chunk(chunk), bool(jit))(stacked, ii, jj, pi, al, x, y)
+    out = _pairs_program(eval_fn, chunk, bool(jit))(stacked, ii, jj, pi, al, x, y)
     loss = np.asarray(out["loss"]).reshape(len(pairs), k)
     acc = np.asarray(out["accuracy"]).reshape(len(pairs), k)
     per_pair = [barriers({"alpha": alphas_arr, "loss": loss[p], "accuracy": acc[p]}) for p in range(len(pairs))]
@@ -800,7 +813,7 @@ def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupS
     if data is None:
         raise ValueError("layerwise_lmc needs data=(x, y) to evaluate on; got None.")
     x, y = check_data(data)
-    _check_chunk(chunk)
+    chunk = check_chunk(chunk)
     check_compatible(a, b)
     alphas_arr = _check_alphas(alphas)
     named = _cumulative(layer_groups(a, groups, layer_order=layer_order), mode)
@@ -811,7 +824,7 @@ def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupS
     g, k = matrix.shape[0], alphas_arr.shape[0]
     gi = jnp.repeat(jnp.arange(g, dtype=jnp.int32), k)
     al = jnp.tile(alphas_arr, g)
-    out = _layerwise_program(eval_fn, _normal_chunk(chunk), bool(jit))(a, b, masks, gi, al, x, y)
+    out = _layerwise_program(eval_fn, chunk, bool(jit))(a, b, masks, gi, al, x, y)
     loss = np.asarray(out["loss"]).reshape(g, k)
     acc = np.asarray(out["accuracy"]).reshape(g, k)
     per_group = [barriers({"alpha": alphas_arr, "loss": loss[i], "accuracy": acc[i]}) for i in range(g)]

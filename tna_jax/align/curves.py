@@ -261,14 +261,14 @@ def evaluate_curve(eval_fn: Callable[[PyTree, jax.Array, jax.Array], dict[str, j
     Returns:
       ``{"t", "loss", "accuracy"}`` (NumPy arrays over t) and ``avg_accuracy``, ``min_accuracy``,
       ``avg_loss``, ``max_loss`` (floats).
+
+    Raises:
+      ValueError / TypeError: `data` not a pair of the same positive length, or a bad `chunk`.
     """
     x, y = _xy(data, "data")
     ts = jnp.asarray(np.linspace(0.0, 1.0, 21) if ts is None else ts, jnp.float32)
 
-    if chunk is not None and chunk != lmc_lib.AUTO:
-        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
-            raise ValueError(f"chunk must be None, 'auto' or a positive integer; got {chunk!r}.")
-        chunk = int(chunk)
+    chunk = lmc_lib.check_chunk(chunk)
     out = jax.device_get(_eval_fn(eval_fn, chunk, bn_reset)(ts, curve, x, y))
     acc = np.asarray(out["accuracy"], np.float64)
     loss = np.asarray(out["loss"], np.float64)

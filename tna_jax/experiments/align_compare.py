@@ -286,6 +286,13 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
 def comparison_name(arm: str, method: str) -> str:
     """The row's name in the tables: ``"vanilla"``, ``"TNA-PFN 0.4"``, ``"WM"``, ``"TNA-PFN 0.4 + WM"``...
 
+    Args:
+      arm: how the endpoints were trained (``"vanilla"`` or ``"TNA-PFN <ratio>"``).
+      method: the post-training step (``"none"``, ``"WM"``, ``"AM"``, ``"WM + REPAIR"``...).
+
+    Returns:
+      The method alone for vanilla endpoints, the arm alone without a method, else both.
+
     Examples:
       >>> comparison_name("vanilla", "WM + REPAIR"), comparison_name("TNA-PFN 0.4", "none")
       ('WM + REPAIR', 'TNA-PFN 0.4')
@@ -347,7 +354,20 @@ def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The report's tables as Markdown."""
+    """The report's tables as Markdown (the ``report.md`` of an ``align_compare`` run).
+
+    Args:
+      report: the ``report.json`` contents of an ``align_compare`` run (``{"tasks": {...}}``).
+
+    Returns:
+      Per task: endpoint accuracies, the barrier table (one row per comparison) and the curve
+      table, as one Markdown string.
+
+    Examples:
+      >>> import json
+      >>> markdown({"tasks": {}})
+      ''
+    """
     parts = []
     for name, t in report["tasks"].items():
         parts.append(f"## {name}: {t['model']['name']} on {t['data']['name']} "

@@ -286,7 +286,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
       >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 2)
       >>> alg = fed_pfn(net, optax.sgd(0.1), 0.5, jax.random.key(0), num_clients=2, max_examples=4, batch_size=2)
       >>> state = alg.init(net.init(jax.random.key(1))["params"])
-      >>> 0.4 < anchors.mask_summary(state.mask)["overall"] < 0.7, int(state.round)
+      >>> 0.25 < anchors.mask_summary(state.mask)["overall"] < 0.75, int(state.round)  # 58 weights, ρ = 0.5
       (True, 0)
 
     ``jax.jit(alg.apply)(state, clients, key)`` then runs a round (``tests/test_federated.py``
