@@ -108,7 +108,9 @@ def activation_correlations(net: Any, a: PyTree, b: PyTree, data: Any, *, batch_
     analysis = analyze(net, a, batch_size=bs)
     spec = analysis.spec
     spec.check_variables(a, argument="a")
-    for name, fps in analysis.features.items():
+    # In the spec's order (the model's), so the error names the first layer that is short of data.
+    for name in (n for n in spec.names if n in analysis.features):
+        fps = analysis.features[name]
         units = spec.size[name] * (spec.size[spec.parent[name]] if spec.parent[name] else 1)
         for fp in fps:
             other = int(np.prod(fp.factors)) // units
