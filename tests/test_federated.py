@@ -3,7 +3,6 @@ experiment kind, resume after SIGKILL and the multi-process run."""
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,6 @@ from hypothesis import strategies as st
 from util import ROOT, run_python
 
 from tna_jax import anchors, data, models, training
-from tna_jax import checkpoint as ckpt_lib
 from tna_jax import tree as tree_lib
 from tna_jax.config import ConfigError, default_config, federated_config, validate
 from tna_jax.federated import algorithms, client, driver, partition
@@ -292,43 +290,8 @@ def test_seeds_vmapped_and_sharded_rounds_match_one_seed_at_a_time(problem, pfn)
 # The experiment: resume after SIGKILL, and several processes.
 # ---------------------------------------------------------------------------------------------
 
-FED_ARGS = ["--config=configs/fed_mnist1d.py", "--config.num_seeds=2", "--config.data.num_samples=600",
-            "--config.model.depth=1", "--config.model.width=16", "--config.federated.num_clients=6",
-            "--config.federated.rounds=6", "--config.federated.eval_every=2", "--config.federated.checkpoint_every=2",
-            "--config.federated.algorithms=('fedavg','fedpnu')", "--config.federated.server_optimizers=('fedavgm',)",
-            "--config.federated.client_fraction=0.5", "--config.train.progress=False", "--cpu_devices=2"]
-
-
-def run_fed(workdir, env=None):
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    return subprocess.run([sys.executable, "train.py", *FED_ARGS, f"--workdir={workdir}"], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=600)
-
-
-@pytest.mark.slow
-def test_federated_run_resumes_after_sigkill_bit_identical(tmp_path):
-    killed = run_fed(tmp_path / "a", env={"TNA_JAX_KILL_AT": "after_save:4"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert not (tmp_path / "a" / "report.json").exists()
-    resumed = run_fed(tmp_path / "a")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from the checkpoint of round 4" in resumed.stdout
-    straight = run_fed(tmp_path / "b")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    digests = []
-    for w in ("a", "b"):
-        ckpt = ckpt_lib.Checkpointer(str(tmp_path / w / "checkpoints"))
-        digests.append((ckpt.latest_step(), ckpt.read_meta(ckpt.latest_step())["state_digest"]))
-    assert digests[0] == digests[1] and digests[0][0] == 6
-    ra, rb = (json.load(open(tmp_path / w / "report.json")) for w in ("a", "b"))
-    assert [r["final_accuracy"] for r in ra["arms"]] == [r["final_accuracy"] for r in rb["arms"]]
-    assert ra["training"]["resumed_from"] == 4 and ra["curves"] == rb["curves"]
-    assert [r["arm"] for r in ra["arms"]] == ["FedAvg + FedAvgM", "FedPNU ρ=0.4 + FedAvgM"]
-    assert ra["curves"]["FedAvg + FedAvgM"]["rounds"] == [2, 4, 6]
-    lines = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
-    assert [r["round"] for r in lines] == [r for r in (2, 4, 6) for _ in range(4)]
-    assert (tmp_path / "a" / "accuracy_vs_round.png").exists()
-    assert "final − FedAvg" in (tmp_path / "a" / "report.md").read_text()
+# Resuming a federated run after SIGKILL / SIGTERM (21 interruptions, bit-identical to an
+# uninterrupted run): tests/test_reliability_crash.py::test_federated_crash_chain_resumes_bit_identical.
 
 
 MULTIPROCESS_CODE = """

@@ -30,6 +30,7 @@ import dataclasses
 import importlib.util
 import os
 import re
+import signal
 import time
 from typing import Any
 
@@ -426,7 +427,8 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         if checkpointer is None:
             return
         faults.point(f"before_save:{done}")
-        checkpointer.save(done, states, meta={"round": done, "arms": [a.label for a in arms]})
+        with faults.during(f"during_save:{done}", checkpointer.directory):
+            checkpointer.save(done, states, meta={"round": done, "arms": [a.label for a in arms]})
         faults.point(f"after_save:{done}")
 
     bar = None
@@ -436,6 +438,8 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         bar = tqdm(total=rounds, initial=start_round, desc=f"{len(arms)} arms x {config.num_seeds} seeds",
                    unit="round", dynamic_ncols=True)
     t_train = time.time()
+    # SIGTERM/SIGINT (a preemption notice) is honoured at the next round boundary: checkpoint, stop.
+    stop = training._StopSignal()
     try:
         for r in range(start_round, rounds):
             round_metrics = {}
@@ -468,11 +472,17 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
                         means.setdefault(row["arm"], []).append(row[f"{split}_accuracy"])
                     bar.set_postfix({k[:14]: f"{np.mean(v):.3f}" for k, v in list(means.items())[:4]}, refresh=False)
             faults.point(f"round_end:{done}")
-            if done % f.checkpoint_every == 0 or done == rounds:
+            if done % f.checkpoint_every == 0 or done == rounds or stop.signal is not None:
                 save(done)
             if bar is not None:
                 bar.update(1)
+            if stop.signal is not None and done < rounds:
+                name = signal.Signals(stop.signal).name
+                saved = f"checkpoint saved in {checkpointer.directory}" if checkpointer else "no workdir, nothing saved"
+                raise training.Preempted(f"stopped by {name} after round {done} of {rounds}; {saved}. "
+                                         "Rerun the same command to resume.")
     finally:
+        stop.restore()
         if bar is not None:
             bar.close()
         metrics_log.close()
