@@ -44,10 +44,12 @@ def quadratic_loss(params, x, y):
 # ---------------------------------------------------------------------------------------------
 
 
+# Shapes from a few sizes (1 to 64, odd and even): every new shape compiles the mask program again,
+# while ratio and seed, what the property is about, stay free.
 @given(
     ratio=st.floats(0.0, 1.0),
-    rows=st.integers(1, 64),
-    cols=st.integers(1, 64),
+    rows=st.sampled_from([1, 3, 16, 64]),
+    cols=st.sampled_from([1, 5, 32, 64]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_realised_fraction_is_within_five_binomial_std(ratio, rows, cols, seed):

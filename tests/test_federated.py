@@ -290,7 +290,7 @@ def test_seeds_vmapped_and_sharded_rounds_match_one_seed_at_a_time(problem, pfn)
 # The experiment: resume after SIGKILL, and several processes.
 # ---------------------------------------------------------------------------------------------
 
-# Resuming a federated run after SIGKILL / SIGTERM (21 interruptions, bit-identical to an
+# Resuming a federated run after SIGKILL / SIGTERM (13 interruptions, bit-identical to an
 # uninterrupted run): tests/test_reliability_crash.py::test_federated_crash_chain_resumes_bit_identical.
 
 

@@ -371,30 +371,23 @@ def fed_command(workdir):
 
 
 def fed_schedule(seed=3):
-    """21 interruptions of a 6-round federated run (checkpoints after rounds 2, 4, 6), in the order
-    the resumed runs reach them: kills at round ends, before/during/after checkpoint writes, between
-    atomic writes and their renames, SIGTERM at a round end (checkpoint at once, exit 143), a kill
-    while writing that preemption checkpoint, and seeded random times."""
+    """13 interruptions of a 6-round federated run (checkpoints after rounds 2, 4, 6), in the order
+    the resumed runs reach them, one or two of each kind: a kill at a round end (with a metrics line
+    cut), before/during/after a checkpoint write, between an atomic write and its rename, SIGTERM at
+    a round end (checkpoint at once, exit 143), a kill while writing that preemption checkpoint, and
+    seeded random times. (The training chain above is the long one: 29 interruptions.)"""
     rng = random.Random(seed)
     return [
         Kill(point="write:config.json"),
         Kill(after_s=rng.uniform(0.2, 1.5), point="round_end:1"),
-        Kill(point="round_end:1"),
         Kill(point="round_end:2", damage=cut_metrics_line),
-        Kill(point="before_save:2"),
-        Kill(point="during_save:2", files=1),
         Kill(point="during_save:2", files=2),
         Kill(point="after_save:2"),
-        Kill(point="round_end:3"),
         Kill(term="round_end:3"),
         Kill(point="round_end:4"),
-        Kill(point="during_save:4", files=1),
         Kill(term="round_end:5", point="during_save:5", files=2),
         Kill(after_s=rng.uniform(0.5, 3.0), point="round_end:5"),
-        Kill(point="round_end:5"),
-        Kill(point="round_end:6", damage=cut_metrics_line),
-        Kill(point="before_save:6"),
-        Kill(point="during_save:6", files=2),
+        Kill(point="during_save:6", files=1),
         Kill(point="after_save:6"),
         Kill(point="write:report.json"),
         Kill(point="write:report.md"),
@@ -433,7 +426,7 @@ def test_federated_crash_chain_resumes_bit_identical(tmp_path, launcher, reliabi
     preempted = [a for a in attempts if a.outcome == "preempted"]
     assert preempted and "stopped by SIGTERM after round 3 of 6; checkpoint saved" in preempted[0].output
     assert attempts[-1].resumed_from is not None  # the last run resumed rather than starting over
-    assert sum(t for k, (t, _) in per_kind.items() if k.startswith("sigkill")) >= 15
+    assert sum(t for k, (t, _) in per_kind.items() if k.startswith("sigkill")) >= 10
     report = json.load(open(os.path.join(workdir, "report.json")))
     assert [r["arm"] for r in report["arms"]] == ["FedAvg + FedAvgM", "FedPNU ρ=0.4 + FedAvgM"]
     assert report["curves"]["FedAvg + FedAvgM"]["rounds"] == [2, 4, 6]
