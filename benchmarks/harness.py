@@ -16,7 +16,8 @@ from tna_jax import models, training
 
 class Trainer:
     """`config.num_seeds` x arms runs of `config`'s model, trained by the library's jitted epoch
-    function (vmap over runs of a scan over steps), optionally sharded over every device."""
+    function (vmap, or for conv nets on CPU a loop, over runs of a scan over steps; see
+    ``training.run_axis_plan`` and ``config.train.run_axis``), optionally sharded over every device."""
 
     def __init__(self, config, dataset: data_lib.Dataset, *, shard: bool = False, like: Trainer | None = None):
         """`like`: a trainer of the same shapes (e.g. another seed) whose compiled epoch to reuse."""
@@ -33,15 +34,18 @@ class Trainer:
         factory = training.make_transform(base, config, self.net, training.arms_from_config(config))
         self.state = jax.jit(lambda k: training.init_runs(self.net, factory, runs, k))(self.keys)
         # The same loop plan as training.fit (steps per call, scan unroll), whole epochs only.
+        mesh = training.run_mesh() if shard and self.num_runs % jax.device_count() == 0 else None
+        self.run_axis = training.resolve_run_axis(config, self.net)
+        per_device = self.num_runs // (mesh.size if mesh is not None else 1)
         self.chunk, unroll = training.loop_plan(self.net, self.steps, int(config.train.steps_per_call),
-                                                int(config.train.unroll))
+                                                int(config.train.unroll),
+                                                runs_per_device=per_device if self.run_axis == "loop" else 1)
         if self.steps % self.chunk:
             raise ValueError(f"steps per epoch ({self.steps}) must be a multiple of the steps per call ({self.chunk})")
         self.epoch_fn = like.epoch_fn if like is not None else training.make_train_epoch(
             self.net, factory(0.0, jax.random.key(0)), num_train=n, batch_size=batch, num_steps=self.chunk,
-            unroll=unroll)
-        if shard and self.num_runs % jax.device_count() == 0:
-            mesh = training.run_mesh()
+            unroll=unroll, run_axis=self.run_axis, mesh=mesh)
+        if mesh is not None:
             self.state, self.keys = training.shard_runs(self.state, mesh), training.shard_runs(self.keys, mesh)
             self.data = training.replicate(self.data, mesh)
         self.epoch = 0

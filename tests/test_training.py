@@ -178,7 +178,7 @@ def test_conv_nets_on_cpu_unroll_their_steps_and_match_the_rolled_loop():
     assert training.loop_plan(mlp, 20, backend="cpu") == (20, 1)
     dd = data.to_device(digits)
     state, keys, factory = init_state(c, net)
-    kwargs = dict(num_train=256, batch_size=64, donate=False, num_steps=4)
+    kwargs = dict(num_train=256, batch_size=64, donate=False, num_steps=2)
     rolled = training.make_train_epoch(net, factory(0.0, jax.random.key(0)), **kwargs)
     unrolled = training.make_train_epoch(net, factory(0.0, jax.random.key(0)), unroll=True, **kwargs)
     a, ma = rolled(state, keys.data, keys.dropout, 0, 0, dd.x_train, dd.y_train)
@@ -186,6 +186,24 @@ def test_conv_nets_on_cpu_unroll_their_steps_and_match_the_rolled_loop():
     chex.assert_trees_all_close(a.params, b.params, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ma.loss_sum, mb.loss_sum, rtol=1e-5)
     assert np.all(np.asarray(ma.loss_sum) > 0)
+    # The looped run axis (what fit picks for conv nets on CPU) trains the same runs.
+    assert training.run_axis_plan(net, "cpu") == "loop" and training.run_axis_plan(net, "gpu") == "vmap"
+    assert training.run_axis_plan(mlp, "cpu") == "vmap"
+    vit = models.build({"name": "vit", "patch_size": 2, "dim": 16, "depth": 1, "heads": 2}, (8, 8, 1), 10)
+    assert training.uses_convolutions(vit) and training.run_axis_plan(vit, "cpu") == "vmap"  # patches: a matmul
+    assert training.loop_plan(net, 20, backend="cpu", runs_per_device=2) == (4, True)
+    assert training.loop_plan(net, 20, backend="cpu", runs_per_device=16) == (1, True)
+    looped = training.make_train_epoch(net, factory(0.0, jax.random.key(0)), unroll=True, run_axis="loop", **kwargs)
+    c_, mc = looped(state, keys.data, keys.dropout, 0, 0, dd.x_train, dd.y_train)
+    chex.assert_trees_all_close(b.params, c_.params, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(b.opt_state, c_.opt_state, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mb.loss_sum, mc.loss_sum, rtol=1e-5)
+    np.testing.assert_array_equal(mb.correct, mc.correct)
+    vm = training.evaluate_runs(net, b, dd.x_test, dd.y_test)
+    np.testing.assert_allclose(jax.vmap(training.make_eval_fn(net), in_axes=(0, None, None))(
+        b.variables(), dd.x_test, dd.y_test)["loss"], vm["loss"], rtol=1e-5)  # evaluate_runs loops here
+    with pytest.raises(ValueError, match=r"run_axis must be one of \('vmap', 'loop'\); got 'pmap'"):
+        training.make_train_epoch(net, factory(0.0, jax.random.key(0)), run_axis="pmap", **kwargs)
 
 
 def test_eval_fn_matches_a_direct_computation(dataset):
@@ -327,8 +345,17 @@ c = tiny_config(num_seeds=3, anchor__ratio=0.5)
 ds = data.load(c.data)
 net = models.build(c.model, ds.input_shape, ds.num_classes)
 res = training.fit(c, net, ds, log=lambda s: None)
+# A conv net: on CPU its runs are looped, per device under shard_map when there are several.
+cc = tiny_config(train__epochs=1, data__source="digits", model={"name": "cnn", "width": 0.25, "hidden": 16},
+                 num_seeds=1, train__steps_per_call=1)  # one step per program: a short compile
+digits = data.load(cc.data)
+cnn = models.build(cc.model, digits.input_shape, digits.num_classes)
+assert training.resolve_run_axis(cc, cnn) == "loop"
+conv = training.fit(cc, cnn, digits, log=lambda s: None)
 print(json.dumps({"devices": jax.device_count(), "acc": res.test["accuracy"].tolist(),
-                  "kernel": np.asarray(res.state.params["dense_0"]["kernel"]).ravel()[::97].tolist()}))
+                  "kernel": np.asarray(res.state.params["dense_0"]["kernel"]).ravel()[::97].tolist(),
+                  "conv_acc": conv.test["accuracy"].tolist(),
+                  "conv_head": np.asarray(conv.state.params["head"]["kernel"]).ravel()[::7].tolist()}))
 """
 
 
@@ -343,6 +370,9 @@ def test_four_devices_match_one_device():
     assert len(b["acc"]) == 6  # 6 runs padded to 8 on 4 devices; padding is not reported
     np.testing.assert_allclose(a["kernel"], b["kernel"], atol=1e-5)
     np.testing.assert_allclose(a["acc"], b["acc"], atol=2e-3)
+    assert len(b["conv_acc"]) == 2  # 2 arms x 1 seed, padded to one run per device
+    np.testing.assert_allclose(a["conv_head"], b["conv_head"], atol=1e-4)
+    np.testing.assert_allclose(a["conv_acc"], b["conv_acc"], atol=3e-3)
 
 
 def read_tensorboard_scalars(logdir):

@@ -48,7 +48,8 @@ __all__ = [
     "Arm", "Run", "TrainState", "RunKeys", "TrainResult", "TrainingDiverged", "Preempted",
     "arms_from_config", "make_runs", "make_run_keys", "make_optimizer", "make_transform",
     "init_runs", "make_train_epoch", "make_eval_fn", "evaluate_runs", "cross_entropy",
-    "run_mesh", "shard_runs", "fit",
+    "run_mesh", "shard_runs", "fit", "StopSignal", "loop_over_runs", "run_axis_plan",
+    "resolve_run_axis",
 ]
 
 
@@ -60,11 +61,23 @@ class Preempted(RuntimeError):
     """SIGTERM (or SIGINT) arrived; a checkpoint was saved at the next step boundary."""
 
 
-class _StopSignal:
+class StopSignal:
     """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint and stop cleanly.
 
-    Installed only in the main thread (Python's rule for signal handlers); restores the previous
-    handlers when training ends.
+    Installed only in the main thread (Python's rule for signal handlers); :meth:`restore` puts
+    the previous handlers back. Every long loop of tna_jax (``fit``, federated rounds) polls
+    ``signal`` at its step or round boundary, saves a checkpoint and raises :class:`Preempted`.
+
+    Attributes:
+      signal: the signal number received, or None.
+
+    Examples:
+      >>> import os, signal
+      >>> stop = StopSignal()
+      >>> os.kill(os.getpid(), signal.SIGTERM)  # recorded, not fatal
+      >>> stop.signal == signal.SIGTERM
+      True
+      >>> stop.restore()
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -541,7 +554,7 @@ class ChunkMetrics(NamedTuple):
 def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: int, batch_size: int,
                      augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
                      label_smoothing: float = 0.0, donate: bool = True, num_steps: int | None = None,
-                     unroll: int | bool = 1):
+                     unroll: int | bool = 1, run_axis: str = "vmap", mesh: Mesh | None = None):
     """Builds ``train_chunk(state, data_keys, dropout_keys, epoch, start, x_train, y_train)``.
 
     One call trains every run for `num_steps` consecutive steps of epoch `epoch`, starting at step
@@ -551,6 +564,13 @@ def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: i
     jitted with the state donated (updated in place); `start` is traced, so every chunk of the
     same length shares one compilation. `unroll` is ``lax.scan``'s: ``True`` unrolls the chunk's
     steps completely (see :func:`loop_plan`).
+
+    How the runs are mapped is `run_axis`: ``"vmap"`` batches them (the fast path on GPU/TPU, and
+    on CPU for nets without convolutions); ``"loop"`` traces one copy of the step per run inside
+    the same program, because XLA:CPU turns a vmapped convolution into a grouped one that runs
+    about 6x slower than the same convolutions one after another (:func:`run_axis_plan`). With a
+    `mesh` of several devices, ``"loop"`` is a ``shard_map`` over the mesh's ``"runs"`` axis and
+    each device loops over its own runs only. Both give the same numbers (tested).
 
     Args:
       net: the model.
@@ -563,12 +583,15 @@ def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: i
       donate: donate the state's buffers to the call (the input state is then invalid).
       num_steps: steps per call, in ``[1, steps per epoch]`` (None: the whole epoch).
       unroll: ``lax.scan``'s unroll.
+      run_axis: ``"vmap"`` or ``"loop"`` (see above).
+      mesh: for ``"loop"`` on several devices, the mesh the runs are sharded over
+        (:func:`run_mesh`); the data arrays are then replicated over it.
 
     Returns:
       The jitted ``train_chunk``, which returns ``(new_state, ChunkMetrics)`` with per-run sums.
 
     Raises:
-      ValueError: `num_steps` outside ``[1, steps per epoch]``.
+      ValueError: `num_steps` outside ``[1, steps per epoch]``, or an unknown `run_axis`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -596,6 +619,8 @@ def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: i
     steps = steps_total if num_steps is None else int(num_steps)
     if not 1 <= steps <= steps_total:
         raise ValueError(f"num_steps must be in [1, {steps_total}] (steps per epoch); got {num_steps!r}.")
+    if run_axis not in RUN_AXES:
+        raise ValueError(f"run_axis must be one of {RUN_AXES}; got {run_axis!r}.")
 
     def run_chunk(state: TrainState, data_key, dropout_key, epoch, start, x_train, y_train):
         data_key = jax.random.wrap_key_data(data_key)
@@ -634,34 +659,126 @@ def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: i
             step, init, (start + jnp.arange(steps), rows), unroll=unroll)
         return state, ChunkMetrics(loss_sum, correct_sum, jnp.full((), steps, jnp.int32), bad_step, bad_loss)
 
-    batched = jax.vmap(run_chunk, in_axes=(0, 0, 0, None, None, None, None))
+    if run_axis == "vmap":
+        batched = jax.vmap(run_chunk, in_axes=(0, 0, 0, None, None, None, None))
+    else:
+        batched = loop_over_runs(run_chunk, num_mapped=3, mesh=mesh)
     return jax.jit(batched, donate_argnums=(0,) if donate else ())
+
+
+RUN_AXES = ("vmap", "loop")
+
+
+def loop_over_runs(fn: Callable[..., Any], num_mapped: int, mesh: Mesh | None = None, *,
+                   unrolled: bool = True) -> Callable[..., Any]:
+    """``fn`` mapped over the leading (run) axis of its first `num_mapped` arguments by a loop,
+    the other arguments passed to every run.
+
+    This is ``jax.vmap(fn, in_axes=(0,) * num_mapped + (None,) * rest)`` with the same results,
+    for the case where batching is slower than repeating (convolutions on XLA:CPU). `unrolled`
+    traces one copy of ``fn`` per run (a Python loop: needed for convolution gradients, which
+    XLA:CPU runs ~30x slower inside a ``while`` loop); False is a ``lax.map`` (one copy, fast
+    compiles; fine for forward passes). With a `mesh` of more than one device it is a
+    ``shard_map`` over the ``"runs"`` axis: each device loops over its own block of runs, and the
+    shared arguments are replicated.
+
+    Args:
+      fn: the function of one run.
+      num_mapped: how many leading arguments carry the run axis.
+      mesh: the run mesh (:func:`run_mesh`), or None for one device.
+      unrolled: one traced copy per run (True) or a ``lax.map`` (False).
+
+    Returns:
+      The mapped function, to be jitted by the caller.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> f = loop_over_runs(lambda w, x: w * x, num_mapped=1)
+      >>> f(jnp.arange(3.0), 2.0).tolist()
+      [0.0, 2.0, 4.0]
+    """
+
+    def looped(*args):
+        mapped, shared = args[:num_mapped], args[num_mapped:]
+        if not unrolled:
+            return jax.lax.map(lambda m: fn(*m, *shared), mapped)
+        n = jax.tree.leaves(mapped)[0].shape[0]
+        outs = [fn(*jax.tree.map(lambda a, r=r: a[r], mapped), *shared) for r in range(n)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+    if mesh is None or mesh.size == 1:
+        return looped
+
+    def sharded(*args):
+        in_specs = (PartitionSpec("runs"),) * num_mapped + (PartitionSpec(),) * (len(args) - num_mapped)
+        return jax.shard_map(looped, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec("runs"),
+                             check_vma=False)(*args)
+
+    return sharded
+
+
+def run_axis_plan(net: Net, backend: str | None = None) -> str:
+    """``"loop"`` on CPU for a network with overlapping convolutions, else ``"vmap"`` (see
+    :func:`make_train_epoch`).
+
+    Measured on this 2-core CPU (``benchmarks/resnet20.py``): 4 ResNet-20 seeds vmapped train
+    about 10x slower than looped in one program. A convolution whose kernel equals its stride
+    (a ViT's patch embedding) is a matmul in disguise and vmaps well: looping a small ViT's 12
+    fine-tuning runs took 43 s against 9 s vmapped (compilation of 12 copies). On GPU and TPU,
+    vmap is the fast path.
+
+    Args:
+      net: the model.
+      backend: ``"cpu"``, ``"gpu"``, ``"tpu"`` (default: JAX's default backend).
+
+    Returns:
+      ``"loop"`` or ``"vmap"``, a `run_axis` for :func:`make_train_epoch`.
+
+    Examples:
+      >>> from tna_jax import models
+      >>> cnn = models.build({"name": "cnn", "width": 0.25, "hidden": 8}, (8, 8, 1), 10)
+      >>> mlp = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 3)
+      >>> run_axis_plan(cnn, "cpu"), run_axis_plan(cnn, "gpu"), run_axis_plan(mlp, "cpu")
+      ('loop', 'vmap', 'vmap')
+    """
+    return "loop" if (backend or jax.default_backend()) == "cpu" and any(_convolutions(net)) else "vmap"
 
 
 AUTO_UNROLL_STEPS = 8
 
 
-def uses_convolutions(net: Net) -> bool:
-    """Whether the network's forward pass contains a convolution (read off its jaxpr)."""
+@functools.lru_cache(maxsize=64)
+def _convolutions(net: Net) -> tuple[bool, ...]:
+    """One entry per convolution in the forward pass (read off its jaxpr): whether its windows
+    overlap (a kernel larger than its stride in some spatial dimension). A ViT's patch embedding
+    (kernel = stride) does not: it is a matmul on reshaped patches."""
     variables = jax.eval_shape(net.init, jax.random.key(0))
     x = jax.ShapeDtypeStruct((1, *net.input_shape), net.input_dtype)
     jaxpr = jax.make_jaxpr(lambda v, x: net.apply(v, x)[0])(variables, x).jaxpr
+    found: list[bool] = []
 
-    def walk(jaxpr) -> bool:
+    def walk(jaxpr) -> None:
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "conv_general_dilated":
-                return True
+                rhs = eqn.invars[1].aval.shape
+                window = [rhs[d] for d in eqn.params["dimension_numbers"].rhs_spec[2:]]
+                found.append(any(k > s for k, s in zip(window, eqn.params["window_strides"])))
             for param in eqn.params.values():
                 inner = getattr(param, "jaxpr", param)
-                if hasattr(inner, "eqns") and walk(inner):
-                    return True
-        return False
+                if hasattr(inner, "eqns"):
+                    walk(inner)
 
-    return walk(jaxpr)
+    walk(jaxpr)
+    return tuple(found)
+
+
+def uses_convolutions(net: Net) -> bool:
+    """Whether the network's forward pass contains a convolution (read off its jaxpr)."""
+    return bool(_convolutions(net))
 
 
 def loop_plan(net: Net, steps_per_epoch_: int, steps_per_call: int = 0, unroll: int = 0,
-              backend: str | None = None) -> tuple[int, int | bool]:
+              backend: str | None = None, runs_per_device: int = 1) -> tuple[int, int | bool]:
     """``(steps per jitted call, scan unroll)`` for :func:`make_train_epoch`.
 
     ``unroll=0`` is automatic: on CPU, a network with convolutions gets each call's steps
@@ -672,23 +789,53 @@ def loop_plan(net: Net, steps_per_epoch_: int, steps_per_call: int = 0, unroll: 
     compiles once (a shorter last call would compile a second one, which for an unrolled conv net
     costs as much as the first). Everything else keeps one rolled ``lax.scan`` over the call's
     steps (fast compiles, no dispatch per step). An explicit `unroll` (1 = rolled, k = unroll
-    factor) and `steps_per_call` (0 = the whole epoch) win.
+    factor) and `steps_per_call` (0 = the whole epoch) win. When the runs are looped
+    (:func:`run_axis_plan`), each device's program holds `runs_per_device` copies of every step,
+    so the automatic chunk shrinks to keep at most :data:`AUTO_UNROLL_STEPS` step copies in one
+    program (compile time grows with the copies: about 4.5 s each for ResNet-20 on this CPU).
 
     Examples:
       >>> from tna_jax import models
       >>> cnn = models.build({"name": "cnn", "width": 0.25, "hidden": 8}, (8, 8, 1), 10)
       >>> loop_plan(cnn, 20, backend="cpu"), loop_plan(cnn, 24, backend="cpu"), loop_plan(cnn, 20, backend="gpu")
       ((5, True), (8, True), (20, 1))
+      >>> loop_plan(cnn, 20, backend="cpu", runs_per_device=2)  # 4 steps x 2 runs per program
+      (4, True)
     """
     auto = unroll == 0 and (backend or jax.default_backend()) == "cpu" and uses_convolutions(net)
     if steps_per_call:
         chunk = int(steps_per_call)
     elif auto:
-        cap = min(steps_per_epoch_, AUTO_UNROLL_STEPS)
+        cap = min(steps_per_epoch_, max(1, AUTO_UNROLL_STEPS // max(1, int(runs_per_device))))
         chunk = next(d for d in range(cap, 0, -1) if steps_per_epoch_ % d == 0)
     else:
         chunk = steps_per_epoch_
     return chunk, (True if auto else max(1, int(unroll)))
+
+
+def resolve_run_axis(config: Any, net: Net) -> str:
+    """``config.train.run_axis``, with ``"auto"`` decided by :func:`run_axis_plan`.
+
+    Args:
+      config: the experiment config (``train.run_axis``: ``"auto"``, ``"vmap"`` or ``"loop"``).
+      net: the model.
+
+    Returns:
+      ``"vmap"`` or ``"loop"``.
+
+    Examples:
+      >>> from tna_jax import models
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> mlp = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 3)
+      >>> resolve_run_axis(c, mlp), c.train.run_axis
+      ('vmap', 'auto')
+      >>> c.train.run_axis = "loop"
+      >>> resolve_run_axis(c, mlp)
+      'loop'
+    """
+    choice = str(config.train.get("run_axis", "auto"))
+    return run_axis_plan(net) if choice == "auto" else choice
 
 
 def make_eval_fn(net: Net, batch_size: int = 1000) -> Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]]:
@@ -738,15 +885,28 @@ def make_eval_fn(net: Net, batch_size: int = 1000) -> Callable[[PyTree, jax.Arra
 
 
 @functools.lru_cache(maxsize=32)
-def _batched_eval(net: Net, batch_size: int):
-    return jax.jit(jax.vmap(make_eval_fn(net, batch_size), in_axes=(0, None, None)))
+def _batched_eval(net: Net, batch_size: int, run_axis: str, mesh: Mesh | None):
+    eval_fn = make_eval_fn(net, batch_size)
+    if run_axis == "vmap":
+        return jax.jit(jax.vmap(eval_fn, in_axes=(0, None, None)))
+    return jax.jit(loop_over_runs(eval_fn, 1, mesh, unrolled=False))
+
+
+def _run_mesh_of(tree: PyTree) -> Mesh | None:
+    """The mesh a run-sharded tree lives on (None when it is not split over several devices)."""
+    sharding = getattr(jax.tree.leaves(tree)[0], "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 and tuple(sharding.spec)[:1] == ("runs",):
+        return sharding.mesh
+    return None
 
 
 def evaluate_runs(net: Net, state: TrainState, x: jax.Array, y: jax.Array, batch_size: int = 1000) -> dict[str, np.ndarray]:
     """Loss and accuracy of every run on (x, y), in one call; NumPy arrays of shape (runs,).
 
     The jitted, vmapped :func:`make_eval_fn` is cached per ``(net, batch_size)``, so repeated
-    evaluations (every epoch) compile once.
+    evaluations (every epoch) compile once. Convolutional nets on CPU map the runs with a
+    ``lax.map`` (per device, when the runs are sharded) instead: XLA:CPU's batched convolutions
+    are several times slower (:func:`run_axis_plan`).
 
     Args:
       net: the model.
@@ -766,7 +926,8 @@ def evaluate_runs(net: Net, state: TrainState, x: jax.Array, y: jax.Array, batch
       >>> evaluate_runs(net, state, jnp.ones((6, 4)), jnp.zeros(6, jnp.int32))["accuracy"]
       array([1., 0.], dtype=float32)
     """
-    out = _batched_eval(net, batch_size)(state.variables(), x, y)
+    variables = state.variables()
+    out = _batched_eval(net, batch_size, run_axis_plan(net), _run_mesh_of(variables))(variables, x, y)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -1019,14 +1180,17 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
     if state is None:
         state = init_fn(keys)
 
-    chunk, unroll = loop_plan(net, spe, int(config.train.steps_per_call), int(config.train.unroll))
+    run_axis = resolve_run_axis(config, net)
+    chunk, unroll = loop_plan(net, spe, int(config.train.steps_per_call), int(config.train.unroll),
+                              runs_per_device=len(all_runs) // mesh.size if run_axis == "loop" else 1)
     chunk_fns: dict[int, Any] = {}
 
     def train_chunk(num_steps: int):
         if num_steps not in chunk_fns:
             chunk_fns[num_steps] = make_train_epoch(
                 net, update_tx, num_train=num_train, batch_size=bs, augment=augment,
-                label_smoothing=float(config.train.label_smoothing), num_steps=num_steps, unroll=unroll)
+                label_smoothing=float(config.train.label_smoothing), num_steps=num_steps, unroll=unroll,
+                run_axis=run_axis, mesh=mesh)
         return chunk_fns[num_steps]
 
     def save(epoch: int, step_in_epoch: int = 0, sums: dict[str, np.ndarray] | None = None) -> None:
@@ -1064,7 +1228,7 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
         bar = tqdm(total=epochs, initial=start_epoch, desc=f"{len(runs)} runs", unit="epoch", dynamic_ncols=True)
     setup_seconds = time.time() - t_setup
     t0 = time.time()
-    stop = _StopSignal()
+    stop = StopSignal()
     try:
         for epoch in range(start_epoch, epochs):
             step_in_epoch = start_step if epoch == start_epoch else 0

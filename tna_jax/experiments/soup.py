@@ -292,7 +292,9 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     data_keys = jnp.stack([jax.random.key_data(jax.random.fold_in(jax.random.fold_in(root, 3), q)) for q in seed_of])
     drop_keys = jnp.stack([jax.random.key_data(jax.random.fold_in(jax.random.fold_in(root, 4), q)) for q in seed_of])
     update_tx = _finetune_tx(1.0, 0.0, 0.0, anchor_key, total, mask_opts)  # update reads lr, wd, mask from the state
-    chunk, unroll = training.loop_plan(net, spe, int(config.train.steps_per_call), int(config.train.unroll))
+    run_axis = training.resolve_run_axis(config, net)
+    chunk, unroll = training.loop_plan(net, spe, int(config.train.steps_per_call), int(config.train.unroll),
+                                       runs_per_device=n if run_axis == "loop" else 1)
     t1 = time.time()
     fns: dict[int, Any] = {}
     for epoch in range(epochs):
@@ -301,7 +303,8 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
             m = min(chunk, spe - done)
             if m not in fns:
                 fns[m] = training.make_train_epoch(net, update_tx, num_train=num_train, batch_size=bs, num_steps=m,
-                                                   unroll=unroll, label_smoothing=float(config.train.label_smoothing))
+                                                   unroll=unroll, label_smoothing=float(config.train.label_smoothing),
+                                                   run_axis=run_axis)
             state, metrics = fns[m](state, data_keys, drop_keys, epoch, done, dev.x_train, dev.y_train)
             done += m
         loss = np.asarray(metrics.loss_sum) / np.asarray(metrics.steps)
@@ -352,16 +355,15 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     report["markdown"] = _markdown(report)
     print(report["markdown"])
     if workdir:
-        ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
-        ckpt_lib.write_text(os.path.join(workdir, "report.md"), f"# {config.name}\n\n{report['markdown']}\n")
-        if config.analysis.plots:
-            from tna_jax import plotting
-
-            rows = [{"method": m.replace("_", " "), "arm": arm, "value": s[m]["mean"], "std": s[m]["std"]}
-                    for arm, s in summary.items() for m in METHODS]
-            path = plotting.plot_barrier_bars(rows, os.path.join(workdir, "soups.png"), group_key="method",
-                                              series_key="arm", value_key="value", std_key="std",
-                                              ylabel="test accuracy", title=f"{config.name}: model soups")
-            report["plots"] = [os.path.basename(path)]
-            ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
+        exp_lib.write_report(workdir, config, report, plots=lambda: [_plot(config, workdir, summary)])
     return report
+
+
+def _plot(config: Any, workdir: str, summary: dict[str, Any]) -> str:
+    from tna_jax import plotting
+
+    rows = [{"method": m.replace("_", " "), "arm": arm, "value": s[m]["mean"], "std": s[m]["std"]}
+            for arm, s in summary.items() for m in METHODS]
+    return plotting.plot_barrier_bars(rows, os.path.join(workdir, "soups.png"), group_key="method",
+                                      series_key="arm", value_key="value", std_key="std",
+                                      ylabel="test accuracy", title=f"{config.name}: model soups")
