@@ -7,6 +7,12 @@ On a CPU-only machine the CPU is split into one JAX device per core (``--cpu_dev
 seeds, which are sharded over devices, train in parallel on all cores; GPUs and TPUs are used
 as they are.
 
+Several processes or hosts (``kind="federated"``: the clients are split across processes): start
+the same command once per process with ``--coordinator=HOST:PORT --num_processes=N
+--process_id=I`` (``--coordinator=auto`` on TPU pods and SLURM, where JAX finds them itself).
+Every process reads the same ``--workdir`` (a shared filesystem on several hosts); process 0
+locks it and writes the metrics and the report, all of them write the orbax checkpoints.
+
 Exit codes: 0 done; 1 a bad flag, config, dataset or checkpoint, a busy workdir or a diverged
 run (one line on stderr names the file or field; nothing in the workdir is overwritten);
 143 stopped by SIGTERM/SIGINT after checkpointing (rerun to resume).
@@ -35,6 +41,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("cpu_devices", "auto", "JAX CPU devices: 'auto' (one per core, at most 8), an integer, "
                         "or 'off' to leave XLA_FLAGS alone. Ignored when XLA_FLAGS already sets a device count.",
                         flag_values=flag_values)
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 for a run over several processes "
+                        "(jax.distributed); 'auto' lets JAX detect it (TPU pods, SLURM). Unset: one process.",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator).", flag_values=flag_values)
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, --num_processes) (with --coordinator).",
+                         flag_values=flag_values)
     flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
 
 
@@ -155,10 +167,37 @@ def configure_cpu_devices(setting: str) -> None:
     os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_force_host_platform_device_count={count}".strip()
 
 
+def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """``jax.distributed.initialize`` from the flags (nothing without ``--coordinator``).
+
+    Raises:
+      absl.app.UsageError: ``--num_processes``/``--process_id`` without ``--coordinator``, a
+        coordinator that is not ``host:port``, or a process id outside ``[0, num_processes)``.
+    """
+    import jax
+
+    if not coordinator:
+        if num_processes is not None or process_id is not None:
+            raise app.UsageError("--num_processes and --process_id need --coordinator=HOST:PORT (or 'auto').")
+        return
+    if coordinator == "auto":
+        jax.distributed.initialize()
+        return
+    if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", coordinator):
+        raise app.UsageError(f"--coordinator must be HOST:PORT or 'auto'; got {coordinator!r}.")
+    if num_processes is None or num_processes < 1:
+        raise app.UsageError(f"--num_processes must be a positive integer with --coordinator; got {num_processes!r}.")
+    if process_id is None or not 0 <= process_id < num_processes:
+        raise app.UsageError(f"--process_id must be in [0, {num_processes}) (--num_processes={num_processes}); "
+                             f"got {process_id!r}.")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     configure_cpu_devices(FLAGS.cpu_devices)
+    initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     try:

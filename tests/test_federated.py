@@ -360,3 +360,55 @@ def test_two_processes_train_the_same_global_model_as_one_process():
     np.testing.assert_allclose(outs[0]["kernel"], one["kernel"], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(outs[0]["loss"], one["loss"], rtol=1e-6)
     assert np.isfinite(outs[0]["loss"]).all()
+
+
+TRAIN_FED_ARGS = ["train.py", "--config=configs/fed_mnist1d.py", "--config.num_seeds=2", "--config.data.num_samples=600",
+                  "--config.model.depth=1", "--config.model.width=16", "--config.federated.num_clients=6",
+                  "--config.federated.eval_every=1", "--config.federated.checkpoint_every=2",
+                  "--config.federated.algorithms=('fedavg','fedpfn')", "--config.federated.server_optimizers=('none',)",
+                  "--config.federated.client_fraction=0.5", "--config.train.progress=False",
+                  "--config.train.tensorboard=False", "--config.analysis.plots=False"]
+
+
+def train_py_processes(workdir, rounds, nproc):
+    """``train.py`` as `nproc` processes on 127.0.0.1 (one CPU device each); their outputs."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, *TRAIN_FED_ARGS, f"--config.federated.rounds={rounds}", f"--workdir={workdir}",
+           "--cpu_devices=1", f"--coordinator=127.0.0.1:{port}", f"--num_processes={nproc}"]
+    procs = [subprocess.Popen([*cmd, f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(nproc)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [o for o, _ in outs]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_train_py_over_two_processes_matches_one_process_and_resumes(tmp_path):
+    """The command line across 2 processes: process 0 alone writes the report and metrics, both
+    write the orbax checkpoints; rerunning with more rounds resumes from the 2-process checkpoint,
+    and the result equals one process with 2 devices doing all the rounds in one go."""
+    two = tmp_path / "two"
+    first = train_py_processes(two, rounds=2, nproc=2)
+    assert "FedAvg" in first[0] and "FedAvg" not in first[1]  # the table is printed by process 0 only
+    assert sorted(os.listdir(two / "checkpoints")) == ["2"]
+    resumed = train_py_processes(two, rounds=3, nproc=2)
+    assert "resuming from the checkpoint of round 2" in resumed[0]
+    one = tmp_path / "one"
+    single = subprocess.run([sys.executable, *TRAIN_FED_ARGS, "--config.federated.rounds=3", f"--workdir={one}",
+                             "--cpu_devices=2"], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = (json.load(open(d / "report.json")) for d in (two, one))
+    assert a["devices"]["processes"] == 2 and b["devices"]["processes"] == 1
+    assert a["devices"]["count"] == b["devices"]["count"] == 2
+    assert a["curves"].keys() == b["curves"].keys() and len(a["curves"]) == 2
+    for arm in a["curves"]:  # rounds 1-2 from the first invocation's metrics, round 3 after the resume
+        assert a["curves"][arm]["rounds"] == b["curves"][arm]["rounds"] == [1, 2, 3]
+        np.testing.assert_allclose(a["curves"][arm]["accuracy"], b["curves"][arm]["accuracy"], atol=2e-3)
+        assert min(a["curves"][arm]["accuracy"][0]) > 0.1  # trained, not chance on 10 classes
+    rows = [json.loads(line) for line in open(two / "metrics.jsonl")]
+    assert len(rows) == 3 * 2 * 2  # rounds x arms x seeds, once each: process 1 wrote nothing
+    assert open(two / ".lock").read() == ""  # released cleanly

@@ -29,7 +29,7 @@ from tna_jax import config as config_lib
 
 __all__ = [
     "run", "EXPERIMENTS", "register", "WorkdirLock", "WorkdirBusy", "prepare_workdir", "train_experiment",
-    "Trained", "load_problem", "train_and_analyse", "write_train_outputs", "analyse_lmc", "lmc_stats",
+    "Trained", "load_problem", "train_and_analyse", "write_report", "write_train_outputs", "analyse_lmc", "lmc_stats",
     "count_compiles", "markdown_table", "mean_std", "workdir_path",
 ]
 
@@ -227,6 +227,8 @@ def run(config: Any, workdir: str | None = None) -> dict[str, Any]:
         _load_kinds()
     if kind not in EXPERIMENTS:
         raise config_lib.ConfigError(f"config.kind must be one of {sorted(EXPERIMENTS)}; got {kind!r}.")
+    if jax.process_count() > 1:
+        return _run_multiprocess(config, kind, workdir)
     if workdir is None:
         return EXPERIMENTS[kind](config, None)
     workdir = os.path.abspath(workdir)
@@ -238,6 +240,52 @@ def run(config: Any, workdir: str | None = None) -> dict[str, Any]:
                   f"{h.get('started')}), which ended without releasing it; resuming from its checkpoints.")
         prepare_workdir(config, workdir)
         return EXPERIMENTS[kind](config, workdir)
+
+
+# Kinds whose programs span several processes (jax.distributed): the federated rounds split the
+# clients across processes. The other kinds shard over the devices of one process.
+MULTIPROCESS_KINDS = ("federated",)
+
+
+def is_primary() -> bool:
+    """Whether this process writes the workdir's files (process 0; always true in one process)."""
+    return jax.process_index() == 0
+
+
+def _run_multiprocess(config: Any, kind: str, workdir: str | None) -> dict[str, Any]:
+    """:func:`run` under ``jax.distributed``: every process runs the same program; process 0 holds
+    the workdir lock and writes ``config.json``, metrics and reports, all processes take part in
+    the orbax checkpoints (one shared directory, as orbax expects on several hosts)."""
+    from jax.experimental import multihost_utils
+
+    if kind not in MULTIPROCESS_KINDS:
+        raise config_lib.ConfigError(
+            f"config.kind={kind!r} runs in one process; {jax.process_count()} processes were started "
+            f"(jax.distributed). Kinds that span processes: {list(MULTIPROCESS_KINDS)}.")
+    if workdir is None:
+        return EXPERIMENTS[kind](config, None)
+    workdir = os.path.abspath(workdir)
+    lock, error = None, None
+    if is_primary():
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            lock = WorkdirLock(workdir).acquire()
+            prepare_workdir(config, workdir)
+        except Exception as err:  # every process must learn of it, or the others wait forever
+            error = err
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not ok:
+        if lock is not None:
+            lock.release()
+        if error is not None:
+            raise error
+        raise WorkdirBusy(f"process 0 could not prepare workdir {workdir} (its error says why); "
+                          f"process {jax.process_index()} stops too.")
+    try:
+        return EXPERIMENTS[kind](config, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def workdir_path(workdir: str, relative: str, field: str) -> str:
@@ -666,6 +714,45 @@ def _sweep_rows(report: dict[str, Any], key: str | None = None) -> list[dict[str
     return rows
 
 
+def write_report(workdir: str, config: Any, report: dict[str, Any],
+                 plots: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Writes an experiment's ``report.json`` and ``report.md``, then its plots: every kind's last step.
+
+    ``report.md`` is ``# <config.name>`` and ``report["markdown"]``. Both files are written
+    atomically before any plot is drawn, so a plotting failure (a missing font, a full disk)
+    still leaves a complete report; when ``config.analysis.plots`` is on, ``plots()`` draws the
+    figures and returns their paths, whose file names are recorded in ``report["plots"]`` and
+    ``report.json`` is written again.
+
+    Args:
+      workdir: the run directory.
+      config: the experiment config (``name``, ``analysis.plots``).
+      report: the JSON-serialisable report, with a ``"markdown"`` entry.
+      plots: draws the figures into `workdir`, returns their paths (None: no figures).
+
+    Returns:
+      `report` (with ``"plots"`` when figures were drawn).
+
+    Examples:
+      >>> import json, os, tempfile
+      >>> from tna_jax.config import default_config
+      >>> workdir, c = tempfile.mkdtemp(), default_config()
+      >>> def draw():
+      ...     open(os.path.join(workdir, "bars.png"), "wb").close()
+      ...     return [os.path.join(workdir, "bars.png")]
+      >>> _ = write_report(workdir, c, {"markdown": "| a |"}, plots=draw)
+      >>> json.load(open(os.path.join(workdir, "report.json")))["plots"], sorted(os.listdir(workdir))
+      (['bars.png'], ['bars.png', 'report.json', 'report.md'])
+    """
+    json_path = os.path.join(workdir, "report.json")
+    ckpt_lib.write_json(json_path, report)
+    ckpt_lib.write_text(os.path.join(workdir, "report.md"), f"# {config.name}\n\n{report['markdown']}\n")
+    if plots is not None and config.analysis.plots:
+        report["plots"] = [os.path.basename(p) for p in plots() or []]
+        ckpt_lib.write_json(json_path, report)
+    return report
+
+
 def write_train_outputs(config: Any, workdir: str, trained: Trained) -> None:
     """``report.json``, ``report.md`` and the plots of a train report: ``lmc_paths.png`` (the
     arms of ``analysis.plot_ratios``, or all), and for ratio sweeps ``ratio_sweep.png`` (the
@@ -686,15 +773,16 @@ def write_train_outputs(config: Any, workdir: str, trained: Trained) -> None:
       >>> sorted(os.listdir(workdir)), open(os.path.join(workdir, "report.md")).read().splitlines()
       (['report.json', 'report.md'], ['# experiment', '', '| arm |'])
     """
+    report = trained.report
+    write_report(workdir, config, report, plots=(lambda: _train_plots(config, workdir, trained))
+                 if "lmc" in report else None)
+
+
+def _train_plots(config: Any, workdir: str, trained: Trained) -> list[str]:
     from tna_jax import plotting
 
-    report = trained.report
-    ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
+    report, paths = trained.report, []
     sweep = bool(len(config.sweep.anchor_ratios) or len(config.sweep.prune_ratios))
-    text = f"# {config.name}\n\n{report['markdown']}\n"
-    ckpt_lib.write_text(os.path.join(workdir, "report.md"), text)
-    if not (config.analysis.plots and "lmc" in report):
-        return
     title = f"{config.name}: {trained.net.name} on {trained.dataset.name}"
     shown = {float(r) for r in config.analysis.plot_ratios}
     arms = {a["arm"]: a for a in report["arms"]}
@@ -706,12 +794,15 @@ def write_train_outputs(config: Any, workdir: str, trained: Trained) -> None:
         if "bn_reset" in e:
             curves[f"{label} (BN reset)"] = e["bn_reset"]["curve"]
     if curves:
-        plotting.plot_lmc_paths(curves, os.path.join(workdir, "lmc_paths.png"), title=title)
+        paths.append(plotting.plot_lmc_paths(curves, os.path.join(workdir, "lmc_paths.png"), title=title))
     if sweep:
-        plotting.plot_ratio_sweep(_sweep_rows(report), os.path.join(workdir, "ratio_sweep.png"), title=title)
+        paths.append(plotting.plot_ratio_sweep(_sweep_rows(report), os.path.join(workdir, "ratio_sweep.png"),
+                                               title=title))
         if trained.net.has_batch_stats and _sweep_rows(report, "bn_reset"):
-            plotting.plot_ratio_sweep(_sweep_rows(report, "bn_reset"), os.path.join(workdir, "ratio_sweep_bn_reset.png"),
-                                      title=f"{title} (BN reset)")
+            paths.append(plotting.plot_ratio_sweep(_sweep_rows(report, "bn_reset"),
+                                                   os.path.join(workdir, "ratio_sweep_bn_reset.png"),
+                                                   title=f"{title} (BN reset)"))
+    return paths
 
 
 @register("train")

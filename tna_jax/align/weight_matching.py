@@ -53,7 +53,11 @@ class MatchResult(NamedTuple):
       iterations: sweeps over all permutations until one changed nothing (that last sweep
         included), or ``max_iter``.
       converged: whether the last sweep changed nothing.
-      objective: ``Σ_w ⟨A_w, P(B_w)⟩`` after each sweep (starting with the identity).
+      objective: ``Σ_w ⟨A_w, P(B_w)⟩`` after each sweep (starting with the identity). The first
+        and last entries are computed from the weights; the ones between are the first plus
+        every accepted update's gain, read off the cost matrices the sweep solved anyway (a
+        permutation changes only the terms its cost matrix holds), so a sweep never permutes
+        the whole of B just to report progress.
     """
 
     perm: Permutation
@@ -237,6 +241,7 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
     fns = {g: _cost_fn(spec, g, paths) for g, _ in groups}
     device_perm = {k: jnp.asarray(v) for k, v in perm.items()}
     objective = [matching_objective(spec, perm, a, b, collections=tuple(collections))]
+    running = objective[0]
     converged = False
     it = 0
     for it in range(1, int(max_iter) + 1):
@@ -257,11 +262,13 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
                 updates = {g: new, **new_kids}
             if value > old + tol * max(1.0, abs(old)):
                 progress = True
+                running += float(value) - old
                 for k, v in updates.items():
                     perm[k] = v.astype(np.int32)
                     device_perm[k] = jnp.asarray(perm[k])
-        objective.append(matching_objective(spec, perm, a, b, collections=tuple(collections)))
+        objective.append(running)
         if not progress:
             converged = True
             break
+    objective[-1] = matching_objective(spec, perm, a, b, collections=tuple(collections))
     return MatchResult(perm=perm, iterations=it, converged=converged, objective=objective)

@@ -34,11 +34,10 @@ import numpy as np
 import optax
 
 from tna_jax import align, lmc, models, plotting, training
-from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
 from tna_jax import data as data_lib
 from tna_jax import tree as tree_lib
-from tna_jax.experiment import prepare_workdir, register, workdir_path
+from tna_jax.experiment import prepare_workdir, register, workdir_path, write_report
 
 __all__ = ["align_compare", "align_defaults", "check_align_options", "task_config", "comparison_name", "markdown"]
 
@@ -433,14 +432,17 @@ def align_compare(config: Any, workdir: str | None) -> dict[str, Any]:
     report["markdown"] = text
     print(text)
     if workdir:
-        ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
-        ckpt_lib.write_text(os.path.join(workdir, "report.md"), f"# {config.name}\n\n{text}\n")
-        if config.analysis.plots:
-            for name, t in report["tasks"].items():
-                plotting.plot_lmc_paths(t["paths"], os.path.join(workdir, f"lmc_{name}.png"),
-                                        title=f"{name}: {t['model']['name']} on {t['data']['name']}")
-                if t["curve_paths"]:
-                    plotting.plot_curves(t["curve_paths"], os.path.join(workdir, f"curves_{name}.png"),
-                                         xlabel="t along the path", ylabel="test accuracy",
-                                         title=f"{name}: line vs trained {opts.curve_kind} curve")
+        write_report(workdir, config, report, plots=lambda: _plots(workdir, report, opts))
     return report
+
+
+def _plots(workdir: str, report: dict[str, Any], opts: Any) -> list[str]:
+    paths = []
+    for name, t in report["tasks"].items():
+        paths.append(plotting.plot_lmc_paths(t["paths"], os.path.join(workdir, f"lmc_{name}.png"),
+                                             title=f"{name}: {t['model']['name']} on {t['data']['name']}"))
+        if t["curve_paths"]:
+            paths.append(plotting.plot_curves(t["curve_paths"], os.path.join(workdir, f"curves_{name}.png"),
+                                              xlabel="t along the path", ylabel="test accuracy",
+                                              title=f"{name}: line vs trained {opts.curve_kind} curve"))
+    return paths

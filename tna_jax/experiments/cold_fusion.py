@@ -43,7 +43,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
 from tna_jax import experiment as exp_lib
 
@@ -270,9 +269,5 @@ def cold_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     report["markdown"] = _markdown(report)
     print(report["markdown"])
     if workdir:
-        ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
-        ckpt_lib.write_text(os.path.join(workdir, "report.md"), f"# {config.name}\n\n{report['markdown']}\n")
-        if config.analysis.plots:
-            report["plots"] = [os.path.basename(p) for p in _plots(workdir, report, config.name)]
-            ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
+        exp_lib.write_report(workdir, config, report, plots=lambda: _plots(workdir, report, config.name))
     return report

@@ -36,6 +36,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
@@ -358,6 +359,7 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
 
     _check(config)
     require_data(config)
+    primary = exp_lib.is_primary()
     t0 = time.time()
     f = config.federated
     arms = arms_from_config(config)
@@ -410,13 +412,16 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
             states, _, meta = checkpointer.restore(target)
             start_round = int(meta["round"])
             checkpointer.delete_after(start_round)
-            print(f"resuming from the checkpoint of round {start_round} in {checkpointer.directory}")
+            if primary:
+                print(f"resuming from the checkpoint of round {start_round} in {checkpointer.directory}")
     if states is None:
         inits = {key: driver.make_init(alg, net, mesh) for key, alg in programs.items()}
         states = {a.slug: inits[(a.algorithm, a.server)](keys, float(a.ratio or 0.0)) for a in arms}
     runs = [{"run": i * int(config.num_seeds) + s, "arm": a.label, "seed": s} for i, a in enumerate(arms)
             for s in range(int(config.num_seeds))]
-    metrics_log = logs.MetricsLog(workdir, runs, start_round, tensorboard=config.train.tensorboard)
+    # Several processes: process 0 writes the metrics and the report; every process takes part
+    # in the checkpoints (orbax's multi-host protocol) and holds the same global model.
+    metrics_log = logs.MetricsLog(workdir if primary else None, runs, start_round, tensorboard=config.train.tensorboard)
     shared_rounds = {key: driver.make_rounds(alg, mesh) for key, alg in programs.items()}
     round_fns = {a.slug: shared_rounds[(a.algorithm, a.server)] for a in arms}
     evaluate = driver.evaluate_program(training.make_eval_fn(net, int(config.train.eval_batch_size)), mesh)
@@ -432,14 +437,14 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         faults.point(f"after_save:{done}")
 
     bar = None
-    if config.train.progress and rounds > start_round:
+    if config.train.progress and rounds > start_round and primary:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=rounds, initial=start_round, desc=f"{len(arms)} arms x {config.num_seeds} seeds",
                    unit="round", dynamic_ncols=True)
     t_train = time.time()
     # SIGTERM/SIGINT (a preemption notice) is honoured at the next round boundary: checkpoint, stop.
-    stop = training._StopSignal()
+    stop = training.StopSignal()
     try:
         for r in range(start_round, rounds):
             round_metrics = {}
@@ -472,12 +477,15 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
                         means.setdefault(row["arm"], []).append(row[f"{split}_accuracy"])
                     bar.set_postfix({k[:14]: f"{np.mean(v):.3f}" for k, v in list(means.items())[:4]}, refresh=False)
             faults.point(f"round_end:{done}")
-            if done % f.checkpoint_every == 0 or done == rounds or stop.signal is not None:
+            stopping = stop.signal is not None
+            if jax.process_count() > 1:  # a signal to one process stops them all at the same round
+                stopping = bool(multihost_utils.process_allgather(np.int32(stopping)).any())
+            if done % f.checkpoint_every == 0 or done == rounds or stopping:
                 save(done)
             if bar is not None:
                 bar.update(1)
-            if stop.signal is not None and done < rounds:
-                name = signal.Signals(stop.signal).name
+            if stopping and done < rounds:
+                name = signal.Signals(stop.signal).name if stop.signal is not None else "a signal to another process"
                 saved = f"checkpoint saved in {checkpointer.directory}" if checkpointer else "no workdir, nothing saved"
                 raise training.Preempted(f"stopped by {name} after round {done} of {rounds}; {saved}. "
                                          "Rerun the same command to resume.")
@@ -516,11 +524,8 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         "seconds_total": time.time() - t0,
     }
     report["markdown"] = _markdown(report)
-    print(report["markdown"])
-    if workdir:
-        ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
-        ckpt_lib.write_text(os.path.join(workdir, "report.md"), f"# {config.name}\n\n{report['markdown']}\n")
-        if config.analysis.plots:
-            report["plots"] = [os.path.basename(p) for p in _plots(config, workdir, report, arms)]
-            ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
+    if primary:
+        print(report["markdown"])
+    if workdir and primary:
+        exp_lib.write_report(workdir, config, report, plots=lambda: _plots(config, workdir, report, arms))
     return report

@@ -283,8 +283,6 @@ def grid_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
            # Wall time of the variants' own runs (also of those reused from an earlier invocation).
            "seconds_variants": float(sum(r.get("seconds_total", 0.0) for r in reports.values()))}
     if workdir:
-        ckpt_lib.write_json(os.path.join(workdir, "report.json"), out)
-        ckpt_lib.write_text(os.path.join(workdir, "report.md"), f"# {config.name}\n\n{text}\n")
-        if config.analysis.plots and rows and np.isfinite([r["accuracy_barrier_mean"] for r in rows]).any():
-            out["plots"] = [os.path.basename(p) for p in _plots(config, workdir, rows)]
+        drawable = rows and np.isfinite([r["accuracy_barrier_mean"] for r in rows]).any()
+        exp_lib.write_report(workdir, config, out, plots=(lambda: _plots(config, workdir, rows)) if drawable else None)
     return out

@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
 from tna_jax import experiment as exp_lib
 
@@ -243,8 +242,5 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     report["markdown"] = text
     print(text)
     if workdir:
-        ckpt_lib.write_json(os.path.join(workdir, "report.json"), report)
-        ckpt_lib.write_text(os.path.join(workdir, "report.md"), f"# {config.name}\n\n{text}\n")
-        if config.analysis.plots:
-            report["plots"] = [os.path.basename(p) for p in _plots(config, workdir, report)]
+        exp_lib.write_report(workdir, config, report, plots=lambda: _plots(config, workdir, report))
     return report
