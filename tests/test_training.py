@@ -199,6 +199,11 @@ def test_conv_nets_on_cpu_unroll_their_steps_and_match_the_rolled_loop():
     chex.assert_trees_all_close(b.opt_state, c_.opt_state, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(mb.loss_sum, mc.loss_sum, rtol=1e-5)
     np.testing.assert_array_equal(mb.correct, mc.correct)
+    one_at_a_time = training.RunGroups(looped.program, num_mapped=3, max_runs=1)  # 2 groups of 1 run
+    assert one_at_a_time.group_size(2) == 1 and looped.group_size(2) is None
+    d_, md = one_at_a_time(state, keys.data, keys.dropout, 0, 0, dd.x_train, dd.y_train)
+    chex.assert_trees_all_equal(c_.params, d_.params)
+    np.testing.assert_array_equal(mc.loss_sum, md.loss_sum)
     vm = training.evaluate_runs(net, b, dd.x_test, dd.y_test)
     np.testing.assert_allclose(jax.vmap(training.make_eval_fn(net), in_axes=(0, None, None))(
         b.variables(), dd.x_test, dd.y_test)["loss"], vm["loss"], rtol=1e-5)  # evaluate_runs loops here
@@ -352,6 +357,14 @@ digits = data.load(cc.data)
 cnn = models.build(cc.model, digits.input_shape, digits.num_classes)
 assert training.resolve_run_axis(cc, cnn) == "loop"
 conv = training.fit(cc, cnn, digits, log=lambda s: None)
+# Runs in groups, per device: 8 runs on 4 devices in groups of one run per device.
+import jax.numpy as jnp
+mesh = training.run_mesh()
+f = jax.jit(training.loop_over_runs(lambda w, s: (w * s, w.sum()), 1, mesh))
+w = training.shard_runs(jnp.arange(16.0).reshape(8, 2), mesh)
+doubled, sums = training.RunGroups(f, 1, mesh, max_runs=1)(w, 2.0)
+assert doubled.tolist() == (2 * np.arange(16.0).reshape(8, 2)).tolist(), doubled
+assert sums.tolist() == np.arange(16.0).reshape(8, 2).sum(1).tolist(), sums
 print(json.dumps({"devices": jax.device_count(), "acc": res.test["accuracy"].tolist(),
                   "kernel": np.asarray(res.state.params["dense_0"]["kernel"]).ravel()[::97].tolist(),
                   "conv_acc": conv.test["accuracy"].tolist(),
