@@ -367,7 +367,8 @@ TRAIN_FED_ARGS = ["train.py", "--config=configs/fed_mnist1d.py", "--config.num_s
                   "--config.federated.eval_every=1", "--config.federated.checkpoint_every=2",
                   "--config.federated.algorithms=('fedavg','fedpfn')", "--config.federated.server_optimizers=('none',)",
                   "--config.federated.client_fraction=0.5", "--config.train.progress=False",
-                  "--config.train.tensorboard=False", "--config.analysis.plots=False"]
+                  "--config.train.tensorboard=False", "--config.analysis.plots=False",
+                  "--config.optimizer.learning_rate=0.1", "--config.federated.local_epochs=3"]
 
 
 def train_py_processes(workdir, rounds, nproc):
@@ -408,7 +409,7 @@ def test_train_py_over_two_processes_matches_one_process_and_resumes(tmp_path):
     for arm in a["curves"]:  # rounds 1-2 from the first invocation's metrics, round 3 after the resume
         assert a["curves"][arm]["rounds"] == b["curves"][arm]["rounds"] == [1, 2, 3]
         np.testing.assert_allclose(a["curves"][arm]["accuracy"], b["curves"][arm]["accuracy"], atol=2e-3)
-        assert min(a["curves"][arm]["accuracy"][0]) > 0.1  # trained, not chance on 10 classes
+        assert min(acc[-1] for acc in a["curves"][arm]["accuracy"]) > 0.15  # trained (chance: 0.1)
     rows = [json.loads(line) for line in open(two / "metrics.jsonl")]
     assert len(rows) == 3 * 2 * 2  # rounds x arms x seeds, once each: process 1 wrote nothing
     assert open(two / ".lock").read() == ""  # released cleanly

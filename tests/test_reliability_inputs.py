@@ -469,3 +469,26 @@ def test_a_model_too_big_for_memory_is_refused_before_anything_is_allocated(tmp_
                        check="ValueError before any allocation, naming the size, the memory and the fields to lower; "
                              "no checkpoint written")
     assert left == [".lock", "config.json"]
+
+
+@pytest.mark.parametrize("flags_, message", [
+    ((None, 2, None), r"--num_processes and --process_id need --coordinator"),
+    (("localhost", 2, 0), r"--coordinator must be HOST:PORT or 'auto'; got 'localhost'"),
+    (("127.0.0.1:1234", 0, 0), r"--num_processes must be a positive integer with --coordinator; got 0"),
+    (("127.0.0.1:1234", 2, 2), r"--process_id must be in \[0, 2\) \(--num_processes=2\); got 2"),
+    (("127.0.0.1:1234", 2, None), r"--process_id must be in \[0, 2\)"),
+])
+def test_bad_multiprocess_flags_name_the_flag(flags_, message):
+    from absl import app
+
+    with pytest.raises(app.UsageError, match=message):
+        train.initialize_distributed(*flags_)
+    train.initialize_distributed(None, None, None)  # one process: nothing to do
+
+
+def test_kinds_that_run_in_one_process_refuse_several(monkeypatch, tmp_path):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"config.kind='train' runs in one process; 2 processes were started "
+                                          r"\(jax.distributed\). Kinds that span processes: \['federated'\]"):
+        experiment.run(tiny_config(), str(tmp_path))
+    assert os.listdir(tmp_path) == []  # refused before the workdir is touched
