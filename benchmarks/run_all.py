@@ -116,6 +116,7 @@ def run_one(bench: Benchmark, out: str, quick: bool, timeout: float) -> dict:
         return {"error": f"timed out after {timeout:.0f} s"}
     wall = time.perf_counter() - t0
     sys.stdout.write(proc.stdout[-6000:])
+    print(f"({bench.name}: {wall:.0f} s)", flush=True)
     if proc.returncode != 0:
         sys.stdout.write(proc.stderr[-4000:])
         return {"error": f"exit status {proc.returncode}", "wall_s": wall}
