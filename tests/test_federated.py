@@ -16,7 +16,7 @@ import optax
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from util import ROOT, run_python
+from util import ROOT
 
 from tna_jax import anchors, data, models, training
 from tna_jax import tree as tree_lib
@@ -339,7 +339,10 @@ def free_port():
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_train_the_same_global_model_as_one_process():
+def test_two_processes_each_read_only_their_own_clients_and_agree():
+    """Each process blanks (NaN) the client rows of the other: a finite result proves that no
+    process reads another's clients. That 2 processes equal 1 is checked through train.py below
+    (test_train_py_over_two_processes_matches_one_process_and_resumes)."""
     port = str(free_port())
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     procs = [subprocess.Popen([sys.executable, "-c", MULTIPROCESS_CODE, str(i), "2", port], cwd=ROOT, env=env,
@@ -349,17 +352,12 @@ def test_two_processes_train_the_same_global_model_as_one_process():
         stdout, stderr = p.communicate(timeout=600)
         assert p.returncode == 0, stderr[-3000:]
         outs.append(json.loads(stdout.strip().splitlines()[-1]))
-    single = run_python(MULTIPROCESS_CODE.replace("int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]", "0, 1, ''"),
-                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    one = json.loads(single.stdout.strip().splitlines()[-1])
-    assert [o["processes"] for o in outs] == [2, 2] and one["processes"] == 1
-    assert outs[0]["devices"] == outs[1]["devices"] == one["devices"] == 2
+    assert [o["processes"] for o in outs] == [2, 2]
+    assert outs[0]["devices"] == outs[1]["devices"] == 2
     assert outs[0]["rows"] == [0, 1, 2, 3] and outs[1]["rows"] == [4, 5, 6, 7]  # clients split across processes
     assert outs[0]["digest"] == outs[1]["digest"]  # every process holds the same global model
-    np.testing.assert_allclose(outs[0]["kernel"], one["kernel"], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(outs[0]["loss"], one["loss"], rtol=1e-6)
-    assert np.isfinite(outs[0]["loss"]).all()
+    assert np.isfinite(outs[0]["loss"]).all() and np.isfinite(outs[0]["kernel"]).all()  # no NaN row was read
+    assert len(set(outs[0]["loss"])) > 1  # 2 seeds, really trained
 
 
 TRAIN_FED_ARGS = ["train.py", "--config=configs/fed_mnist1d.py", "--config.num_seeds=2", "--config.data.num_samples=600",
