@@ -568,7 +568,8 @@ def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: i
     How the runs are mapped is `run_axis`: ``"vmap"`` batches them (the fast path on GPU/TPU, and
     on CPU for nets without convolutions); ``"loop"`` traces one copy of the step per run inside
     the same program, because XLA:CPU turns a vmapped convolution into a grouped one that runs
-    about 6x slower than the same convolutions one after another (:func:`run_axis_plan`). With a
+    several times slower than the same convolutions one after another (4 ResNet-20 seeds: about
+    10x, :func:`run_axis_plan`). With a
     `mesh` of several devices, ``"loop"`` is a ``shard_map`` over the mesh's ``"runs"`` axis and
     each device loops over its own runs only. Both give the same numbers (tested).
 
