@@ -4,10 +4,12 @@ code, vs a PyTorch FedAvg loop, and round time as the number of clients grows.
 All in one process, variants interleaved (``benchmarks.common.time_interleaved``):
 
 * ``vmap_speedup``: one FedAvg round of 20 Dirichlet(0.5) MNIST-1D clients (1 local epoch,
-  batch 32, SGD with momentum) as ONE jitted call (``alg.apply``: every client a row of a vmap,
-  the client axis sharded over the CPU devices) vs the same round as a Python loop over clients
-  calling the same jitted single-client function (``alg.local_update``) and the same averaging
-  (target >= 4x);
+  batch 32, SGD with momentum) as ONE jitted call (``alg.apply`` as ``train.py`` runs it: the
+  clients in 3 size buckets, each a vmap whose client axis is sharded over the CPU devices) vs the
+  same round as a Python loop over clients, each calling its bucket's jitted single-client
+  function, then the same averaging (target >= 4x);
+* ``vmap_speedup_one_cohort``: the same with every client padded to the largest one
+  (``size_buckets=1``), vmapped vs looped; ``bucket_speedup``: one padded cohort vs buckets;
 * ``torch_ratio``: vs a PyTorch FedAvg round of the same MLP, data, batch size and optimizer
   (each client copies the global model, trains on its own, unpadded data; the server averages
   the state dicts weighted by client sizes); skipped cleanly when torch is not installed;
@@ -41,29 +43,41 @@ from tna_jax import tree as tree_lib  # noqa: E402
 from tna_jax.federated import algorithms, client, driver, partition  # noqa: E402
 
 BATCH, LR, MOMENTUM = 32, 0.02, 0.9
+BUCKETS = 3  # config.federated.size_buckets's default
 
 
-def setup(num_clients: int, parts, x, y, net, mesh):
+def setup(num_clients: int, parts, x, y, net, mesh, size_buckets: int = BUCKETS):
     packed = client.pack_clients(x, y, parts, multiple=mesh.devices.size)
     alg = algorithms.fed_avg(net, optax.sgd(LR, momentum=MOMENTUM), num_clients=num_clients,
-                             max_examples=packed.max_examples, batch_size=BATCH, mesh=mesh)
+                             max_examples=packed.max_examples, batch_size=BATCH, mesh=mesh,
+                             client_sizes=packed.n[:num_clients], size_buckets=size_buckets)
     state = driver.replicated(alg.init(net.init(jax.random.key(0))["params"]), mesh)
     return alg, packed, driver.place_clients(packed, mesh), state
 
 
-def loop_round(alg, packed, num_clients: int):
-    """The same round as a Python loop over clients: the jitted single-client update, one call per
-    client, then the same size-weighted average (jitted)."""
-    one = jax.jit(alg.local_update)
+def loop_round(net, packed, num_clients: int, *, size_buckets: int):
+    """The same round as a Python loop over clients: each client's jitted single-client update
+    (the function its row of the vmapped round runs: its size bucket's, or the one cohort's with
+    ``size_buckets=1``), one call per client on its own rows, then the same size-weighted average."""
+    ns = packed.n[:num_clients]
+    buckets = client.size_buckets(ns, batch_size=BATCH, max_buckets=size_buckets, multiple=1)
+    if len(buckets) == 1:
+        buckets = [np.arange(num_clients)]
+    code = {}
+    for members in buckets:
+        rows = packed.max_examples if len(buckets) == 1 else int(ns[members].max())
+        fn = jax.jit(client.make_local_update(net, optax.sgd(LR, momentum=MOMENTUM), batch_size=BATCH,
+                                              max_examples=rows, order_examples=packed.max_examples))
+        code.update({int(c): (fn, rows) for c in members})
     average = jax.jit(lambda stacked, w: tree_lib.weighted_mean(stacked, w))
-    xs, ys, ns = [jnp.asarray(packed.x[c]) for c in range(num_clients)], \
-        [jnp.asarray(packed.y[c]) for c in range(num_clients)], packed.n[:num_clients]
+    xs = [jnp.asarray(packed.x[c, :code[c][1]]) for c in range(num_clients)]
+    ys = [jnp.asarray(packed.y[c, :code[c][1]]) for c in range(num_clients)]
     weights = jnp.asarray(ns, jnp.float32)
 
     def run(state, key):
         train_key = jax.random.fold_in(key, 1)
-        outs = [one(state.params, {}, state.params, None, xs[c], ys[c], int(ns[c]), jax.random.fold_in(train_key, c))
-                for c in range(num_clients)]
+        outs = [code[c][0](state.params, {}, state.params, None, xs[c], ys[c], int(ns[c]),
+                           jax.random.fold_in(train_key, c)) for c in range(num_clients)]
         return average(tree_lib.stack([o.params for o in outs]), weights)
 
     return run
@@ -126,38 +140,47 @@ def main(argv=None):
     net = models.build({"name": "mlp", "depth": depth, "width": width}, dataset.input_shape, dataset.num_classes)
     mesh = training.run_mesh()
 
-    # 1. One round with 20 clients: vmapped vs a Python loop over clients vs PyTorch.
+    # 1. One round with 20 clients: vmapped (size buckets, as train.py runs it; and one padded
+    # cohort) vs a Python loop over clients running the same code vs PyTorch.
     k = 20
     parts = partition.dirichlet(y, k, 0.5, seed=0)
     alg, packed, placed, state = setup(k, parts, x, y, net, mesh)
-    vmapped = jax.jit(alg.apply)
+    alg1, _, _, _ = setup(k, parts, x, y, net, mesh, size_buckets=1)
+    vmapped, vmapped1 = jax.jit(alg.apply), jax.jit(alg1.apply)
     key = jax.random.key(1)
-    looped = loop_round(alg, packed, k)
-    fns = {"20 clients vmapped": lambda: vmapped(state, placed, key)[0].params,
-           "20 clients, Python loop (same code)": lambda: looped(state, key)}
+    looped, looped1 = loop_round(net, packed, k, size_buckets=BUCKETS), loop_round(net, packed, k, size_buckets=1)
+    names = {"A": "20 clients vmapped, size buckets (default)", "B": "20 clients vmapped, one padded cohort",
+             "C": "Python loop, each client its bucket's code", "D": "Python loop, the one-cohort code",
+             "E": "PyTorch FedAvg loop"}
+    fns = {names["A"]: lambda: vmapped(state, placed, key)[0].params,
+           names["B"]: lambda: vmapped1(state, placed, key)[0].params,
+           names["C"]: lambda: looped(state, key), names["D"]: lambda: looped1(state, key)}
     torch_ok = False
     if not args.no_torch:
         try:
-            fns["PyTorch FedAvg loop"] = torch_round_fn(x, y, parts, width, depth, dataset.num_classes)
+            fns[names["E"]] = torch_round_fn(x, y, parts, width, depth, dataset.num_classes)
             torch_ok = True
         except ImportError:
             print("torch not installed (pip install 'tna_jax[bench]'): skipping the PyTorch comparison")
     times = time_interleaved(fns, rounds=rounds, warmup=1)
-    base = times["20 clients vmapped"]["median_s"]
-    rows = [{"variant": name, "round_s": t["median_s"], "vs_vmapped": t["median_s"] / base} for name, t in times.items()]
-    table = print_table(rows, ["variant", "round_s", "vs_vmapped"])
-    vmap_speedup = times["20 clients, Python loop (same code)"]["median_s"] / base
-    torch_ratio = times["PyTorch FedAvg loop"]["median_s"] / base if torch_ok else None
+    med = {key_: times[name]["median_s"] for key_, name in names.items() if name in times}
+    rows = [{"variant": name, "round_s": t["median_s"], "vs_default": t["median_s"] / med["A"]} for name, t in times.items()]
+    table = print_table(rows, ["variant", "round_s", "vs_default"])
+    vmap_speedup = med["C"] / med["A"]
+    torch_ratio = med["E"] / med["A"] if torch_ok else None
     sizes = [len(p) for p in parts]
     steps = client.local_steps_count(packed.max_examples, BATCH, 1)
-    print(f"client sizes {min(sizes)}..{max(sizes)} (padded to {packed.max_examples}: every client runs {steps} "
-          f"steps, {sum(-(-s // BATCH) for s in sizes)} of the {k * steps} are real)")
+    buckets = client.size_buckets(packed.n[:k], batch_size=BATCH, max_buckets=BUCKETS, multiple=mesh.devices.size)
+    bucket_steps = sum(-(-len(b) // mesh.devices.size) * mesh.devices.size * -(-int(packed.n[b].max()) // BATCH)
+                       for b in buckets)
+    print(f"client sizes {min(sizes)}..{max(sizes)}: {sum(-(-s // BATCH) for s in sizes)} real local steps; one "
+          f"cohort padded to {packed.max_examples} runs {k * steps}, {len(buckets)} size buckets run {bucket_steps}")
 
     # 2. The same comparison with 20 small clients (32 examples: one step each), where a loop pays a
     # dispatch per client for very little work.
     small20 = [np.arange(c * 32, (c + 1) * 32) for c in range(k)]
     a20, p20, pl20, st20 = setup(k, small20, x, y, net, mesh)
-    fn20, loop20 = jax.jit(a20.apply), loop_round(a20, p20, k)
+    fn20, loop20 = jax.jit(a20.apply), loop_round(net, p20, k, size_buckets=BUCKETS)
     small_times = time_interleaved({"vmapped": lambda: fn20(st20, pl20, key)[0].params,
                                     "loop": lambda: loop20(st20, key)}, rounds=rounds, warmup=1)
     small_speedup = small_times["loop"]["median_s"] / small_times["vmapped"]["median_s"]
@@ -179,10 +202,14 @@ def main(argv=None):
         "client_sizes": sizes, "padded_size": packed.max_examples, "rows": rows, "scaling": scaling,
         "tables": [table, scaling_table], "devices": jax.device_count(),
         "small_clients": {k_: v["median_s"] for k_, v in small_times.items()},
+        "size_buckets": [b.tolist() for b in buckets], "local_steps": {"real": sum(-(-s // BATCH) for s in sizes),
+                                                                       "one_cohort": k * steps, "buckets": bucket_steps},
         "ratios": {"vmap_speedup": vmap_speedup, "torch_ratio": torch_ratio,
+                   "vmap_speedup_one_cohort": med["D"] / med["B"], "bucket_speedup": med["B"] / med["A"],
                    "vmap_speedup_small_clients": small_speedup},
-        "note": "the vmapped round pads every client to the largest one and masks the extra steps; the loop "
-                "runs the same padded function per client; PyTorch trains each client on its own data only",
+        "note": "the default round trains the clients in size buckets, each vmapped and padded to its own largest "
+                "client; the loop calls, per client, the function of its bucket on its own rows (the same code). "
+                "The one-cohort rows pad every client to the largest. PyTorch trains each client on its own data",
     }
     print(f"vmapped vs Python loop over clients: {vmap_speedup:.2f}x (target 4x); "
           + (f"vs PyTorch: {torch_ratio:.2f}x (target 4x)" if torch_ok else "PyTorch: skipped"))

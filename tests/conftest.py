@@ -1,9 +1,21 @@
 """Shared test settings: CPU only, hypothesis profiles that suit JAX's compile times."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# One JAX persistent compilation cache for the whole session: both xdist workers and every
+# process a test starts (train.py runs, crash chains, notebooks, several-process runs) inherit it,
+# so a program compiled once (the same model, optimizer and shapes in another test or process)
+# is loaded, not compiled again. Compiling is most of this suite's CPU time. The same executable
+# gives the same bits, and a torn or missing entry only means a fresh compile. A test that needs
+# a process compiled afresh removes the variable from that process's environment.
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getppid()}-{os.getpid()}"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"tna_jax_test_cache_{_run}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

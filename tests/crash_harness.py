@@ -101,7 +101,8 @@ def base_env(cache_dir: str | None = None, **extra: str) -> dict[str, str]:
     compilation cache, so that the N-th rerun of a command loads its programs instead of
     compiling them again (the same executables, so the same bits)."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("TNA_JAX_KILL") and k not in ("TNA_JAX_TERM_AT", "TNA_JAX_STOP_AT")}
+           if not k.startswith("TNA_JAX_KILL") and k not in ("TNA_JAX_TERM_AT", "TNA_JAX_STOP_AT")
+           and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}  # only `cache_dir`'s
     env.update({"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"})
     if cache_dir:
         env.update({"JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

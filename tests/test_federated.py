@@ -234,6 +234,60 @@ def test_vmapped_clients_equal_a_python_loop_over_clients(problem):
     chex.assert_trees_all_equal(empty.params, state.params)
 
 
+@given(st.lists(st.integers(1, 600), min_size=1, max_size=40), st.integers(1, 64), st.integers(1, 3),
+       st.integers(1, 5), st.sampled_from([1, 2, 4]))
+def test_size_buckets_hold_every_client_once_and_never_cost_more_than_one_cohort(sizes, batch, epochs, most, devices):
+    buckets = client.size_buckets(sizes, batch_size=batch, local_epochs=epochs, max_buckets=most, multiple=devices)
+    assert 1 <= len(buckets) <= most
+    assert sorted(np.concatenate(buckets).tolist()) == list(range(len(sizes)))
+    steps = [epochs * -(-s // batch) for s in sizes]
+    cost = lambda b: max(steps[c] for c in b) * (-(-len(b) // devices) * devices + client.STEP_OVERHEAD)  # noqa: E731
+    assert sum(cost(b) for b in buckets) <= cost(range(len(sizes))) + 1e-9
+    # Sorted by size: every client of a bucket is at most as large as any client of the next.
+    for small, large in zip(buckets, buckets[1:]):
+        assert max(sizes[c] for c in small) <= min(sizes[c] for c in large)
+
+
+@pytest.mark.parametrize("method, kw", [("fedavg", {}), ("fedpfn", {"server_tx": algorithms.server_optimizer("fedavgm")})])
+def test_size_buckets_train_the_same_round_as_one_padded_cohort(problem, method, kw):
+    c = problem["clients"]
+    k = len(problem["parts"])
+    sizes = c.n[:k]
+    assert len(client.size_buckets(sizes, batch_size=BATCH, max_buckets=3)) > 1  # the case is really bucketed
+    one = build(problem, method, **kw)
+    bucketed = build(problem, method, client_sizes=sizes, size_buckets=3, **kw)
+    s_one, s_b = one.init(problem["params"]), bucketed.init(problem["params"])
+    for r in range(2):
+        key = jax.random.key(20 + r)
+        s_one, m_one = jax.jit(one.apply)(s_one, c, key)
+        s_b, m_b = jax.jit(bucketed.apply)(s_b, c, key)
+        chex.assert_trees_all_close(s_b.params, s_one.params, atol=2e-6)
+        assert np.asarray(m_b["steps"]).tolist() == np.asarray(m_one["steps"]).tolist() \
+            == [-(-int(n) // BATCH) for n in sizes]
+        np.testing.assert_allclose(m_b["client_loss"], m_one["client_loss"], rtol=1e-5)
+        np.testing.assert_allclose(m_b["train_accuracy"], m_one["train_accuracy"], rtol=1e-6)
+    if method == "fedpfn":
+        anchored = jax.tree.map(lambda msk, a, b: bool(jnp.all(jnp.where(msk, a == b, True))), s_b.mask,
+                                s_b.params, problem["params"])
+        assert all(jax.tree.leaves(anchored))
+
+
+def test_bad_size_bucket_arguments_name_the_argument(problem):
+    sizes = problem["clients"].n[: len(problem["parts"])]
+    with pytest.raises(ValueError, match="size_buckets must be an integer >= 1; got 0"):
+        build(problem, size_buckets=0)
+    with pytest.raises(ValueError, match="size_buckets=3 needs client_sizes"):
+        build(problem, size_buckets=3)
+    with pytest.raises(ValueError, match=r"client_sizes must hold num_clients=6 sizes; got shape \(5,\)"):
+        build(problem, size_buckets=3, client_sizes=sizes[:5])
+    with pytest.raises(ValueError, match="more than max_examples"):
+        build(problem, size_buckets=3, client_sizes=sizes + 1000)
+    with pytest.raises(ValueError, match="order_examples must be an integer >= max_examples"):
+        client.make_local_update(problem["net"], optax.sgd(0.1), batch_size=4, max_examples=8, order_examples=4)
+    # Client sampling keeps one padded cohort (bucketing would need the round's sizes at trace time).
+    assert build(problem, size_buckets=3, client_sizes=sizes, client_fraction=0.5).cohort == (3, 3)
+
+
 class _BNNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -362,9 +416,10 @@ def test_two_processes_each_read_only_their_own_clients_and_agree():
 
 TRAIN_FED_ARGS = ["train.py", "--config=configs/fed_mnist1d.py", "--config.num_seeds=2", "--config.data.num_samples=600",
                   "--config.model.depth=1", "--config.model.width=16", "--config.federated.num_clients=6",
+                  "--config.federated.alpha=0.1",
                   "--config.federated.eval_every=1", "--config.federated.checkpoint_every=2",
                   "--config.federated.algorithms=('fedavg','fedpfn')", "--config.federated.server_optimizers=('none',)",
-                  "--config.federated.client_fraction=0.5", "--config.train.progress=False",
+                  "--config.federated.client_fraction=1.0", "--config.train.progress=False",
                   "--config.train.tensorboard=False", "--config.analysis.plots=False",
                   "--config.optimizer.learning_rate=0.1", "--config.federated.local_epochs=3"]
 
@@ -402,6 +457,9 @@ def test_train_py_over_two_processes_matches_one_process_and_resumes(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     a, b = (json.load(open(d / "report.json")) for d in (two, one))
     assert a["devices"]["processes"] == 2 and b["devices"]["processes"] == 1
+    # Full participation: the clients train in size buckets, gathered across the two processes.
+    buckets = a["federation"]["clients"]["0.1"]["buckets"]
+    assert len(buckets) > 1 and sorted(sum(buckets, [])) == list(range(6))
     assert a["devices"]["count"] == b["devices"]["count"] == 2
     assert a["curves"].keys() == b["curves"].keys() and len(a["curves"]) == 2
     for arm in a["curves"]:  # rounds 1-2 from the first invocation's metrics, round 3 after the resume

@@ -162,6 +162,7 @@ def federated_config() -> ml_collections.ConfigDict:
     f.local_epochs = 1
     f.local_steps = 0  # > 0: exactly this many local steps per round instead of epochs
     f.batch_size = 32  # client batch size
+    f.size_buckets = 3  # full participation: train clients in up to this many size buckets (1 = one padded cohort)
     f.prox_mu = 0.01  # FedProx
     f.mask_ratio = 0.4  # FedPFN / FedPNU mask ratio ρ in [0, 1]
     f.server_learning_rate = 0.0  # 0 = the server optimizer's default (1.0 FedAvgM, 0.01 FedAdam/FedYogi)
@@ -183,7 +184,7 @@ def federated_config() -> ml_collections.ConfigDict:
 RESUME_SAFE_FIELDS = (
     "train.epochs", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.progress", "train.tensorboard", "train.steps_per_call", "train.unroll", "train.run_axis", "analysis.", "name", "data.data_dir",
-    "federated.rounds", "federated.eval_every", "federated.checkpoint_every",
+    "federated.rounds", "federated.eval_every", "federated.checkpoint_every", "federated.size_buckets",
 )
 
 
@@ -492,6 +493,7 @@ def validate_federated(config: Any) -> Any:
     _int(config, "federated.local_epochs", 1, 10000)
     _int(config, "federated.local_steps", 0, MAX_SIZE)
     _int(config, "federated.batch_size", 1, MAX_SIZE)
+    _int(config, "federated.size_buckets", 1, 64)
     _float(config, "federated.prox_mu", 0.0, 1e4)
     _float(config, "federated.mask_ratio", 0.0, 1.0)
     _float(config, "federated.server_learning_rate", 0.0, 1e3)

@@ -211,8 +211,10 @@ def make_clients(config: Any, labels: np.ndarray, alpha: float | None) -> list[n
                                seed=int(f.partition_seed))
 
 
-def _algorithm(config: Any, net: Any, arm: FedArm, max_examples: int, mesh: Any, unroll: Any) -> Any:
-    """The algorithm of `arm` (its ρ is only the default: ``init`` gets each arm's own)."""
+def _algorithm(config: Any, net: Any, arm: FedArm, max_examples: int, mesh: Any, unroll: Any,
+               client_sizes: Any = None) -> Any:
+    """The algorithm of `arm` (its ρ is only the default: ``init`` gets each arm's own); with
+    `client_sizes`, its clients train in ``config.federated.size_buckets`` size buckets."""
     from tna_jax.federated import algorithms
 
     f = config.federated
@@ -224,7 +226,8 @@ def _algorithm(config: Any, net: Any, arm: FedArm, max_examples: int, mesh: Any,
         net, tx, num_clients=int(f.num_clients), max_examples=max_examples, batch_size=int(f.batch_size),
         method=arm.algorithm, local_epochs=int(f.local_epochs), local_steps=int(f.local_steps),
         client_fraction=float(f.client_fraction), prox_mu=float(f.prox_mu), mask_ratio=float(arm.ratio or 0.0),
-        mask_options=training.anchor_options(config, net), server_tx=server, bn=f.bn, mesh=mesh, unroll=unroll)
+        mask_options=training.anchor_options(config, net), server_tx=server, bn=f.bn, mesh=mesh, unroll=unroll,
+        client_sizes=client_sizes, size_buckets=int(f.size_buckets) if client_sizes is not None else 1)
 
 
 def _rows_by_arm(rows: list[dict[str, Any]], split: str) -> dict[str, dict[int, list[tuple[int, float]]]]:
@@ -395,11 +398,20 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     unroll: Any = max(1, int(config.train.unroll)) if int(config.train.unroll) else \
         (True if conv and jax.default_backend() == "cpu" else 1)
     keys = driver.seed_keys(int(config.seed), int(config.num_seeds), share_mask=bool(config.anchor.share_mask))
-    programs: dict[tuple[str, str], Any] = {}
+    # Size buckets depend on the clients' sizes, so with them every α gets its own program.
+    bucketed = int(f.size_buckets) > 1 and float(f.client_fraction) == 1.0 and not int(f.local_steps)
+    program_of = lambda a: (a.algorithm, a.server, a.alpha if bucketed else None)  # noqa: E731
+    programs: dict[tuple[str, str, Any], Any] = {}
     for a in arms:
-        if (a.algorithm, a.server) not in programs:
-            programs[(a.algorithm, a.server)] = _algorithm(config, net, a, n_max, mesh, unroll)
-    algs = {a.slug: programs[(a.algorithm, a.server)] for a in arms}
+        if program_of(a) not in programs:
+            sizes = clients[a.alpha].n[:int(f.num_clients)] if bucketed else None
+            programs[program_of(a)] = _algorithm(config, net, a, n_max, mesh, unroll, sizes)
+    algs = {a.slug: programs[program_of(a)] for a in arms}
+    for alpha, packed in clients.items():  # recorded in the report: which clients trained together
+        sizes = packed.n[:int(f.num_clients)]
+        federation[str(alpha)]["buckets"] = [b.tolist() for b in client.size_buckets(
+            sizes, batch_size=int(f.batch_size), local_epochs=int(f.local_epochs),
+            max_buckets=int(f.size_buckets) if bucketed else 1, multiple=num_devices)]
     placed = {alpha: driver.place_clients(packed, mesh) for alpha, packed in clients.items()}
 
     checkpointer = None
@@ -416,14 +428,14 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
                 print(f"resuming from the checkpoint of round {start_round} in {checkpointer.directory}")
     if states is None:
         inits = {key: driver.make_init(alg, net, mesh) for key, alg in programs.items()}
-        states = {a.slug: inits[(a.algorithm, a.server)](keys, float(a.ratio or 0.0)) for a in arms}
+        states = {a.slug: inits[program_of(a)](keys, float(a.ratio or 0.0)) for a in arms}
     runs = [{"run": i * int(config.num_seeds) + s, "arm": a.label, "seed": s} for i, a in enumerate(arms)
             for s in range(int(config.num_seeds))]
     # Several processes: process 0 writes the metrics and the report; every process takes part
     # in the checkpoints (orbax's multi-host protocol) and holds the same global model.
     metrics_log = logs.MetricsLog(workdir if primary else None, runs, start_round, tensorboard=config.train.tensorboard)
     shared_rounds = {key: driver.make_rounds(alg, mesh) for key, alg in programs.items()}
-    round_fns = {a.slug: shared_rounds[(a.algorithm, a.server)] for a in arms}
+    round_fns = {a.slug: shared_rounds[program_of(a)] for a in arms}
     evaluate = driver.evaluate_program(training.make_eval_fn(net, int(config.train.eval_batch_size)), mesh)
     x_eval, y_eval = driver.replicated(np.asarray(x_eval), mesh), driver.replicated(np.asarray(y_eval), mesh)
     rounds = int(f.rounds)

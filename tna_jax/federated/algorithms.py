@@ -40,7 +40,7 @@ model's BatchNorm entries (used only to evaluate it) are the size-weighted mean 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -51,6 +51,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tna_jax import anchors
 from tna_jax import tree as tree_lib
+from tna_jax.federated import client as client_lib
 from tna_jax.federated.client import ClientData, LocalResult, make_local_update
 
 PyTree = Any
@@ -251,7 +252,8 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
                         mask_ratio: float = 0.0, anchor_key: jax.Array | None = None,
                         mask_options: Mapping[str, Any] | None = None,
                         server_tx: optax.GradientTransformation | None = None, bn: str = "average",
-                        mesh: Mesh | None = None, unroll: int | bool = 1) -> FederatedAlgorithm:
+                        mesh: Mesh | None = None, unroll: int | bool = 1,
+                        client_sizes: Sequence[int] | None = None, size_buckets: int = 1) -> FederatedAlgorithm:
     """Builds a :class:`FederatedAlgorithm` (see the module docstring for the math).
 
     Args:
@@ -272,6 +274,14 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
       bn: ``"average"`` or ``"local"`` (FedBN).
       mesh: shard the client axis of each round over this mesh's first axis (None: no constraint).
       unroll: the local step loop's ``lax.scan`` unroll.
+      client_sizes: the K clients' true sizes :math:`n_c` (host values, ``ClientData.n[:K]``);
+        needed for `size_buckets` > 1.
+      size_buckets: with full participation (q = 1) and epoch-based local training, train the
+        clients in at most this many size buckets (``client.size_buckets``), each vmapped and padded
+        only to its own largest client, instead of one cohort padded to N_max. Every client sees
+        the same batches either way, so the round is the same up to float rounding; the data given
+        to ``apply`` must then have exactly these sizes. Ignored (one cohort) with client sampling
+        or ``local_steps``, where padding costs no steps.
 
     Returns:
       The algorithm.
@@ -309,6 +319,12 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
     local_update = make_local_update(net, client_optimizer, batch_size=batch_size, max_examples=max_examples,
                                      local_epochs=local_epochs, local_steps=local_steps,
                                      prox_mu=float(prox_mu) if method == "fedprox" else 0.0, unroll=unroll)
+    buckets = _bucket_plan(client_sizes, size_buckets, num_clients=num_clients, max_examples=max_examples,
+                           batch_size=batch_size, local_epochs=local_epochs, multiple=num_devices,
+                           full_cohort=m == num_clients and not local_steps)
+    bucket_updates = [make_local_update(net, client_optimizer, batch_size=batch_size, max_examples=rows,
+                                        local_epochs=local_epochs, prox_mu=float(prox_mu) if method == "fedprox" else 0.0,
+                                        unroll=unroll, order_examples=max_examples) for _, rows in buckets]
     local_bn = bn == "local"
     clients_spec = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])) if mesh is not None else None
 
@@ -363,32 +379,54 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
         if jnp.issubdtype(key.dtype, jnp.uint32):
             key = jax.random.wrap_key_data(key)
         idx, valid = sample(key)
-        safe = jnp.minimum(idx, num_clients - 1)
-        if m_pad == m == clients.num_rows:
-            x, y, n = clients.x, clients.y, clients.n
-        else:
-            x, y = jnp.take(clients.x, safe, axis=0), jnp.take(clients.y, safe, axis=0)
-            n = jnp.where(valid, jnp.take(clients.n, safe), 0)
         train_key = jax.random.fold_in(key, 1)
-        keys = jax.vmap(lambda c: jax.random.fold_in(train_key, c))(safe)
-        x, y, n, keys = on_clients((x, y, n, keys))
         if method == "fedpfn":
             mask = state.mask
         elif method == "fedpnu":
             mask = draw_mask(state.params, state.anchor_key, state.round, state.mask_ratio)
         else:
             mask = None
-        if local_bn:
-            local = jax.tree.map(lambda a: jnp.take(a, safe, axis=0), state.client_bn)
-            start = jax.vmap(lambda b: _merge_bn(state.params, b))(local["params"])
-            start_state = {**state.model_state, "batch_stats": local["batch_stats"]}
-            start, start_state = on_clients((start, start_state))
-            axes = (0, 0, None, None, 0, 0, 0, 0)
-        else:
-            start, start_state = state.params, state.model_state
-            axes = (None, None, None, None, 0, 0, 0, 0)
-        out = jax.vmap(local_update, in_axes=axes)(start, start_state, state.params, mask, x, y, n, keys)
-        return aggregate(state, out, idx, n, mask, clients.n[:num_clients])
+
+        def train(update: Callable[..., LocalResult], rows: jax.Array, row_valid: jax.Array,
+                  length: int | None) -> tuple[LocalResult, jax.Array]:
+            """Trains the clients `rows` (num_clients marks a padding row) on their first `length` rows."""
+            safe = jnp.minimum(rows, num_clients - 1)
+            if length is None and rows.shape[0] == clients.num_rows:
+                x, y, n = clients.x, clients.y, clients.n
+            else:
+                cx, cy = (clients.x, clients.y) if length is None else (clients.x[:, :length], clients.y[:, :length])
+                x, y = jnp.take(cx, safe, axis=0), jnp.take(cy, safe, axis=0)
+                n = jnp.where(row_valid, jnp.take(clients.n, safe), 0)
+            keys = jax.vmap(lambda c: jax.random.fold_in(train_key, c))(safe)
+            x, y, n, keys = on_clients((x, y, n, keys))
+            if local_bn:
+                local = jax.tree.map(lambda a: jnp.take(a, safe, axis=0), state.client_bn)
+                start = jax.vmap(lambda b: _merge_bn(state.params, b))(local["params"])
+                start_state = {**state.model_state, "batch_stats": local["batch_stats"]}
+                start, start_state = on_clients((start, start_state))
+                axes = (0, 0, None, None, 0, 0, 0, 0)
+            else:
+                start, start_state = state.params, state.model_state
+                axes = (None, None, None, None, 0, 0, 0, 0)
+            return jax.vmap(update, in_axes=axes)(start, start_state, state.params, mask, x, y, n, keys), n
+
+        if not buckets:
+            out, n = train(local_update, idx, valid, None)
+            return aggregate(state, out, idx, n, mask, clients.n[:num_clients])
+        # Size buckets: each trains on its own, then the rows go back to the one-cohort layout
+        # (client c in row c, padding rows after), so the average sums in the same order.
+        outs, positions, offset = [], np.zeros(m_pad, np.int64), 0
+        for (members, rows), update in zip(buckets, bucket_updates):
+            out, _ = train(update, jnp.asarray(members, jnp.int32), jnp.asarray(members < num_clients), rows)
+            outs.append(out)
+            real = members < num_clients
+            positions[members[real]] = offset + np.flatnonzero(real)
+            offset += len(members)
+        out = jax.tree.map(lambda *a: jnp.take(jnp.concatenate(a), jnp.asarray(positions), axis=0), *outs)
+        out = out._replace(loss=jnp.where(valid, out.loss, 0.0), accuracy=jnp.where(valid, out.accuracy, 0.0),
+                           steps=jnp.where(valid, out.steps, 0))
+        n = jnp.where(valid, jnp.take(clients.n, jnp.minimum(idx, num_clients - 1)), 0)
+        return aggregate(state, on_clients(out), idx, n, mask, clients.n[:num_clients])
 
     def aggregate(state: ServerState, out: LocalResult, idx: jax.Array, n: jax.Array, mask: PyTree | None,
                   all_sizes: jax.Array) -> tuple[ServerState, dict[str, jax.Array]]:
@@ -432,6 +470,33 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
                            state.anchor_key, state.mask_ratio), metrics
 
     return FederatedAlgorithm(init, apply, local_update, (m, m_pad))
+
+
+def _bucket_plan(client_sizes: Sequence[int] | None, size_buckets: int, *, num_clients: int, max_examples: int,
+                 batch_size: int, local_epochs: int, multiple: int, full_cohort: bool) -> list[tuple[np.ndarray, int]]:
+    """The size buckets as (client rows padded to `multiple` with `num_clients`, rows kept); []
+    for one padded cohort."""
+    if isinstance(size_buckets, bool) or not isinstance(size_buckets, (int, np.integer)) or size_buckets < 1:
+        raise ValueError(f"size_buckets must be an integer >= 1; got {size_buckets!r}.")
+    if size_buckets == 1 or not full_cohort:
+        return []
+    if client_sizes is None:
+        raise ValueError(f"size_buckets={size_buckets} needs client_sizes (the {num_clients} clients' true sizes).")
+    sizes = np.asarray(client_sizes, np.int64)
+    if sizes.shape != (num_clients,):
+        raise ValueError(f"client_sizes must hold num_clients={num_clients} sizes; got shape {sizes.shape}.")
+    if sizes.max() > max_examples:
+        raise ValueError(f"client_sizes has a client of {int(sizes.max())} rows, more than max_examples={max_examples}.")
+    groups = client_lib.size_buckets(sizes, batch_size=batch_size, local_epochs=local_epochs,
+                                     max_buckets=int(size_buckets), multiple=multiple)
+    if len(groups) == 1:
+        return []
+    plan = []
+    for g in groups:
+        padded = np.full(-(-len(g) // multiple) * multiple, num_clients, np.int64)
+        padded[:len(g)] = g
+        plan.append((padded, int(sizes[g].max())))
+    return plan
 
 
 def anchors_fraction(mask: PyTree) -> jax.Array:

@@ -25,6 +25,13 @@ sees real data) and get zero loss weight.
 
 With ``local_steps = K > 0`` instead, every client takes exactly K steps of B rows drawn
 uniformly with replacement from its own data.
+
+Size buckets. Under label skew client sizes spread widely (Dirichlet(0.5) over 20 MNIST-1D clients:
+32 to 490 rows), so one padded cohort spends most of its steps masked. :func:`size_buckets` splits
+the clients, sorted by size, into a few buckets that each pad only to their own largest client
+(``federated_algorithm(client_sizes=..., size_buckets=...)`` vmaps each bucket on its own). A
+bucket draws its batch order over the full :math:`N_{\\max}` (``make_local_update(order_examples=)``),
+so every client visits the same rows in the same order as in the single padded cohort.
 """
 
 from __future__ import annotations
@@ -44,7 +51,13 @@ from tna_jax.training import cross_entropy
 PyTree = Any
 
 __all__ = ["ClientData", "LocalResult", "pack_clients", "local_steps_count", "make_local_update",
-           "epoch_order"]
+           "epoch_order", "size_buckets", "STEP_OVERHEAD"]
+
+# The fixed cost of one vmapped local step in units of one client's step (weights, dispatch of the
+# scan body): measured on the MNIST-1D MLP of benchmarks/federated.py, where a step of 2 clients
+# costs about as much as 3 clients' work would if it scaled linearly. It stops size_buckets from
+# splitting a cohort into buckets whose steps cost more in overhead than their padding saved.
+STEP_OVERHEAD = 2.0
 
 
 class ClientData(NamedTuple):
@@ -175,6 +188,74 @@ def local_steps_count(max_examples: int, batch_size: int, local_epochs: int, loc
     return int(local_steps) if local_steps else int(local_epochs) * math.ceil(max_examples / batch_size)
 
 
+def size_buckets(sizes: Sequence[int], *, batch_size: int, local_epochs: int = 1, max_buckets: int = 3,
+                 multiple: int = 1, step_overhead: float = STEP_OVERHEAD) -> list[np.ndarray]:
+    r"""Splits clients into at most `max_buckets` groups of similar size that waste the fewest steps.
+
+    Client c takes :math:`E\lceil n_c/B\rceil` steps; a bucket of clients vmapped together runs
+    :math:`T_b = E\lceil \max_{c\in b} n_c / B\rceil` steps for each of its :math:`r_b` rows
+    (padded up to a multiple of `multiple`, the devices its client axis is sharded over). The buckets
+    minimise :math:`\sum_b T_b (r_b + \text{step\_overhead})`, an exact dynamic programme over the
+    clients sorted by size (contiguous runs of that order are optimal for this cost).
+
+    Args:
+      sizes: :math:`n_c` of the K clients (>= 1 each).
+      batch_size: B; local_epochs: E.
+      max_buckets: the most buckets (each is one more vmapped program in the round); 1 gives one
+        bucket of every client.
+      multiple: pad each bucket's row count to a multiple of this.
+      step_overhead: the fixed cost of one vmapped step, in client-steps (:data:`STEP_OVERHEAD`).
+
+    Returns:
+      The buckets as arrays of client indices, smallest clients first; each bucket in ascending
+      index order. Together they hold every client exactly once.
+
+    Raises:
+      ValueError: no clients, a client with no data, or an argument out of range (named).
+
+    Examples:
+      >>> [b.tolist() for b in size_buckets([500, 40, 30, 480, 35, 45], batch_size=32, max_buckets=2)]
+      [[1, 2, 4, 5], [0, 3]]
+      >>> [b.tolist() for b in size_buckets([64, 60, 50], batch_size=32)]  # equal steps: one bucket
+      [[0, 1, 2]]
+    """
+    sizes = np.asarray(sizes, np.int64)
+    if sizes.ndim != 1 or sizes.size == 0:
+        raise ValueError(f"sizes must be a non-empty list of client sizes; got shape {sizes.shape}.")
+    if sizes.min() < 1:
+        raise ValueError(f"client {int(np.argmin(sizes))} has no data; every client needs at least one example.")
+    for name, v in (("batch_size", batch_size), ("local_epochs", local_epochs), ("max_buckets", max_buckets),
+                    ("multiple", multiple)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1; got {v!r}.")
+    order = np.argsort(sizes, kind="stable")
+    steps = local_epochs * -(-sizes[order] // batch_size)
+    k = len(order)
+    rows = lambda r: -(-r // multiple) * multiple  # noqa: E731
+
+    def cost(i: int, j: int) -> float:  # clients order[i:j] as one bucket
+        return float(steps[j - 1]) * (rows(j - i) + step_overhead)
+
+    # best[b][j]: the cheapest split of the j smallest clients into b buckets.
+    inf = float("inf")
+    best = [[inf] * (k + 1) for _ in range(max_buckets + 1)]
+    cut = [[0] * (k + 1) for _ in range(max_buckets + 1)]
+    best[0][0] = 0.0
+    for b in range(1, max_buckets + 1):
+        for j in range(1, k + 1):
+            for i in range(b - 1, j):
+                c = best[b - 1][i] + cost(i, j)
+                if c < best[b][j]:
+                    best[b][j], cut[b][j] = c, i
+    b = min(range(1, max_buckets + 1), key=lambda nb: (best[nb][k], nb))
+    bounds, j = [], k
+    while b > 0:
+        i = cut[b][j]
+        bounds.append((i, j))
+        j, b = i, b - 1
+    return [np.sort(order[i:j]) for i, j in reversed(bounds)]
+
+
 def epoch_order(order_key: jax.Array, n: jax.Array, max_examples: int) -> jax.Array:
     """The rows of one epoch: a random permutation of ``range(N_max)`` with the padding rows
     (index >= n) moved, in order, behind the real ones. Without padding it is exactly
@@ -200,7 +281,7 @@ def epoch_order(order_key: jax.Array, n: jax.Array, max_examples: int) -> jax.Ar
 
 def make_local_update(net: Any, tx: optax.GradientTransformation, *, batch_size: int, max_examples: int,
                       local_epochs: int = 1, local_steps: int = 0, prox_mu: float = 0.0,
-                      unroll: int | bool = 1) -> Callable[..., LocalResult]:
+                      unroll: int | bool = 1, order_examples: int | None = None) -> Callable[..., LocalResult]:
     r"""Local training of ONE client as a pure function (vmap it over clients).
 
     ``local_update(params, model_state, global_params, mask, x, y, n, key) -> LocalResult``
@@ -227,6 +308,10 @@ def make_local_update(net: Any, tx: optax.GradientTransformation, *, batch_size:
       prox_mu: μ >= 0 of FedProx.
       unroll: ``lax.scan``'s unroll of the step loop (``True`` for convolutional nets on CPU,
         see ``tna_jax.training.loop_plan``).
+      order_examples: draw each epoch's batch order over this many rows (>= `max_examples`; None:
+        `max_examples`). A size bucket (:func:`size_buckets`) holds its clients' first
+        `max_examples` rows but passes the cohort's N_max here, so its clients see the same batches
+        as in the one padded cohort.
 
     Returns:
       The function above.
@@ -248,6 +333,10 @@ def make_local_update(net: Any, tx: optax.GradientTransformation, *, batch_size:
     steps = local_steps_count(max_examples, batch_size, local_epochs, local_steps)
     if not (isinstance(prox_mu, (int, float)) and math.isfinite(prox_mu) and prox_mu >= 0):
         raise ValueError(f"prox_mu must be a finite number >= 0; got {prox_mu!r}.")
+    order_examples = max_examples if order_examples is None else order_examples
+    if isinstance(order_examples, bool) or not isinstance(order_examples, (int, np.integer)) \
+            or order_examples < max_examples:
+        raise ValueError(f"order_examples must be an integer >= max_examples ({max_examples}); got {order_examples!r}.")
     epochs = int(local_epochs)
     spe_max = math.ceil(max_examples / batch_size)
     offsets = jnp.arange(batch_size)
@@ -263,8 +352,9 @@ def make_local_update(net: Any, tx: optax.GradientTransformation, *, batch_size:
             num_steps = jnp.where(n > 0, steps, 0)
         else:
             num_steps = jnp.where(n > 0, epochs * spe, 0)
-            orders = jnp.stack([epoch_order(jax.random.split(jax.random.fold_in(data_key, e))[0], n, max_examples)
-                                for e in range(epochs)])
+            # The real rows come first, so the first max_examples entries hold all n of them.
+            orders = jnp.stack([epoch_order(jax.random.split(jax.random.fold_in(data_key, e))[0], n,
+                                            order_examples)[:max_examples] for e in range(epochs)])
             # Room for a whole last batch: positions past N_max are never valid (they wrap below).
             orders = jnp.pad(orders, ((0, 0), (0, spe_max * batch_size - max_examples)))
 
