@@ -121,7 +121,8 @@ def test_intermediate_bytes_counts_a_scan_body_once():
 def test_a_model_with_itself_has_zero_barrier(setup):
     _, a, _, eval_fn, d = setup
     b = lmc.barriers(lmc.lmc_path(eval_fn, a, a, lmc.default_alphas(7), d))
-    assert b["loss_barrier"] == 0.0 and b["accuracy_barrier"] == 0.0
+    # (1 - α) θ + α θ is θ up to one rounding, so the loss barrier is zero up to float32 rounding.
+    assert abs(b["loss_barrier"]) <= 1e-6 and b["accuracy_barrier"] == 0.0
     assert b["interp_accuracy"] == b["avg_endpoint_accuracy"]
 
 
