@@ -320,6 +320,15 @@ def test_fedbn_keeps_batchnorm_local_and_averaging_mode_shares_it(problem):
                                     model_state["batch_stats"]["dense_0_norm"]["var"]))
     with pytest.raises(ValueError, match="needs a model with BatchNorm"):
         algorithms.fed_avg(problem["net"], optax.sgd(0.1), bn="local", **common).init(problem["params"])
+    # FedBN in size buckets (full participation): every client's own BatchNorm is gathered into
+    # its bucket and scattered back to its row, as in one padded cohort.
+    sizes = c.n[: len(problem["parts"])]
+    one = algorithms.fed_avg(net, optax.sgd(0.1), bn="local", **common)
+    buckets = algorithms.fed_avg(net, optax.sgd(0.1), bn="local", client_sizes=sizes, size_buckets=3, **common)
+    o1, _ = jax.jit(one.apply)(one.init(params, model_state), c, jax.random.key(2))
+    b1, _ = jax.jit(buckets.apply)(buckets.init(params, model_state), c, jax.random.key(2))
+    chex.assert_trees_all_close(b1.client_bn, o1.client_bn, atol=2e-6)
+    chex.assert_trees_all_close((b1.params, b1.model_state), (o1.params, o1.model_state), atol=2e-6)
 
 
 def test_seeds_vmapped_and_sharded_rounds_match_one_seed_at_a_time(problem, pfn):

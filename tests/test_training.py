@@ -368,7 +368,20 @@ w = training.shard_runs(jnp.arange(16.0).reshape(8, 2), mesh)
 doubled, sums = training.RunGroups(f, 1, mesh, max_runs=1)(w, 2.0)
 assert doubled.tolist() == (2 * np.arange(16.0).reshape(8, 2)).tolist(), doubled
 assert sums.tolist() == np.arange(16.0).reshape(8, 2).sum(1).tolist(), sums
+# A federated round sampling 2 of 4 clients: on 4 devices the cohort is padded to 4 rows, as many
+# as the data has, and must still train only the 2 sampled clients.
+import optax
+from tna_jax.federated import algorithms, client, driver
+dd = data.to_device(ds)
+packed = client.pack_clients(np.asarray(dd.x_train)[:200], np.asarray(dd.y_train)[:200],
+                             np.array_split(np.arange(200), 4), multiple=mesh.devices.size)
+alg = algorithms.fed_avg(net, optax.sgd(0.1), num_clients=4, max_examples=packed.max_examples, batch_size=16,
+                         client_fraction=0.5, mesh=mesh)
+fed, fed_metrics = jax.jit(alg.apply)(driver.replicated(alg.init(net.init(jax.random.key(0))["params"]), mesh),
+                                      driver.place_clients(packed, mesh), jax.random.key(3))
 print(json.dumps({"devices": jax.device_count(), "acc": res.test["accuracy"].tolist(),
+                  "fed": np.asarray(fed.params["head"]["kernel"]).ravel()[::5].tolist(),
+                  "fed_clients": np.asarray(fed_metrics["clients"]).tolist(),
                   "kernel": np.asarray(res.state.params["dense_0"]["kernel"]).ravel()[::97].tolist(),
                   "conv_acc": conv.test["accuracy"].tolist(),
                   "conv_head": np.asarray(conv.state.params["head"]["kernel"]).ravel()[::7].tolist()}))
@@ -389,6 +402,8 @@ def test_four_devices_match_one_device():
     assert len(b["conv_acc"]) == 2  # 2 arms x 1 seed, padded to one run per device
     np.testing.assert_allclose(a["conv_head"], b["conv_head"], atol=1e-4)
     np.testing.assert_allclose(a["conv_acc"], b["conv_acc"], atol=3e-3)
+    assert len(a["fed_clients"]) == 2 and b["fed_clients"] == a["fed_clients"] + [4, 4]  # 2 padding rows
+    np.testing.assert_allclose(a["fed"], b["fed"], atol=1e-5)
 
 
 def read_tensorboard_scalars(logdir):

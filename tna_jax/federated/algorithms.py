@@ -6,7 +6,9 @@
 1. sample :math:`m = \\lceil qK \\rceil` of the K clients without replacement (``fold_in(key, 0)``);
 2. train every sampled client from the global model :math:`\\theta^r`
    (:func:`tna_jax.federated.client.make_local_update`), all of them as ONE ``jax.vmap`` whose
-   client axis is sharded over the devices of `mesh`; client c's key is
+   client axis is sharded over the devices of `mesh` (with ``size_buckets`` > 1 and full
+   participation, one such vmap per size bucket, :func:`tna_jax.federated.client.size_buckets`,
+   in the same jitted program); client c's key is
    ``fold_in(fold_in(key, 1), c)`` (its global id, so the result does not depend on where a
    client sits in the batch, on which device or process);
 3. average the clients, weighted by their sizes (FedAvg, McMahan et al., 2017):
@@ -391,7 +393,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
                   length: int | None) -> tuple[LocalResult, jax.Array]:
             """Trains the clients `rows` (num_clients marks a padding row) on their first `length` rows."""
             safe = jnp.minimum(rows, num_clients - 1)
-            if length is None and rows.shape[0] == clients.num_rows:
+            if length is None and m_pad == m == clients.num_rows:  # every client, in order: no gather
                 x, y, n = clients.x, clients.y, clients.n
             else:
                 cx, cy = (clients.x, clients.y) if length is None else (clients.x[:, :length], clients.y[:, :length])
