@@ -284,6 +284,10 @@ def test_bad_size_bucket_arguments_name_the_argument(problem):
         build(problem, size_buckets=3, client_sizes=sizes + 1000)
     with pytest.raises(ValueError, match="order_examples must be an integer >= max_examples"):
         client.make_local_update(problem["net"], optax.sgd(0.1), batch_size=4, max_examples=8, order_examples=4)
+    bucketed = build(problem, size_buckets=3, client_sizes=sizes)
+    other = client.ClientData(problem["clients"].x, problem["clients"].y, np.roll(problem["clients"].n, 1))
+    with pytest.raises(ValueError, match="clients.n differs from the client_sizes"):
+        bucketed.apply(bucketed.init(problem["params"]), other, jax.random.key(0))
     # Client sampling keeps one padded cohort (bucketing would need the round's sizes at trace time).
     assert build(problem, size_buckets=3, client_sizes=sizes, client_fraction=0.5).cohort == (3, 3)
 

@@ -327,6 +327,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
     bucket_updates = [make_local_update(net, client_optimizer, batch_size=batch_size, max_examples=rows,
                                         local_epochs=local_epochs, prox_mu=float(prox_mu) if method == "fedprox" else 0.0,
                                         unroll=unroll, order_examples=max_examples) for _, rows in buckets]
+    bucket_sizes = np.asarray(client_sizes, np.int64) if buckets else None
     local_bn = bn == "local"
     clients_spec = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])) if mesh is not None else None
 
@@ -415,6 +416,10 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
         if not buckets:
             out, n = train(local_update, idx, valid, None)
             return aggregate(state, out, idx, n, mask, clients.n[:num_clients])
+        if not isinstance(clients.n, jax.core.Tracer) and not np.array_equal(np.asarray(clients.n)[:num_clients],
+                                                                               bucket_sizes):
+            raise ValueError("size_buckets: clients.n differs from the client_sizes the algorithm was built with; "
+                             "build it with the sizes of the data it trains on.")
         # Size buckets: each trains on its own, then the rows go back to the one-cohort layout
         # (client c in row c, padding rows after), so the average sums in the same order.
         outs, positions, offset = [], np.zeros(m_pad, np.int64), 0
