@@ -55,12 +55,13 @@ def setup(num_clients: int, parts, x, y, net, mesh, size_buckets: int = BUCKETS)
     return alg, packed, driver.place_clients(packed, mesh), state
 
 
-def loop_round(net, packed, num_clients: int, *, size_buckets: int):
+def loop_round(net, packed, num_clients: int, mesh, *, size_buckets: int):
     """The same round as a Python loop over clients: each client's jitted single-client update
     (the function its row of the vmapped round runs: its size bucket's, or the one cohort's with
     ``size_buckets=1``), one call per client on its own rows, then the same size-weighted average."""
     ns = packed.n[:num_clients]
-    buckets = client.size_buckets(ns, batch_size=BATCH, max_buckets=size_buckets, multiple=1)
+    # The buckets of the vmapped round (padded to the devices), so each client runs the same code.
+    buckets = client.size_buckets(ns, batch_size=BATCH, max_buckets=size_buckets, multiple=mesh.devices.size)
     if len(buckets) == 1:
         buckets = [np.arange(num_clients)]
     code = {}
@@ -148,7 +149,7 @@ def main(argv=None):
     alg1, _, _, _ = setup(k, parts, x, y, net, mesh, size_buckets=1)
     vmapped, vmapped1 = jax.jit(alg.apply), jax.jit(alg1.apply)
     key = jax.random.key(1)
-    looped, looped1 = loop_round(net, packed, k, size_buckets=BUCKETS), loop_round(net, packed, k, size_buckets=1)
+    looped, looped1 = loop_round(net, packed, k, mesh, size_buckets=BUCKETS), loop_round(net, packed, k, mesh, size_buckets=1)
     names = {"A": "20 clients vmapped, size buckets (default)", "B": "20 clients vmapped, one padded cohort",
              "C": "Python loop, each client its bucket's code", "D": "Python loop, the one-cohort code",
              "E": "PyTorch FedAvg loop"}
@@ -180,7 +181,7 @@ def main(argv=None):
     # dispatch per client for very little work.
     small20 = [np.arange(c * 32, (c + 1) * 32) for c in range(k)]
     a20, p20, pl20, st20 = setup(k, small20, x, y, net, mesh)
-    fn20, loop20 = jax.jit(a20.apply), loop_round(net, p20, k, size_buckets=BUCKETS)
+    fn20, loop20 = jax.jit(a20.apply), loop_round(net, p20, k, mesh, size_buckets=BUCKETS)
     small_times = time_interleaved({"vmapped": lambda: fn20(st20, pl20, key)[0].params,
                                     "loop": lambda: loop20(st20, key)}, rounds=rounds, warmup=1)
     small_speedup = small_times["loop"]["median_s"] / small_times["vmapped"]["median_s"]
