@@ -135,12 +135,14 @@ def test_neuron_granularity_anchors_whole_units_of_dense_conv_and_norm():
 
 def test_include_exclude_and_named_layer_selections():
     params = mlp_params(jax.random.key(0), sizes=(5, 6, 7, 8, 3))
-    first = anchor_mask(params, jax.random.key(0), 1.0, include="first")
+    order = anchors.layer_order(lambda p: quadratic_loss(p, jnp.ones((1, 5)), 0.0), params)
+    assert order == ["dense_0", "dense_1", "dense_2", "dense_3"]
+    first = anchor_mask(params, jax.random.key(0), 1.0, include="first", layer_order=order)
     assert bool(first["dense_0"]["kernel"].all()) and bool(first["dense_0"]["bias"].all())
     assert not any(bool(first[f"dense_{i}"]["kernel"].any()) for i in (1, 2, 3))
-    last = anchor_mask(params, jax.random.key(0), 1.0, include="last")
+    last = anchor_mask(params, jax.random.key(0), 1.0, include="last", layer_order=order)
     assert bool(last["dense_3"]["kernel"].all()) and not bool(last["dense_2"]["kernel"].any())
-    middle = anchor_mask(params, jax.random.key(0), 1.0, include="middle")
+    middle = anchor_mask(params, jax.random.key(0), 1.0, include="middle", layer_order=order)
     assert [bool(middle[f"dense_{i}"]["kernel"].all()) for i in range(4)] == [False, True, True, False]
     no_bias = anchor_mask(params, jax.random.key(0), 1.0, exclude=r"/bias$")
     assert bool(no_bias["dense_1"]["kernel"].all()) and not bool(no_bias["dense_1"]["bias"].any())
@@ -279,8 +281,11 @@ def test_refresh_every_draws_a_new_mask_per_period():
     grads = jax.tree.map(jnp.ones_like, params0)
     update = jax.jit(tx.update)
     seen = []
+    params = params0
     for t in range(7):
-        updates, state = update(grads, state)
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        assert bool(anchors.verify(params, state))  # each new set is frozen where it stands
         expected = anchor_mask(params0, jax.random.fold_in(key, t // 3), 0.5)
         chex.assert_trees_all_equal(jax.tree.map(lambda u: u == 0, updates), expected)
         seen.append(expected["dense_0"]["kernel"])
@@ -388,7 +393,18 @@ def test_bad_arguments_give_clear_errors():
     with pytest.raises(ValueError, match="not a valid regular expression"):
         anchor_mask(params, jax.random.key(0), 0.4, include="dense_(")
     with pytest.raises(ValueError, match="middle"):
-        anchor_mask({"dense_0": params["dense_0"]}, jax.random.key(0), 0.4, include="middle")
+        anchor_mask({"dense_0": params["dense_0"]}, jax.random.key(0), 0.4, include="middle", layer_order=["dense_0"])
+    with pytest.raises(ValueError, match="include='first' needs the order in which the model calls its layers"):
+        anchor_mask(params, jax.random.key(0), 0.4, include="first")
+    with pytest.raises(ValueError, match="exclude='last' needs the order"):
+        fixed_anchor_mask(0.4, jax.random.key(0), exclude="last").init(params)
+    with pytest.raises(TypeError, match="layer_order must be a list"):
+        fixed_anchor_mask(0.4, jax.random.key(0), layer_order="dense_0")
+    with pytest.raises(ValueError, match="params and values have different structure: path 'dense_1/bias'"):
+        fixed_anchor_mask(0.4, jax.random.key(0), values={"dense_0": params["dense_0"]}).init(params)
+    tx = fixed_anchor_mask(0.4, jax.random.key(0), values=params)
+    with pytest.raises(ValueError, match=r"needs the params: call tx.update\(grads, state, params\)"):
+        tx.update(params, tx.init(params))
     with pytest.raises(ValueError, match="either mask= or"):
         fixed_anchor_mask(0.4, jax.random.key(0), mask=params)
     with pytest.raises(ValueError, match="needs ratio and key"):

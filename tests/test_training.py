@@ -50,6 +50,10 @@ def test_arms_and_runs_follow_the_config():
     assert [(r.arm_index, r.seed) for r in runs] == [(a, s) for a in range(3) for s in range(2)]
 
 
+def anchor_states(state):
+    return anchors.find_state(state.opt_state)
+
+
 def test_initial_masks_values_and_seed_streams(dataset):
     c = tiny_config(anchor__ratio=0.5, prune__ratio=0.0, num_seeds=3)
     net = build(c, dataset)
@@ -63,20 +67,21 @@ def test_initial_masks_values_and_seed_streams(dataset):
         assert bool(jnp.all(leaf[tna[0]] == leaf[tna[1]]))  # one mask shared by the seeds
     fraction = anchors.mask_summary(jax.tree.map(lambda m: m[tna[0]], mask))["overall"]
     assert 0.45 < fraction < 0.55
+    # Every run starts from its own init; the anchor values live in the transform's state.
     values = net.init(jax.random.wrap_key_data(keys.anchor_values[tna[0]]))["params"]
-    for p, v, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(values), jax.tree.leaves(mask)):
-        for i in tna:  # shared anchored values: bit-equal across the seeds (one program) ...
-            assert bool(jnp.all(p[i][m[i]] == p[tna[0]][m[i]]))
+    held = anchor_states(state).values
+    for p, h, v, m in zip(*(jax.tree.leaves(t) for t in (state.params, held, values, mask))):
+        for i in tna:  # shared anchor values: bit-equal across the seeds (one program) ...
+            assert bool(jnp.all(h[i] == h[tna[0]]))
             # ... and the values of net.init(anchor key), computed here by another program (vmapped
             # vs not: XLA may round the last bit differently, e.g. at another optimisation level).
-            np.testing.assert_allclose(p[i][m[i]], v[m[i]], rtol=1e-6, atol=1e-7)
-        free = ~m[tna[0]]
+            np.testing.assert_allclose(h[i], v, rtol=1e-6, atol=1e-7)
         if p.ndim > 2:  # kernels (biases start at zero in every seed)
-            assert bool(jnp.any(p[tna[0]][free] != p[tna[1]][free]))  # seeds differ elsewhere
-    # Arms are paired: the vanilla run of seed s starts from seed s's init outside the mask.
-    kernel = state.params["dense_0"]["kernel"]
-    m0 = mask["dense_0"]["kernel"][tna[1]]
-    assert bool(jnp.all(kernel[vanilla[1]][~m0] == kernel[tna[1]][~m0]))
+            assert bool(jnp.any(p[tna[0]][m[tna[0]]] != h[tna[0]][m[tna[0]]]))  # not there yet
+            assert bool(jnp.any(p[tna[0]] != p[tna[1]]))  # seeds differ
+    # Arms are paired: the vanilla run of seed s starts from seed s's init.
+    chex.assert_trees_all_equal(jax.tree.map(lambda x: x[vanilla[1]], state.params),
+                                jax.tree.map(lambda x: x[tna[1]], state.params))
 
 
 def test_seed_options_share_or_split_streams(dataset):
@@ -106,17 +111,75 @@ def test_fit_trains_every_run_and_anchors_and_pruned_weights_stay(dataset):
     for r in runs_of(result):
         losses = [h["train_loss"] for h in result.history if h["run"] == r]
         assert losses[-1] < 0.9 * losses[0], losses
-    mask = result.mask
-    runs = result.runs
-    for p0, p, m in zip(jax.tree.leaves(state0.params), jax.tree.leaves(result.state.params), jax.tree.leaves(mask)):
+    mask, runs = result.mask, result.runs
+    values = anchor_states(state0).values
+    assert np.asarray(jax.vmap(anchors.verify)(result.state.params, result.state.opt_state)).all()
+    for p0, p, v, m in zip(*(jax.tree.leaves(t) for t in (state0.params, result.state.params, values, mask))):
         for r in runs:
             i = r.index
-            assert bool(jnp.all(p[i][m[i]] == p0[i][m[i]]))  # anchors bit-identical
+            assert bool(jnp.all(p[i][m[i]] == v[i][m[i]]))  # anchors hold their values bit for bit
             if r.arm.method == "prune":
-                assert bool(jnp.all(p[i][m[i]] == 0))
+                assert bool(jnp.all(p[i][m[i]] == 0)) and bool(jnp.all(p0[i][m[i]] == 0))
             assert bool(jnp.any(p[i][~m[i]] != p0[i][~m[i]]))
     assert len(result.history) == 4 * 6
     assert {"epoch", "run", "arm", "seed", "train_loss", "val_accuracy"} <= set(result.history[-1])
+
+
+def test_fit_with_refresh_keeps_about_rho_anchored_and_frozen(dataset):
+    c = tiny_config(anchor__ratio=0.4, anchor__refresh_every=4, baseline=False, train__epochs=3)
+    net = build(c, dataset)
+    state0, _, _ = init_state(c, net)
+    result = training.fit(c, net, dataset, log=lambda s: None)  # 6 steps per epoch: 4 refreshes
+    for i in range(c.num_seeds):
+        fraction = anchors.mask_summary(jax.tree.map(lambda m, i=i: m[i], result.mask))["overall"]
+        assert 0.37 < fraction < 0.43, fraction
+    first = training.mask_of(state0)["dense_0"]["kernel"][0]
+    assert bool(jnp.any(result.mask["dense_0"]["kernel"][0] != first))  # a new set since the start
+    assert np.asarray(jax.vmap(anchors.verify)(result.state.params, result.state.opt_state)).all()
+
+
+def test_a_user_loop_with_the_transform_alone_reproduces_the_shared_arm(dataset):
+    """What a user writes: their own loop, their own init per seed, one shared init as `values=`,
+    the transform chained last. It must train the models `fit` trains, so the same barrier."""
+    import optax
+
+    from tna_jax import lmc
+    from tna_jax.data.batching import epoch_indices
+
+    c = tiny_config(anchor__ratio=0.4, baseline=False, train__epochs=3)
+    net = build(c, dataset)
+    result = training.fit(c, net, dataset, log=lambda s: None)
+    keys = training.make_run_keys(c, training.make_runs(c))
+    dd = data.to_device(dataset)
+    n, bs = int(dd.x_train.shape[0]), c.train.batch_size
+    mine = []
+    for seed in range(c.num_seeds):
+        key = lambda stream, s=seed: jax.random.wrap_key_data(stream[s])  # noqa: E731
+        params = net.init(key(keys.init))["params"]  # this seed's own init
+        shared = net.init(key(keys.anchor_values))["params"]  # the same in every seed
+        tx = optax.chain(training.make_optimizer(c.optimizer, n // bs, c.train.epochs),
+                         anchors.fixed_anchor_mask(0.4, key(keys.mask), values=shared))
+        state = tx.init(params)
+
+        @jax.jit
+        def step(params, state, x, y, tx=tx):
+            loss = lambda p: training.cross_entropy(net.apply({"params": p}, x, train=True)[0], y).mean()  # noqa: E731
+            updates, state = tx.update(jax.grad(loss)(params), state, params)
+            return optax.apply_updates(params, updates), state
+
+        for epoch in range(c.train.epochs):
+            order_key, _ = jax.random.split(jax.random.fold_in(key(keys.data), epoch))
+            for rows in epoch_indices(order_key, n, bs):
+                params, state = step(params, state, dd.x_train[rows], dd.y_train[rows])
+        assert bool(anchors.verify(params, state))
+        mine.append({"params": params})
+    theirs = [result.state.variables(i) for i in range(c.num_seeds)]
+    chex.assert_trees_all_close(mine, theirs, atol=1e-4, rtol=1e-4)
+    eval_fn, test = training.make_eval_fn(net), dd.split("test")
+    ours = lmc.barriers(lmc.lmc_path(eval_fn, *mine, data=test))
+    fits = lmc.barriers(lmc.lmc_path(eval_fn, *theirs, data=test))
+    assert abs(ours["accuracy_barrier"] - fits["accuracy_barrier"]) <= 2 / test[1].shape[0]  # one example
+    assert abs(ours["loss_barrier"] - fits["loss_barrier"]) <= 1e-3
 
 
 def runs_of(result):

@@ -230,6 +230,9 @@ class Checkpointer:
     Args:
       directory: where the steps live (created if missing).
       keep: how many most recent steps to keep.
+      mask_scheme: for states that hold anchor masks, the mask-drawing scheme
+        (`tna_jax.anchors.MASK_SCHEME`): recorded with every step, and a step recorded under
+        another scheme (or none) is refused on restore, naming both.
 
     Raises:
       ValueError: `keep` not a positive integer.
@@ -245,13 +248,14 @@ class Checkpointer:
       ([0.0, 1.0, 2.0, 3.0], 3, 3)
     """
 
-    def __init__(self, directory: str, keep: int = 2):
+    def __init__(self, directory: str, keep: int = 2, *, mask_scheme: str | None = None):
         import orbax.checkpoint as ocp
 
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be a positive integer (steps to keep); got {keep!r}.")
 
         self._ocp = ocp
+        self.mask_scheme = mask_scheme
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
@@ -285,6 +289,8 @@ class Checkpointer:
                 if not isinstance(leaf, (np.ndarray, jax.Array, np.generic)):
                     raise TypeError(f"{label} leaves must be arrays; got {type(leaf).__name__} at path {name!r}.")
         meta = dict(meta or {})
+        if self.mask_scheme is not None:
+            meta["mask_scheme"] = self.mask_scheme
         meta["state_digest"] = tree_digest(state)
         if extras is not None:
             meta["extras_digest"] = tree_digest(extras)
@@ -327,6 +333,12 @@ class Checkpointer:
         ocp = self._ocp
         path = os.path.join(self.directory, str(step))
         meta = self.read_meta(step)
+        if self.mask_scheme is not None and meta.get("mask_scheme") != self.mask_scheme:
+            recorded = meta.get("mask_scheme") or "none recorded (written before schemes were recorded)"
+            raise CheckpointError(
+                f"checkpoint {path} holds anchor masks drawn under mask scheme {recorded!r}; this version of "
+                f"tna_jax draws them under {self.mask_scheme!r}, so a resumed run would not train the masks "
+                "it started with. Use a fresh workdir (or the tna_jax version that wrote it).")
         items = {}
         if with_state:
             self._check_stored(step, "state", target)

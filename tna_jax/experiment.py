@@ -564,7 +564,7 @@ def markdown_summary(report: dict[str, Any]) -> str:
         rows.append(summary_row(arm["arm"], arm["seeds"], acc, lm))
         if "bn_reset" in lm:
             rows.append(summary_row(f"{arm['arm']} (BN reset)", arm["seeds"], acc, lm["bn_reset"]))
-    return markdown_table(rows, SUMMARY_COLUMNS)
+    return anchor_line(report) + markdown_table(rows, SUMMARY_COLUMNS)
 
 
 # The jitted training function(s) of tna_jax.training (one compile = the whole sweep is one program).
@@ -696,11 +696,46 @@ def train_and_analyse(config: Any, workdir: str | None, *, lmc: bool | None = No
 
         report["mask"] = {r.arm.label: anchors.mask_summary(jax.tree.map(lambda m, i=r.index: m[i], result.mask))["overall"]
                           for r in result.runs if r.seed == 0}
+        report["anchor"] = anchor_report(config, result)
     device_data = data_lib.to_device(dataset, normalize=config.data.normalize)
     if (config.analysis.lmc if lmc is None else lmc) and config.num_seeds >= 2:
         report["lmc"] = analyse_lmc(config, net, result, device_data)
     report["seconds_total"] = time.time() - t0
     return Trained(report=report, net=net, dataset=dataset, result=result, data=device_data)
+
+
+def anchor_values_label(config: Any) -> str:
+    """How the anchors of a config hold their values, in words: "shared anchor values" (one
+    init for every seed: TNA-PFN) or "per-model anchor values" (each seed its own init)."""
+    return "shared anchor values" if config.anchor.share_values else "per-model anchor values"
+
+
+def anchor_report(config: Any, result: Any) -> dict[str, Any]:
+    """What a report says about the anchors: whether their values were shared across seeds,
+    the mask-drawing scheme, the refresh period, and per arm whether every run's anchored
+    entries still hold their values (`tna_jax.anchors.verify`)."""
+    from tna_jax import anchors
+
+    held = np.asarray(jax.vmap(anchors.verify)(result.state.params, result.state.opt_state))
+    arms: dict[str, bool] = {}
+    for run in result.runs:
+        if run.arm.ratio > 0:
+            arms[run.arm.label] = arms.get(run.arm.label, True) and bool(held[run.index])
+    return {"values": "shared" if config.anchor.share_values else "per-model",
+            "mask_scheme": anchors.MASK_SCHEME, "refresh_every": int(config.anchor.refresh_every),
+            "granularity": config.anchor.granularity, "verified": arms}
+
+
+def anchor_line(report: dict[str, Any]) -> str:
+    """One Markdown line on the anchors of a train report ("" when it has none)."""
+    a = report.get("anchor")
+    if not a:
+        return ""
+    held = "hold their values in every run" if all(a["verified"].values()) else \
+        "DO NOT all hold their values: " + ", ".join(k for k, v in a["verified"].items() if not v)
+    refresh = f", a fresh mask every {a['refresh_every']} steps" if a.get("refresh_every") else ""
+    return (f"Anchors: {a['values']} values across seeds, {a['granularity']} granularity{refresh}; "
+            f"mask scheme `{a['mask_scheme']}`; anchored entries {held} (checked after training).\n\n")
 
 
 def _sweep_rows(report: dict[str, Any], key: str | None = None) -> list[dict[str, Any]]:
@@ -784,6 +819,8 @@ def _train_plots(config: Any, workdir: str, trained: Trained) -> list[str]:
     report, paths = trained.report, []
     sweep = bool(len(config.sweep.anchor_ratios) or len(config.sweep.prune_ratios))
     title = f"{config.name}: {trained.net.name} on {trained.dataset.name}"
+    if "anchor" in report:
+        title += f" ({anchor_values_label(config)})"
     shown = {float(r) for r in config.analysis.plot_ratios}
     arms = {a["arm"]: a for a in report["arms"]}
     curves = {}

@@ -373,21 +373,22 @@ def anchor_options(config: Any, net: Net) -> dict[str, Any]:
 
 
 def make_transform(base: optax.GradientTransformation, config: Any, net: Net, arms: Sequence[Arm]
-                   ) -> Callable[[Any, Any], optax.GradientTransformation]:
-    """``tx(ratio, key)``: the optimizer of one run, with ``fixed_anchor_mask`` appended when
-    any arm masks weights. Its ``update`` reads the mask from the state only, so one instance
-    updates every run; ``init`` is called per run (inside vmap) with the run's ratio and key.
+                   ) -> Callable[..., optax.GradientTransformation]:
+    """``tx(ratio, key, values=None)``: the optimizer of one run, with ``fixed_anchor_mask``
+    appended when any arm masks weights. Its ``update`` reads everything (mask, ratio, key,
+    values) from the state, so one instance updates every run; ``init`` is called per run
+    (inside vmap) with the run's ratio, key and anchor values.
 
     Args:
-      base: the base optimizer (:func:`make_optimizer`).
-      config: the experiment config (``config.anchor``: granularity, include/exclude patterns,
-        ``refresh_every``).
-      net: the model (its layer order feeds neuron-granularity masks).
-      arms: the arms of the experiment (:func:`arms_from_config`); when none has a ratio > 0 the
+      base: the base optimizer (`make_optimizer`).
+      config: the experiment config (`config.anchor`: granularity, include/exclude patterns,
+        `refresh_every`).
+      net: the model (its layer order feeds the named layer selections).
+      arms: the arms of the experiment (`arms_from_config`); when none has a ratio > 0 the
         factory returns `base` unchanged.
 
     Returns:
-      ``tx(ratio, key) -> optax.GradientTransformation``.
+      ``tx(ratio, key, values=None) -> optax.GradientTransformation``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -400,16 +401,14 @@ def make_transform(base: optax.GradientTransformation, config: Any, net: Net, ar
       >>> mask = find_mask(tx(0.4, jax.random.key(0)).init(params))
       >>> mask["w"].dtype, round(float(mask["w"].mean()), 2)  # each entry an anchor with probability 0.4
       (dtype('bool'), 0.46)
-      >>> make_transform(optax.sgd(0.1), c, net, [Arm("none", 0.0)])(0.0, None) is not None
-      True
     """
     if not any(a.ratio > 0 for a in arms):
-        return lambda ratio, key: base
+        return lambda ratio, key, values=None: base
     refresh = config.anchor.refresh_every or None
     opts = anchor_options(config, net)
 
-    def tx(ratio, key):
-        return optax.chain(base, anchors.fixed_anchor_mask(ratio, key, refresh_every=refresh, **opts))
+    def tx(ratio, key, values=None):
+        return optax.chain(base, anchors.fixed_anchor_mask(ratio, key, values=values, refresh_every=refresh, **opts))
 
     return tx
 
@@ -448,16 +447,8 @@ class TrainState(NamedTuple):
 
 def find_mask(opt_state: PyTree) -> PyTree | None:
     """The anchor mask held in an optimizer state, or None when it has no ``fixed_anchor_mask``."""
-    found = []
-
-    def visit(node):
-        if isinstance(node, anchors.FixedAnchorMaskState):
-            found.append(node.mask)
-            return True
-        return False
-
-    jax.tree.map(lambda x: x, opt_state, is_leaf=visit)
-    return found[0] if found else None
+    state = anchors.find_state(opt_state)
+    return None if state is None else state.mask
 
 
 def mask_of(state: TrainState) -> PyTree | None:
@@ -465,22 +456,26 @@ def mask_of(state: TrainState) -> PyTree | None:
     return find_mask(state.opt_state)
 
 
-def init_runs(net: Net, tx_factory: Callable[[Any, Any], optax.GradientTransformation], runs: Sequence[Run],
-              keys: RunKeys) -> TrainState:
+def init_runs(net: Net, tx_factory: Callable[..., optax.GradientTransformation], runs: Sequence[Run],
+              keys: RunKeys, *, share_values: bool = True) -> TrainState:
     """Initial state of every run (vmapped over runs; jit it, or call it under a mesh).
 
-    The mask is the one the run's ``fixed_anchor_mask`` draws; anchored entries take their
-    values from the anchor-values init (shared across seeds by default) and pruned entries are
-    zero, which the transform then keeps for the whole of training.
+    Every run starts from its own init. Anchored runs chain ``fixed_anchor_mask(values=...)``
+    with the values of the anchor-values init (`share_values`: one init shared by every seed, as
+    TNA-PFN needs; otherwise each run's own init), which the transform moves the anchors to in
+    the first update and holds exactly from the second: the same mechanism as a user's own
+    training loop. Pruned entries are zero from the start and held there.
 
     Args:
       net: the model.
-      tx_factory: ``tx(ratio, key)`` (:func:`make_transform`).
-      runs: the runs (:func:`make_runs`), in run-axis order.
-      keys: their keys (:func:`make_run_keys`).
+      tx_factory: ``tx(ratio, key, values)`` (`make_transform`).
+      runs: the runs (`make_runs`), in run-axis order.
+      keys: their keys (`make_run_keys`).
+      share_values: anchored runs take their anchor values from `keys.anchor_values` (True) or
+        keep their own init values (False).
 
     Returns:
-      A :class:`TrainState` whose leaves have a leading axis of ``len(runs)``.
+      A `TrainState` whose leaves have a leading axis of ``len(runs)``.
 
     Examples:
       >>> import jax, optax
@@ -502,12 +497,14 @@ def init_runs(net: Net, tx_factory: Callable[[Any, Any], optax.GradientTransform
     def one(init_key, mask_key, values_key, ratio, is_prune):
         variables = net.init(jax.random.wrap_key_data(init_key))
         params = variables.pop("params")
-        tx = tx_factory(ratio, jax.random.wrap_key_data(mask_key))
-        mask = find_mask(tx.init(params))
+        mask = find_mask(tx_factory(ratio, jax.random.wrap_key_data(mask_key)).init(params))
+        values = None
         if mask is not None:
-            values = net.init(jax.random.wrap_key_data(values_key))["params"]
+            values = net.init(jax.random.wrap_key_data(values_key))["params"] if share_values else params
+            # Pruned entries: zero from the start (the pruning baseline's model), and held there.
+            params = jax.tree.map(lambda p, m: jnp.where(is_prune & m, jnp.zeros_like(p), p), params, mask)
             values = jax.tree.map(lambda v: jnp.where(is_prune, jnp.zeros_like(v), v), values)
-            params = jax.tree.map(lambda p, v, m: jnp.where(m, v, p), params, values, mask)
+        tx = tx_factory(ratio, jax.random.wrap_key_data(mask_key), values)
         return TrainState(params, variables, tx.init(params), jnp.zeros((), jnp.int32))
 
     return jax.vmap(one)(keys.init, keys.mask, keys.anchor_values, ratios, prune)
@@ -1244,9 +1241,10 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
     update_tx = tx_factory(0.0, jax.random.key(0))  # update() reads ratio/mask from the state
     keys = shard_runs(make_run_keys(config, all_runs), mesh)
 
-    init_fn = jax.jit(lambda k: init_runs(net, tx_factory, all_runs, k),
+    share = bool(config.anchor.share_values)
+    init_fn = jax.jit(lambda k: init_runs(net, tx_factory, all_runs, k, share_values=share),
                       out_shardings=NamedSharding(mesh, PartitionSpec("runs")))
-    abstract_state = jax.eval_shape(lambda k: init_runs(net, tx_factory, all_runs, k), keys)
+    abstract_state = jax.eval_shape(lambda k: init_runs(net, tx_factory, all_runs, k, share_values=share), keys)
     run_sharding = NamedSharding(mesh, PartitionSpec("runs"))
     abstract_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=run_sharding),
                                   abstract_state)
@@ -1256,7 +1254,9 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
     start_epoch, start_step, partial = 0, 0, None
     state = None
     if workdir:
-        checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+        scheme = anchors.MASK_SCHEME if any(a.ratio > 0 for a in arms) else None
+        checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+                                             mask_scheme=scheme)
         if checkpointer.latest_step() is not None:
             state, _, meta = checkpointer.restore(abstract_state)
             start_epoch, start_step = int(meta["epoch"]), int(meta.get("step_in_epoch", 0))

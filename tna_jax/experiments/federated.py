@@ -38,10 +38,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from tna_jax import anchors, faults, logs, training
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
 from tna_jax import experiment as exp_lib
-from tna_jax import faults, logs, training
 
 __all__ = ["FedArm", "arms_from_config", "require_data", "federated_experiment", "make_clients"]
 
@@ -418,7 +418,9 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     start_round = 0
     states: dict[str, Any] | None = None
     if workdir:
-        checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+        scheme = anchors.MASK_SCHEME if any(a.ratio for a in arms) else None
+        checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+                                             mask_scheme=scheme)
         if checkpointer.latest_step() is not None:
             target = {a.slug: driver.abstract_states(algs[a.slug], net, keys, mesh, float(a.ratio or 0.0)) for a in arms}
             states, _, meta = checkpointer.restore(target)

@@ -80,21 +80,15 @@ class Net:
         return "batch_stats" in jax.eval_shape(self.init, jax.random.key(0))
 
     def layer_order(self) -> list[str]:
-        """Paths of the weight layers from input to output (Flax's call order).
+        """Paths of the weight layers from input to output: the order in which the model reads
+        its kernels when called (`tna_jax.trace.layer_order`), never a dict's key order (JAX
+        sorts keys, which puts `head` before `stage0_block0` in a ResNet)."""
+        from tna_jax import trace
 
-        The order is read *inside* the trace: the dicts that come out of any JAX transformation
-        (``eval_shape``, ``jit``, ``vmap``) have sorted keys, which puts ``head`` before
-        ``stage0_block0`` in a ResNet.
-        """
-        order: list[str] = []
-
-        def init(key: jax.Array) -> Variables:
-            variables = self.init(key)
-            order.extend(tree_lib.module_order(variables["params"]))
-            return variables
-
-        jax.eval_shape(init, jax.random.key(0))
-        return order
+        variables = jax.eval_shape(self.init, jax.random.key(0))
+        x = jax.ShapeDtypeStruct((1, *self.input_shape), self.input_dtype)
+        order = trace.layer_order(lambda v: self.apply(v, jnp.zeros(x.shape, x.dtype))[0], variables)
+        return [path.split("/", 1)[1] for path in order if path.startswith("params/")]
 
     def param_count(self) -> int:
         return tree_lib.tree_size(jax.eval_shape(self.init, jax.random.key(0))["params"])
