@@ -158,7 +158,12 @@ def prepare_workdir(config: Any, workdir: str) -> None:
 
     Raises:
       ValueError: the workdir holds a run with a different config (the message lists the fields
-        that differ; only fields in ``config.RESUME_SAFE_FIELDS`` may change on resume).
+        that differ; only fields in ``config.RESUME_SAFE_FIELDS`` may change on resume; a field
+        of ``config.ADDED_FIELDS`` missing from an older ``config.json`` counts as its default).
+      tna_jax.config.ConfigError: ``train.epochs`` changed under a schedule that depends on the
+        total number of steps (``config.EPOCH_DEPENDENT_SCHEDULES``): the steps already done were
+        taken with another learning rate, so the resumed run would be neither run. Nothing is
+        written then.
 
     Examples:
       >>> import os, tempfile
@@ -179,11 +184,22 @@ def prepare_workdir(config: Any, workdir: str) -> None:
             raise ValueError(f"{path} is damaged ({err}); move the workdir aside or delete config.json "
                              "to start afresh.") from None
         flat_old, flat_new = config_lib.flatten(old), config_lib.flatten(new)
+        for field, default in config_lib.ADDED_FIELDS.items():  # written before the field existed
+            if field in flat_new and field not in flat_old and field.split(".")[0] in old:
+                flat_old[field] = default
         differ = sorted(k for k in set(flat_old) | set(flat_new)
                         if flat_old.get(k) != flat_new.get(k)
                         and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in config_lib.RESUME_SAFE_FIELDS))
         has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
             n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
+        schedule = flat_new.get("optimizer.schedule")
+        if has_ckpt and flat_old.get("train.epochs") != flat_new.get("train.epochs") \
+                and schedule in config_lib.EPOCH_DEPENDENT_SCHEDULES and new.get("kind", "train") != "federated":
+            raise config_lib.ConfigError(
+                f"config.train.epochs changed from {flat_old.get('train.epochs')} to {flat_new.get('train.epochs')} "
+                f"on resuming workdir {workdir}, but config.optimizer.schedule={schedule!r} decays over the total "
+                "number of steps, so the resumed run would differ from a fresh run of either length; start a "
+                "fresh --workdir, or train with optimizer.schedule='constant' to extend runs.")
         if differ and has_ckpt:
             shown = ", ".join(f"{k} (was {flat_old.get(k)!r}, now {flat_new.get(k)!r})" for k in differ[:6])
             raise ValueError(f"workdir {workdir} holds a run with a different config: {shown}"
