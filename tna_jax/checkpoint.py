@@ -89,7 +89,7 @@ def json_ready(obj: Any) -> Any:
 
 
 def dumps(obj: Any, *, indent: int | None = None, sort_keys: bool = True) -> str:
-    """`obj` as strict JSON text (:func:`json_ready`, then ``allow_nan=False``): what every file
+    """`obj` as strict JSON text (`json_ready`, then ``allow_nan=False``): what every file
     tna_jax writes uses (reports, ``config.json``, ``metrics.jsonl``).
 
     Args:
@@ -111,7 +111,7 @@ def write_json(path: str, obj: Any, *, indent: int | None = 2) -> str:
     """Writes `obj` as strict JSON to `path` atomically (temp file + fsync + rename); returns `path`.
 
     NumPy and JAX scalars and arrays are written as numbers and lists, sets as sorted lists, and
-    NaN / ±Inf as ``null`` (:func:`json_ready`): the file parses with any strict JSON parser.
+    NaN / ±Inf as ``null`` (`json_ready`): the file parses with any strict JSON parser.
 
     Args:
       path: the file (its directory is created).

@@ -391,7 +391,7 @@ def mean_std(values: Any) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (``ddof=1``, the unbiased variance's root).
 
     Every "± std" in tna_jax's reports is this one: over seeds, or over seed pairs (say which
-    pairs, :func:`tna_jax.lmc.describe_pairs`). With one value there is no spread to estimate, so
+    pairs, `tna_jax.lmc.describe_pairs`). With one value there is no spread to estimate, so
     the std is None (``null`` in JSON, no "±" in tables), and with none the mean is None too.
 
     Args:
@@ -419,8 +419,8 @@ def choose_pairs(config: Any, n: int) -> tuple[list[tuple[int, int]], str]:
       n: the arm's seeds.
 
     Returns:
-      ``(pairs, description)``: :func:`tna_jax.lmc.select_pairs` and
-      :func:`tna_jax.lmc.describe_pairs` of them.
+      ``(pairs, description)``: `tna_jax.lmc.select_pairs` and
+      `tna_jax.lmc.describe_pairs` of them.
 
     Examples:
       >>> from tna_jax.config import default_config
@@ -438,7 +438,20 @@ def choose_pairs(config: Any, n: int) -> tuple[list[tuple[int, int]], str]:
 
 
 def anchor_values_note(config: Any) -> str:
-    """``"shared anchor values"`` or ``"per-model anchor values"`` (``config.anchor.share_values``)."""
+    """How anchored entries were initialised, for captions and tables.
+
+    Args:
+      config: the experiment config (``anchor.share_values``).
+
+    Returns:
+      ``"shared anchor values"`` (the same values in every seed, the paper's setting) or
+      ``"per-model anchor values"``.
+
+    Examples:
+      >>> from tna_jax.config import default_config
+      >>> anchor_values_note(default_config())
+      'shared anchor values'
+    """
     return "shared anchor values" if config.anchor.share_values else "per-model anchor values"
 
 
@@ -449,7 +462,7 @@ LMC_KEYS = ("loss_barrier", "accuracy_barrier", "avg_endpoint_accuracy", "interp
 def lmc_stats(eval_fn: Any, stacked: Any, x: Any, y: Any, *, pairs: list[tuple[int, int]], alphas: Any,
               chunk: int | None = None) -> dict[str, Any]:
     """Pairwise LMC of stacked models: ``<key>_mean``/``<key>_std`` (sample std, None for one pair;
-    :func:`mean_std`) over pairs for every key of :data:`LMC_KEYS`, the per-pair barriers, the
+    `mean_std`) over pairs for every key of `LMC_KEYS`, the per-pair barriers, the
     curves, and the fusion of all models.
 
     Args:
@@ -517,9 +530,9 @@ def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]
       data: the dataset on the device (:class:`tna_jax.data.DeviceData`).
 
     Returns:
-      ``{arm label: {"runs": [...], and for arms with 2+ seeds the :func:`lmc_stats` numbers
+      ``{arm label: {"runs": [...], and for arms with 2+ seeds the `lmc_stats` numbers
       (means and sample stds over the pairs), "pairs" (run indices), "pairs_note" (how they were
-      chosen: ``config.analysis.pairs``, :func:`choose_pairs`) and, with BN reset, "bn_reset"}}``.
+      chosen: ``config.analysis.pairs``, `choose_pairs`) and, with BN reset, "bn_reset"}}``.
 
     Examples:
       An arm with one seed has no pair, so nothing is evaluated (:func:`lmc_stats` shows the
@@ -591,6 +604,14 @@ def pm(mean: float | None, std: float | None, scale: float = 100.0, digits: int 
     """``"mean ± std"`` scaled (percent by default); the mean alone without a std (one value);
     "—" for a missing mean.
 
+    Args:
+      mean, std: the numbers (None or NaN: missing).
+      scale: multiplies both (100: percent).
+      digits: decimals.
+
+    Returns:
+      The text of a table cell.
+
     Examples:
       >>> pm(0.5, 0.01), pm(0.5, None), pm(None, None)
       ('50.0 ± 1.0', '50.0', '—')
@@ -646,7 +667,7 @@ def statistics_note(report: dict[str, Any]) -> str:
 
 def markdown_summary(report: dict[str, Any]) -> str:
     """The arms table of a train report: accuracy, LMC barriers and fusion, mean ± sample std over
-    pairs (barriers) or seeds (accuracy), and a sentence saying which (:func:`statistics_note`).
+    pairs (barriers) or seeds (accuracy), and a sentence saying which (`statistics_note`).
     Nets with BatchNorm get a second row per arm with the statistics reset at every α ("BN
     reset")."""
     rows = []

@@ -466,7 +466,7 @@ def disjoint_pairs(n: int) -> list[tuple[int, int]]:
     """``(0, 1), (2, 3), ...``: ⌊n/2⌋ pairs of n models that share no model.
 
     Barriers of disjoint pairs are independent draws (for independent seeds), so their sample
-    standard deviation estimates the spread of a barrier; overlapping pairs (:func:`all_pairs`)
+    standard deviation estimates the spread of a barrier; overlapping pairs (`all_pairs`)
     are correlated, and their standard deviation understates it.
 
     Args:
@@ -525,8 +525,8 @@ def select_pairs(n: int, mode: str = "all", max_pairs: int | None = None, seed: 
     Args:
       n: number of models.
       mode: ``"all"`` (every pair i < j in order, the first `max_pairs` of them: pairs share
-        models), ``"disjoint"`` (:func:`disjoint_pairs`, at most `max_pairs`) or ``"random"``
-        (:func:`random_pairs`: `max_pairs` of all pairs, drawn with `seed`).
+        models), ``"disjoint"`` (`disjoint_pairs`, at most `max_pairs`) or ``"random"``
+        (`random_pairs`: `max_pairs` of all pairs, drawn with `seed`).
       max_pairs: the cap (None or 0: none; ``"random"`` then takes all pairs).
       seed: the draw of ``"random"``.
 
@@ -557,10 +557,10 @@ def select_pairs(n: int, mode: str = "all", max_pairs: int | None = None, seed: 
 
 
 def describe_pairs(mode: str, num_pairs: int, n: int, seed: int = 0) -> str:
-    """How a set of pairs from :func:`select_pairs` was chosen, for tables and captions.
+    """How a set of pairs from `select_pairs` was chosen, for tables and captions.
 
     Args:
-      mode: the mode given to :func:`select_pairs`.
+      mode: the mode given to `select_pairs`.
       num_pairs: the pairs it returned.
       n: the number of models.
       seed: the seed of ``"random"``.

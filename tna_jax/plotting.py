@@ -4,7 +4,7 @@ Every figure says what its bands and bars are: the functions take a ``caption`` 
 ± sample std over 5 disjoint pairs of 10 seeds; shared anchor values"), drawn under the axes and
 stored in the PNG's text chunks with the title (``Title`` and ``Description``, readable with
 ``PIL.Image.open(path).text``). Bands computed here from several rows are sample standard
-deviations (ddof=1); a single row gets no band. Long curves (more than :data:`DENSE_POINTS`
+deviations (ddof=1); a single row gets no band. Long curves (more than `DENSE_POINTS`
 points, e.g. 200 federated rounds) get a marker every few points only, so that the bands stay
 visible.
 """
@@ -245,7 +245,7 @@ def plot_curves(series: dict[str, dict[str, Any]], path: str, xlabel: str, ylabe
     """Lines with optional shaded std: ``{label: {"x": [...], "y": [...] or (S, T), "std": optional}}``.
 
     ``xscale="log2"`` puts x on a base-2 log axis (widths), "linear" otherwise. Curves of more
-    than :data:`DENSE_POINTS` points get about 15 markers, so the bands are not hidden.
+    than `DENSE_POINTS` points get about 15 markers, so the bands are not hidden.
 
     Args:
       series: ``{label: {"x": (T,), "y": (T,) or (S, T), "std": optional (T,)}}``; a 2-D ``y`` is

@@ -190,8 +190,16 @@ def _check(config: Any) -> None:
 
 
 def partition_seed_of(partition_seed: int, seed_index: int | None) -> int:
-    """The NumPy seed of a partition: `partition_seed` itself for the split every seed shares
-    (`seed_index` None), else ``SeedSequence([partition_seed, seed_index])``'s first word.
+    """The NumPy seed of a partition of the clients (``federated.partition_per_seed``).
+
+    Args:
+      partition_seed: ``federated.partition_seed``.
+      seed_index: None for the split every seed shares, or the seed s whose own split it is.
+
+    Returns:
+      `partition_seed` itself for the shared split (as before the option existed), else the first
+      word of ``numpy.random.SeedSequence([partition_seed, s])``: independent streams, and no
+      collision between (partition_seed, s) and (partition_seed + 1, s - 1).
 
     Examples:
       >>> partition_seed_of(0, None), partition_seed_of(0, 1) != partition_seed_of(1, 0)
@@ -212,7 +220,7 @@ def make_clients(config: Any, labels: np.ndarray, alpha: float | None,
       labels: the training labels.
       alpha: the Dirichlet α of this arm (None: ``federated.alpha``).
       seed_index: None for the split every seed shares, or the seed whose own split this is
-        (``federated.partition_per_seed``; :func:`partition_seed_of`).
+        (``federated.partition_per_seed``; `partition_seed_of`).
 
     Returns:
       One int array of example indices per client (:func:`tna_jax.federated.partition.partition`).

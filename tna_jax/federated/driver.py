@@ -295,7 +295,7 @@ def make_rounds(alg: FederatedAlgorithm, mesh: Mesh, *, donate: bool = True, per
       alg: the algorithm.
       mesh: the mesh (the output states are replicated over it).
       donate: donate the input states' buffers to the call.
-      per_seed_clients: `clients` carry a leading seed axis (:func:`place_clients` with
+      per_seed_clients: `clients` carry a leading seed axis (`place_clients` with
         ``seed_axis=True``): seed s trains on its own split; else every seed on the same clients.
 
     Returns:

@@ -37,7 +37,7 @@ compared with a PyTorch paper need ``init="torch"`` (docs/howto/reproduce-pytorc
 ``"torch"`` leaves alone, because a PyTorch implementation sets it by hand too: ViT's CLS token
 (zeros) and position embedding (normal, std 0.02); and the ``transformer``, whose init is
 BERT's under both values (normal, std 0.02, zero biases: what Hugging Face's PyTorch
-``BertModel`` does). See :func:`tna_jax.models.layers.torch_default_init`. Layer names follow one
+``BertModel`` does). See `tna_jax.models.layers.torch_default_init`. Layer names follow one
 convention (see :mod:`tna_jax.models.base` and each module's docstring): a layer's output
 normalisation is ``<layer>_norm``, which ``anchors`` uses for neuron-granularity unit groups.
 """

@@ -40,7 +40,10 @@ class Net:
       input_dtype: dtype of the inputs (float32 for images/features, int32 for token ids).
       init_scheme: ``"flax"`` (the modules' own initializers) or ``"torch"`` (every Dense/Conv
         layer redrawn as PyTorch's ``nn.Linear``/``nn.Conv*`` defaults after the module's init,
-        :func:`tna_jax.models.layers.torch_default_init`).
+        `tna_jax.models.layers.torch_default_init`).
+
+    Raises:
+      ValueError: `init_scheme` is neither ``"flax"`` nor ``"torch"``.
 
     Examples:
       >>> import jax, jax.numpy as jnp

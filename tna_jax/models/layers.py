@@ -64,7 +64,7 @@ INIT_SCHEMES = ("flax", "torch")
 
 
 def torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype: Any = jnp.float32) -> jax.Array:
-    """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` of `shape`, drawn 1-D (see :func:`flat_init`).
+    """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` of `shape`, drawn 1-D (see `flat_init`).
 
     This is PyTorch's default for ``nn.Linear`` and ``nn.Conv*``: the weight's
     ``kaiming_uniform_(a=sqrt(5))`` has bound ``gain * sqrt(3 / fan_in)`` with ``gain =
@@ -97,7 +97,7 @@ def torch_default_init(params: dict[str, Any], key: jax.Array) -> dict[str, Any]
     A layer is a module whose parameters include a ``kernel``: Flax keeps the input axes first and
     the output axis last (Dense ``(in, out)``, Conv ``(h, w, in / groups, out)``), so ``fan_in =
     prod(kernel.shape[:-1])``, PyTorch's ``fan_in`` of the transposed weight. Its ``kernel`` and
-    ``bias`` are both drawn from ``U(±1/sqrt(fan_in))`` (:func:`torch_uniform`). Everything
+    ``bias`` are both drawn from ``U(±1/sqrt(fan_in))`` (`torch_uniform`). Everything
     else is left as it is: LayerNorm/BatchNorm scales are 1 and biases 0 in both libraries, and
     parameters that are not layers (ViT's CLS token and position embedding, embedding tables)
     keep the model's own init, which a PyTorch implementation also sets by hand.
