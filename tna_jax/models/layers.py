@@ -96,9 +96,10 @@ def torch_default_init(params: dict[str, Any], key: jax.Array) -> dict[str, Any]
 
     A layer is a module whose parameters include a ``kernel``: Flax keeps the input axes first and
     the output axis last (Dense ``(in, out)``, Conv ``(h, w, in / groups, out)``), so ``fan_in =
-    prod(kernel.shape[:-1])``, PyTorch's ``fan_in`` of the transposed weight. Its ``kernel`` and
-    ``bias`` are both drawn from ``U(±1/sqrt(fan_in))`` (`torch_uniform`). Everything
-    else is left as it is: LayerNorm/BatchNorm scales are 1 and biases 0 in both libraries, and
+    prod(kernel.shape[:-1])``, PyTorch's ``fan_in`` of the transposed weight (a kernel with
+    several output axes, ``nn.DenseGeneral``'s, would need its own rule; the zoo has none). Its
+    ``kernel`` and ``bias`` are both drawn from ``U(±1/sqrt(fan_in))`` (`torch_uniform`).
+    Everything else is left as it is: LayerNorm/BatchNorm scales are 1 and biases 0 in both libraries, and
     parameters that are not layers (ViT's CLS token and position embedding, embedding tables)
     keep the model's own init, which a PyTorch implementation also sets by hand.
 
