@@ -477,6 +477,7 @@ def disjoint_pairs(n: int) -> list[tuple[int, int]]:
 
     Raises:
       TypeError: `n` not an integer >= 0.
+      ValueError: more than ``MAX_ALL_PAIRS`` pairs.
 
     Examples:
       >>> disjoint_pairs(5)
@@ -484,6 +485,8 @@ def disjoint_pairs(n: int) -> list[tuple[int, int]]:
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise TypeError(f"n must be a non-negative integer; got {type(n).__name__} {n!r}.")
+    if n // 2 > MAX_ALL_PAIRS:
+        raise ValueError(f"disjoint_pairs({n}) asks for {n // 2} pairs (more than {MAX_ALL_PAIRS}).")
     return [(2 * k, 2 * k + 1) for k in range(int(n) // 2)]
 
 
@@ -500,6 +503,8 @@ def random_pairs(n: int, num: int, seed: int = 0) -> list[tuple[int, int]]:
 
     Raises:
       TypeError: `n`, `num` or `seed` not a non-negative integer.
+      ValueError: more than ``MAX_ALL_PAIRS`` pairs asked for, more than ``MAX_ALL_PAIRS`` models,
+        or a seed NumPy does not take (>= 2**128).
 
     Examples:
       >>> random_pairs(5, 3, seed=0)
@@ -513,6 +518,9 @@ def random_pairs(n: int, num: int, seed: int = 0) -> list[tuple[int, int]]:
     total = int(n) * (int(n) - 1) // 2
     if num >= total:
         return all_pairs(n)
+    if num > MAX_ALL_PAIRS or n > MAX_ALL_PAIRS or seed >= 2**128:
+        raise ValueError(f"random_pairs(n={n}, num={num}, seed={seed}): at most {MAX_ALL_PAIRS} models and pairs, "
+                         "and a seed below 2**128.")
     flat = np.sort(np.random.default_rng(int(seed)).choice(total, size=int(num), replace=False))
     starts = np.array([i * n - i * (i + 1) // 2 for i in range(n)], np.int64)  # index of pair (i, i + 1)
     rows = np.searchsorted(starts, flat, side="right") - 1
