@@ -7,7 +7,6 @@ medians is what we report.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -18,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+
+from tna_jax import checkpoint as ckpt_lib
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -83,7 +84,7 @@ def write_json(name: str, payload: dict[str, Any], out_dir: str | None = None) -
     path = os.path.join(out_dir, f"{name}.json")
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
+        f.write(ckpt_lib.dumps(payload, indent=2))  # strict JSON: NaN/inf as null
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -22,7 +22,8 @@ def get_config():
     c.data.source = "tfds:cifar10"
     c.data.data_dir = os.path.expanduser("~/tensorflow_datasets")
     c.data.augment = "crop_flip"
-    c.model = ml_collections.ConfigDict({"name": "cnn", "width": 1.0, "hidden": 512, "dtype": "float32"})
+    c.model = ml_collections.ConfigDict({"name": "cnn", "width": 1.0, "hidden": 512, "dtype": "float32",
+                                         "init": "flax"})
     c.optimizer.name = "momentum"
     c.optimizer.learning_rate = 0.02
     c.optimizer.weight_decay = 5e-4

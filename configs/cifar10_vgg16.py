@@ -22,7 +22,8 @@ def get_config():
     c.data.source = "tfds:cifar10"
     c.data.data_dir = os.path.expanduser("~/tensorflow_datasets")
     c.data.augment = "crop_flip"
-    c.model = ml_collections.ConfigDict({"name": "vgg16", "width": 1.0, "norm": "batch", "dtype": "float32"})
+    c.model = ml_collections.ConfigDict({"name": "vgg16", "width": 1.0, "norm": "batch", "dtype": "float32",
+                                         "init": "flax"})
     c.optimizer.name = "momentum"
     c.optimizer.learning_rate = 0.05
     c.optimizer.weight_decay = 5e-4

@@ -14,7 +14,8 @@ def get_config():
     c.name = "digits_cnn"
     c.num_seeds = 6
     c.data.source = "digits"
-    c.model = ml_collections.ConfigDict({"name": "cnn", "width": 0.5, "hidden": 128, "dtype": "float32"})
+    c.model = ml_collections.ConfigDict({"name": "cnn", "width": 0.5, "hidden": 128, "dtype": "float32",
+                                         "init": "flax"})
     c.optimizer.name = "momentum"
     c.optimizer.learning_rate = 0.02
     c.optimizer.schedule = "cosine"

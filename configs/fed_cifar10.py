@@ -25,7 +25,8 @@ def get_config():
     c.num_seeds = 3
     c.data.source = "tfds:cifar10"
     c.data.data_dir = os.path.expanduser("~/tensorflow_datasets")
-    c.model = ml_collections.ConfigDict({"name": "cnn", "width": 1.0, "hidden": 512, "dtype": "float32"})
+    c.model = ml_collections.ConfigDict({"name": "cnn", "width": 1.0, "hidden": 512, "dtype": "float32",
+                                         "init": "flax"})
     c.optimizer.name = "momentum"
     c.optimizer.learning_rate = 0.01
     c.optimizer.momentum = 0.9

@@ -27,7 +27,8 @@ def get_config():
     c.data.val_fraction = 0.2
     c.data.normalize = False  # digits are already in [0, 1]; pretraining and fine-tuning see the same pixels
     c.model = ml_collections.ConfigDict({"name": "vit", "patch_size": 2, "dim": 64, "depth": 4, "heads": 4,
-                                         "mlp_dim": 128, "dropout": 0.1, "dtype": "float32"})
+                                         "mlp_dim": 128, "dropout": 0.1, "dtype": "float32",
+                                         "init": "flax"})
     c.optimizer.name = "adamw"  # pretraining
     c.optimizer.learning_rate = 1e-3
     c.optimizer.weight_decay = 0.05

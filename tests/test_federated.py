@@ -354,6 +354,86 @@ def test_seeds_vmapped_and_sharded_rounds_match_one_seed_at_a_time(problem, pfn)
 
 
 # ---------------------------------------------------------------------------------------------
+# A split of the clients per seed (federated.partition_per_seed).
+# ---------------------------------------------------------------------------------------------
+
+
+def test_each_seed_draws_its_own_split_and_the_shared_split_is_unchanged():
+    from tna_jax.experiments.federated import make_clients, partition_seed_of
+
+    c = default_config()
+    c.federated = federated_config()
+    c.federated.num_clients, c.federated.partition_seed = 6, 3
+    y = np.arange(600) % 10
+    shared = make_clients(c, y, None)
+    today = partition.partition(y, 6, "dirichlet", alpha=0.5, min_size=2, seed=3)  # before the option existed
+    assert all(np.array_equal(a, b) for a, b in zip(shared, today, strict=True))
+    own = [make_clients(c, y, None, seed_index=s) for s in range(3)]
+    sizes = [[len(p) for p in parts] for parts in (shared, *own)]
+    assert len({tuple(v) for v in sizes}) == 4  # four different splits
+    for parts in own:  # each is still a partition of every example
+        assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(600))
+    assert len({partition_seed_of(3, s) for s in range(100)} | {3}) == 101
+
+
+def test_seeds_on_their_own_splits_train_as_each_seed_alone_on_its_split(problem):
+    from tna_jax.experiments.federated import partition_seed_of
+
+    net, x, y = problem["net"], problem["x"][:240], problem["y"][:240]
+    splits = [partition.dirichlet(y, 4, 0.5, seed=partition_seed_of(0, s), min_size=3) for s in range(2)]
+    n_max = max(len(p) for parts in splits for p in parts)
+    mesh = training.run_mesh()
+    packed = []
+    for parts in splits:
+        d = client.pack_clients(x, y, parts, multiple=mesh.devices.size)
+        pad = n_max - d.max_examples
+        packed.append(client.ClientData(np.pad(d.x, [(0, 0), (0, pad), (0, 0)]), np.pad(d.y, [(0, 0), (0, pad)]), d.n))
+    stacked = client.ClientData(*(np.stack([getattr(d, k) for d in packed]) for k in ("x", "y", "n")))
+    alg = algorithms.fed_avg(net, optax.sgd(0.1), num_clients=4, max_examples=n_max, batch_size=BATCH, mesh=mesh)
+    keys = driver.seed_keys(0, 2)
+    rounds = driver.make_rounds(alg, mesh, donate=False, per_seed_clients=True)
+    states, metrics = rounds(driver.init_states(alg, net, keys, mesh), driver.place_clients(stacked, mesh, seed_axis=True),
+                             driver.round_keys(keys, 0))
+    chex.assert_shape(metrics["client_loss"], (2, 4))
+    shared = driver.make_rounds(alg, mesh, donate=False)
+    for s in range(2):  # seed s of the per-seed run == seed s of a run where every seed has split s
+        alone, _ = shared(driver.init_states(alg, net, keys, mesh), driver.place_clients(packed[s], mesh),
+                          driver.round_keys(keys, 0))
+        chex.assert_trees_all_close(tree_lib.index(states.params, s), tree_lib.index(alone.params, s), atol=1e-6)
+        other, _ = shared(driver.init_states(alg, net, keys, mesh), driver.place_clients(packed[1 - s], mesh),
+                          driver.round_keys(keys, 0))
+        assert not np.allclose(states.params["head"]["kernel"][s], other.params["head"]["kernel"][s])
+
+
+def test_federated_kind_with_a_split_per_seed_reports_it(tmp_path):
+    import importlib.util
+
+    from PIL import Image
+
+    from tna_jax import experiment
+
+    spec = importlib.util.spec_from_file_location("fed_cfg", os.path.join(ROOT, "configs", "fed_mnist1d.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.num_seeds, c.data.num_samples, c.model.depth, c.model.width = 2, 600, 1, 16
+    c.train.progress, c.train.tensorboard = False, False
+    f = c.federated
+    f.algorithms, f.server_optimizers, f.num_clients, f.rounds, f.eval_every = ("fedavg",), ("none",), 4, 2, 1
+    f.partition_per_seed = True
+    report = experiment.run(c, str(tmp_path))
+    fed = report["federation"]
+    assert fed["partition_draw"] == "per_seed" and sorted(fed["clients"]) == ["0.5/seed_0", "0.5/seed_1"]
+    assert fed["clients"]["0.5/seed_0"]["sizes"] != fed["clients"]["0.5/seed_1"]["sizes"]
+    assert sum(fed["clients"]["0.5/seed_1"]["sizes"]) == report["data"]["sizes"]["train"]
+    assert "a new split of the clients for every seed" in report["markdown"]
+    assert "mean ± sample std over 2 seeds" in report["markdown"]
+    assert json.loads((tmp_path / "report.json").read_text(), parse_constant=pytest.fail)["arms"][0]["seeds"] == 2
+    caption = Image.open(tmp_path / "accuracy_vs_round.png").text["Description"]
+    assert caption == "Lines: mean, bands: ± sample std over 2 seeds; a new client split per seed."
+
+
+# ---------------------------------------------------------------------------------------------
 # The experiment: resume after SIGKILL, and several processes.
 # ---------------------------------------------------------------------------------------------
 

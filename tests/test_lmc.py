@@ -251,6 +251,57 @@ def test_errors_name_the_argument_and_the_value(setup):
 
 
 # ---------------------------------------------------------------------------------------------
+# Which seed pairs (analysis.pairs) and the sample std over them.
+# ---------------------------------------------------------------------------------------------
+
+
+@given(n=st.integers(0, 40), k=st.integers(0, 60), seed=st.integers(0, 2**31 - 1))
+def test_pair_selections_are_disjoint_or_seeded_unique_subsets_of_all_pairs(n, k, seed):
+    every = lmc.all_pairs(n)
+    disjoint = lmc.disjoint_pairs(n)
+    members = [i for pair in disjoint for i in pair]
+    assert len(disjoint) == n // 2 and len(set(members)) == len(members)  # no model in two pairs
+    assert set(disjoint) <= set(every)
+    drawn = lmc.random_pairs(n, k, seed)
+    assert drawn == lmc.random_pairs(n, k, seed) == sorted(drawn)  # seeded, in order
+    assert len(drawn) == len(set(drawn)) == min(k, len(every)) and set(drawn) <= set(every)
+    assert lmc.select_pairs(n, "random", k or None, seed) == (drawn if k else every)
+    assert lmc.select_pairs(n, "all", k or None) == (every[:k] if k else every)
+    assert lmc.select_pairs(n, "disjoint", k or None) == (disjoint[:k] if k else disjoint)
+
+
+def test_random_pairs_spread_over_the_seeds_where_the_first_pairs_all_hold_seed_0():
+    first = lmc.select_pairs(8, "all", 10)
+    assert sum(0 in p for p in first) == 7  # the issue: 7 of the first 10 of 28 pairs share seed 0
+    counts = np.zeros(8)
+    for seed in range(200):
+        for p in lmc.select_pairs(8, "random", 10, seed):
+            counts[list(p)] += 1
+    # each seed is in 7 of the 28 pairs, so in 10 * 7 / 28 = 2.5 of 10 drawn pairs on average
+    np.testing.assert_allclose(counts / 200, 2.5, atol=0.25)
+    assert lmc.select_pairs(8, "random", 10, 0) != lmc.select_pairs(8, "random", 10, 1)
+    assert lmc.describe_pairs("random", 10, 8, 3) == "10 random pairs of 28 (pairs_seed 3)"
+    assert lmc.describe_pairs("all", 6, 4) == "all 6 pairs (overlapping)"
+    with pytest.raises(ValueError, match=r"pairs mode must be one of \('all', 'disjoint', 'random'\); got 'first'"):
+        lmc.select_pairs(4, "first")
+
+
+@given(st.lists(st.floats(-1e3, 1e3), min_size=0, max_size=12))
+def test_mean_std_is_the_sample_std_and_none_when_undefined(values):
+    import statistics
+
+    mean, std = experiment.mean_std(values)
+    if not values:
+        assert (mean, std) == (None, None)
+        return
+    assert mean == pytest.approx(statistics.fmean(values), abs=1e-9)
+    if len(values) < 2:
+        assert std is None
+    else:
+        assert std == pytest.approx(statistics.stdev(values), rel=1e-9, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
 # BatchNorm statistics reset.
 # ---------------------------------------------------------------------------------------------
 
@@ -304,6 +355,7 @@ def test_grid_and_layerwise_kinds_run_and_report(tmp_path):
     c.sweep.prune_ratios = (0.5,)
     c.analysis.plots = True
     c.analysis.bn_reset_examples = 128
+    c.model.init = "torch"  # a protocol choice of the grid: kept by variants that replace the model
     # Variants run in key order (ml_collections sorts keys); labels name them in tables.
     c.grid = ml_collections.ConfigDict({"variants": {
         "1_bn": {"label": "BN-MLP", "axis": "width", "x": 8, "set": {"model": {"name": "test_bn_mlp", "width": 8}}},
@@ -316,6 +368,9 @@ def test_grid_and_layerwise_kinds_run_and_report(tmp_path):
     assert report["variants"]["1_bn"]["training"]["epoch_compiles"] == 1  # 3 arms, one compiled epoch
     sub = json.load(open(tmp_path / "grid" / "variants" / "1_bn" / "report.json"))
     assert set(sub["lmc"]["vanilla"]["bn_reset"]) >= {"accuracy_barrier_mean", "curve", "fusion"}
+    assert sub["model"]["init"] == "torch" and sub["lmc"]["vanilla"]["pairs_note"] == "1 pair"
+    assert all(r["accuracy_barrier_std"] is None for r in report["rows"])  # one pair: no sample std
+    assert "mean ± sample std over 1 pair of seeds per arm" in report["markdown"]
     for name in ("report.md", "accuracy_barrier_vs_width.png", "variants/1_bn/ratio_sweep.png",
                  "variants/1_bn/ratio_sweep_bn_reset.png", "variants/1_bn/lmc_paths.png"):
         assert os.path.getsize(tmp_path / "grid" / name) > 0
@@ -334,4 +389,5 @@ def test_grid_and_layerwise_kinds_run_and_report(tmp_path):
         # The last cumulative group is the whole model: its barrier is the full LMC barrier.
         full = report["train"]["lmc"][arm]["loss_barrier_mean"]
         assert by_mode["from_input"]["loss_barrier_mean"][-1] == pytest.approx(full, abs=1e-6)
-    assert "### mode `from_input`" in open(tmp_path / "lw" / "report.md").read()
+    text = open(tmp_path / "lw" / "report.md").read()
+    assert "### mode `from_input`" in text and "Mean ± sample std over 1 pair of seeds per arm." in text

@@ -446,6 +446,8 @@ def test_unknown_model_name_lists_the_known_ones():
     ({"name": "transformer", "hidden": 10, "heads": 4}, (8,), "heads"),
     ({"name": "transformer", "layer_norm_eps": 0.0}, (8,), "layer_norm_eps"),
     ({"name": "mlp", "dtype": "float64"}, (8,), "dtype"),
+    ({"name": "mlp", "init": "pytorch"}, (8,), "init"),
+    ({"name": "resnet20", "init": None}, (8, 8, 1), "init"),
 ])
 def test_bad_fields_name_the_field(cfg, shape, field):
     with pytest.raises(ValueError, match=rf"model\.{field} must .*; got"):
@@ -461,3 +463,138 @@ def test_image_models_reject_flat_inputs(name):
 def test_transformer_rejects_image_inputs():
     with pytest.raises(ValueError, match=r"token-id inputs of shape \(seq_len,\)"):
         models.build({"name": "transformer"}, (8, 8, 1), 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# model.init="torch": PyTorch's nn.Linear / nn.Conv2d defaults.
+# ---------------------------------------------------------------------------------------------
+
+
+def _layers(params):
+    """``[(path, kernel, bias or None, fan_in)]`` of every Dense/Conv layer of a params tree."""
+    out = []
+
+    def walk(node, path):
+        if "kernel" in node and not isinstance(node["kernel"], dict):
+            k = np.asarray(node["kernel"])
+            out.append((path, k, None if "bias" not in node else np.asarray(node["bias"]), math.prod(k.shape[:-1])))
+            return
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{path}/{key}")
+
+    walk(params, "")
+    return out
+
+
+def _norms(params):
+    return [(n, np.asarray(v)) for n, v in tree_lib.named_leaves(params)
+            if "norm" in n.split("/")[-2] or n.split("/")[-2].startswith("ln")]
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_torch_init_draws_every_layer_within_pytorchs_bound_and_leaves_norms_and_embeddings(name):
+    cfg, shape = TINY[name]
+    torch_net = models.build({**cfg, "init": "torch"}, shape, NUM_CLASSES)
+    params = jax.device_get(jax.jit(torch_net.init)(jax.random.key(3))["params"])
+    flax_params = jax.eval_shape(tiny_net(name).init, jax.random.key(3))["params"]
+    chex.assert_trees_all_equal_shapes_and_dtypes(flax_params, params)
+    if name in ("vit", "transformer"):  # the values of what "torch" leaves alone
+        flax_params = jax.device_get(jax.jit(tiny_net(name).init)(jax.random.key(3))["params"])
+    if name in models.OWN_INIT:  # BERT's own init under both values
+        chex.assert_trees_all_equal(flax_params, params)
+        return
+    layers = _layers(params)
+    assert layers
+    for path, kernel, bias, fan_in in layers:
+        bound = 1.0 / math.sqrt(fan_in)
+        assert np.abs(kernel).max() <= bound, path
+        assert np.abs(kernel).max() > 0.5 * bound, path  # the bound of this fan_in, not of a larger one
+        if bias is not None:  # PyTorch draws biases too; Flax's are zeros
+            assert np.abs(bias).max() <= bound and np.count_nonzero(bias) == bias.size, path
+    for path, value in _norms(params):  # LayerNorm/BatchNorm: scale 1, bias 0 in both libraries
+        np.testing.assert_array_equal(value, np.ones_like(value) if path.endswith("scale") else np.zeros_like(value))
+    if name == "vit":  # not layers: the model's own init, as a PyTorch ViT sets them by hand
+        np.testing.assert_array_equal(params["embed"]["cls_token"], flax_params["embed"]["cls_token"])
+        np.testing.assert_array_equal(params["embed"]["pos_embedding"], flax_params["embed"]["pos_embedding"])
+
+
+def test_flax_init_is_unchanged_bit_for_bit_and_torch_init_is_per_seed():
+    cfg, shape = {"name": "mlp", "depth": 1, "width": 8, "norm": "layer"}, (5,)
+    default, flax_net, torch_net = (models.build(c, shape, NUM_CLASSES)
+                                    for c in (cfg, {**cfg, "init": "flax"}, {**cfg, "init": "torch"}))
+    keys = jax.random.split(jax.random.key(0), 2)
+
+    def module_only(k):  # what Net.init did before model.init existed
+        return dict(default.module.init(dict(zip(("params", "dropout"), jax.random.split(k))), jnp.zeros((1, *shape)),
+                                        train=False))
+
+    ref, a, b, t1, t2 = jax.jit(lambda ks: tuple(jax.vmap(f)(ks) for f in (
+        module_only, default.init, flax_net.init, torch_net.init, torch_net.init)))(keys)
+    chex.assert_trees_all_equal(a, ref)
+    chex.assert_trees_all_equal(b, ref)
+    chex.assert_trees_all_equal(t1, t2)  # reproducible
+    chex.assert_trees_all_equal(t1["params"]["dense_0_norm"], ref["params"]["dense_0_norm"])
+    kernel = t1["params"]["dense_0"]["kernel"]
+    assert not np.allclose(kernel[0], kernel[1])  # seeds differ
+    assert not np.allclose(kernel[0], ref["params"]["dense_0"]["kernel"][0])
+
+
+def _uniform_moments_ok(values, bound, sigmas=5.0):
+    """Mean 0 and variance bound^2/3 of U(±bound) within `sigmas` standard errors."""
+    v = np.asarray(values, np.float64).ravel()
+    n = v.size
+    var = bound**2 / 3
+    se_mean = math.sqrt(var / n)
+    se_var = math.sqrt((bound**4 / 5 - var**2) / n)  # Var(X^2) = E[X^4] - E[X^2]^2 = 4 b^4 / 45
+    assert abs(v.mean()) < sigmas * se_mean, (v.mean(), se_mean)
+    assert abs(v.var() - var) < sigmas * se_var, (v.var(), var, se_var)
+    assert np.abs(v).max() <= bound
+
+
+def test_torch_init_moments_match_the_formulas_for_dense_and_conv():
+    dense = models.build({"name": "mlp", "depth": 1, "width": 512, "init": "torch"}, (300,), 10)
+    conv = models.build({"name": "vgg11", "width": 0.25, "norm": "none", "init": "torch"}, (8, 8, 16), 10)
+    p_dense, p_conv = jax.jit(lambda k: (dense.init(k)["params"], conv.init(k)["params"]))(jax.random.key(7))
+    # Dense kernel (in, out) = (300, 512): fan_in 300. Conv kernel (3, 3, in, out): fan_in 9 * in.
+    _uniform_moments_ok(p_dense["dense_0"]["kernel"], 1 / math.sqrt(300))
+    _uniform_moments_ok(p_dense["dense_0"]["bias"], 1 / math.sqrt(300))
+    chex.assert_shape(p_conv["conv_3"]["kernel"], (3, 3, 64, 64))
+    _uniform_moments_ok(p_conv["conv_3"]["kernel"], 1 / math.sqrt(9 * 64))
+    _uniform_moments_ok(p_conv["conv_0"]["kernel"], 1 / math.sqrt(9 * 16))
+
+
+def test_torch_init_has_the_distribution_of_pytorchs_own_linear_and_conv2d():
+    torch = pytest.importorskip("torch")
+    import scipy.stats
+
+    torch.manual_seed(0)
+    linear, conv = torch.nn.Linear(300, 512), torch.nn.Conv2d(64, 64, 3)
+    dense = models.build({"name": "mlp", "depth": 1, "width": 512, "init": "torch"}, (300,), 10)
+    vgg = models.build({"name": "vgg11", "width": 0.25, "norm": "none", "init": "torch"}, (8, 8, 16), 10)
+    p_dense, p_conv = jax.jit(lambda k: (dense.init(k)["params"], vgg.init(k)["params"]))(jax.random.key(11))
+    ours_theirs = [(p_dense["dense_0"]["kernel"], linear.weight), (p_dense["dense_0"]["bias"], linear.bias),
+                   (p_conv["conv_3"]["kernel"], conv.weight), (p_conv["conv_3"]["bias"], conv.bias)]
+    for ours, theirs in ours_theirs:
+        ours, theirs = np.asarray(ours).ravel(), theirs.detach().numpy().ravel()
+        assert ours.size == theirs.size
+        assert scipy.stats.ks_2samp(ours, theirs).pvalue > 1e-3  # the same distribution
+        assert np.abs(ours).max() <= np.abs(theirs).max() * (1 + 2 / math.sqrt(ours.size)) + 1e-7
+        if ours.size > 1000:
+            np.testing.assert_allclose(ours.std(), theirs.std(), rtol=0.02)
+
+
+@settings(max_examples=10)
+@given(shape=st.lists(st.integers(1, 6), min_size=2, max_size=4), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_torch_default_init_bounds_every_kernel_by_its_fan_in_property(shape, bias, seed):
+    from tna_jax.models.layers import torch_default_init
+
+    node = {"kernel": jnp.zeros(shape)} | ({"bias": jnp.zeros(shape[-1])} if bias else {})
+    params = {"block": {"layer": node, "layer_norm": {"scale": jnp.ones(3), "bias": jnp.zeros(3)}}}
+    new = torch_default_init(params, jax.random.key(seed))
+    bound = 1 / math.sqrt(math.prod(shape[:-1]))
+    chex.assert_trees_all_equal_shapes_and_dtypes(new, params)
+    assert float(jnp.abs(new["block"]["layer"]["kernel"]).max()) <= bound
+    if bias:
+        assert float(jnp.abs(new["block"]["layer"]["bias"]).max()) <= bound
+    chex.assert_trees_all_equal(new["block"]["layer_norm"], params["block"]["layer_norm"])

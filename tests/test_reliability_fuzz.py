@@ -216,6 +216,10 @@ def test_lmc_helpers_arguments(num, n, max_pairs, path):
     out = clean("lmc.all_pairs", lambda: lmc.all_pairs(n, max_pairs))
     if not isinstance(out, Exception):
         assert len(out) <= lmc.MAX_ALL_PAIRS and all(i < j for i, j in out)
+    for mode in ("disjoint", "random", num):
+        out = clean("lmc.select_pairs", lambda mode=mode: lmc.select_pairs(n, mode, max_pairs, seed=num))
+        if not isinstance(out, Exception):
+            assert len(out) <= lmc.MAX_ALL_PAIRS and all(0 <= i < j < n for i, j in out)
     clean("lmc.barriers", lambda: lmc.barriers(path))
 
 

@@ -321,6 +321,9 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     ("optimizer.learning_rate", float("nan"), "config.optimizer.learning_rate must be a finite number"),
     ("optimizer.name", "rmsprop", "config.optimizer.name must be one of"),
     ("seeds.vary", "all", "config.seeds.vary must be one of"),
+    ("model.init", "pytorch", r"config.model.init must be one of \('flax', 'torch'\); got 'pytorch'"),
+    ("analysis.pairs", "first", r"config.analysis.pairs must be one of \('all', 'disjoint', 'random'\); got 'first'"),
+    ("analysis.pairs_seed", -1, "config.analysis.pairs_seed must be an integer >= 0"),
 ])
 def test_bad_config_values_name_the_field(field, value, message):
     c = tiny_config()
@@ -405,6 +408,37 @@ def test_resuming_with_a_different_config_names_the_fields(tmp_path, dataset):
     c3 = tiny_config(train__epochs=2, analysis__lmc=False)  # more epochs is a resume
     report = experiment.run(c3, str(tmp_path))
     assert report["training"]["resumed_from"] == 1
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "warmup_cosine"])
+def test_resuming_with_other_epochs_under_a_decaying_schedule_is_refused_before_writing(tmp_path, schedule):
+    c = tiny_config(train__epochs=10, optimizer__schedule=schedule)
+    experiment.prepare_workdir(c, str(tmp_path))
+    os.makedirs(tmp_path / "checkpoints" / "50")  # a checkpoint of the first run
+    before = (tmp_path / "config.json").read_bytes()
+    longer = tiny_config(train__epochs=20, optimizer__schedule=schedule)
+    with pytest.raises(ConfigError, match=(r"config.train.epochs changed from 10 to 20 .* "
+                                           rf"config.optimizer.schedule='{schedule}' decays .* fresh --workdir")):
+        experiment.prepare_workdir(longer, str(tmp_path))
+    assert (tmp_path / "config.json").read_bytes() == before
+    experiment.prepare_workdir(c, str(tmp_path))  # the same epochs: a resume
+    constant = tiny_config(train__epochs=10)
+    experiment.prepare_workdir(constant, tmp_path / "constant")
+    os.makedirs(tmp_path / "constant" / "checkpoints" / "50")
+    experiment.prepare_workdir(tiny_config(train__epochs=20), tmp_path / "constant")  # constant: may train longer
+
+
+def test_a_config_json_written_before_a_field_existed_resumes_with_its_default(tmp_path):
+    c = tiny_config()
+    experiment.prepare_workdir(c, str(tmp_path))
+    os.makedirs(tmp_path / "checkpoints" / "5")
+    old = ckpt_lib.read_json(tmp_path / "config.json")
+    del old["model"]["init"], old["analysis"]["pairs"]
+    ckpt_lib.write_json(tmp_path / "config.json", old)
+    experiment.prepare_workdir(c, str(tmp_path))  # absent = "flax", "all": the same run
+    c.model.init = "torch"
+    with pytest.raises(ValueError, match=r"different config: model.init \(was 'flax', now 'torch'\)"):
+        experiment.prepare_workdir(c, str(tmp_path))
 
 
 MULTI_DEVICE_CODE = """

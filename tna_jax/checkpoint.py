@@ -29,8 +29,8 @@ import numpy as np
 from tna_jax import faults
 from tna_jax import tree as tree_lib
 
-__all__ = ["write_json", "write_text", "read_json", "tree_digest", "Checkpointer", "CheckpointError",
-           "remove_stale_temporaries"]
+__all__ = ["write_json", "write_text", "read_json", "json_ready", "dumps", "tree_digest", "Checkpointer",
+           "CheckpointError", "remove_stale_temporaries"]
 
 
 class CheckpointError(RuntimeError):
@@ -49,10 +49,69 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
 
 
-def write_json(path: str, obj: Any, *, indent: int | None = 2) -> str:
-    """Writes `obj` as JSON to `path` atomically (temp file + fsync + rename); returns `path`.
+def json_ready(obj: Any) -> Any:
+    """`obj` with only what strict JSON holds: NaN and ±Inf become None (``null``).
 
-    NumPy and JAX scalars and arrays are written as numbers and lists, sets as sorted lists.
+    NumPy and JAX scalars and arrays become numbers and lists, tuples lists, sets sorted lists,
+    NumPy keys of dicts Python ones. Python's ``json`` writes NaN as a bare ``NaN`` token, which is
+    not JSON (RFC 8259) and which strict parsers (JavaScript, ``jq``, Go, Rust's serde) reject;
+    a missing value is ``null`` instead.
+
+    Args:
+      obj: JSON-like data.
+
+    Returns:
+      A copy made of dicts, lists, strings, finite numbers, booleans and None.
+
+    Raises:
+      TypeError: an object JSON cannot represent.
+
+    Examples:
+      >>> import numpy as np
+      >>> json_ready({"acc": np.float32(0.5), "val": float("nan"), "curve": np.array([1.0, np.inf])})
+      {'acc': 0.5, 'val': None, 'curve': [1.0, None]}
+    """
+    if obj is None or isinstance(obj, (str, bool)):
+        return obj
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, dict):
+        return {(k.item() if isinstance(k, np.generic) else k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):  # an ml_collections ConfigDict
+        return json_ready(obj.to_dict())
+    return json_ready(_json_default(obj))
+
+
+def dumps(obj: Any, *, indent: int | None = None, sort_keys: bool = True) -> str:
+    """`obj` as strict JSON text (`json_ready`, then ``allow_nan=False``): what every file
+    tna_jax writes uses (reports, ``config.json``, ``metrics.jsonl``).
+
+    Args:
+      obj: JSON-like data.
+      indent: indentation (None = one line).
+      sort_keys: sort the keys of dicts.
+
+    Returns:
+      The text, without a trailing newline.
+
+    Examples:
+      >>> dumps({"b": float("nan"), "a": 1})
+      '{"a": 1, "b": null}'
+    """
+    return json.dumps(json_ready(obj), indent=indent, sort_keys=sort_keys, allow_nan=False)
+
+
+def write_json(path: str, obj: Any, *, indent: int | None = 2) -> str:
+    """Writes `obj` as strict JSON to `path` atomically (temp file + fsync + rename); returns `path`.
+
+    NumPy and JAX scalars and arrays are written as numbers and lists, sets as sorted lists, and
+    NaN / ±Inf as ``null`` (`json_ready`): the file parses with any strict JSON parser.
 
     Args:
       path: the file (its directory is created).
@@ -72,7 +131,7 @@ def write_json(path: str, obj: Any, *, indent: int | None = 2) -> str:
       {'acc': 0.5, 'n': [0, 1]}
     """
     # Serialised before anything touches the disk: an unserialisable object leaves no file behind.
-    text = json.dumps(obj, indent=indent, sort_keys=True, default=_json_default, allow_nan=True) + "\n"
+    text = dumps(obj, indent=indent) + "\n"
     return write_text(path, text)
 
 

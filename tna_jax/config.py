@@ -17,7 +17,8 @@ from typing import Any
 import ml_collections
 
 __all__ = ["default_config", "federated_config", "validate", "validate_federated", "ConfigError", "get", "flatten",
-           "RESUME_SAFE_FIELDS", "check_relative_path", "PATH_SUFFIXES"]
+           "RESUME_SAFE_FIELDS", "ADDED_FIELDS", "EPOCH_DEPENDENT_SCHEDULES", "check_relative_path", "PATH_SUFFIXES",
+           "PAIR_MODES", "INIT_SCHEMES"]
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.activation = "relu"
     c.model.norm = "none"
     c.model.dtype = "float32"
+    # Weight init: "flax" (the zoo's own: lecun_normal kernels, zero biases) or "torch" (PyTorch's
+    # nn.Linear/nn.Conv2d defaults, U(±1/sqrt(fan_in)) kernels and biases), to compare with PyTorch papers.
+    c.model.init = "flax"
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd | momentum | adam | adamw | lion
@@ -124,7 +128,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.analysis = ml_collections.ConfigDict()
     c.analysis.lmc = True  # pairwise LMC barriers between the seeds of each arm
     c.analysis.num_alphas = 25
-    c.analysis.max_pairs = 10
+    # Which seed pairs LMC is measured on (docs/concepts/lmc.md): "all" = every pair i < j in order
+    # (at most max_pairs: the first ones), "disjoint" = (0, 1), (2, 3), ... (independent pairs),
+    # "random" = max_pairs pairs drawn without replacement from all of them with pairs_seed.
+    c.analysis.pairs = "all"
+    c.analysis.max_pairs = 10  # at most this many pairs per arm, in every mode
+    c.analysis.pairs_seed = 0
     c.analysis.split = "test"
     c.analysis.plots = True
     c.analysis.plot_ratios = ()  # ratios whose paths go into lmc_paths.png (empty = every arm)
@@ -157,6 +166,7 @@ def federated_config() -> ml_collections.ConfigDict:
     f.shards_per_client = 2  # for partition='shards'
     f.min_client_size = 2  # Dirichlet draws are repeated until every client has this many examples
     f.partition_seed = 0
+    f.partition_per_seed = False  # True: seed s trains on its own split (partition_seed, s); False: one split for all seeds
     f.client_fraction = 1.0  # fraction of clients sampled each round, in (0, 1]
     f.rounds = 100
     f.local_epochs = 1
@@ -186,6 +196,15 @@ RESUME_SAFE_FIELDS = (
     "train.progress", "train.tensorboard", "train.steps_per_call", "train.unroll", "train.run_axis", "analysis.", "name", "data.data_dir",
     "federated.rounds", "federated.eval_every", "federated.checkpoint_every", "federated.size_buckets",
 )
+
+# Fields added after workdirs were written: a config.json without one had this value, so resuming
+# such a workdir with the default is the same run (tna_jax.experiment.prepare_workdir).
+ADDED_FIELDS = {"model.init": "flax", "federated.partition_per_seed": False, "analysis.pairs": "all",
+                "analysis.pairs_seed": 0}
+
+# Schedules whose learning rate at a step depends on the total number of steps (train.epochs):
+# resuming with other epochs would train the steps already done under another schedule.
+EPOCH_DEPENDENT_SCHEDULES = ("cosine", "warmup_cosine")
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -281,6 +300,8 @@ def _ratios(config: Any, field: str) -> None:
 
 
 MAX_SIZE = 1 << 24  # no sane experiment here asks for more seeds, epochs or examples
+PAIR_MODES = ("all", "disjoint", "random")  # analysis.pairs (tna_jax.lmc.select_pairs)
+INIT_SCHEMES = ("flax", "torch")  # model.init (tna_jax.models)
 
 # Fields named ``*_path``, ``*_file`` or ``*_subdir`` (in any section, the open ones included) are
 # places a run writes to: they must stay inside its workdir (see check_relative_path). Input
@@ -384,6 +405,8 @@ def validate(config: Any, *, schema: Any = None) -> Any:
     _int(config, "data.synthetic.teacher_depth", 0, 1000)
     _float(config, "data.synthetic.label_noise", 0.0, 1.0)
     _str(config, "model.name")
+    if "init" in config.model:  # configs that replace the model section may leave it out ("flax")
+        _choice(config, "model.init", INIT_SCHEMES)
     _choice(config, "optimizer.name", ("sgd", "momentum", "adam", "adamw", "lion"))
     _float(config, "optimizer.learning_rate", 0.0, 1e3, lo_open=True)
     _float(config, "optimizer.momentum", 0.0, 0.9999)
@@ -417,7 +440,9 @@ def validate(config: Any, *, schema: Any = None) -> Any:
     _float(config, "train.label_smoothing", 0.0, 0.99)
     _bool(config, "analysis.lmc")
     _int(config, "analysis.num_alphas", 2, 10001)
+    _choice(config, "analysis.pairs", PAIR_MODES)
     _int(config, "analysis.max_pairs", 1, 100000)
+    _int(config, "analysis.pairs_seed", 0, 2**31 - 1)
     _choice(config, "analysis.split", ("val", "test", "train"))
     _bool(config, "analysis.plots")
     _ratios(config, "analysis.plot_ratios")
@@ -488,6 +513,7 @@ def validate_federated(config: Any) -> Any:
     _int(config, "federated.shards_per_client", 1, MAX_SIZE)
     _int(config, "federated.min_client_size", 1, MAX_SIZE)
     _int(config, "federated.partition_seed", 0, 2**31 - 1)
+    _bool(config, "federated.partition_per_seed")
     _float(config, "federated.client_fraction", 0.0, 1.0, lo_open=True)
     _int(config, "federated.rounds", 0, MAX_SIZE)
     _int(config, "federated.local_epochs", 1, 10000)

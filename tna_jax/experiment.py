@@ -30,7 +30,8 @@ from tna_jax import config as config_lib
 __all__ = [
     "run", "EXPERIMENTS", "register", "WorkdirLock", "WorkdirBusy", "prepare_workdir", "train_experiment",
     "Trained", "load_problem", "train_and_analyse", "write_report", "write_train_outputs", "analyse_lmc", "lmc_stats",
-    "count_compiles", "markdown_table", "mean_std", "workdir_path",
+    "count_compiles", "markdown_table", "mean_std", "workdir_path", "choose_pairs", "statistics_note", "pm",
+    "anchor_values_note",
 ]
 
 EXPERIMENTS: dict[str, Callable[[Any, str | None], dict[str, Any]]] = {}
@@ -142,7 +143,7 @@ class WorkdirLock:
 
 
 def _normalise(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=ckpt_lib._json_default))
+    return json.loads(ckpt_lib.dumps(obj))
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -158,7 +159,12 @@ def prepare_workdir(config: Any, workdir: str) -> None:
 
     Raises:
       ValueError: the workdir holds a run with a different config (the message lists the fields
-        that differ; only fields in ``config.RESUME_SAFE_FIELDS`` may change on resume).
+        that differ; only fields in ``config.RESUME_SAFE_FIELDS`` may change on resume; a field
+        of ``config.ADDED_FIELDS`` missing from an older ``config.json`` counts as its default).
+      tna_jax.config.ConfigError: ``train.epochs`` changed under a schedule that depends on the
+        total number of steps (``config.EPOCH_DEPENDENT_SCHEDULES``): the steps already done were
+        taken with another learning rate, so the resumed run would be neither run. Nothing is
+        written then.
 
     Examples:
       >>> import os, tempfile
@@ -179,11 +185,22 @@ def prepare_workdir(config: Any, workdir: str) -> None:
             raise ValueError(f"{path} is damaged ({err}); move the workdir aside or delete config.json "
                              "to start afresh.") from None
         flat_old, flat_new = config_lib.flatten(old), config_lib.flatten(new)
+        for field, default in config_lib.ADDED_FIELDS.items():  # written before the field existed
+            if field in flat_new and field not in flat_old and field.split(".")[0] in old:
+                flat_old[field] = default
         differ = sorted(k for k in set(flat_old) | set(flat_new)
                         if flat_old.get(k) != flat_new.get(k)
                         and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in config_lib.RESUME_SAFE_FIELDS))
         has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
             n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
+        schedule = flat_new.get("optimizer.schedule")
+        if has_ckpt and flat_old.get("train.epochs") != flat_new.get("train.epochs") \
+                and schedule in config_lib.EPOCH_DEPENDENT_SCHEDULES and new.get("kind", "train") != "federated":
+            raise config_lib.ConfigError(
+                f"config.train.epochs changed from {flat_old.get('train.epochs')} to {flat_new.get('train.epochs')} "
+                f"on resuming workdir {workdir}, but config.optimizer.schedule={schedule!r} decays over the total "
+                "number of steps, so the resumed run would differ from a fresh run of either length; start a "
+                "fresh --workdir, or train with optimizer.schedule='constant' to extend runs.")
         if differ and has_ckpt:
             shown = ", ".join(f"{k} (was {flat_old.get(k)!r}, now {flat_new.get(k)!r})" for k in differ[:6])
             raise ValueError(f"workdir {workdir} holds a run with a different config: {shown}"
@@ -370,21 +387,72 @@ def count_compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and (population) standard deviation; NaN for no values.
+def mean_std(values: Any) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (``ddof=1``, the unbiased variance's root).
+
+    Every "± std" in tna_jax's reports is this one: over seeds, or over seed pairs (say which
+    pairs, `tna_jax.lmc.describe_pairs`). With one value there is no spread to estimate, so
+    the std is None (``null`` in JSON, no "±" in tables), and with none the mean is None too.
 
     Args:
       values: numbers.
 
     Returns:
-      ``(mean, std)`` as floats.
+      ``(mean, std)``: floats, or None where they are undefined.
 
     Examples:
-      >>> mean_std([1.0, 3.0]), mean_std([])
-      ((2.0, 1.0), (nan, nan))
+      >>> mean_std([1.0, 3.0]), mean_std([2.0]), mean_std([])
+      ((2.0, 1.4142135623730951), (2.0, None), (None, None))
     """
-    arr = np.asarray(values, dtype=float)
-    return (float(np.mean(arr)), float(np.std(arr))) if arr.size else (float("nan"), float("nan"))
+    arr = np.asarray(values, dtype=float).ravel()
+    if not arr.size:
+        return None, None
+    return float(np.mean(arr)), (float(np.std(arr, ddof=1)) if arr.size >= 2 else None)
+
+
+def choose_pairs(config: Any, n: int) -> tuple[list[tuple[int, int]], str]:
+    """The seed pairs of an arm of n seeds that ``config.analysis`` asks for, and how to say so.
+
+    Args:
+      config: the experiment config (``analysis.pairs``, ``analysis.max_pairs``,
+        ``analysis.pairs_seed``; absent fields take their defaults).
+      n: the arm's seeds.
+
+    Returns:
+      ``(pairs, description)``: `tna_jax.lmc.select_pairs` and
+      `tna_jax.lmc.describe_pairs` of them.
+
+    Examples:
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> c.analysis.pairs = "disjoint"
+      >>> choose_pairs(c, 10)
+      ([(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)], '5 disjoint pairs')
+    """
+    from tna_jax import lmc
+
+    a = config.analysis
+    mode, seed = a.get("pairs", "all"), int(a.get("pairs_seed", 0))
+    pairs = lmc.select_pairs(n, mode, int(a.max_pairs), seed)
+    return pairs, lmc.describe_pairs(mode, len(pairs), n, seed)
+
+
+def anchor_values_note(config: Any) -> str:
+    """How anchored entries were initialised, for captions and tables.
+
+    Args:
+      config: the experiment config (``anchor.share_values``).
+
+    Returns:
+      ``"shared anchor values"`` (the same values in every seed, the paper's setting) or
+      ``"per-model anchor values"``.
+
+    Examples:
+      >>> from tna_jax.config import default_config
+      >>> anchor_values_note(default_config())
+      'shared anchor values'
+    """
+    return "shared anchor values" if config.anchor.share_values else "per-model anchor values"
 
 
 LMC_KEYS = ("loss_barrier", "accuracy_barrier", "avg_endpoint_accuracy", "interp_accuracy",
@@ -393,8 +461,9 @@ LMC_KEYS = ("loss_barrier", "accuracy_barrier", "avg_endpoint_accuracy", "interp
 
 def lmc_stats(eval_fn: Any, stacked: Any, x: Any, y: Any, *, pairs: list[tuple[int, int]], alphas: Any,
               chunk: int | None = None) -> dict[str, Any]:
-    """Pairwise LMC of stacked models: ``<key>_mean``/``<key>_std`` over pairs for every key of
-    :data:`LMC_KEYS`, the per-pair barriers, the curves, and the fusion of all models.
+    """Pairwise LMC of stacked models: ``<key>_mean``/``<key>_std`` (sample std, None for one pair;
+    `mean_std`) over pairs for every key of `LMC_KEYS`, the per-pair barriers, the
+    curves, and the fusion of all models.
 
     Args:
       eval_fn: ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one model
@@ -461,8 +530,9 @@ def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]
       data: the dataset on the device (:class:`tna_jax.data.DeviceData`).
 
     Returns:
-      ``{arm label: {"runs": [...], and for arms with 2+ seeds the :func:`lmc_stats` numbers,
-      "pairs" (run indices) and, with BN reset, "bn_reset"}}``.
+      ``{arm label: {"runs": [...], and for arms with 2+ seeds the `lmc_stats` numbers
+      (means and sample stds over the pairs), "pairs" (run indices), "pairs_note" (how they were
+      chosen: ``config.analysis.pairs``, `choose_pairs`) and, with BN reset, "bn_reset"}}``.
 
     Examples:
       An arm with one seed has no pair, so nothing is evaluated (:func:`lmc_stats` shows the
@@ -496,10 +566,11 @@ def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]
         label = result.runs[idx[0]].arm.label
         stacked = jax.tree.map(lambda v, idx=idx: v[np.asarray(idx)], result.state.variables())
         entry: dict[str, Any] = {"runs": idx}
-        if len(idx) >= 2:
-            pairs = lmc.all_pairs(len(idx), config.analysis.max_pairs)
+        pairs, note = choose_pairs(config, len(idx))
+        if pairs:
             entry.update(lmc_stats(eval_fn, stacked, x, y, pairs=pairs, alphas=alphas, chunk=chunk))
             entry["pairs"] = [[idx[i], idx[j]] for i, j in pairs]
+            entry["pairs_note"] = note
             if reset_fn is not None:
                 entry["bn_reset"] = lmc_stats(reset_fn, stacked, x, y, pairs=pairs, alphas=alphas, chunk=chunk)
         out[label] = entry
@@ -530,10 +601,26 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -
 
 
 def pm(mean: float | None, std: float | None, scale: float = 100.0, digits: int = 1) -> str:
-    """``"mean ± std"`` scaled (percent by default); "—" for missing values."""
+    """``"mean ± std"`` scaled (percent by default); the mean alone without a std (one value);
+    "—" for a missing mean.
+
+    Args:
+      mean, std: the numbers (None or NaN: missing).
+      scale: multiplies both (100: percent).
+      digits: decimals.
+
+    Returns:
+      The text of a table cell.
+
+    Examples:
+      >>> pm(0.5, 0.01), pm(0.5, None), pm(None, None)
+      ('50.0 ± 1.0', '50.0', '—')
+    """
     if mean is None or not np.isfinite(mean):
         return "—"
-    return f"{mean * scale:.{digits}f} ± {(std or 0.0) * scale:.{digits}f}"
+    if std is None or not np.isfinite(std):
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
 SUMMARY_COLUMNS = [("arm", "arm"), ("seeds", "seeds"), ("acc", "test acc %"), ("avg", "Avg. Acc. %"),
@@ -553,10 +640,36 @@ def summary_row(label: str, seeds: Any, acc: str, lm: dict[str, Any]) -> dict[st
     }
 
 
+def statistics_note(report: dict[str, Any]) -> str:
+    """The sentence under a train table saying what its "±" are.
+
+    Args:
+      report: a train report (``arms``, optional ``lmc`` with ``pairs_note``, and ``anchor_values``,
+        said when an arm has anchors).
+
+    Returns:
+      E.g. ``"Test accuracy: mean ± sample std over 10 seeds. LMC columns: mean ± sample std over
+      5 disjoint pairs of seeds per arm. Anchors: shared anchor values."``
+
+    Examples:
+      >>> statistics_note({"arms": [{"seeds": 4}], "lmc": {"vanilla": {"pairs_note": "2 disjoint pairs"}}})
+      'Test accuracy: mean ± sample std over 4 seeds. LMC columns: mean ± sample std over 2 disjoint pairs of seeds per arm.'
+    """
+    seeds = sorted({a["seeds"] for a in report.get("arms", [])})
+    notes = list(dict.fromkeys(e["pairs_note"] for e in report.get("lmc", {}).values() if "pairs_note" in e))
+    text = f"Test accuracy: mean ± sample std over {'/'.join(map(str, seeds)) or '?'} seeds."
+    if notes:
+        text += f" LMC columns: mean ± sample std over {'; '.join(notes)} of seeds per arm."
+    if report.get("anchor_values") and any(a.get("method") == "anchor" for a in report.get("arms", [])):
+        text += f" Anchors: {report['anchor_values']}."
+    return text
+
+
 def markdown_summary(report: dict[str, Any]) -> str:
-    """The arms table of a train report: accuracy, LMC barriers and fusion, mean ± std over
-    pairs (barriers) or seeds (accuracy). Nets with BatchNorm get a second row per arm with the
-    statistics reset at every α ("BN reset")."""
+    """The arms table of a train report: accuracy, LMC barriers and fusion, mean ± sample std over
+    pairs (barriers) or seeds (accuracy), and a sentence saying which (`statistics_note`).
+    Nets with BatchNorm get a second row per arm with the statistics reset at every α ("BN
+    reset")."""
     rows = []
     for arm in report["arms"]:
         lm = report.get("lmc", {}).get(arm["arm"], {})
@@ -564,7 +677,7 @@ def markdown_summary(report: dict[str, Any]) -> str:
         rows.append(summary_row(arm["arm"], arm["seeds"], acc, lm))
         if "bn_reset" in lm:
             rows.append(summary_row(f"{arm['arm']} (BN reset)", arm["seeds"], acc, lm["bn_reset"]))
-    return anchor_line(report) + markdown_table(rows, SUMMARY_COLUMNS)
+    return anchor_line(report) + markdown_table(rows, SUMMARY_COLUMNS) + "\n\n" + statistics_note(report)
 
 
 # The jitted training function(s) of tna_jax.training (one compile = the whole sweep is one program).
@@ -682,8 +795,13 @@ def train_and_analyse(config: Any, workdir: str | None, *, lmc: bool | None = No
         "kind": "train",
         "data": {"name": dataset.name, "sizes": dataset.sizes(), "input_shape": list(dataset.input_shape),
                  "num_classes": dataset.num_classes},
-        "model": {"name": net.name, "params": net.param_count(), "batch_norm": net.has_batch_stats},
+        "model": {"name": net.name, "params": net.param_count(), "batch_norm": net.has_batch_stats,
+                  "init": net.init_scheme},
         "devices": {"backend": jax.default_backend(), "count": jax.device_count()},
+        "anchor_values": anchor_values_note(config),
+        "statistics": {"std": "sample standard deviation (ddof=1) over seeds or seed pairs",
+                       "pairs": config.analysis.get("pairs", "all"), "max_pairs": int(config.analysis.max_pairs),
+                       "pairs_seed": int(config.analysis.get("pairs_seed", 0))},
         "training": {"seconds": result.seconds, "epochs": config.train.epochs, "resumed_from": result.resumed_from,
                      "runs": len(result.runs), "epoch_compiles": sum(n for f, n in compiles.items() if f in _STEP_FUNCTIONS)},
         "arms": training.summarize(result),
@@ -702,12 +820,6 @@ def train_and_analyse(config: Any, workdir: str | None, *, lmc: bool | None = No
         report["lmc"] = analyse_lmc(config, net, result, device_data)
     report["seconds_total"] = time.time() - t0
     return Trained(report=report, net=net, dataset=dataset, result=result, data=device_data)
-
-
-def anchor_values_label(config: Any) -> str:
-    """How the anchors of a config hold their values, in words: "shared anchor values" (one
-    init for every seed: TNA-PFN) or "per-model anchor values" (each seed its own init)."""
-    return "shared anchor values" if config.anchor.share_values else "per-model anchor values"
 
 
 def anchor_report(config: Any, result: Any) -> dict[str, Any]:
@@ -820,7 +932,7 @@ def _train_plots(config: Any, workdir: str, trained: Trained) -> list[str]:
     sweep = bool(len(config.sweep.anchor_ratios) or len(config.sweep.prune_ratios))
     title = f"{config.name}: {trained.net.name} on {trained.dataset.name}"
     if "anchor" in report:
-        title += f" ({anchor_values_label(config)})"
+        title += f" ({anchor_values_note(config)})"
     shown = {float(r) for r in config.analysis.plot_ratios}
     arms = {a["arm"]: a for a in report["arms"]}
     curves = {}
@@ -830,15 +942,21 @@ def _train_plots(config: Any, workdir: str, trained: Trained) -> list[str]:
         curves[label] = e["curve"]
         if "bn_reset" in e:
             curves[f"{label} (BN reset)"] = e["bn_reset"]["curve"]
+    notes = "; ".join(dict.fromkeys(e["pairs_note"] for e in report["lmc"].values() if "pairs_note" in e))
+    setting = (f"{config.num_seeds} seeds per arm; {anchor_values_note(config)}; model.init={trained.net.init_scheme}; "
+               f"{config.analysis.split} split")
     if curves:
-        paths.append(plotting.plot_lmc_paths(curves, os.path.join(workdir, "lmc_paths.png"), title=title))
+        paths.append(plotting.plot_lmc_paths(curves, os.path.join(workdir, "lmc_paths.png"), title=title,
+                                             caption=f"Lines: mean, bands: ± sample std over {notes}. {setting}."))
     if sweep:
+        caption = (f"Points: mean over {notes}; error bars: ± sample std of Interp. Acc.; shaded: the accuracy "
+                   f"barrier (Avg. Acc. − Interp. Acc.). {setting}.")
         paths.append(plotting.plot_ratio_sweep(_sweep_rows(report), os.path.join(workdir, "ratio_sweep.png"),
-                                               title=title))
+                                               title=title, caption=caption))
         if trained.net.has_batch_stats and _sweep_rows(report, "bn_reset"):
             paths.append(plotting.plot_ratio_sweep(_sweep_rows(report, "bn_reset"),
                                                    os.path.join(workdir, "ratio_sweep_bn_reset.png"),
-                                                   title=f"{title} (BN reset)"))
+                                                   title=f"{title} (BN reset)", caption=caption))
     return paths
 
 

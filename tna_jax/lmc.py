@@ -46,7 +46,8 @@ PyTree = Any
 EvalFn = Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]]
 
 __all__ = [
-    "interpolate", "default_alphas", "lmc_path", "barriers", "all_pairs", "pairwise_barriers", "fuse",
+    "interpolate", "default_alphas", "lmc_path", "barriers", "all_pairs", "disjoint_pairs", "random_pairs",
+    "select_pairs", "describe_pairs", "PAIR_MODES", "pairwise_barriers", "fuse",
     "check_compatible", "check_data", "layer_groups", "layerwise_lmc", "LAYERWISE_MODES",
     "reset_bn_stats", "with_bn_reset", "map_points", "check_chunk", "auto_chunk", "intermediate_bytes", "AUTO",
 ]
@@ -456,6 +457,140 @@ def all_pairs(n: int, max_pairs: int | None = None) -> list[tuple[int, int]]:
         raise ValueError(f"all_pairs({n}) asks for {wanted} pairs (more than {MAX_ALL_PAIRS}); pass max_pairs.")
     pairs = ((i, j) for i in range(n) for j in range(i + 1, n))
     return list(itertools.islice(pairs, wanted))
+
+
+PAIR_MODES = ("all", "disjoint", "random")
+
+
+def disjoint_pairs(n: int) -> list[tuple[int, int]]:
+    """``(0, 1), (2, 3), ...``: ⌊n/2⌋ pairs of n models that share no model.
+
+    Barriers of disjoint pairs are independent draws (for independent seeds), so their sample
+    standard deviation estimates the spread of a barrier; overlapping pairs (`all_pairs`)
+    are correlated, and their standard deviation understates it.
+
+    Args:
+      n: number of models.
+
+    Returns:
+      A list of ``(2k, 2k + 1)`` tuples; the last model is left out when `n` is odd.
+
+    Raises:
+      TypeError: `n` not an integer >= 0.
+      ValueError: more than ``MAX_ALL_PAIRS`` pairs.
+
+    Examples:
+      >>> disjoint_pairs(5)
+      [(0, 1), (2, 3)]
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise TypeError(f"n must be a non-negative integer; got {type(n).__name__} {n!r}.")
+    if n // 2 > MAX_ALL_PAIRS:
+        raise ValueError(f"disjoint_pairs({n}) asks for {n // 2} pairs (more than {MAX_ALL_PAIRS}).")
+    return [(2 * k, 2 * k + 1) for k in range(int(n) // 2)]
+
+
+def random_pairs(n: int, num: int, seed: int = 0) -> list[tuple[int, int]]:
+    """`num` pairs (i, j), i < j, drawn without replacement from all pairs of n models, sorted.
+
+    Args:
+      n: number of models.
+      num: how many pairs (all of them when `num` >= n (n − 1) / 2).
+      seed: the NumPy seed of the draw (the same seed gives the same pairs).
+
+    Returns:
+      A sorted list of distinct ``(i, j)`` tuples.
+
+    Raises:
+      TypeError: `n`, `num` or `seed` not a non-negative integer.
+      ValueError: more than ``MAX_ALL_PAIRS`` pairs asked for, more than ``MAX_ALL_PAIRS`` models,
+        or a seed NumPy does not take (>= 2**128).
+
+    Examples:
+      >>> random_pairs(5, 3, seed=0)
+      [(1, 3), (1, 4), (3, 4)]
+      >>> random_pairs(3, 10) == all_pairs(3)
+      True
+    """
+    for name, v in (("n", n), ("num", num), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise TypeError(f"{name} must be a non-negative integer; got {type(v).__name__} {v!r}.")
+    total = int(n) * (int(n) - 1) // 2
+    if num >= total:
+        return all_pairs(n)
+    if num > MAX_ALL_PAIRS or n > MAX_ALL_PAIRS or seed >= 2**128:
+        raise ValueError(f"random_pairs(n={n}, num={num}, seed={seed}): at most {MAX_ALL_PAIRS} models and pairs, "
+                         "and a seed below 2**128.")
+    flat = np.sort(np.random.default_rng(int(seed)).choice(total, size=int(num), replace=False))
+    starts = np.array([i * n - i * (i + 1) // 2 for i in range(n)], np.int64)  # index of pair (i, i + 1)
+    rows = np.searchsorted(starts, flat, side="right") - 1
+    return [(int(i), int(i + 1 + f - starts[i])) for i, f in zip(rows, flat)]
+
+
+def select_pairs(n: int, mode: str = "all", max_pairs: int | None = None, seed: int = 0) -> list[tuple[int, int]]:
+    """The seed pairs of n models that an LMC analysis measures (``config.analysis.pairs``).
+
+    Args:
+      n: number of models.
+      mode: ``"all"`` (every pair i < j in order, the first `max_pairs` of them: pairs share
+        models), ``"disjoint"`` (`disjoint_pairs`, at most `max_pairs`) or ``"random"``
+        (`random_pairs`: `max_pairs` of all pairs, drawn with `seed`).
+      max_pairs: the cap (None or 0: none; ``"random"`` then takes all pairs).
+      seed: the draw of ``"random"``.
+
+    Returns:
+      The list of ``(i, j)`` tuples.
+
+    Raises:
+      ValueError: an unknown `mode`.
+      TypeError: bad `n`, `max_pairs` or `seed`.
+
+    Examples:
+      >>> select_pairs(6, "disjoint"), select_pairs(6, "all", max_pairs=3)
+      ([(0, 1), (2, 3), (4, 5)], [(0, 1), (0, 2), (0, 3)])
+      >>> select_pairs(6, "random", max_pairs=3, seed=1)
+      [(1, 3), (1, 4), (2, 5)]
+    """
+    if mode not in PAIR_MODES:
+        raise ValueError(f"pairs mode must be one of {PAIR_MODES}; got {mode!r}.")
+    if mode == "all":
+        return all_pairs(n, max_pairs)
+    if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, (int, np.integer))
+                                  or max_pairs < 0):
+        raise TypeError(f"max_pairs must be a positive integer or None; got {type(max_pairs).__name__} {max_pairs!r}.")
+    if mode == "disjoint":
+        pairs = disjoint_pairs(n)
+        return pairs[:max_pairs] if max_pairs else pairs
+    return random_pairs(n, int(max_pairs) if max_pairs else MAX_ALL_PAIRS, seed)
+
+
+def describe_pairs(mode: str, num_pairs: int, n: int, seed: int = 0) -> str:
+    """How a set of pairs from `select_pairs` was chosen, for tables and captions.
+
+    Args:
+      mode: the mode given to `select_pairs`.
+      num_pairs: the pairs it returned.
+      n: the number of models.
+      seed: the seed of ``"random"``.
+
+    Returns:
+      E.g. ``"5 disjoint pairs"``, ``"all 6 pairs (overlapping)"``, ``"the first 10 of 28 pairs
+      (in order, overlapping)"`` or ``"10 random pairs of 45 (pairs_seed 0)"``.
+
+    Examples:
+      >>> describe_pairs("disjoint", 5, 10), describe_pairs("all", 10, 8)
+      ('5 disjoint pairs', 'the first 10 of 28 pairs (in order, overlapping)')
+    """
+    total = n * (n - 1) // 2
+    if mode == "disjoint":
+        return f"{num_pairs} disjoint pair{'s' if num_pairs != 1 else ''}"
+    if mode == "random" and num_pairs < total:
+        return f"{num_pairs} random pairs of {total} (pairs_seed {seed})"
+    if num_pairs < total:
+        return f"the first {num_pairs} of {total} pairs (in order, overlapping)"
+    if num_pairs == 1:
+        return "1 pair"
+    return f"all {num_pairs} pairs (overlapping)"
 
 
 @functools.lru_cache(maxsize=64)

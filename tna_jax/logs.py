@@ -89,7 +89,7 @@ class MetricsLog:
             return
         path = os.path.join(workdir, "metrics.jsonl")
         self.rows = read_metrics(path, resume_epoch)
-        ckpt_lib.write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+        ckpt_lib.write_text(path, "".join(ckpt_lib.dumps(r) + "\n" for r in self.rows))
         self._file = open(path, "a")  # noqa: SIM115 (closed in close())
         if tensorboard:
             try:
@@ -105,7 +105,7 @@ class MetricsLog:
         """Appends rows (one per run of an epoch) and makes them durable."""
         self.rows.extend(rows)
         if self._file is not None:
-            self._file.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            self._file.write("".join(ckpt_lib.dumps(r) + "\n" for r in rows))
             self._file.flush()
             os.fsync(self._file.fileno())
         for r in rows:

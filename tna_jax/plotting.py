@@ -1,4 +1,13 @@
-"""Matplotlib figures from report dicts. Computes nothing; every figure is saved atomically."""
+"""Matplotlib figures from report dicts. Computes nothing; every figure is saved atomically.
+
+Every figure says what its bands and bars are: the functions take a ``caption`` (e.g. "bands:
+± sample std over 5 disjoint pairs of 10 seeds; shared anchor values"), drawn under the axes and
+stored in the PNG's text chunks with the title (``Title`` and ``Description``, readable with
+``PIL.Image.open(path).text``). Bands computed here from several rows are sample standard
+deviations (ddof=1); a single row gets no band. Long curves (more than `DENSE_POINTS`
+points, e.g. 200 federated rounds) get a marker every few points only, so that the bands stay
+visible.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["save_figure", "plot_lmc_paths", "plot_ratio_sweep", "plot_barrier_bars", "plot_curves"]
+__all__ = ["save_figure", "plot_lmc_paths", "plot_ratio_sweep", "plot_barrier_bars", "plot_curves", "DENSE_POINTS"]
+
+DENSE_POINTS = 30  # curves with more points than this get sparse markers (markevery)
 
 
 def _plt():
@@ -21,7 +32,27 @@ def _plt():
     return plt
 
 
-def save_figure(fig: Any, path: str, dpi: int = 130) -> str:
+def _sample_band(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean over the rows of a 2-D array and their sample std (ddof=1; None for one row)."""
+    return rows.mean(0), (rows.std(0, ddof=1) if rows.shape[0] >= 2 else None)
+
+
+def _as_float(values: Any) -> np.ndarray:
+    """Floats, None as NaN (a std that is undefined for one seed or pair)."""
+    return np.asarray([np.nan if v is None else v for v in np.ravel(np.asarray(values, dtype=object))], dtype=float)
+
+
+def _markevery(num_points: int) -> int | None:
+    """None (every point) for short curves, else a stride giving about 15 markers."""
+    return None if num_points <= DENSE_POINTS else max(1, num_points // 15)
+
+
+def _caption(fig: Any, caption: str) -> None:
+    if caption:
+        fig.text(0.5, -0.01, caption, ha="center", va="top", fontsize=8, wrap=True)
+
+
+def save_figure(fig: Any, path: str, dpi: int = 130, *, title: str = "", caption: str = "") -> str:
     """Saves `fig` to `path` (PNG) through a temporary file and a rename; closes it.
 
     A reader never sees a half-written PNG: the figure goes to a temporary file in the same
@@ -31,6 +62,8 @@ def save_figure(fig: Any, path: str, dpi: int = 130) -> str:
       fig: a matplotlib ``Figure``.
       path: output PNG; missing directories are created.
       dpi: resolution.
+      title: stored as the PNG's ``Title`` text chunk (when not empty).
+      caption: stored as its ``Description`` (when not empty).
 
     Returns:
       `path`.
@@ -50,7 +83,8 @@ def save_figure(fig: Any, path: str, dpi: int = 130) -> str:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fig.", suffix=".png")
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        metadata = {k: v for k, v in (("Title", title), ("Description", caption)) if v}
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -59,14 +93,16 @@ def save_figure(fig: Any, path: str, dpi: int = 130) -> str:
     return path
 
 
-def plot_lmc_paths(curves: dict[str, dict[str, Any]], path: str, title: str = "Linear mode connectivity") -> str:
-    """Accuracy and loss along α, mean ± std over pairs, one line per arm.
+def plot_lmc_paths(curves: dict[str, dict[str, Any]], path: str, title: str = "Linear mode connectivity",
+                   caption: str = "") -> str:
+    """Accuracy and loss along α, mean ± sample std over pairs (a band), one line per arm.
 
     Args:
       curves: ``{label: {"alpha": (K,), "accuracy": (P, K), "loss": (P, K)}}`` (P pairs, K values
-        of α; a 1-D ``(K,)`` curve counts as one pair).
+        of α; a 1-D ``(K,)`` curve counts as one pair and gets no band).
       path: output PNG.
       title: figure title.
+      caption: what the bands are and over what (pairs, seeds, anchor values), under the axes.
 
     Returns:
       `path` (written with :func:`save_figure`).
@@ -84,10 +120,10 @@ def plot_lmc_paths(curves: dict[str, dict[str, Any]], path: str, title: str = "L
     for label, c in curves.items():
         alpha = np.asarray(c["alpha"])
         for ax, key in zip(axes, ("accuracy", "loss")):
-            vals = np.atleast_2d(np.asarray(c[key]))
-            mean, std = vals.mean(0), vals.std(0)
-            line = ax.plot(alpha, mean, label=label, marker="o", markersize=2.5)[0]
-            ax.fill_between(alpha, mean - std, mean + std, alpha=0.2, color=line.get_color())
+            mean, std = _sample_band(np.atleast_2d(np.asarray(c[key], dtype=float)))
+            line = ax.plot(alpha, mean, label=label, marker="o", markersize=2.5, markevery=_markevery(alpha.size))[0]
+            if std is not None:
+                ax.fill_between(alpha, mean - std, mean + std, alpha=0.2, color=line.get_color())
     axes[0].set_ylabel("test accuracy")
     axes[1].set_ylabel("test loss")
     for ax in axes:
@@ -95,21 +131,25 @@ def plot_lmc_paths(curves: dict[str, dict[str, Any]], path: str, title: str = "L
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
-    return save_figure(fig, path)
+    _caption(fig, caption)
+    return save_figure(fig, path, title=title, caption=caption)
 
 
 def plot_ratio_sweep(rows: Sequence[dict[str, Any]], path: str, methods: Sequence[str] = ("anchor", "prune"),
-                     title: str = "LMC vs mask ratio") -> str:
+                     title: str = "LMC vs mask ratio", caption: str = "") -> str:
     """The paper's Figure 2: "Avg. Acc." and "Interp. Acc." against the mask ratio, the accuracy
     barrier shaded between them, one panel per method.
 
     Args:
       rows: dicts with ``method``, ``ratio``, ``avg_endpoint_accuracy_mean``,
-        ``interp_accuracy_mean`` (and optional ``*_std``); rows of method ``"none"`` (ρ = 0) start
-        every panel.
+        ``interp_accuracy_mean`` (and optional ``*_std``, drawn as error bars on Interp. Acc.);
+        rows of method ``"none"`` (ρ = 0) start every panel.
       path: output PNG.
-      methods: the panels, in order; a method without rows gets no panel.
+      methods: the panels, in order; a method without rows of its own gets no panel (a sweep
+        without pruning ratios draws no empty "prune at init" panel); with no such method at all,
+        one panel of the ``"none"`` rows.
       title: figure title.
+      caption: what the error bars are and over what (pairs, seeds, anchor values).
 
     Returns:
       `path` (written with :func:`save_figure`).
@@ -124,7 +164,7 @@ def plot_ratio_sweep(rows: Sequence[dict[str, Any]], path: str, methods: Sequenc
       True
     """
     plt = _plt()
-    present = [m for m in methods if any(r["method"] in (m, "none") for r in rows)]
+    present = [m for m in methods if any(r["method"] == m for r in rows)] or list(methods[:1])
     fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.8), squeeze=False)
     for ax, method in zip(axes[0], present):
         sel = sorted([r for r in rows if r["method"] in (method, "none")], key=lambda r: r["ratio"])
@@ -134,21 +174,23 @@ def plot_ratio_sweep(rows: Sequence[dict[str, Any]], path: str, methods: Sequenc
         ax.plot(ratio, avg, marker="o", label="Avg. Acc.")
         ax.plot(ratio, interp, marker="s", label="Interp. Acc.")
         ax.fill_between(ratio, interp, avg, alpha=0.25, color="tab:red", label="accuracy barrier")
-        if all("interp_accuracy_std" in r for r in sel):
-            std = np.array([r["interp_accuracy_std"] for r in sel])
-            ax.errorbar(ratio, interp, yerr=std, fmt="none", ecolor="tab:orange", capsize=2)
+        if sel and all("interp_accuracy_std" in r for r in sel):
+            std = np.nan_to_num(_as_float([r["interp_accuracy_std"] for r in sel]))
+            ax.errorbar(ratio, interp, yerr=std, fmt="none", ecolor="tab:orange", capsize=2,
+                        label="± sample std (Interp. Acc.)")
         ax.set_xlabel("mask ratio ρ" if method == "anchor" else "pruning ratio")
         ax.set_ylabel("test accuracy")
         ax.set_title("TNA-PFN" if method == "anchor" else "prune at init")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    return save_figure(fig, path)
+    _caption(fig, caption)
+    return save_figure(fig, path, title=title, caption=caption)
 
 
 def plot_barrier_bars(rows: Sequence[dict[str, Any]], path: str, group_key: str, series_key: str,
                       value_key: str = "accuracy_barrier_mean", std_key: str | None = "accuracy_barrier_std",
-                      ylabel: str = "accuracy barrier", title: str = "") -> str:
+                      ylabel: str = "accuracy barrier", title: str = "", caption: str = "") -> str:
     """Grouped bar chart (e.g. barrier per architecture, vanilla vs TNA-PFN).
 
     Args:
@@ -158,8 +200,9 @@ def plot_barrier_bars(rows: Sequence[dict[str, Any]], path: str, group_key: str,
       series_key: key of the bars within a group (one colour each); a missing (group, series) bar
         is left empty.
       value_key: key of the bar height.
-      std_key: key of the error bar, or None for none.
+      std_key: key of the error bar, or None for none (a None value: no bar for that one).
       ylabel, title: axis label and title (no title when empty).
+      caption: what the error bars are and over what, under the axes.
 
     Returns:
       `path` (written with :func:`save_figure`).
@@ -184,6 +227,7 @@ def plot_barrier_bars(rows: Sequence[dict[str, Any]], path: str, group_key: str,
             match = [r for r in rows if r[group_key] == g and r[series_key] == s]
             vals.append(match[0][value_key] if match else np.nan)
             errs.append(match[0].get(std_key, 0.0) if (match and std_key) else 0.0)
+        errs = np.nan_to_num(_as_float(errs))
         ax.bar(np.arange(len(groups)) + k * width - 0.4 + width / 2, vals, width, yerr=errs, capsize=2, label=str(s))
     ax.set_xticks(np.arange(len(groups)))
     ax.set_xticklabels([str(g) for g in groups], rotation=20)
@@ -192,22 +236,26 @@ def plot_barrier_bars(rows: Sequence[dict[str, Any]], path: str, group_key: str,
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    return save_figure(fig, path)
+    _caption(fig, caption)
+    return save_figure(fig, path, title=title, caption=caption)
 
 
 def plot_curves(series: dict[str, dict[str, Any]], path: str, xlabel: str, ylabel: str, title: str = "",
-                xscale: str = "linear") -> str:
+                xscale: str = "linear", caption: str = "") -> str:
     """Lines with optional shaded std: ``{label: {"x": [...], "y": [...] or (S, T), "std": optional}}``.
 
-    ``xscale="log2"`` puts x on a base-2 log axis (widths), "linear" otherwise.
+    ``xscale="log2"`` puts x on a base-2 log axis (widths), "linear" otherwise. Curves of more
+    than `DENSE_POINTS` points get about 15 markers, so the bands are not hidden.
 
     Args:
       series: ``{label: {"x": (T,), "y": (T,) or (S, T), "std": optional (T,)}}``; a 2-D ``y`` is
-        drawn as its mean over the S rows with their std shaded.
+        drawn as its mean over the S rows with their sample std shaded (none for S = 1); a given
+        ``std`` may hold None (no band there).
       path: output PNG.
       xlabel, ylabel: axis labels.
       title: title (none when empty).
       xscale: ``"linear"`` or ``"log2"``.
+      caption: what the bands are and over what (seeds, pairs), under the axes.
 
     Returns:
       `path` (written with :func:`save_figure`).
@@ -226,10 +274,11 @@ def plot_curves(series: dict[str, dict[str, Any]], path: str, xlabel: str, ylabe
         x = np.asarray(s["x"])
         y = np.asarray(s["y"], dtype=float)
         if y.ndim == 2:
-            mean, std = y.mean(0), y.std(0)
+            mean, std = _sample_band(y)
+            std = np.zeros_like(mean) if std is None else std
         else:
-            mean, std = y, np.asarray(s.get("std", np.zeros_like(y)), dtype=float)
-        line = ax.plot(x, mean, label=label, marker="o", markersize=3)[0]
+            mean, std = y, np.nan_to_num(_as_float(s.get("std", np.zeros_like(y))))
+        line = ax.plot(x, mean, label=label, marker="o", markersize=3, markevery=_markevery(x.size))[0]
         if np.any(std > 0):
             ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
     if xscale == "log2":
@@ -243,4 +292,5 @@ def plot_curves(series: dict[str, dict[str, Any]], path: str, xlabel: str, ylabe
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    return save_figure(fig, path)
+    _caption(fig, caption)
+    return save_figure(fig, path, title=title, caption=caption)

@@ -1394,7 +1394,10 @@ def _postfix(rows: list[dict[str, Any]], arms: Sequence[Arm], has_val: bool) -> 
 
 
 def summarize(result: TrainResult) -> list[dict[str, Any]]:
-    """Per-arm mean and standard deviation of the final test/validation metrics."""
+    """Per-arm mean and sample standard deviation (ddof=1; None for one seed) over the seeds of the
+    final test metrics, and the mean validation accuracy (None without a validation split)."""
+    from tna_jax.experiment import mean_std
+
     arms: dict[int, list[Run]] = {}
     for r in result.runs:
         arms.setdefault(r.arm_index, []).append(r)
@@ -1406,8 +1409,8 @@ def summarize(result: TrainResult) -> list[dict[str, Any]]:
         rows.append({
             "arm": runs[0].arm.label, "method": runs[0].arm.method, "ratio": runs[0].arm.ratio,
             "seeds": len(idx),
-            "test_accuracy_mean": float(np.mean(acc)), "test_accuracy_std": float(np.std(acc)),
-            "test_loss_mean": float(np.mean(loss)), "test_loss_std": float(np.std(loss)),
-            "val_accuracy_mean": float(np.nanmean(result.val["accuracy"][idx])) if len(idx) else math.nan,
+            **dict(zip(("test_accuracy_mean", "test_accuracy_std"), mean_std(acc))),
+            **dict(zip(("test_loss_mean", "test_loss_std"), mean_std(loss))),
+            "val_accuracy_mean": mean_std(result.val["accuracy"][idx][np.isfinite(result.val["accuracy"][idx])])[0],
         })
     return rows

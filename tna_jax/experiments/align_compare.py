@@ -37,7 +37,7 @@ from tna_jax import align, lmc, models, plotting, training
 from tna_jax import config as config_lib
 from tna_jax import data as data_lib
 from tna_jax import tree as tree_lib
-from tna_jax.experiment import prepare_workdir, register, workdir_path, write_report
+from tna_jax.experiment import mean_std, pm, prepare_workdir, register, workdir_path, write_report
 
 __all__ = ["align_compare", "align_defaults", "check_align_options", "task_config", "comparison_name", "markdown"]
 
@@ -49,7 +49,7 @@ def align_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.tasks = ml_collections.ConfigDict()  # name -> overrides of the top-level config; empty = one task
     c.run = ""  # comma-separated subset of the tasks ("" = all)
-    c.max_pairs = 6  # seed pairs per arm
+    c.max_pairs = 6  # seed pairs per arm, chosen as the task's analysis.pairs says (all | disjoint | random)
     c.wm_max_iter = 100
     c.stats_examples = 1000  # training examples for activation statistics, REPAIR (one batch) and BN reset
     c.stats_batch = 250
@@ -107,7 +107,8 @@ def check_align_options(config: Any) -> ml_collections.ConfigDict:
 def _merge(base: ml_collections.ConfigDict, overrides: Any, prefix: str) -> None:
     for key, value in overrides.items():
         if key == "model" and "name" in value and value["name"] != base.model.name:
-            base.model = ml_collections.ConfigDict(dict(value))  # another model: its own fields only
+            kept = {"init": base.model.init} if "init" in base.model else {}  # a protocol choice: kept
+            base.model = ml_collections.ConfigDict({**kept, **dict(value)})  # another model: its own fields only
         elif isinstance(value, (ml_collections.ConfigDict, dict)):
             if key not in base:
                 raise config_lib.ConfigError(f"config.align.tasks.{prefix}{key} is not a section of the config.")
@@ -133,9 +134,9 @@ def task_config(config: Any, name: str) -> ml_collections.ConfigDict:
     return cfg
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray([v for v in values if v is not None], dtype=float)
-    return (float(np.mean(arr)), float(np.std(arr))) if arr.size else (math.nan, math.nan)
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample std (ddof=1) of the values that are not None (`experiment.mean_std`)."""
+    return mean_std([v for v in values if v is not None])
 
 
 def _rel_distance(a: Any, b: Any) -> float:
@@ -195,7 +196,8 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
     for arm_index, idx in arms.items():
         label = result.runs[idx[0]].arm.label
         ms = [result.state.variables(i) for i in idx]
-        pairs = lmc.all_pairs(len(idx), opts.max_pairs)
+        pairs = lmc.select_pairs(len(idx), cfg.analysis.pairs, int(opts.max_pairs), int(cfg.analysis.pairs_seed))
+        pairs_note = lmc.describe_pairs(cfg.analysis.pairs, len(pairs), len(idx), int(cfg.analysis.pairs_seed))
         if not pairs:
             continue
         aligned: dict[str, list[Any]] = {"none": [ms[j] for _, j in pairs], "WM": [], "AM": []}
@@ -211,7 +213,7 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
             perm = align.activation_matching(net, ms[i], ms[j], x_stats, batch_size=sbatch)
             aligned["AM"].append(align.apply_permutation(spec, perm, ms[j]))
         it_mean, it_std = _mean_std([w["iterations"] for w in wm_info])
-        iters.append({"arm": label, "pairs": len(pairs), "iterations_mean": it_mean, "iterations_std": it_std,
+        iters.append({"arm": label, "pairs": len(pairs), "pairs_note": pairs_note, "iterations_mean": it_mean, "iterations_std": it_std,
                       "iterations": [w["iterations"] for w in wm_info],
                       "converged": sum(w["converged"] for w in wm_info),
                       "seconds_mean": _mean_std([w["seconds"] for w in wm_info])[0], "per_pair": wm_info})
@@ -346,10 +348,8 @@ def _curve_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
-    if mean is None or not np.isfinite(mean):
-        return "—"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+def _pm(mean: float | None, std: float | None, scale: float = 100.0, digits: int = 1) -> str:
+    return pm(mean, std, scale, digits)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -372,10 +372,13 @@ def markdown(report: dict[str, Any]) -> str:
         parts.append(f"## {name}: {t['model']['name']} on {t['data']['name']} "
                      f"({t['spec']['permutations']} permutations, BatchNorm: {t['model']['batch_norm']})\n")
         accs = ", ".join(f"{a['arm']} {_pm(a['test_accuracy_mean'], a['test_accuracy_std'])}" for a in t["arms"])
-        parts.append(f"Endpoint test accuracy (%): {accs}.\n")
+        parts.append(f"Endpoint test accuracy (%, mean ± sample std over {t['settings'].get('num_seeds', '?')} "
+                     f"seeds): {accs}.\n")
         reset = (" BatchNorm statistics are reset on training data at every α (REPAIR rows: REPAIR "
                  "corrects the statistics itself)." if t["model"]["batch_norm"] else "")
-        parts.append(f"Barriers on the {t['settings'].get('split', 'test')} split, mean ± std over seed pairs. WM: weight matching (Git "
+        notes = "; ".join(dict.fromkeys(it.get("pairs_note", "the seed pairs") for it in t["wm_iterations"])) or "seed pairs"
+        parts.append(f"Barriers on the {t['settings'].get('split', 'test')} split, mean ± sample std over {notes} "
+                     "of seeds per arm. WM: weight matching (Git "
                      "Re-Basin), AM: activation matching, both applied to the second model of each pair; "
                      f"REPAIR: applied at every α of the WM-aligned path.{reset}\n")
         head = ("| comparison | pairs | acc. barrier % | loss barrier | Interp. Acc. % (α=0.5) | "
@@ -391,7 +394,7 @@ def markdown(report: dict[str, Any]) -> str:
         parts.append("\n".join(lines) + "\n")
         lines = ["| arm | pairs | WM sweeps to converge | converged | seconds per match |", "|---|---|---|---|---|"]
         for it in t["wm_iterations"]:
-            lines.append(f"| {it['arm']} | {it['pairs']} | {it['iterations_mean']:.2f} ± {it['iterations_std']:.2f} "
+            lines.append(f"| {it['arm']} | {it['pairs']} | {pm(it['iterations_mean'], it['iterations_std'], 1.0, 2)} "
                          f"({', '.join(str(i) for i in it['iterations'])}) | {it['converged']}/{it['pairs']} | "
                          f"{it['seconds_mean']:.2f} |")
         parts.append("\n".join(lines) + "\n")
@@ -439,10 +442,14 @@ def align_compare(config: Any, workdir: str | None) -> dict[str, Any]:
 def _plots(workdir: str, report: dict[str, Any], opts: Any) -> list[str]:
     paths = []
     for name, t in report["tasks"].items():
+        notes = "; ".join(dict.fromkeys(it.get("pairs_note", "seed pairs") for it in t["wm_iterations"]))
+        caption = f"Mean ± sample std over {notes or 'seed pairs'} of {t['settings']['num_seeds']} seeds per arm."
         paths.append(plotting.plot_lmc_paths(t["paths"], os.path.join(workdir, f"lmc_{name}.png"),
-                                             title=f"{name}: {t['model']['name']} on {t['data']['name']}"))
+                                             title=f"{name}: {t['model']['name']} on {t['data']['name']}",
+                                             caption=caption))
         if t["curve_paths"]:
             paths.append(plotting.plot_curves(t["curve_paths"], os.path.join(workdir, f"curves_{name}.png"),
                                               xlabel="t along the path", ylabel="test accuracy",
-                                              title=f"{name}: line vs trained {opts.curve_kind} curve"))
+                                              title=f"{name}: line vs trained {opts.curve_kind} curve",
+                                              caption=caption))
     return paths

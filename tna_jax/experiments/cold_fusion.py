@@ -28,7 +28,7 @@ Config section ``cold`` (defaults)::
 The optimizer is ``config.optimizer`` (its schedule runs over one round's steps and restarts
 every round, as the contributors' optimizer states do); arms are ``config.anchor.ratio`` and,
 with ``config.baseline``, plain ColD fusion; ``config.num_seeds`` repeats everything with other
-heads, batch orders, dropout and masks (mean ± std over seeds in the report). Writes
+heads, batch orders, dropout and masks (mean ± sample std over seeds in the report). Writes
 ``report.json``, ``report.md``, ``cold_fused_accuracy.png`` (mean over tasks, per round) and
 ``cold_per_task.png``.
 """
@@ -109,7 +109,7 @@ def _arms(config: Any) -> list[tuple[str, float]]:
 
 
 def _summarise(runs: list[list[dict[str, Any]]], tasks: tuple[str, ...]) -> dict[str, Any]:
-    """Mean ± std over seeds of every round's fused (and contributor) accuracies (None where a
+    """Mean ± sample std over seeds of every round's fused (and contributor) accuracies (None where a
     round has no value: round 0 has no contributors)."""
     rounds = len(runs[0])
     out: dict[str, Any] = {"rounds": list(range(rounds)), "fused": {}, "contributors": {}}
@@ -137,8 +137,8 @@ def _markdown(report: dict[str, Any]) -> str:
                 row[t] = exp_lib.pm(m, sd)
             rows.append(row)
         cols = [("round", "round")] + [(t, f"{t} %") for t in tasks] + [("mean", "mean %")]
-        parts.append(f"### {arm}: fused model (shared encoder + task head), test accuracy\n\n"
-                     + exp_lib.markdown_table(rows, cols))
+        parts.append(f"### {arm}: fused model (shared encoder + task head), test accuracy, mean ± sample std "
+                     "over seeds\n\n" + exp_lib.markdown_table(rows, cols))
     last = report["summary"]
     rows = []
     for t in [*tasks, "mean"]:
@@ -160,15 +160,16 @@ def _plots(workdir: str, report: dict[str, Any], name: str) -> list[str]:
     from tna_jax import plotting
 
     files = []
+    caption = f"Lines: mean, bands: ± sample std over {report['seeds']} seeds."
     mean_series = {arm: {"x": s["rounds"], "y": s["fused"]["mean"]["mean"], "std": s["fused"]["mean"]["std"]}
                    for arm, s in report["summary"].items()}
     files.append(plotting.plot_curves(mean_series, os.path.join(workdir, "cold_fused_accuracy.png"), xlabel="round",
                                       ylabel="fused test accuracy (mean over tasks)",
-                                      title=f"{name}: ColD fusion, all-MiniLM-L6-v2"))
+                                      title=f"{name}: ColD fusion, all-MiniLM-L6-v2", caption=caption))
     per_task = {f"{arm}: {t}": {"x": s["rounds"], "y": s["fused"][t]["mean"], "std": s["fused"][t]["std"]}
                 for arm, s in report["summary"].items() for t in report["tasks"]}
     files.append(plotting.plot_curves(per_task, os.path.join(workdir, "cold_per_task.png"), xlabel="round",
-                                      ylabel="fused test accuracy", title=f"{name}: per task"))
+                                      ylabel="fused test accuracy", title=f"{name}: per task", caption=caption))
     return files
 
 

@@ -10,7 +10,14 @@ experiment. Rerunning the same command resumes from the last good checkpoint and
 bit-identical to an uninterrupted run: round r of seed s depends only on (seed, r, client ids).
 
 Arms with the same seed share the initial global model, the client sampling and the clients'
-batch orders (paired comparisons). The partition is fixed by ``federated.partition_seed``.
+batch orders (paired comparisons). The clients' split of the training set is drawn from
+``federated.partition_seed``: once for every seed (``federated.partition_per_seed=False``, the
+default: the seeds' spread is that of init, sampling and batch order on ONE split), or once per
+seed (``True``: seed s draws with NumPy seed ``SeedSequence([partition_seed, s])``, so the error
+bars also cover the split, as in papers that redraw it per run; the clients then carry a leading
+seed axis, S times the memory of the packed client data, and train in one padded cohort
+without size buckets, since each seed's clients have other sizes). The report says which
+(``federation.partition_draw``: ``"shared"`` or ``"per_seed"``).
 
 Config: ``config.federated`` (:func:`tna_jax.config.federated_config`; every field documented
 there); the clients' optimizer is ``config.optimizer`` (schedule must be ``constant``: the state
@@ -19,7 +26,7 @@ is reset every round), anchors' granularity/include/exclude/share_mask come from
 ``none``), ``train.eval_batch_size``, ``train.progress``, ``train.tensorboard``,
 ``train.keep_checkpoints`` and ``train.unroll`` are read too.
 
-Writes ``report.json``, ``report.md`` (final accuracy, mean ± std over seeds, and the paired
+Writes ``report.json``, ``report.md`` (final accuracy, mean ± sample std over seeds, and the paired
 difference to FedAvg with the same server optimizer and α), ``accuracy_vs_round.png`` (one panel
 per α) and, for sweeps, ``sweep_ratio.png``.
 """
@@ -43,7 +50,7 @@ from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
 from tna_jax import experiment as exp_lib
 
-__all__ = ["FedArm", "arms_from_config", "require_data", "federated_experiment", "make_clients"]
+__all__ = ["FedArm", "arms_from_config", "require_data", "federated_experiment", "make_clients", "partition_seed_of"]
 
 NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedpfn": "FedPFN", "fedpnu": "FedPNU",
          "none": "", "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi"}
@@ -182,7 +189,29 @@ def _check(config: Any) -> None:
                                      f"{config.data.augment!r}.")
 
 
-def make_clients(config: Any, labels: np.ndarray, alpha: float | None) -> list[np.ndarray]:
+def partition_seed_of(partition_seed: int, seed_index: int | None) -> int:
+    """The NumPy seed of a partition of the clients (``federated.partition_per_seed``).
+
+    Args:
+      partition_seed: ``federated.partition_seed``.
+      seed_index: None for the split every seed shares, or the seed s whose own split it is.
+
+    Returns:
+      `partition_seed` itself for the shared split (as before the option existed), else the first
+      word of ``numpy.random.SeedSequence([partition_seed, s])``: independent streams, and no
+      collision between (partition_seed, s) and (partition_seed + 1, s - 1).
+
+    Examples:
+      >>> partition_seed_of(0, None), partition_seed_of(0, 1) != partition_seed_of(1, 0)
+      (0, True)
+    """
+    if seed_index is None:
+        return int(partition_seed)
+    return int(np.random.SeedSequence([int(partition_seed), int(seed_index)]).generate_state(1)[0])
+
+
+def make_clients(config: Any, labels: np.ndarray, alpha: float | None,
+                 seed_index: int | None = None) -> list[np.ndarray]:
     """The partition of the training labels that ``config.federated`` asks for (α overrides).
 
     Args:
@@ -190,6 +219,8 @@ def make_clients(config: Any, labels: np.ndarray, alpha: float | None) -> list[n
         ``shards_per_client``, ``min_client_size``, ``partition_seed``).
       labels: the training labels.
       alpha: the Dirichlet α of this arm (None: ``federated.alpha``).
+      seed_index: None for the split every seed shares, or the seed whose own split this is
+        (``federated.partition_per_seed``; `partition_seed_of`).
 
     Returns:
       One int array of example indices per client (:func:`tna_jax.federated.partition.partition`).
@@ -208,7 +239,7 @@ def make_clients(config: Any, labels: np.ndarray, alpha: float | None) -> list[n
     f = config.federated
     return partition.partition(labels, int(f.num_clients), f.partition, alpha=float(alpha or f.alpha),
                                shards_per_client=int(f.shards_per_client), min_size=int(f.min_client_size),
-                               seed=int(f.partition_seed))
+                               seed=partition_seed_of(int(f.partition_seed), seed_index))
 
 
 def _algorithm(config: Any, net: Any, arm: FedArm, max_examples: int, mesh: Any, unroll: Any,
@@ -245,18 +276,18 @@ def _summaries(arms: list[FedArm], final: dict[str, np.ndarray], curves: dict[st
         base = next((a for a in arms if a.algorithm == "fedavg" and a.server == arm.server and a.alpha == arm.alpha),
                     None)
         row = {"arm": arm.label, "algorithm": arm.algorithm, "server": arm.server, "alpha": arm.alpha,
-               "ratio": arm.ratio, "seeds": int(acc.size), "final_accuracy": acc.tolist(),
-               "final_accuracy_mean": float(acc.mean()), "final_accuracy_std": float(acc.std())}
+               "ratio": arm.ratio, "seeds": int(acc.size), "final_accuracy": acc.tolist()}
+        row["final_accuracy_mean"], row["final_accuracy_std"] = exp_lib.mean_std(acc)
         curve = curves.get(arm.label)
         if curve is not None and len(curve["rounds"]):
             ys = np.asarray(curve["accuracy"])  # (seeds, evals)
             tail = ys[:, -min(5, ys.shape[1]):].mean(1)
-            row["last5_accuracy_mean"], row["last5_accuracy_std"] = float(tail.mean()), float(tail.std())
+            row["last5_accuracy_mean"], row["last5_accuracy_std"] = exp_lib.mean_std(tail)
             row["best_accuracy_mean"] = float(ys.max(1).mean())
         if base is not None and base is not arm:
             diff = acc - final[base.slug]
             row["vs_fedavg"] = base.label
-            row["diff_mean"], row["diff_std"] = float(diff.mean()), float(diff.std())
+            row["diff_mean"], row["diff_std"] = exp_lib.mean_std(diff)
             row["seeds_better"] = int((diff > 0).sum())
         rows.append(row)
     return rows
@@ -272,10 +303,13 @@ def _markdown(report: dict[str, Any]) -> str:
                      "diff": (exp_lib.pm(r["diff_mean"], r["diff_std"]) + f" ({r['seeds_better']}/{r['seeds']} seeds)")
                      if "diff_mean" in r else "—"})
     f = report["federation"]
+    split = ("a new split of the clients for every seed" if f.get("partition_draw") == "per_seed"
+             else "one split of the clients shared by every seed")
     head = (f"{f['num_clients']} clients ({f['partition']}" + (f", α={f['alpha']}" if f["partition"] == "dirichlet" else "")
-            + f"), {f['cohort'][0]} of them per round, {f['local_epochs']} local epoch(s) of batch "
+            + f"; {split}), {f['cohort'][0]} of them per round, {f['local_epochs']} local epoch(s) of batch "
             f"{f['batch_size']}, {f['rounds']} rounds; {report['model']['name']} on {report['data']['name']}. "
-            f"Accuracy of the global model on the {report['eval_split']} split, mean ± std over seeds.")
+            f"Accuracy of the global model on the {report['eval_split']} split, mean ± sample std over "
+            f"{report['training']['seeds']} seeds.")
     table = exp_lib.markdown_table(rows, [("arm", "arm"), ("seeds", "seeds"), ("final", "final acc %"),
                                           ("last5", "mean of last 5 evals %"), ("best", "best acc %"),
                                           ("diff", "final − FedAvg (same server opt, paired) pp")])
@@ -287,6 +321,9 @@ def _plots(config: Any, workdir: str, report: dict[str, Any], arms: list[FedArm]
 
     files = []
     alphas = list(dict.fromkeys(a.alpha for a in arms))
+    split = ("a new client split per seed" if report["federation"].get("partition_draw") == "per_seed"
+             else "one client split shared by every seed")
+    caption = f"Lines: mean, bands: ± sample std over {config.num_seeds} seeds; {split}."
     for alpha in alphas:
         series = {}
         for arm in arms:
@@ -297,7 +334,8 @@ def _plots(config: Any, workdir: str, report: dict[str, Any], arms: list[FedArm]
         where = "" if alpha is None else f", Dirichlet α={alpha:g}"
         files.append(plotting.plot_curves(series, os.path.join(workdir, f"accuracy_vs_round{suffix}.png"),
                                           xlabel="round", ylabel=f"{report['eval_split']} accuracy (global model)",
-                                          title=f"{config.name}: {config.federated.num_clients} clients{where}"))
+                                          title=f"{config.name}: {config.federated.num_clients} clients{where}",
+                                          caption=caption))
     if len(config.federated.sweep_ratios):
         series = {}
         for r in report["arms"]:
@@ -320,7 +358,8 @@ def _plots(config: Any, workdir: str, report: dict[str, Any], arms: list[FedArm]
                         s["std"].insert(0, r["final_accuracy_std"])
         if series:
             files.append(plotting.plot_curves(series, os.path.join(workdir, "sweep_ratio.png"), xlabel="mask ratio ρ",
-                                              ylabel="final accuracy", title=f"{config.name}: accuracy vs ρ (ρ=0: FedAvg)"))
+                                              ylabel="final accuracy", title=f"{config.name}: accuracy vs ρ (ρ=0: FedAvg)",
+                                              caption=caption))
     return files
 
 
@@ -378,28 +417,38 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     num_devices = mesh.devices.size
 
     # Every input is checked (partitions included) before anything is compiled or trained.
+    per_seed = bool(f.get("partition_per_seed", False))
+    draws = list(range(int(config.num_seeds))) if per_seed else [None]
     partitions, federation = {}, {}
     for alpha in dict.fromkeys(a.alpha for a in arms):
-        parts = make_clients(config, y_train, alpha)
-        partitions[alpha] = parts
-        sizes = [len(p) for p in parts]
-        federation[str(alpha)] = {"sizes": sizes, "max_size": max(sizes), "min_size": min(sizes),
-                                  "labels": partition.label_histogram(y_train, parts, dataset.num_classes).tolist()}
-    # Every α is padded to the same client size and ρ is a traced value, so arms that differ only in
-    # α or ρ share one compiled program (one per algorithm and server optimizer).
+        for s in draws:
+            parts = make_clients(config, y_train, alpha, seed_index=s)
+            partitions[alpha, s] = parts
+            sizes = [len(p) for p in parts]
+            federation[str(alpha) if s is None else f"{alpha}/seed_{s}"] = {
+                "sizes": sizes, "max_size": max(sizes), "min_size": min(sizes),
+                "partition_seed": partition_seed_of(int(f.partition_seed), s),
+                "labels": partition.label_histogram(y_train, parts, dataset.num_classes).tolist()}
+    # Every α (and seed) is padded to the same client size and ρ is a traced value, so arms that
+    # differ only in α or ρ share one compiled program (one per algorithm and server optimizer).
     n_max = max(max(len(p) for p in parts) for parts in partitions.values())
-    clients = {}
-    for alpha, parts in partitions.items():
+    packs: dict[Any, Any] = {}
+    for (alpha, s), parts in partitions.items():
         packed = client.pack_clients(x_train, y_train, parts, multiple=num_devices)
         pad = n_max - packed.max_examples
-        clients[alpha] = client.ClientData(np.pad(packed.x, [(0, 0), (0, pad)] + [(0, 0)] * (packed.x.ndim - 2)),
-                                           np.pad(packed.y, [(0, 0), (0, pad)]), packed.n)
+        packs[alpha, s] = client.ClientData(np.pad(packed.x, [(0, 0), (0, pad)] + [(0, 0)] * (packed.x.ndim - 2)),
+                                            np.pad(packed.y, [(0, 0), (0, pad)]), packed.n)
+    clients = {alpha: packs[alpha, None] for alpha, s in packs if s is None}
+    seed_clients = {alpha: client.ClientData(*(np.stack([getattr(packs[alpha, s], k) for s in draws])
+                                               for k in ("x", "y", "n")))
+                    for alpha in dict.fromkeys(a for a, _ in packs)} if per_seed else {}
     conv = training.uses_convolutions(net)
     unroll: Any = max(1, int(config.train.unroll)) if int(config.train.unroll) else \
         (True if conv and jax.default_backend() == "cpu" else 1)
     keys = driver.seed_keys(int(config.seed), int(config.num_seeds), share_mask=bool(config.anchor.share_mask))
-    # Size buckets depend on the clients' sizes, so with them every α gets its own program.
-    bucketed = int(f.size_buckets) > 1 and float(f.client_fraction) == 1.0 and not int(f.local_steps)
+    # Size buckets depend on the clients' sizes, so with them every α gets its own program (and
+    # with a split per seed, whose sizes differ between seeds, there are none).
+    bucketed = int(f.size_buckets) > 1 and float(f.client_fraction) == 1.0 and not int(f.local_steps) and not per_seed
     program_of = lambda a: (a.algorithm, a.server, a.alpha if bucketed else None)  # noqa: E731
     programs: dict[tuple[str, str, Any], Any] = {}
     for a in arms:
@@ -412,7 +461,8 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         federation[str(alpha)]["buckets"] = [b.tolist() for b in client.size_buckets(
             sizes, batch_size=int(f.batch_size), local_epochs=int(f.local_epochs),
             max_buckets=int(f.size_buckets) if bucketed else 1, multiple=num_devices)]
-    placed = {alpha: driver.place_clients(packed, mesh) for alpha, packed in clients.items()}
+    placed = {alpha: driver.place_clients(packed, mesh, seed_axis=per_seed)
+              for alpha, packed in (seed_clients if per_seed else clients).items()}
 
     checkpointer = None
     start_round = 0
@@ -436,7 +486,7 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     # Several processes: process 0 writes the metrics and the report; every process takes part
     # in the checkpoints (orbax's multi-host protocol) and holds the same global model.
     metrics_log = logs.MetricsLog(workdir if primary else None, runs, start_round, tensorboard=config.train.tensorboard)
-    shared_rounds = {key: driver.make_rounds(alg, mesh) for key, alg in programs.items()}
+    shared_rounds = {key: driver.make_rounds(alg, mesh, per_seed_clients=per_seed) for key, alg in programs.items()}
     round_fns = {a.slug: shared_rounds[program_of(a)] for a in arms}
     evaluate = driver.evaluate_program(training.make_eval_fn(net, int(config.train.eval_batch_size)), mesh)
     x_eval, y_eval = driver.replicated(np.asarray(x_eval), mesh), driver.replicated(np.asarray(y_eval), mesh)
@@ -529,6 +579,7 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         "model": {"name": net.name, "params": net.param_count(), "batch_norm": net.has_batch_stats},
         "devices": {"backend": jax.default_backend(), "count": jax.device_count(), "processes": jax.process_count()},
         "federation": {"num_clients": int(f.num_clients), "partition": f.partition, "alpha": float(f.alpha),
+                       "partition_draw": "per_seed" if per_seed else "shared", "partition_seed": int(f.partition_seed),
                        "client_fraction": float(f.client_fraction), "cohort": list(next(iter(algs.values())).cohort),
                        "local_epochs": int(f.local_epochs), "local_steps": int(f.local_steps),
                        "batch_size": int(f.batch_size), "rounds": rounds, "bn": f.bn, "clients": federation},

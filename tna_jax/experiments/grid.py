@@ -18,7 +18,8 @@ Config section ``grid``::
     })
 
 ``set`` holds config overrides; a ``model`` entry replaces the whole model section (model fields
-differ per architecture), other sections are updated field by field. ``axis`` (optional) and
+differ per architecture) except ``model.init``, which every variant takes from the base config
+unless its ``model`` names one; other sections are updated field by field. ``axis`` (optional) and
 ``x`` put the variant on a curve; ``label`` names it in tables (default: its key). Variants
 run and are listed in key order (``ml_collections`` sorts keys): prefix keys with a number
 (``"1_mlp"``, ``"2_cnn"``) to choose the order.
@@ -51,7 +52,10 @@ def _as_dict(node: Any) -> dict[str, Any]:
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any], prefix: str = "") -> None:
     for key, value in overrides.items():
         if prefix == "" and key == "model":
-            base["model"] = dict(value)
+            # Another architecture: its own fields only, but the base's init ("flax" / "torch") is kept:
+            # it is a protocol choice for the whole grid, not a field of one architecture.
+            kept = {"init": base["model"]["init"]} if "init" in base.get("model", {}) else {}
+            base["model"] = {**kept, **dict(value)}
         elif isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
             _merge(base[key], value, f"{prefix}{key}.")
         else:
@@ -152,8 +156,10 @@ def grid_rows(name: str, spec: Mapping[str, Any], report: dict[str, Any]) -> lis
       report: its train report (:func:`tna_jax.experiment.train_experiment`).
 
     Returns:
-      Dicts with the variant, arm, model, parameter count, test accuracy and, for every key of
-      ``experiment.LMC_KEYS``, ``<key>_mean``/``<key>_std`` (NaN when the arm has no LMC).
+      Dicts with the variant, arm, model, parameter count, seeds, test accuracy and, for every key
+      of ``experiment.LMC_KEYS``, ``<key>_mean``/``<key>_std`` (means and sample stds over the
+      arm's seed pairs; NaN when the arm has no LMC), ``pairs`` and ``pairs_note`` (how the pairs
+      were chosen, ``analysis.pairs``).
 
     Examples:
       >>> report = {"arms": [{"arm": "vanilla", "method": "none", "ratio": 0.0, "test_accuracy_mean": 0.98,
@@ -180,6 +186,8 @@ def grid_rows(name: str, spec: Mapping[str, Any], report: dict[str, Any]) -> lis
                 row[f"{key}_mean"] = stats.get(f"{key}_mean", float("nan"))
                 row[f"{key}_std"] = stats.get(f"{key}_std", float("nan"))
             row["pairs"] = len(stats.get("per_pair", []))
+            row["pairs_note"] = lm.get("pairs_note")
+            row["seeds"] = arm.get("seeds")
             rows.append(row)
     return rows
 
@@ -196,13 +204,20 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
               "interp": pm(r["interp_accuracy_mean"], r["interp_accuracy_std"]),
               "abar": pm(r["accuracy_barrier_mean"], r["accuracy_barrier_std"]),
               "lbar": pm(r["loss_barrier_mean"], r["loss_barrier_std"], scale=1.0, digits=3)} for r in rows]
-    return exp_lib.markdown_table(shown, GRID_COLUMNS)
+    seeds = sorted({r["seeds"] for r in rows if r.get("seeds")})
+    notes = list(dict.fromkeys(r["pairs_note"] for r in rows if r.get("pairs_note")))
+    note = (f"Test accuracy: mean ± sample std over {'/'.join(map(str, seeds)) or '?'} seeds; LMC columns: "
+            f"mean ± sample std over {'; '.join(notes) or 'the pairs in the last column'} of seeds per arm.")
+    return exp_lib.markdown_table(shown, GRID_COLUMNS) + "\n\n" + note
 
 
 def _plots(config: Any, workdir: str, rows: list[dict[str, Any]]) -> list[str]:
     from tna_jax import plotting
 
     files = []
+    notes = "; ".join(dict.fromkeys(r["pairs_note"] for r in rows if r.get("pairs_note"))) or "seed pairs"
+    caption = (f"Mean ± sample std over {notes} of seeds per arm; {exp_lib.anchor_values_note(config)}; "
+               f"model.init={config.model.get('init', 'flax')} unless a variant sets it.")
     axes = list(dict.fromkeys(r["axis"] for r in rows if r["axis"]))
     for axis in axes:
         for key, ylabel in (("accuracy_barrier", "accuracy barrier"), ("loss_barrier", "loss barrier")):
@@ -216,14 +231,14 @@ def _plots(config: Any, workdir: str, rows: list[dict[str, Any]]) -> list[str]:
             scale = "log2" if min(xs) > 0 and max(xs) / min(xs) >= 8 else "linear"
             path = os.path.join(workdir, f"{key}_vs_{re.sub(r'[^A-Za-z0-9_.-]+', '_', axis)}.png")
             files.append(plotting.plot_curves(series, path, xlabel=axis, ylabel=ylabel, xscale=scale,
-                                              title=f"{config.name}: {ylabel} vs {axis}"))
+                                              title=f"{config.name}: {ylabel} vs {axis}", caption=caption))
     flat = [r for r in rows if not r["axis"]]
     if flat:
         for key, ylabel in (("accuracy_barrier", "accuracy barrier"), ("loss_barrier", "loss barrier")):
             path = os.path.join(workdir, f"{key}_bars.png")
             files.append(plotting.plot_barrier_bars(flat, path, group_key="label", series_key="arm",
                                                     value_key=f"{key}_mean", std_key=f"{key}_std", ylabel=ylabel,
-                                                    title=f"{config.name}: {ylabel}"))
+                                                    title=f"{config.name}: {ylabel}", caption=caption))
     return files
 
 

@@ -4,7 +4,8 @@ Trains the arms of the config exactly like the "train" kind (by default plain tr
 TNA-PFN at ``anchor.ratio``, several seeds each, in one program), reports their full LMC, and
 then for every pair of seeds of each arm runs :func:`tna_jax.lmc.layerwise_lmc` in each mode of
 ``layerwise.modes``: one weight layer at a time ("single"), cumulatively from the input
-("from_input") and from the output ("from_output"). Barriers are mean ± std over pairs.
+("from_input") and from the output ("from_output"). Barriers are mean ± sample std over the
+seed pairs of ``analysis.pairs`` (the same pairs as the full-model LMC; the tables say which).
 Nets with BatchNorm are also reported with the statistics reset at every α.
 
 Config section ``layerwise``::
@@ -82,7 +83,8 @@ def layerwise_options(config: Any) -> tuple[tuple[str, ...], list[str] | None]:
 
 
 def aggregate_pairs(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean ± std over pairs of :func:`tna_jax.lmc.layerwise_lmc` outputs (same groups).
+    """Mean ± sample std (ddof=1; None for one pair) over pairs of `tna_jax.lmc.layerwise_lmc`
+    outputs (same groups).
 
     Args:
       results: one ``layerwise_lmc`` output per seed pair, all over the same groups.
@@ -96,14 +98,14 @@ def aggregate_pairs(results: list[dict[str, Any]]) -> dict[str, Any]:
       ...     return {"groups": ["dense_0", "head"], "loss_barrier": [0.0, 0.0], "accuracy_barrier": acc_barriers,
       ...             "per_group": [{"interp_accuracy": 0.5, "interp_loss": 1.0}] * 2}
       >>> out = aggregate_pairs([pair([0.1, 0.0]), pair([0.3, 0.02])])
-      >>> out["pairs"], [round(v, 3) for v in out["accuracy_barrier_mean"]], [round(v, 3) for v in out["accuracy_barrier_std"]]
-      (2, [0.2, 0.01], [0.1, 0.01])
+      >>> out["pairs"], [round(v, 3) for v in out["accuracy_barrier_mean"]], [round(v, 4) for v in out["accuracy_barrier_std"]]
+      (2, [0.2, 0.01], [0.1414, 0.0141])
     """
     out: dict[str, Any] = {"groups": results[0]["groups"], "pairs": len(results)}
     for key in ("loss_barrier", "accuracy_barrier"):
         vals = np.stack([r[key] for r in results])  # (pairs, groups)
         out[f"{key}_mean"] = vals.mean(0).tolist()
-        out[f"{key}_std"] = vals.std(0).tolist()
+        out[f"{key}_std"] = vals.std(0, ddof=1).tolist() if len(results) >= 2 else [None] * vals.shape[1]
         out[f"{key}_per_pair"] = vals.tolist()
     for key in ("interp_accuracy", "interp_loss"):
         vals = np.array([[g[key] for g in r["per_group"]] for r in results])
@@ -135,7 +137,9 @@ def _markdown(report: dict[str, Any]) -> str:
         cols = [("group", "layers interpolated" if mode != "single" else "layer")]
         for arm in arms:
             cols += [(f"{arm}/acc", f"{arm}: acc. barrier %"), (f"{arm}/loss", f"{arm}: loss barrier")]
-        parts.append(f"### mode `{mode}`\n\n" + exp_lib.markdown_table(rows, cols))
+        note = lw[arms[0]][mode].get("pairs_note")
+        parts.append(f"### mode `{mode}`\n\n" + exp_lib.markdown_table(rows, cols)
+                     + (f"\n\nMean ± sample std over {note} of seeds per arm." if note else ""))
     return "\n\n".join(parts)
 
 
@@ -145,6 +149,9 @@ def _plots(config: Any, workdir: str, report: dict[str, Any]) -> list[str]:
     files = []
     lw = report["layerwise"]
     for mode in report["modes"]:
+        note = next(iter(lw.values()))[mode].get("pairs_note", "seed pairs")
+        caption = (f"Mean ± sample std over {note} of {config.num_seeds} seeds per arm; "
+                   f"{exp_lib.anchor_values_note(config)}; {config.analysis.split} split.")
         for key, ylabel in (("loss_barrier", "loss barrier"), ("accuracy_barrier", "accuracy barrier")):
             path = os.path.join(workdir, f"layerwise_{mode}_{key}.png")
             if mode == "single":
@@ -152,14 +159,16 @@ def _plots(config: Any, workdir: str, report: dict[str, Any]) -> list[str]:
                         for arm, by_mode in lw.items() for m in [by_mode[mode]] for i, g in enumerate(m["groups"])]
                 files.append(plotting.plot_barrier_bars(rows, path, group_key="group", series_key="arm",
                                                         value_key="value", std_key="std", ylabel=ylabel,
-                                                        title=f"{config.name}: {ylabel}, one layer at a time"))
+                                                        title=f"{config.name}: {ylabel}, one layer at a time",
+                                                        caption=caption))
             else:
                 series = {arm: {"x": list(range(1, len(by_mode[mode]["groups"]) + 1)),
                                 "y": by_mode[mode][f"{key}_mean"], "std": by_mode[mode][f"{key}_std"]}
                           for arm, by_mode in lw.items()}
                 where = "input" if mode == "from_input" else "output"
                 files.append(plotting.plot_curves(series, path, xlabel=f"layers interpolated (from the {where})",
-                                                  ylabel=ylabel, title=f"{config.name}: cumulative from the {where}"))
+                                                  ylabel=ylabel, title=f"{config.name}: cumulative from the {where}",
+                                                  caption=caption))
     return files
 
 
@@ -173,7 +182,8 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
 
     Returns:
       ``{"name", "kind": "layerwise", "modes", "layer_order", "train": the train report,
-      "layerwise": {arm: {mode: aggregate_pairs(...) plus "members"}}, "markdown", timings}``.
+      "layerwise": {arm: {mode: aggregate_pairs(...) plus "members" and "pairs_note"}}, "markdown",
+      timings}``.
 
     Raises:
       ConfigError: see :func:`layerwise_options`; fewer than 2 seeds (both before training); and
@@ -218,7 +228,7 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         for idx in arms.values():
             label = result.runs[idx[0]].arm.label
             variables = result.state.variables()
-            pairs = lmc.all_pairs(len(idx), config.analysis.max_pairs)
+            pairs, note = exp_lib.choose_pairs(config, len(idx))
             for suffix, fn in evals.items():
                 by_mode = {}
                 for mode in modes:
@@ -230,6 +240,7 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
                                                       chunk=chunk, layer_order=order))
                     by_mode[mode] = aggregate_pairs(outs)
                     by_mode[mode]["members"] = outs[0]["members"]
+                    by_mode[mode]["pairs_note"] = note
                 layerwise[label + suffix] = by_mode
     train_report = trained.report
     train_report["markdown"] = exp_lib.markdown_summary(train_report)

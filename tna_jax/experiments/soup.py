@@ -15,7 +15,7 @@
    per-model values in the optimizer state (``optax.inject_hyperparams``).
 3. **Soup** the K candidates of each (arm, repeat): the best single model (by validation
    accuracy), the uniform soup and the greedy soup (chosen on the validation split), all
-   reported on the test split; mean ± std over repeats.
+   reported on the test split; mean ± sample std over repeats.
 
 Config section ``soup`` (defaults)::
 
@@ -217,7 +217,7 @@ def _markdown(report: dict[str, Any]) -> str:
             ("uniform_soup", "uniform soup %"), ("greedy_soup", "greedy soup %"),
             ("ingredients", "greedy ingredients")]
     head = (f"Test accuracy on {report['finetune']['name']}, K = {report['candidates']} candidates per soup, "
-            f"mean ± std over {report['repeats']} repeats; pretrained on {report['pretrain']['name']} "
+            f"mean ± sample std over {report['repeats']} repeats; pretrained on {report['pretrain']['name']} "
             f"(test accuracy {report['pretrain']['test_accuracy'] * 100:.1f}%).")
     return head + "\n\n" + exp_lib.markdown_table(rows, cols)
 
@@ -366,4 +366,5 @@ def _plot(config: Any, workdir: str, summary: dict[str, Any]) -> str:
             for arm, s in summary.items() for m in METHODS]
     return plotting.plot_barrier_bars(rows, os.path.join(workdir, "soups.png"), group_key="method",
                                       series_key="arm", value_key="value", std_key="std",
-                                      ylabel="test accuracy", title=f"{config.name}: model soups")
+                                      ylabel="test accuracy", title=f"{config.name}: model soups",
+                                      caption=f"Bars: mean, error bars: ± sample std over {config.num_seeds} repeats.")

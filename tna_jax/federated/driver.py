@@ -119,7 +119,7 @@ def client_rows_of_process(num_rows: int, mesh: Mesh, process: int | None = None
     return np.asarray(sorted(rows), np.int64)
 
 
-def place_clients(clients: ClientData, mesh: Mesh) -> ClientData:
+def place_clients(clients: ClientData, mesh: Mesh, *, seed_axis: bool = False) -> ClientData:
     """The client data as global arrays with the client axis split over `mesh`.
 
     Each process reads only the rows of its own devices from `clients` (so a host may hold just its
@@ -129,6 +129,9 @@ def place_clients(clients: ClientData, mesh: Mesh) -> ClientData:
     Args:
       clients: host client data (:func:`tna_jax.federated.client.pack_clients`).
       mesh: the mesh (:func:`tna_jax.training.run_mesh`).
+      seed_axis: the data carry a leading seed axis (one split of the clients per seed,
+        ``federated.partition_per_seed``): ``x`` is ``(S, K, N_max, ...)``, ``n`` is ``(S, K)``, and
+        the client axis (axis 1) is the one split over `mesh`.
 
     Returns:
       A :class:`ClientData` of ``jax.Array`` sharded over the mesh's first axis.
@@ -142,11 +145,11 @@ def place_clients(clients: ClientData, mesh: Mesh) -> ClientData:
       >>> place_clients(d, run_mesh()).n.tolist()
       [3, 1]
     """
-    rows = int(np.shape(clients.n)[0])
+    rows = int(np.shape(clients.n)[1 if seed_axis else 0])
     if rows % mesh.devices.size:
         raise ValueError(f"the client data have {rows} rows, not a multiple of the {mesh.devices.size} devices; "
                          "pack them with pack_clients(..., multiple=number of devices).")
-    sharding = _spec(mesh, True)
+    sharding = NamedSharding(mesh, PartitionSpec(None, mesh.axis_names[0])) if seed_axis else _spec(mesh, True)
 
     def put(host: np.ndarray) -> jax.Array:
         host = np.asarray(host)
@@ -283,7 +286,7 @@ def abstract_states(alg: FederatedAlgorithm, net: Any, keys: SeedKeys, mesh: Mes
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-def make_rounds(alg: FederatedAlgorithm, mesh: Mesh, *, donate: bool = True):
+def make_rounds(alg: FederatedAlgorithm, mesh: Mesh, *, donate: bool = True, per_seed_clients: bool = False):
     """``rounds(states, clients, keys) -> (states, metrics)``: one round of every seed, jitted.
 
     `keys` are the (S,) raw round keys (:func:`round_keys`); the states stay replicated.
@@ -292,6 +295,8 @@ def make_rounds(alg: FederatedAlgorithm, mesh: Mesh, *, donate: bool = True):
       alg: the algorithm.
       mesh: the mesh (the output states are replicated over it).
       donate: donate the input states' buffers to the call.
+      per_seed_clients: `clients` carry a leading seed axis (`place_clients` with
+        ``seed_axis=True``): seed s trains on its own split; else every seed on the same clients.
 
     Returns:
       The jitted ``rounds`` (compiled on its first call): ``jax.vmap`` over seeds of ``alg.apply``.
@@ -313,7 +318,7 @@ def make_rounds(alg: FederatedAlgorithm, mesh: Mesh, *, donate: bool = True):
       >>> metrics["train_loss"].shape, metrics["client_loss"].shape  # (seeds,), (seeds, clients)
       ((3,), (3, 2))
     """
-    fn = jax.vmap(alg.apply, in_axes=(0, None, 0))
+    fn = jax.vmap(alg.apply, in_axes=(0, 0 if per_seed_clients else None, 0))
     return jax.jit(fn, out_shardings=_spec(mesh, False), donate_argnums=(0,) if donate else ())
 
 

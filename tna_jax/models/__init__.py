@@ -22,7 +22,22 @@ name             fields (default)                                               
 ===============  ==================================================================  =========
 
 Every model also takes ``dtype`` (``"float32"`` or ``"bfloat16"``): the computation dtype.
-Parameters are always float32 and logits come back as float32. Layer names follow one
+Parameters are always float32 and logits come back as float32.
+
+And every model takes ``init`` (``"flax"``, the default, or ``"torch"``): how the weights are
+drawn. ``"flax"`` is the zoo's own init: Flax's default ``lecun_normal`` kernels (truncated
+normal, variance ``1/fan_in``) and zero biases. ``"torch"`` draws every Dense and Conv layer as
+PyTorch's ``nn.Linear``/``nn.Conv2d`` do by default: kernel ``kaiming_uniform_(a=sqrt(5))``, i.e.
+``U(±1/sqrt(fan_in))``, and bias ``U(±1/sqrt(fan_in))`` (``fan_in`` = input features, or input
+channels times the kernel's receptive field); LayerNorm/BatchNorm scales 1 and biases 0 as in
+both libraries. Why it matters: the initialisation alone moves LMC barriers, endpoint
+accuracies and federated accuracies by several points (PyTorch's weights are ``1/sqrt(3)``
+times smaller in standard deviation and its biases are not zero), so numbers meant to be
+compared with a PyTorch paper need ``init="torch"`` (docs/howto/reproduce-pytorch.md). What
+``"torch"`` leaves alone, because a PyTorch implementation sets it by hand too: ViT's CLS token
+(zeros) and position embedding (normal, std 0.02); and the ``transformer``, whose init is
+BERT's under both values (normal, std 0.02, zero biases: what Hugging Face's PyTorch
+``BertModel`` does). See `tna_jax.models.layers.torch_default_init`. Layer names follow one
 convention (see :mod:`tna_jax.models.base` and each module's docstring): a layer's output
 normalisation is ``<layer>_norm``, which ``anchors`` uses for neuron-granularity unit groups.
 """
@@ -36,7 +51,7 @@ import jax.numpy as jnp
 
 from tna_jax.models.base import Net, Variables
 from tna_jax.models.cnn import CNN
-from tna_jax.models.layers import DTYPES
+from tna_jax.models.layers import DTYPES, INIT_SCHEMES
 from tna_jax.models.mlp import ACTIVATIONS, MLP
 from tna_jax.models.resnet import ResNet, WideResNet
 from tna_jax.models.transformer import TransformerEncoder, sentence_embedding
@@ -58,7 +73,12 @@ __all__ = [
     "TransformerEncoder",
     "sentence_embedding",
     "DTYPES",
+    "INIT_SCHEMES",
 ]
+
+# Models whose init is the same under model.init="flax" and "torch": the PyTorch implementation
+# they mirror initialises every weight itself (BERT: normal, std 0.02).
+OWN_INIT = frozenset({"transformer"})
 
 # name -> factory(cfg: Mapping, input_shape, num_classes) -> (module, input_dtype)
 REGISTRY: dict[str, Callable[[Mapping[str, Any], tuple[int, ...], int], tuple[Any, Any]]] = {}
@@ -246,7 +266,8 @@ def build(model_config: Mapping[str, Any], input_shape: tuple[int, ...], num_cla
       The :class:`Net` (pure ``init`` and ``apply``).
 
     Raises:
-      ValueError: unknown model name (the message lists the known ones) or a bad field.
+      ValueError: unknown model name (the message lists the known ones) or a bad field (e.g.
+        ``model.init`` not ``"flax"`` or ``"torch"``).
 
     Examples:
       >>> import jax
@@ -255,6 +276,10 @@ def build(model_config: Mapping[str, Any], input_shape: tuple[int, ...], num_cla
       >>> logits, _ = net.apply(variables, jax.numpy.zeros((5, 40)))
       >>> logits.shape
       (5, 10)
+      >>> torch_like = build({"name": "mlp", "depth": 1, "width": 32, "init": "torch"}, (40,), 10)
+      >>> bias = torch_like.init(jax.random.key(0))["params"]["dense_0"]["bias"]  # U(±1/sqrt(40)), not zeros
+      >>> bool((bias != 0).all()), bool((abs(bias) <= 40 ** -0.5).all())
+      (True, True)
     """
     name = _get(model_config, "name", None)
     if name not in REGISTRY:
@@ -264,6 +289,9 @@ def build(model_config: Mapping[str, Any], input_shape: tuple[int, ...], num_cla
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}.")
     input_shape = tuple(int(d) for d in input_shape)
+    init = choice(model_config, "init", "flax", INIT_SCHEMES)
     module, input_dtype = REGISTRY[name](model_config, input_shape, num_classes)
+    if name in OWN_INIT:  # their PyTorch reference sets every weight itself (see the module docstring)
+        init = "flax"
     return Net(name=name, module=module, input_shape=input_shape, num_classes=num_classes,
-               input_dtype=input_dtype)
+               input_dtype=input_dtype, init_scheme=init)

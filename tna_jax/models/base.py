@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from tna_jax import tree as tree_lib
+from tna_jax.models.layers import INIT_SCHEMES, torch_default_init
 
 Variables = dict[str, Any]
+TORCH_STREAM = 0x70726E  # fold_in constant of init_scheme="torch"'s key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,12 @@ class Net:
       input_shape: shape of one example (without the batch axis).
       num_classes: number of output logits.
       input_dtype: dtype of the inputs (float32 for images/features, int32 for token ids).
+      init_scheme: ``"flax"`` (the modules' own initializers) or ``"torch"`` (every Dense/Conv
+        layer redrawn as PyTorch's ``nn.Linear``/``nn.Conv*`` defaults after the module's init,
+        `tna_jax.models.layers.torch_default_init`).
+
+    Raises:
+      ValueError: `init_scheme` is neither ``"flax"`` nor ``"torch"``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -52,13 +60,21 @@ class Net:
     input_shape: tuple[int, ...]
     num_classes: int
     input_dtype: Any = jnp.float32
+    init_scheme: str = "flax"
+
+    def __post_init__(self) -> None:
+        if self.init_scheme not in INIT_SCHEMES:
+            raise ValueError(f"model.init must be one of {INIT_SCHEMES}; got {self.init_scheme!r}.")
 
     def init(self, key: jax.Array) -> Variables:
         """Initial variables for one model from one PRNG key (pure; vmap it over keys)."""
         params_key, dropout_key = jax.random.split(key)
         x = jnp.zeros((1, *self.input_shape), self.input_dtype)
-        variables = self.module.init({"params": params_key, "dropout": dropout_key}, x, train=False)
-        return dict(variables)
+        variables = dict(self.module.init({"params": params_key, "dropout": dropout_key}, x, train=False))
+        if self.init_scheme == "torch":
+            # Its own stream: the module's draws (discarded, so XLA never computes them) use params_key.
+            variables["params"] = torch_default_init(variables["params"], jax.random.fold_in(params_key, TORCH_STREAM))
+        return variables
 
     def apply(self, variables: Variables, x: jax.Array, *, train: bool = False,
               rng: jax.Array | None = None) -> tuple[jax.Array, Variables]:

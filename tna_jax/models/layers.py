@@ -14,6 +14,7 @@ Conventions every model follows (``anchors`` and ``align`` rely on them):
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +59,83 @@ def lecun_normal(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float3
 
 
 KERNEL_INIT = lecun_normal
+
+INIT_SCHEMES = ("flax", "torch")
+
+
+def torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype: Any = jnp.float32) -> jax.Array:
+    """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` of `shape`, drawn 1-D (see `flat_init`).
+
+    This is PyTorch's default for ``nn.Linear`` and ``nn.Conv*``: the weight's
+    ``kaiming_uniform_(a=sqrt(5))`` has bound ``gain * sqrt(3 / fan_in)`` with ``gain =
+    sqrt(2 / (1 + a^2)) = sqrt(1/3)``, i.e. ``1 / sqrt(fan_in)``, and the bias is drawn from the
+    same interval. Its variance is ``bound^2 / 3 = 1 / (3 fan_in)``.
+
+    Args:
+      key: a PRNG key.
+      shape: the array's shape.
+      fan_in: the layer's fan-in (``in_features``, or ``in_channels / groups`` times the receptive
+        field for a convolution).
+      dtype: the dtype.
+
+    Returns:
+      The draw, every value in ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``.
+
+    Examples:
+      >>> w = torch_uniform(jax.random.key(0), (64, 32), fan_in=64)
+      >>> bool(jnp.abs(w).max() <= 1 / 8)
+      True
+    """
+    bound = 1.0 / math.sqrt(max(1, int(fan_in)))
+    flat = jax.random.uniform(key, (math.prod(shape),), dtype, -bound, bound)
+    return flat.reshape(shape)
+
+
+def torch_default_init(params: dict[str, Any], key: jax.Array) -> dict[str, Any]:
+    """`params` with every Dense/Conv layer redrawn as PyTorch's ``nn.Linear``/``nn.Conv*`` defaults.
+
+    A layer is a module whose parameters include a ``kernel``: Flax keeps the input axes first and
+    the output axis last (Dense ``(in, out)``, Conv ``(h, w, in / groups, out)``), so ``fan_in =
+    prod(kernel.shape[:-1])``, PyTorch's ``fan_in`` of the transposed weight (a kernel with
+    several output axes, ``nn.DenseGeneral``'s, would need its own rule; the zoo has none). Its
+    ``kernel`` and ``bias`` are both drawn from ``U(±1/sqrt(fan_in))`` (`torch_uniform`).
+    Everything else is left as it is: LayerNorm/BatchNorm scales are 1 and biases 0 in both libraries, and
+    parameters that are not layers (ViT's CLS token and position embedding, embedding tables)
+    keep the model's own init, which a PyTorch implementation also sets by hand.
+
+    Each array gets its own key, ``fold_in(key, crc32(path))``, so the draw of a layer does not
+    depend on the other layers of the model.
+
+    Args:
+      params: a model's ``params`` collection (nested dicts of arrays).
+      key: a PRNG key.
+
+    Returns:
+      The params with the same structure, shapes and dtypes.
+
+    Examples:
+      >>> params = {"dense_0": {"kernel": jnp.zeros((100, 8)), "bias": jnp.zeros(8)},
+      ...           "dense_0_norm": {"scale": jnp.ones(8), "bias": jnp.zeros(8)}}
+      >>> new = torch_default_init(params, jax.random.key(0))
+      >>> float(jnp.abs(new["dense_0"]["bias"]).max()) <= 0.1, new["dense_0_norm"]["bias"].tolist() == [0.0] * 8
+      (True, True)
+    """
+
+    def walk(node: Any, path: str) -> Any:
+        if not isinstance(node, dict):
+            return node
+        kernel = node.get("kernel")
+        if kernel is not None and not isinstance(kernel, dict) and len(kernel.shape) >= 2:
+            fan_in = math.prod(kernel.shape[:-1])
+            out = dict(node)
+            for name in ("kernel", "bias"):
+                if name in node and not isinstance(node[name], dict):
+                    leaf_key = jax.random.fold_in(key, zlib.crc32(f"{path}/{name}".encode()) & 0x7FFFFFFF)
+                    out[name] = torch_uniform(leaf_key, node[name].shape, fan_in, node[name].dtype)
+            return out
+        return {k: walk(v, f"{path}/{k}" if path else str(k)) for k, v in node.items()}
+
+    return walk(dict(params), "")
 
 
 def make_norm(kind: str, name: str, train: bool, dtype: Any) -> Callable[[jax.Array], jax.Array]:
