@@ -65,7 +65,7 @@ PyTree = Any
 
 __all__ = ["weight_matching", "MatchResult", "matching_objective", "solve_assignment", "solve_nested", "ORDERS"]
 
-ORDERS = ("classes", "random", "classes-rev", "classes-rand")
+ORDERS = ("random", "classes")
 _MIN_INCREMENTAL_FLOPS = 1e7  # below this a group's matrix is cheaper to rebuild than to track
 _THREAD_MIN_SIZE = 128  # LAPs smaller than this are not worth a thread
 
@@ -262,11 +262,6 @@ def _batches(order: str, names: list[str], plans: dict[str, costs_lib.GroupPlan]
     """The sweep's visiting order, cut into batches of mutually independent permutations."""
     if order == "classes":
         return [list(c) for c in classes]
-    if order == "classes-rev":
-        return [list(c) for c in classes[::-1]]
-    if order == "classes-rand":
-        idx = np.asarray(jax.random.permutation(jax.random.fold_in(key, it), len(classes)))
-        return [list(classes[int(i)]) for i in idx]
     seq = [names[int(i)] for i in np.asarray(jax.random.permutation(jax.random.fold_in(key, it), len(names)))]
     out: list[list[str]] = []
     for g in seq:
@@ -287,7 +282,7 @@ def _check_options(max_iter: Any, order: Any, refresh: Any, threads: Any) -> Non
 
 def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array, max_iter: int = 100, *,
                     collections: tuple[str, ...] = ("params",), init: Permutation | None = None,
-                    tol: float = 1e-9, order: str = "classes", solver: str | Solver = "auto",
+                    tol: float = 1e-9, order: str = "random", solver: str | Solver = "auto",
                     incremental: bool = True, refresh: int = 16, threads: int = 2) -> MatchResult:
     """Permutes model B's hidden units to match model A's weights (Git Re-Basin, weight matching).
 
@@ -353,7 +348,7 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
         for it in range(1, int(max_iter) + 1):
             before = dict(m.version)
             for batch in _batches(order, names, plans, classes, key, it):
-                running += m.run_batch(batch, together=order.startswith("classes"))
+                running += m.run_batch(batch, together=order == "classes")
             objective.append(running)
             if m.version == before:  # nothing accepted: every permutation is optimal given the others
                 converged = True
