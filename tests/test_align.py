@@ -324,11 +324,16 @@ def test_activation_matching_finds_the_permutation_of_a_copy(arch):
     a = perturbed(net, 0)
     true = align.random_permutation(spec, jax.random.key(1))
     b = align.apply_permutation(spec, true, a)
-    perm = align.activation_matching(net, a, b, inputs(net, jax.random.key(2), n=64), batch_size=32)
+    res = align.activation_matching(net, a, b, inputs(net, jax.random.key(2), n=64), batch_size=32)
+    assert isinstance(res, align.MatchResult) and res.iterations == 1 and res.converged
+    perm = res.perm
     inv = align.invert_permutation(spec, true)
     analysis = align.analyze(net)
     matched = [k for k in spec.names if analysis.features[k] or spec.children(k)]
     assert matched and all(np.array_equal(perm[k], inv[k]) for k in matched)
+    # a copy's matched units are perfectly correlated: the objective is the number of matched units
+    before, after = res.objective
+    assert after > before and res.solves >= len(matched)
 
 
 # ---------------------------------------------------------------------------------------------

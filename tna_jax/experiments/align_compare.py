@@ -208,7 +208,7 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
                             "seconds": time.time() - t, "objective_start": res.objective[0],
                             "objective_end": res.objective[-1]})
             aligned["WM"].append(align.apply_permutation(spec, res.perm, ms[j]))
-            perm = align.activation_matching(net, ms[i], ms[j], x_stats, batch_size=sbatch)
+            perm = align.activation_matching(net, ms[i], ms[j], x_stats, batch_size=sbatch).perm
             aligned["AM"].append(align.apply_permutation(spec, perm, ms[j]))
         it_mean, it_std = _mean_std([w["iterations"] for w in wm_info])
         iters.append({"arm": label, "pairs": len(pairs), "iterations_mean": it_mean, "iterations_std": it_std,
