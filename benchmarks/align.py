@@ -64,7 +64,7 @@ def reference_weight_matching(perm_to_axes, axes_to_perm, params_a, params_b, rn
 
     lap_s = 0.0
     iteration = 0
-    for iteration in range(1, max_iter + 1):
+    for iteration in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
         progress = False
         for p_ix in rng.permutation(len(perm_names)):
             p = perm_names[p_ix]

@@ -1,8 +1,8 @@
 """Straight-through estimator matching (Ainsworth et al. 2023, "Git Re-Basin", §3.3).
 
 Weight matching looks at the weights only. STE matching learns the permutation from the loss of
-the model it is meant for, the midpoint of A and the permuted B. It keeps a free copy
-$\\tilde\\theta$ of B's parameters (starting at the weight-matched $P_0\\theta_B$); every step
+the model it is meant for, the midpoint of A and the permuted B. It keeps free parameters
+$\\tilde\\theta$ (starting at A's, whose projection below is the weight-matching permutation); every step
 
 1. projects it onto the permutations of B: $P = \\arg\\max_P \\langle \\tilde\\theta, P\\theta_B\\rangle$
    (weight matching of $\\theta_B$ to $\\tilde\\theta$, warm-started from the previous $P$);
@@ -113,20 +113,20 @@ def ste_matching(net: Any, a: PyTree, b: PyTree, data: tuple[jax.Array, jax.Arra
     x, y = _check(data, steps, batch_size)
     spec = spec if spec is not None else permutation_spec(net)
     if init is None:
-        init = weight_matching(spec, a, b, jax.random.fold_in(key, -1), solver=solver).perm
+        init = weight_matching(spec, a, b, jax.random.fold_in(key, 2**31), solver=solver).perm
     check_permutation(spec, init, argument="init")
     init = {k: np.asarray(v, np.int32) for k, v in init.items()}
     tx = optimizer if optimizer is not None else optax.adam(1e-3)
     step = _step_fn(net, tx)
     perm = dict(init)
     b_perm = apply_permutation(spec, perm, b)
-    free = b_perm["params"]
+    free = a["params"]  # as the paper: its projection is the weight-matching permutation
     opt_state = tx.init(free)
     losses, changes = [], []
     n = int(x.shape[0])
     for s in range(int(steps)):
         k = jax.random.fold_in(key, s)
-        idx = jax.random.randint(k, (int(batch_size),), 0, n)
+        idx = jax.random.randint(jax.random.fold_in(k, 0), (int(batch_size),), 0, n)
         free, opt_state, loss = step(free, opt_state, a, b_perm, x[idx], y[idx], jax.random.fold_in(k, 1))
         res = weight_matching(spec, {**b, "params": free}, b, k, max_iter=wm_max_iter, init=perm, solver=solver)
         changes.append(sum(int(np.sum(np.asarray(res.perm[g]) != perm[g])) for g in perm))

@@ -136,12 +136,13 @@ class _Matcher:
 
     def __init__(self, spec: PermutationSpec, la: dict[str, jax.Array], lb: dict[str, jax.Array],
                  perm: dict[str, np.ndarray], plans: dict[str, costs_lib.GroupPlan], solver: Solver,
-                 incremental: bool, refresh: int, tol: float):
+                 incremental: bool | str, refresh: int, tol: float):
         self.spec, self.la, self.lb, self.plans = spec, la, lb, plans
         self.perm = perm
         self.dev = {k: jnp.asarray(v) for k, v in perm.items()}
         self.solver, self.refresh, self.tol = solver, refresh, tol
-        self.incr = {g: incremental and not p.full and bool(p.single) and _var_flops(spec, p) >= _MIN_INCREMENTAL_FLOPS
+        self.incr = {g: bool(incremental) and not p.full and bool(p.single)
+                     and (incremental is True or _var_flops(spec, p) >= _MIN_INCREMENTAL_FLOPS)
                      for g, p in plans.items()}
         self.version = dict.fromkeys(plans, 0)
         self.seen: dict[str, dict[str, int]] = {}
@@ -272,18 +273,20 @@ def _batches(order: str, names: list[str], plans: dict[str, costs_lib.GroupPlan]
     return out
 
 
-def _check_options(max_iter: Any, order: Any, refresh: Any, threads: Any) -> None:
+def _check_options(max_iter: Any, order: Any, refresh: Any, threads: Any, incremental: Any) -> None:
     for name, value, lo in (("max_iter", max_iter, 1), ("refresh", refresh, 1), ("threads", threads, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
             raise ValueError(f"{name} must be an integer >= {lo}; got {value!r}.")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}; got {order!r}.")
+    if incremental not in (True, False, "auto"):
+        raise ValueError(f"incremental must be True, False or 'auto'; got {incremental!r}.")
 
 
 def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array, max_iter: int = 100, *,
                     collections: tuple[str, ...] = ("params",), init: Permutation | None = None,
                     tol: float = 1e-9, order: str = "random", solver: str | Solver = "auto",
-                    incremental: bool = True, refresh: int = 16, threads: int = 2) -> MatchResult:
+                    incremental: bool | str = "auto", refresh: int = 16, threads: int = 2) -> MatchResult:
     """Permutes model B's hidden units to match model A's weights (Git Re-Basin, weight matching).
 
     Args:
@@ -301,8 +304,9 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
         them one at a time).
       solver: the exact LAP solver, ``"auto"``, ``"scipy"``, ``"lapx"`` or a callable (see
         `tna_jax.align.lap`).
-      incremental: update cost matrices by rank-m corrections (False: rebuild each one from the
-        weights at every solve, as the reference algorithm does).
+      incremental: update cost matrices by rank-m corrections: ``"auto"`` where a matrix costs
+        enough to build that tracking it pays (about 10 MFLOP), True wherever possible, False
+        never (rebuild each one from the weights at every solve, as the paper does).
       refresh: rebuild a tracked cost matrix from the weights after this many corrections.
       threads: solve up to this many independent assignment problems at once.
 
@@ -326,7 +330,7 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
       >>> bool(jax.numpy.all(aligned["params"]["dense_1"]["kernel"] == a["params"]["dense_1"]["kernel"]))
       True
     """
-    _check_options(max_iter, order, refresh, threads)
+    _check_options(max_iter, order, refresh, threads, incremental)
     solve = get_solver(solver)
     if isinstance(collections, str):
         collections = (collections,)
@@ -338,7 +342,7 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
     perm = {k: np.asarray(v).astype(np.int32) for k, v in (init or identity_permutation(spec)).items()}
     check_permutation(spec, perm, argument="init")
     plans = costs_lib.plan_groups(spec, tuple(sorted(la)))
-    m = _Matcher(spec, la, lb, perm, plans, solve, bool(incremental), int(refresh), float(tol))
+    m = _Matcher(spec, la, lb, perm, plans, solve, incremental, int(refresh), float(tol))
     names = list(plans)
     classes = costs_lib.colour_classes(plans)
     objective = [matching_objective(spec, perm, a, b, collections=collections)]
