@@ -513,14 +513,18 @@ def test_align_compare_smoke(tmp_path):
     c.align.stats_examples = 100
     c.align.stats_batch = 50
     c.align.repair_alphas = 3
+    c.align.ste_steps = 3
     c.analysis.num_alphas = 5
     c.train.eval_batch_size = 256
     report = experiment.run(c, str(tmp_path))
     assert list(report["tasks"]) == ["bn"] and report["tasks"]["bn"]["model"]["batch_norm"]
     for task, t in report["tasks"].items():
         assert [(r["arm"], r["method"]) for r in t["rows"]] == [
-            (arm, m) for arm in ("vanilla", "TNA-PFN 0.4") for m in ("none", "WM", "AM", "WM + REPAIR")]
-        assert [r["name"] for r in t["rows"]][:5] == ["vanilla", "WM", "AM", "WM + REPAIR", "TNA-PFN 0.4"]
+            (arm, m) for arm in ("vanilla", "TNA-PFN 0.4") for m in ("none", "WM", "AM", "STE", "WM + REPAIR")]
+        assert [r["name"] for r in t["rows"]][:6] == ["vanilla", "WM", "AM", "STE", "WM + REPAIR", "TNA-PFN 0.4"]
+        assert [sp["arm"] for sp in t["soups"]] == ["vanilla", "TNA-PFN 0.4"]
+        for sp in t["soups"]:
+            assert sp["models"] == 2 and 0.0 <= sp["merged_accuracy"] <= 1.0 and sp["iterations"] >= 1
         for r in t["rows"]:
             assert r["pairs"] == 1 and 0.0 <= r["accuracy_barrier_mean"] <= 1.0
             assert np.isfinite(r["loss_barrier_mean"])
@@ -530,11 +534,11 @@ def test_align_compare_smoke(tmp_path):
         for c_ in t["curve_pairs"]:
             for method in ("none", "WM"):
                 assert 0.0 <= c_[method]["curve_min_accuracy"] <= c_[method]["curve_avg_accuracy"] <= 1.0
-        assert {"train", "matching", "paths", "repair", "curves", "total", "cpu"} <= set(t["seconds"])
+        assert {"train", "matching", "paths", "repair", "merge", "curves", "total", "cpu"} <= set(t["seconds"])
         for name in ("lmc_{}.png", "curves_{}.png", "{}/metrics.jsonl"):
             assert (tmp_path / name.format(task)).exists(), name.format(task)
     text = (tmp_path / "report.md").read_text()
-    assert "WM sweeps to converge" in text and "BatchNorm statistics are reset" in text
+    assert "WM sweeps to converge" in text and "BatchNorm statistics are reset" in text and "MergeMany soup" in text
     assert json.loads((tmp_path / "report.json").read_text())["tasks"]["bn"]["rows"][0]["name"] == "vanilla"
     with pytest.raises(ValueError, match="config.align.bogus is not a known field"):
         c.align.bogus = 1

@@ -37,7 +37,7 @@ import numpy as np
 
 from tna_jax.align.spec import PermutationSpec, permute_leaf
 
-__all__ = ["Term", "GroupPlan", "plan_groups", "build_fn", "rank_update", "colour_classes"]
+__all__: list[str] = []  # internal to weight matching; documented here for readers
 
 
 @dataclasses.dataclass(frozen=True)

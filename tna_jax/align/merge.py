@@ -45,6 +45,10 @@ class MergeResult(NamedTuple):
       iterations: rounds over the models (the last one changed nothing if `converged`).
       converged: whether the last round changed no permutation.
       objective: ``Σ_i ⟨mean of the others, P_i θ_i⟩`` after each round (float64 array).
+
+    Examples:
+      >>> MergeResult._fields
+      ('perm', 'merged', 'iterations', 'converged', 'objective')
     """
 
     perm: Permutation

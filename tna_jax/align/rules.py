@@ -20,7 +20,7 @@ from typing import Any
 
 import jax.extend.core as jcore
 
-__all__ = ["Rules", "RULES", "Factors", "UnionFind", "is_var", "shape_of"]
+__all__ = ["RULES"]
 
 ELEMENTWISE = frozenset("""
 add sub mul div max min pow atan2 rem and or xor not eq ne lt le gt ge nextafter neg exp exp2 log

@@ -46,6 +46,10 @@ class STEResult(NamedTuple):
       losses: ``(steps,)`` midpoint loss of every step's batch (float32 array).
       changes: ``(steps,)`` how many units the projection moved at each step (int array).
       init: the weight-matching permutation the search started from.
+
+    Examples:
+      >>> STEResult._fields
+      ('perm', 'losses', 'changes', 'init')
     """
 
     perm: Permutation
@@ -109,6 +113,16 @@ def ste_matching(net: Any, a: PyTree, b: PyTree, data: tuple[jax.Array, jax.Arra
       TypeError: `data` is not a pair.
       ValueError: non-positive `steps` or `batch_size`, mismatched data, or `init` that does not
         fit the spec (named).
+
+    Examples:
+      >>> import jax
+      >>> from tna_jax import models
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 4}, (6,), 3)
+      >>> a, b = net.init(jax.random.key(0)), net.init(jax.random.key(1))
+      >>> x, y = jax.random.normal(jax.random.key(2), (32, 6)), jax.numpy.arange(32) % 3
+      >>> res = ste_matching(net, a, b, (x, y), key=jax.random.key(3), steps=2, batch_size=8)
+      >>> res.losses.shape, sorted(res.perm["dense_0"].tolist())
+      ((2,), [0, 1, 2, 3])
     """
     x, y = _check(data, steps, batch_size)
     spec = spec if spec is not None else permutation_spec(net)

@@ -21,11 +21,12 @@ optimum as before):
   nothing, so it ends the descent at no cost.
 * **Independent permutations together.** Permutations that share no array (an MLP's first and
   third hidden layers; the inner permutations of a ResNet's blocks) do not affect each other's
-  costs: the default ``order="classes"`` visits them in classes (a colouring of the dependency
-  graph), builds a class's cost matrices in one jitted call and solves its LAPs in threads.
-  ``order="random"`` is the paper's order (a random permutation of all of them every sweep, from
-  `key`), still with consecutive independent permutations solved together: it gives exactly the
-  result of visiting them one at a time.
+  costs. In the default ``order="random"`` (the paper's: a random permutation of all of them every
+  sweep, from `key`) consecutive independent permutations are solved together, their LAPs in
+  threads: exactly the result of visiting them one at a time. ``order="classes"`` visits them in
+  fixed classes (a colouring of the dependency graph), builds a class's cost matrices in one
+  jitted call and solves its LAPs in threads; it converges in fewer sweeps but, on random-init
+  MLP pairs, to local optima about 0.5% lower (BENCHMARKS.md), so it is not the default.
 * **Incremental cost matrices.** A cost matrix is a constant part (biases, the input side of the
   first layer: computed once) plus terms that each depend on one neighbour. After the first
   sweeps an accepted update moves few units, so each such term is updated by a rank-$m$
@@ -299,9 +300,10 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
       init: starting permutation (default the identity).
       tol: a permutation is replaced only when its objective improves by more than
         ``tol * max(1, |objective|)``, so ties cannot cycle.
-      order: ``"classes"`` (independent permutations together, the classes in a fixed order) or
-        ``"random"`` (the paper's random order every sweep; the same permutations as visiting
-        them one at a time).
+      order: ``"random"`` (the paper's random order every sweep; independent neighbours in it
+        are solved together, with the result of visiting them one at a time) or ``"classes"``
+        (independent permutations together in fixed classes: fewer sweeps, slightly lower
+        optima on average).
       solver: the exact LAP solver, ``"auto"``, ``"scipy"``, ``"lapx"`` or a callable (see
         `tna_jax.align.lap`).
       incremental: update cost matrices by rank-m corrections: ``"auto"`` where a matrix costs
