@@ -1,50 +1,58 @@
-"""Weight matching: tna_jax.align (jitted JAX cost matrices) against a reference in the style of the
-original git-re-basin code (a Python loop over permutations, NumPy cost matrices), same run.
+"""Weight matching: tna_jax.align against the Git Re-Basin authors' algorithm, on identical pairs.
 
-Both variants solve the same problem with the same algorithm: the same spec, the same order of
-permutations in every sweep, the same exact assignment solver (SciPy's linear_sum_assignment) and
-the same stopping rule. They differ in how the cost matrices are built: the reference applies the
-other permutations with ``np.take`` and multiplies ``moveaxis(..).reshape`` matrices per array, as
-``weight_matching.py`` of git-re-basin does (its ``oldL``/``newL`` use a dense ``eye(n)[perm]``;
-here both variants read the objective off the cost matrix instead); tna_jax builds all arrays'
-contributions of a permutation in one jitted function.
+The reference is the authors' ``weight_matching`` (git-re-basin ``src/weight_matching.py``) as
+they wrote it, in NumPy: every sweep visits the permutations in a fresh random order; each step
+builds the permutation's cost matrix from the weights (``moveaxis(..).reshape`` matrices of every
+array touching it, the other permutations applied with ``take``), solves it with a fresh SciPy
+``linear_sum_assignment``, always keeps the new assignment, and counts progress when
+``newL > oldL + 1e-12``; it stops after a sweep without progress. (Their ``oldL``/``newL`` are
+``vdot(A, eye(n)[perm])``; here the same values are read off ``A`` by indexing, which only makes
+the reference faster.)
 
-Models: MLPs 784-w-w-w-10 (w = 512, 2048, 4096; git-re-basin's MNIST MLP at w = 512) and ResNet-20
-at width 1 and 16 (32x32x3 inputs), two independent random initialisations each (matching trained
-models converges in fewer sweeps; the cost per sweep is the same). Reported: median seconds per
-call (interleaved rounds), the ratio, sweeps to converge of each variant, and the extra peak
-resident memory of one warm call (Linux VmHWM reset before the call, minus the resident size
-before it). Sweeps are capped where a full run would take too long on 2 shared CPU cores (the cap
-is in the table and JSON).
+tna_jax runs `tna_jax.align.weight_matching` with its defaults (the paper's random order, skipped
+solves, independent permutations together, incremental cost matrices, the fastest installed exact
+LAP solver). Both start from the identity on the same random-init pair per seed (Flax init, keys
+``2s`` and ``2s + 1``); the two are run one after the other, in alternating order per seed.
 
-    python benchmarks/align.py            # all cases
-    python benchmarks/align.py --quick    # MLP 512 and ResNet-20x1 only, 2 rounds, no peak memory
+Reported per case (medians over seeds): sweeps of each, the per-sweep ratio
+``(t_ref / sweeps_ref) / (t_ours / sweeps_ours)``, the to-convergence ratio ``t_ref / t_ours``,
+the objective ratio ``ours / ref`` (median and minimum), and the floor of the reference
+algorithm: ``F = FLOPs of one sweep's cost matrices / measured matmul peak + SciPy LAP seconds
+per sweep`` (measured inside the reference run). ``ref_floor_fraction = F / reference seconds
+per sweep`` says how close the reference is to its own floor; ``ours_over_floor = F / our seconds
+per sweep`` how far below that floor tna_jax goes (> 1: faster than the old algorithm can be).
+
+    python benchmarks/align.py                 # all cases, 3 seeds (about 20 min on 2 idle cores)
+    python benchmarks/align.py --quick         # MLP w=512 and ResNet-20 x1, 3 seeds (CI guard)
+    python benchmarks/align.py --cases "MLP w=2048" --seeds 5
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 
-from benchmarks.common import print_table, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import print_table, write_json  # noqa: E402
 from tna_jax import align, models  # noqa: E402
 from tna_jax import tree as tree_lib  # noqa: E402
 
 
-def reference_weight_matching(perm_to_axes, axes_to_perm, params_a, params_b, orders, max_iter):
-    """git-re-basin's algorithm, NumPy edition: ``params_*`` map '/'-joined names to arrays."""
+def reference_weight_matching(perm_to_axes, axes_to_perm, params_a, params_b, rng, max_iter=100):
+    """The authors' algorithm in NumPy: ``params_*`` map names to arrays (viewed in the spec's
+    expanded shapes). Returns ``(perm, sweeps, LAP seconds)``."""
     perm_sizes = {p: params_a[axes[0][0]].shape[axes[0][1]] for p, axes in perm_to_axes.items()}
     perm = {p: np.arange(n) for p, n in perm_sizes.items()}
-    names = list(perm)
+    perm_names = list(perm)
 
     def get_permuted_param(k, params, except_axis=None):
         w = params[k]
@@ -54,134 +62,117 @@ def reference_weight_matching(perm_to_axes, axes_to_perm, params_a, params_b, or
             w = np.take(w, perm[p], axis=axis)
         return w
 
+    lap_s = 0.0
     iteration = 0
-    for iteration in range(1, max_iter + 1):
+    for iteration in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
         progress = False
-        for p_ix in orders(iteration):
-            p = names[p_ix]
+        for p_ix in rng.permutation(len(perm_names)):
+            p = perm_names[p_ix]
             n = perm_sizes[p]
             a = np.zeros((n, n), np.float32)
             for wk, axis in perm_to_axes[p]:
-                w_a = params_a[wk]
-                w_b = get_permuted_param(wk, params_b, except_axis=axis)
-                w_a = np.moveaxis(w_a, axis, 0).reshape((n, -1))
-                w_b = np.moveaxis(w_b, axis, 0).reshape((n, -1))
+                w_a = np.moveaxis(params_a[wk], axis, 0).reshape((n, -1))
+                w_b = np.moveaxis(get_permuted_param(wk, params_b, except_axis=axis), axis, 0).reshape((n, -1))
                 a += w_a @ w_b.T
+            t0 = time.perf_counter()
             _, ci = linear_sum_assignment(a, maximize=True)
-            a64 = a.astype(np.float64)
-            old = a64[np.arange(n), perm[p]].sum()
-            new = a64[np.arange(n), ci].sum()
-            if new > old + 1e-9 * max(1.0, abs(old)):
-                progress = True
-                perm[p] = ci
+            lap_s += time.perf_counter() - t0
+            old = float(a[np.arange(n), perm[p]].astype(np.float64).sum())
+            new = float(a[np.arange(n), ci].astype(np.float64).sum())
+            progress = progress or new > old + 1e-12
+            perm[p] = ci
         if not progress:
             break
-    return perm, iteration
+    return perm, iteration, lap_s
 
 
-def vm_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
+def matmul_peak_gflops(n: int = 2048) -> float:
+    """The best of NumPy's and jitted JAX's float32 matmul rate on ``n x n`` matrices."""
+    x = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    f = jax.jit(lambda u, v: u @ v.T)
+    jx = jnp.asarray(x)
+    f(jx, jx).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        _ = x @ x.T
+        best = min(best, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        f(jx, jx).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
 
 
-def peak_mb(fn) -> float:
-    """Extra peak resident memory (MB) of one call of `fn`, measured with VmHWM."""
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return float("nan")
-    base = vm_kb("VmRSS")
-    jax.block_until_ready(fn())
-    return (vm_kb("VmHWM") - base) / 1024
+def sweep_flops(spec) -> float:
+    """FLOPs of building every cost matrix once (``2 n |w|`` per array and axis, parameters only)."""
+    leaves = spec.leaves
+    return float(sum(2 * spec.size[p] * int(np.prod(leaves[path].shape))
+                     for p, axes in spec.perm_to_axes.items() for path, _ in axes if path.startswith("params/")))
 
 
-def setup(net, max_iter):
-    """Both variants as zero-argument callables on one random-init pair."""
+def run_case(name, cfg, shape, seeds, max_iter, peak):
+    net = models.build(cfg, shape, 10)
     spec = align.permutation_spec(net)
     init = jax.jit(net.init)
-    a, b = init(jax.random.key(0)), init(jax.random.key(1))
-    key = jax.random.key(42)
-    groups = [g for g, _ in spec.groups()]
-
-    def orders(it):  # the order tna_jax.align.weight_matching visits the permutations in
-        return [spec.names.index(groups[int(i)]) for i in np.asarray(
-            jax.random.permutation(jax.random.fold_in(key, it), len(groups)))]
-
-    named_a = {n: np.asarray(x) for n, x in tree_lib.named_leaves(a) if n.startswith("params/")}
-    named_b = {n: np.asarray(x) for n, x in tree_lib.named_leaves(b) if n.startswith("params/")}
-    p2a = {p: [(path, ax) for path, ax in axes if path.startswith("params/")]
-           for p, axes in spec.perm_to_axes.items()}
+    leaves = spec.leaves
+    p2a = {p: [(path, ax) for path, ax in axes if path.startswith("params/")] for p, axes in spec.perm_to_axes.items()}
     a2p = {path: perms for path, perms in spec.axes_to_perm.items() if path.startswith("params/")}
-    out = {}
+    flops = sweep_flops(spec)
+    per_seed = []
+    t_case = time.time()
+    for s in seeds:
+        a, b = init(jax.random.key(2 * s)), init(jax.random.key(2 * s + 1))
+        host_a, host_b = ({n: np.asarray(x).reshape(leaves[n].factors) for n, x in tree_lib.named_leaves(v) if n in a2p}
+                          for v in (a, b))
+        if s == seeds[0]:  # compile once, outside the timings
+            align.weight_matching(spec, a, b, jax.random.key(s), max_iter=2)
+        out = {}
 
-    def ours():
-        res = align.weight_matching(spec, a, b, key, max_iter=max_iter)
-        out["ours"] = res
-        return res.perm
+        def ours(a=a, b=b, s=s, out=out):
+            t0 = time.perf_counter()
+            res = align.weight_matching(spec, a, b, jax.random.key(s), max_iter=max_iter)
+            out["ours"] = (time.perf_counter() - t0, res.iterations, res.objective[-1], res.converged, res.solves)
 
-    def ref():
-        perm, it = reference_weight_matching(p2a, a2p, named_a, named_b, orders, max_iter)
-        out["ref"] = (perm, it)
-        return perm
+        def ref(a=a, b=b, s=s, out=out, host_a=host_a, host_b=host_b):
+            t0 = time.perf_counter()
+            perm, sweeps, lap_s = reference_weight_matching(p2a, a2p, host_a, host_b, np.random.default_rng(s), max_iter)
+            dt = time.perf_counter() - t0
+            perm = {k: np.asarray(v, np.int32) for k, v in perm.items()}
+            out["ref"] = (dt, sweeps, align.matching_objective(spec, perm, a, b), lap_s)
 
-    return spec, a, {"tna_jax": ours, "reference": ref}, out
+        for fn in ((ref, ours) if s % 2 == 0 else (ours, ref)):
+            fn()
+        (t_o, sw_o, obj_o, conv_o, solves), (t_r, sw_r, obj_r, lap_r) = out["ours"], out["ref"]
+        floor = flops / (peak * 1e9) + lap_r / sw_r
+        per_seed.append({"seed": s, "ours_s": t_o, "ref_s": t_r, "sweeps_ours": sw_o, "sweeps_ref": sw_r,
+                         "solves_ours": solves, "solves_ref": sw_r * len(p2a), "converged_ours": conv_o,
+                         "objective_ours": obj_o, "objective_ref": obj_r, "ref_lap_s": lap_r,
+                         "per_sweep_ratio": (t_r / sw_r) / (t_o / sw_o), "to_convergence_ratio": t_r / t_o,
+                         "objective_ratio": obj_o / obj_r, "floor_s_per_sweep": floor,
+                         "ref_floor_fraction": floor / (t_r / sw_r), "ours_over_floor": floor / (t_o / sw_o)})
+        print(f"  {name} seed {s}: ref {t_r:.2f}s/{sw_r} sweeps, ours {t_o:.2f}s/{sw_o} sweeps "
+              f"(per sweep {per_seed[-1]['per_sweep_ratio']:.2f}x, to convergence {t_r / t_o:.2f}x, "
+              f"objective {obj_o / obj_r:.5f}); load {os.getloadavg()[0]:.2f}", flush=True)
 
+    def med(k):
+        return statistics.median(r[k] for r in per_seed)
 
-def memory_child(index: int, variant: str) -> None:
-    """Run in a fresh process: one cold call of `variant` on case `index`; prints the peak (MB)."""
-    name, cfg, shape, max_iter, _ = CASES[index]
-    _, _, fns, _ = setup(models.build(cfg, shape, 10), max_iter)
-    print(f"PEAK_MB {peak_mb(fns[variant]):.1f}")
-
-
-def child_peak(index: int, variant: str) -> float:
-    import subprocess
-
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", str(index), variant],
-                         capture_output=True, text=True, env=env, timeout=3600)
-    for line in out.stdout.splitlines():
-        if line.startswith("PEAK_MB"):
-            return float(line.split()[1])
-    print(out.stderr[-2000:])
-    return float("nan")
-
-
-def case(index, net, max_iter, rounds, memory=True):
-    name = CASES[index][0]
-    spec, a, fns, out = setup(net, max_iter)
-    t0 = time.time()
-    times = time_interleaved(fns, rounds=rounds, warmup=1)
-    # peak memory needs a fresh process per variant (a cold call); --quick leaves it out
-    mem = {v: child_peak(index, v) if memory else None for v in fns}
-    same = all(np.array_equal(out["ours"].perm[p], out["ref"][0][p]) for p in spec.names)
-    row = {
-        "model": name, "params": tree_lib.tree_size(a["params"]), "perms": len(spec),
-        "max_iter": max_iter,
-        "sweeps_tna_jax": out["ours"].iterations, "sweeps_reference": out["ref"][1],
-        "converged": out["ours"].converged, "same_result": same,
-        "tna_jax_s": times["tna_jax"]["median_s"], "reference_s": times["reference"]["median_s"],
-        "speedup": times["reference"]["median_s"] / times["tna_jax"]["median_s"],
-        "tna_jax_peak_mb": mem["tna_jax"], "reference_peak_mb": mem["reference"],
-        "rounds": rounds, "wall_s": time.time() - t0,
-    }
-    del spec
-    print(f"{name}: {row['speedup']:.2f}x ({row['tna_jax_s']:.2f}s vs {row['reference_s']:.2f}s), "
-          f"sweeps {row['sweeps_tna_jax']}/{row['sweeps_reference']}, same result {same}", flush=True)
-    return row
+    return {"model": name, "params": tree_lib.tree_size(init(jax.random.key(0))["params"]), "perms": len(spec),
+            "seeds": len(seeds), "max_iter": max_iter, "sweeps_ref": med("sweeps_ref"), "sweeps_ours": med("sweeps_ours"),
+            "solves_ours": med("solves_ours"), "solves_ref": med("solves_ref"), "ref_s": med("ref_s"), "ours_s": med("ours_s"),
+            "per_sweep_ratio": med("per_sweep_ratio"), "to_convergence_ratio": med("to_convergence_ratio"),
+            "objective_ratio": med("objective_ratio"), "objective_ratio_min": min(r["objective_ratio"] for r in per_seed),
+            "ref_floor_fraction": med("ref_floor_fraction"), "ours_over_floor": med("ours_over_floor"),
+            "gflop_per_sweep": flops / 1e9, "converged": all(r["converged_ours"] for r in per_seed),
+            "per_seed": per_seed, "wall_s": time.time() - t_case}
 
 
-CASES = [
-    ("MLP w=512", {"name": "mlp", "depth": 3, "width": 512}, (784,), 100, 5),
-    ("MLP w=2048", {"name": "mlp", "depth": 3, "width": 2048}, (784,), 100, 3),
-    ("MLP w=4096", {"name": "mlp", "depth": 3, "width": 4096}, (784,), 3, 2),
-    ("ResNet-20 x1", {"name": "resnet20", "width": 1}, (32, 32, 3), 100, 5),
-    ("ResNet-20 x16", {"name": "resnet20", "width": 16}, (32, 32, 3), 3, 2),
+CASES = [  # name, model config, input shape, max sweeps, large (the issue's targets apply)
+    ("MLP w=512", {"name": "mlp", "depth": 3, "width": 512}, (784,), 100, False),
+    ("MLP w=2048", {"name": "mlp", "depth": 3, "width": 2048}, (784,), 100, True),
+    ("MLP w=4096", {"name": "mlp", "depth": 3, "width": 4096}, (784,), 100, True),
+    ("ResNet-20 x1", {"name": "resnet20", "width": 1}, (32, 32, 3), 100, False),
+    ("ResNet-20 x16", {"name": "resnet20", "width": 16}, (32, 32, 3), 100, True),
 ]
 QUICK = ("MLP w=512", "ResNet-20 x1")
 
@@ -189,30 +180,39 @@ QUICK = ("MLP w=512", "ResNet-20 x1")
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "VARIANT"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--cases", nargs="*", default=None, help="case names (default: all, or the quick ones)")
     parser.add_argument("--out", default=None, help="results directory (default: benchmarks/results)")
     args = parser.parse_args()
-    if args.memory_child:
-        memory_child(int(args.memory_child[0]), args.memory_child[1])
-        return
-    rows = []
-    for index, (name, cfg, shape, max_iter, rounds) in enumerate(CASES):
-        if args.quick and name not in QUICK:
-            continue
-        if cfg["name"] not in models.REGISTRY:
-            print(f"{name}: model {cfg['name']!r} is not in tna_jax.models yet; skipped.")
-            continue
-        rows.append(case(index, models.build(cfg, shape, 10), max_iter, 2 if args.quick else rounds,
-                         memory=not args.quick))
-    cols = ["model", "params", "perms", "max_iter", "sweeps_tna_jax", "sweeps_reference", "same_result",
-            "tna_jax_s", "reference_s", "speedup", "tna_jax_peak_mb", "reference_peak_mb"]
+    wanted = args.cases or [c[0] for c in CASES if not args.quick or c[0] in QUICK]
+    load = os.getloadavg()[0]
+    peak = matmul_peak_gflops()
+    print(f"matmul peak {peak:.0f} GFLOP/s; load {os.getloadavg()}", flush=True)
+    rows, large = [], set()
+    for name, cfg, shape, max_iter, is_large in CASES:
+        if name in wanted:
+            rows.append(run_case(name, cfg, shape, list(range(args.seeds)), max_iter, peak))
+            if is_large:
+                large.add(name)
+    cols = ["model", "perms", "sweeps_ref", "sweeps_ours", "solves_ref", "solves_ours", "ref_s", "ours_s",
+            "per_sweep_ratio", "to_convergence_ratio", "objective_ratio", "objective_ratio_min",
+            "ref_floor_fraction", "ours_over_floor"]
     table = print_table(rows, cols)
-    speedups = [r["speedup"] for r in rows]
-    write_json("align", {"rows": rows, "table": table, "quick": args.quick,
-                         "ratios": {"speedup_min": min(speedups) if speedups else None},
-                         "note": "random-init pairs; max_iter caps the sweeps where a full run is too slow; "
-                                 "peak memory: extra resident memory of one cold call in a fresh process"},
-               args.out)
+    small = [r for r in rows if r["model"] not in large]
+    big = [r for r in rows if r["model"] in large]
+
+    def lowest(rs, key):
+        return min((r[key] for r in rs), default=None)
+
+    ratios = {"small_to_convergence_min": lowest(small, "to_convergence_ratio"),
+              "large_per_sweep_min": lowest(big, "per_sweep_ratio"),
+              "large_to_convergence_min": lowest(big, "to_convergence_ratio"),
+              "objective_min": lowest(rows, "objective_ratio")}
+    write_json("align", {"rows": rows, "table": table, "quick": args.quick, "ratios": ratios,
+                         "matmul_peak_gflops": peak, "load_start": load, "load_end": os.getloadavg()[0],
+                         "note": "random-init pairs, identical for both; medians over seeds; floor = one sweep's "
+                                 "cost-matrix FLOPs at the measured matmul peak + the reference's SciPy LAP time "
+                                 "per sweep"}, args.out)
 
 
 if __name__ == "__main__":

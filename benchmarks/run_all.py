@@ -75,11 +75,16 @@ BENCHMARKS = (
         Ratio("vmap_speedup", 5.0, "vmapped over (pair, alpha) vs a Python loop, same eval function"),
         Ratio("torch_ratio", 4.0, "vs a PyTorch loop over pairs and alphas"),
     )),
-    Benchmark("align", "weight matching vs a git-re-basin-style NumPy reference", (
-        # No target: the reference is a tight NumPy loop (objective read off the cost matrix, not
-        # git-re-basin's dense eye(n)[perm]); at large widths both are bound by SciPy's assignment
-        # solver, at small ones tna_jax pays a dispatch and a device-to-host copy per permutation.
-        Ratio("speedup_min", None, "slowest case: tna_jax vs the NumPy reference (same algorithm)"),
+    Benchmark("align", "weight matching vs the Git Re-Basin authors' algorithm (NumPy, same pairs)", (
+        # The reference is the authors' algorithm as written (random order, fresh cost matrix and
+        # SciPy LAP per step); ours is exact too (a local optimum). Large cases run in the full
+        # benchmark only; --quick measures the small ones, where the target is "never slower".
+        Ratio("small_to_convergence_min", 1.0, "small models (MLP w=512, ResNet-20 x1): time to converge, "
+              "reference / ours (median over 3 seeds)"),
+        Ratio("large_per_sweep_min", 2.5, "MLP w=2048, w=4096, ResNet-20 x16: time per sweep, reference / ours"),
+        Ratio("large_to_convergence_min", 2.0, "the same cases: time to converge, reference / ours"),
+        Ratio("objective_min", 0.999, "objective reached, ours / reference (median over seeds, lowest case)",
+              guarded=False),
     )),
     Benchmark("federated", "one federated round, 20 clients", (
         # The vmapped clients reach the same FLOP rate per client-step as one client alone (small

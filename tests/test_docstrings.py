@@ -66,8 +66,6 @@ KNOWN_GAPS: dict[str, set[str]] = {
     "tna_jax.align.spec.spec_from_axes": {'Returns'},
     "tna_jax.align.weight_matching.MatchResult": {'Example'},
     "tna_jax.align.weight_matching.matching_objective": {'Args', 'Example', 'Returns'},
-    "tna_jax.align.weight_matching.solve_assignment": {'Args', 'Example', 'Returns'},
-    "tna_jax.align.weight_matching.solve_nested": {'Example'},
     "tna_jax.experiments.align_compare.align_compare": {'Args', 'Example', 'Returns'},
     "tna_jax.experiments.align_compare.align_defaults": {'Example', 'Returns'},
     "tna_jax.experiments.align_compare.check_align_options": {'Args', 'Example', 'Returns'},

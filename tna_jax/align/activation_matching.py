@@ -35,8 +35,9 @@ import numpy as np
 
 from tna_jax import tree as tree_lib
 from tna_jax.align.derive import Analysis, FeaturePoint, analyze, eval_flat
-from tna_jax.align.spec import Permutation, identity_permutation
-from tna_jax.align.weight_matching import solve_assignment, solve_nested
+from tna_jax.align.lap import Solver, nested_value, solve_assignment, solve_nested
+from tna_jax.align.spec import identity_permutation
+from tna_jax.align.weight_matching import MatchResult
 
 PyTree = Any
 
@@ -141,7 +142,7 @@ def activation_correlations(net: Any, a: PyTree, b: PyTree, data: Any, *, batch_
 
 
 def activation_matching(net: Any, a: PyTree, b: PyTree, data: Any, *, batch_size: int = 256,
-                        eps: float = 1e-6) -> Permutation:
+                        eps: float = 1e-6, solver: str | Solver = "auto") -> MatchResult:
     """Permutes model B's hidden units to match model A's activations (correlation + assignment).
 
     Args:
@@ -150,9 +151,14 @@ def activation_matching(net: Any, a: PyTree, b: PyTree, data: Any, *, batch_size
       data: inputs ``x`` or a pair ``(x, y)`` (labels unused), e.g. a slice of the training set.
       batch_size: examples per forward pass; ``len(x) // batch_size`` full batches are used.
       eps: added to ``σ_a σ_b`` (dead units correlate 0 with everything).
+      solver: the exact assignment solver (see `tna_jax.align.lap`).
 
     Returns:
-      ``{name: index array}`` for ``apply_permutation(permutation_spec(net), perm, b)``.
+      a `MatchResult` (the same type as `weight_matching`'s): ``perm`` (``{name: index array}``
+      for ``apply_permutation(permutation_spec(net), perm, b)``), ``iterations=1``,
+      ``converged=True``, ``objective`` = the summed correlation of matched units before and
+      after (``[identity, perm]``) and ``solves`` (assignment problems solved). Until version
+      0.1 this function returned the ``perm`` dict itself; read ``.perm`` instead.
 
     Raises:
       ValueError: fewer than 2 examples, or fewer samples of a permutation's units than units
@@ -168,24 +174,31 @@ def activation_matching(net: Any, a: PyTree, b: PyTree, data: Any, *, batch_size
       >>> true = random_permutation(spec, jax.random.key(1))
       >>> b = apply_permutation(spec, true, a)
       >>> x = jax.random.normal(jax.random.key(2), (64, 40))
-      >>> perm = activation_matching(net, a, b, x, batch_size=32)
+      >>> perm = activation_matching(net, a, b, x, batch_size=32).perm
       >>> bool((true["dense_0"][perm["dense_0"]] == jax.numpy.arange(8)).all())
       True
     """
     analysis, corr = activation_correlations(net, a, b, data, batch_size=batch_size, eps=eps)
     spec = analysis.spec
     perm = identity_permutation(spec)
+    before = after = 0.0
+    solves = 0
     for group, kids in spec.groups():
+        g = spec.size[group]
         if not kids:
             if group in corr:
-                perm[group] = solve_assignment(np.asarray(corr[group]))[0]
+                c = np.asarray(corr[group], np.float64)
+                perm[group], value = solve_assignment(c, solver)
+                before, after, solves = before + float(np.trace(c)), after + value, solves + 1
             continue
-        g = spec.size[group]
-        c0 = np.asarray(corr.get(group, np.zeros((g, g))))
-        cc = {k: np.asarray(corr[k]) for k in kids if k in corr}
+        c0 = np.asarray(corr.get(group, np.zeros((g, g))), np.float64)
+        cc = {k: np.asarray(corr[k], np.float64) for k in kids if k in corr}
         if not cc and group not in corr:
             continue
-        parent, children, _ = solve_nested(c0, cc)
+        before += nested_value(c0, cc, perm[group], {k: perm[k] for k in kids})
+        parent, children, value = solve_nested(c0, cc, solver)
+        after, solves = after + value, solves + 1 + sum(g * g for _ in cc)
         perm[group] = parent
         perm.update(children)
-    return {k: np.asarray(v, np.int32) for k, v in perm.items()}
+    return MatchResult(perm={k: np.asarray(v, np.int32) for k, v in perm.items()}, iterations=1, converged=True,
+                       objective=[before, after], solves=solves)

@@ -45,6 +45,7 @@ import jax.extend.core as jcore
 import numpy as np
 
 from tna_jax import tree as tree_lib
+from tna_jax.align.rules import Factors, Rules, UnionFind, is_var, shape_of
 from tna_jax.align.spec import LeafLayout, PermutationSpec
 
 PyTree = Any
@@ -135,373 +136,6 @@ def flat_jaxpr(net: Any, variables: PyTree, batch_size: int = 2) -> tuple[Any, l
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Linking rules, one per primitive.
-# ---------------------------------------------------------------------------------------------
-
-_ELEMENTWISE = set("""
-add sub mul div max min pow atan2 rem and or xor not eq ne lt le gt ge nextafter neg exp exp2 log
-log1p expm1 tanh logistic sin cos tan asin acos atan sinh cosh asinh acosh atanh sqrt rsqrt cbrt
-abs sign floor ceil round is_finite integer_pow square erf erfc erf_inv lgamma digamma
-convert_element_type copy copy_p stop_gradient reduce_precision real imag conj select_n clamp
-add_any shift_left shift_right_logical shift_right_arithmetic population_count clz
-""".split())
-_REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "reduce_xor"}
-_ARG_REDUCE = {"argmax", "argmin"}
-_WINDOW = {"reduce_window_sum", "reduce_window_max", "reduce_window_min"}
-_CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
-
-
-def _is_var(v: Any) -> bool:
-    return not isinstance(v, (jcore.Literal, jcore.DropVar))
-
-
-def _shape(v: Any) -> tuple[int, ...]:
-    return tuple(int(d) for d in v.aval.shape)
-
-
-class _Rules:
-    """Collects relations ``("same", u, a, v, b)``, ``("reshape", w, u)``, ``("fix", u, a)``."""
-
-    def __init__(self) -> None:
-        self.rel: list[tuple[int, tuple[Any, ...]]] = []
-        self.unsupported: set[str] = set()
-
-    def same(self, i: int, u: Any, a: int, v: Any, b: int) -> None:
-        if _is_var(u) and _is_var(v):
-            self.rel.append((i, ("same", u, a, v, b)))
-
-    def fix(self, i: int, u: Any, a: int) -> None:
-        if _is_var(u):
-            self.rel.append((i, ("fix", u, a)))
-
-    def fix_all(self, i: int, *vs: Any) -> None:
-        for v in vs:
-            if _is_var(v):
-                for a in range(len(_shape(v))):
-                    self.fix(i, v, a)
-
-    def eqn(self, i: int, eqn: Any) -> None:
-        name = eqn.primitive.name
-        ins = list(eqn.invars)
-        outs = [v for v in eqn.outvars if _is_var(v)]
-        p = eqn.params
-        if not outs:
-            return
-        w = outs[0]
-        rw = len(_shape(w))
-        if name in _ELEMENTWISE:
-            for out in outs:
-                for u in ins:
-                    if not _is_var(u):
-                        continue
-                    su, so = _shape(u), _shape(out)
-                    if len(su) == len(so):  # equal axes link; size-1 axes of u broadcast
-                        for a in range(len(so)):
-                            if su[a] == so[a]:
-                                self.same(i, out, a, u, a)
-                            elif su[a] != 1:
-                                self.fix(i, out, a)
-                                self.fix(i, u, a)
-                    elif su:
-                        self.fix_all(i, out, u)
-            return
-        if name == "iota" or not ins:
-            if name != "iota":
-                self.unsupported.add(name)
-            self.fix_all(i, *outs)
-            return
-        u = ins[0]
-        if name == "broadcast_in_dim":
-            for j, d in enumerate(p["broadcast_dimensions"]):
-                if _shape(u)[j] == _shape(w)[d]:
-                    self.same(i, w, d, u, j)
-            return
-        if name == "reshape":
-            if p.get("dimensions") is None:
-                self.rel.append((i, ("reshape", w, u)))
-            else:
-                self.fix_all(i, w, u)
-            return
-        if name == "squeeze":
-            dims = {d % len(_shape(u)) for d in p["dimensions"]}
-            kept = [a for a in range(len(_shape(u))) if a not in dims]
-            for k, a in enumerate(kept):
-                self.same(i, w, k, u, a)
-            return
-        if name == "transpose":
-            for k, a in enumerate(p["permutation"]):
-                self.same(i, w, k, u, a)
-            return
-        if name in _REDUCE or name in _ARG_REDUCE:
-            axes = set(p["axes"])
-            kept = [a for a in range(len(_shape(u))) if a not in axes]
-            for k, a in enumerate(kept):
-                self.same(i, w, k, u, a)
-            if name in _ARG_REDUCE:
-                for a in axes:
-                    self.fix(i, u, a)
-            return
-        if name == "dot_general":
-            (lc, rc), (lb, rb) = p["dimension_numbers"]
-            lhs, rhs = ins[0], ins[1]
-            for a, b in zip(lc, rc):
-                self.same(i, lhs, a, rhs, b)
-            for k, (a, b) in enumerate(zip(lb, rb)):
-                self.same(i, lhs, a, rhs, b)
-                self.same(i, w, k, lhs, a)
-                self.same(i, w, k, rhs, b)
-            k = len(lb)
-            for a in range(len(_shape(lhs))):
-                if a not in lc and a not in lb:
-                    self.same(i, w, k, lhs, a)
-                    k += 1
-            for b in range(len(_shape(rhs))):
-                if b not in rc and b not in rb:
-                    self.same(i, w, k, rhs, b)
-                    k += 1
-            return
-        if name == "conv_general_dilated":
-            dn = p["dimension_numbers"]
-            lhs, rhs = ins[0], ins[1]
-            if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-                self.fix_all(i, lhs, rhs, w)
-                return
-            ls, rs, os_ = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-            self.same(i, lhs, ls[0], w, os_[0])
-            self.same(i, lhs, ls[1], rhs, rs[1])
-            self.same(i, rhs, rs[0], w, os_[1])
-            for a in ls[2:]:
-                self.fix(i, lhs, a)
-            for a in rs[2:]:
-                self.fix(i, rhs, a)
-            for a in os_[2:]:
-                self.fix(i, w, a)
-            return
-        if name in _WINDOW:
-            n = len(_shape(u))
-            wd = p["window_dimensions"]
-            st = p["window_strides"]
-            pad = p["padding"]
-            bd = p.get("base_dilation", (1,) * n)
-            wdl = p.get("window_dilation", (1,) * n)
-            for a in range(n):
-                if wd[a] == 1 and st[a] == 1 and tuple(pad[a]) == (0, 0) and bd[a] == 1 and wdl[a] == 1:
-                    self.same(i, w, a, u, a)
-                else:
-                    self.fix(i, w, a)
-                    self.fix(i, u, a)
-            return
-        if name in _CUMULATIVE:
-            for a in range(rw):
-                if a == p["axis"]:
-                    self.fix(i, w, a)
-                    self.fix(i, u, a)
-                else:
-                    self.same(i, w, a, u, a)
-            return
-        if name == "concatenate":
-            d = p["dimension"]
-            for v in ins:
-                for a in range(rw):
-                    if a == d:
-                        self.fix(i, v, a)
-                    else:
-                        self.same(i, w, a, v, a)
-            self.fix(i, w, d)
-            return
-        if name == "pad":
-            for a, cfg in enumerate(p["padding_config"]):
-                if tuple(cfg) == (0, 0, 0):
-                    self.same(i, w, a, u, a)
-                else:
-                    self.fix(i, w, a)
-                    self.fix(i, u, a)
-            return
-        if name == "slice":
-            strides = p.get("strides") or (1,) * rw
-            for a in range(rw):
-                full = p["start_indices"][a] == 0 and p["limit_indices"][a] == _shape(u)[a] and strides[a] == 1
-                if full:
-                    self.same(i, w, a, u, a)
-                else:
-                    self.fix(i, w, a)
-                    self.fix(i, u, a)
-            self.fix_all(i, *ins[1:])
-            return
-        if name == "dynamic_slice":
-            for a in range(rw):
-                if p["slice_sizes"][a] == _shape(u)[a]:
-                    self.same(i, w, a, u, a)
-                else:
-                    self.fix(i, w, a)
-                    self.fix(i, u, a)
-            return
-        if name == "dynamic_update_slice":
-            upd = ins[1]
-            for a in range(rw):
-                if _shape(upd)[a] == _shape(u)[a]:
-                    self.same(i, w, a, u, a)
-                    self.same(i, w, a, upd, a)
-                else:
-                    self.fix(i, w, a)
-                    self.fix(i, u, a)
-                    self.fix(i, upd, a)
-            return
-        if name == "gather":
-            self._gather(i, eqn, w)
-            return
-        self.unsupported.add(name)
-        self.fix_all(i, *ins, *outs)
-
-    def _gather(self, i: int, eqn: Any, w: Any) -> None:
-        operand, indices = eqn.invars[0], eqn.invars[1]
-        p = eqn.params
-        dn = p["dimension_numbers"]
-        try:
-            offset, collapsed, start_map = dn.offset_dims, dn.collapsed_slice_dims, dn.start_index_map
-            op_batch = getattr(dn, "operand_batching_dims", ())
-            idx_batch = getattr(dn, "start_indices_batching_dims", ())
-        except AttributeError:
-            self.unsupported.add("gather")
-            self.fix_all(i, operand, indices, w)
-            return
-        if op_batch or idx_batch:
-            self.fix_all(i, operand, indices, w)
-            return
-        sizes = p["slice_sizes"]
-        kept = [a for a in range(len(_shape(operand))) if a not in collapsed]
-        for a in range(len(_shape(operand))):
-            if a in collapsed or a in start_map:
-                self.fix(i, operand, a)
-        for k, a in enumerate(kept):
-            d = offset[k]
-            if sizes[a] == _shape(operand)[a] and a not in start_map:
-                self.same(i, w, d, operand, a)
-            else:
-                self.fix(i, w, d)
-        # the remaining output axes are the batch axes of the indices (all but the last)
-        batch_out = [d for d in range(len(_shape(w))) if d not in offset]
-        idx_axes = list(range(len(_shape(indices)) - 1))
-        if len(batch_out) == len(idx_axes):
-            for d, a in zip(batch_out, idx_axes):
-                self.same(i, w, d, indices, a)
-        else:
-            self.fix_all(i, indices)
-            for d in batch_out:
-                self.fix(i, w, d)
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. Factorisation of axes through reshapes, then union-find over factor nodes.
-# ---------------------------------------------------------------------------------------------
-
-
-def _bounds(factors: Sequence[int]) -> set[int]:
-    out, s = {1}, 1
-    for f in reversed(factors):
-        s *= f
-        out.add(s)
-    return out
-
-
-def _refine(f1: Sequence[int], f2: Sequence[int]) -> tuple[int, ...] | None:
-    """The common refinement of two row-major factorisations of the same size, or None."""
-    if tuple(f1) == tuple(f2):
-        return tuple(f1)
-    b = sorted(_bounds(f1) | _bounds(f2))
-    if any(b[k + 1] % b[k] for k in range(len(b) - 1)):
-        return None
-    return tuple(reversed([b[k + 1] // b[k] for k in range(len(b) - 1)]))
-
-
-class _Factors:
-    def __init__(self) -> None:
-        self.fac: dict[tuple[Any, int], tuple[int, ...]] = {}
-        self.bad: set[tuple[Any, int]] = set()
-
-    def get(self, v: Any, a: int) -> tuple[int, ...]:
-        got = self.fac.get((v, a))
-        if got is not None:
-            return got
-        n = _shape(v)[a]
-        return (n,) if n > 1 else ()
-
-    def flat(self, v: Any) -> list[int]:
-        return [f for a in range(len(_shape(v))) for f in self.get(v, a)]
-
-    def set(self, v: Any, a: int, f: tuple[int, ...]) -> bool:
-        if (v, a) in self.bad or self.get(v, a) == f:
-            return False
-        self.fac[(v, a)] = f
-        return True
-
-    def mark_bad(self, v: Any, a: int) -> bool:
-        if (v, a) in self.bad:
-            return False
-        self.bad.add((v, a))
-        n = _shape(v)[a]
-        self.fac[(v, a)] = (n,) if n > 1 else ()
-        return True
-
-    def solve(self, rels: Sequence[tuple[int, tuple[Any, ...]]]) -> None:
-        changed, rounds = True, 0
-        while changed and rounds < 100:
-            changed, rounds = False, rounds + 1
-            for _, r in rels:
-                if r[0] == "same":
-                    _, u, a, v, b = r
-                    if (u, a) in self.bad or (v, b) in self.bad:
-                        changed |= self.mark_bad(u, a) | self.mark_bad(v, b)
-                        continue
-                    f = _refine(self.get(u, a), self.get(v, b))
-                    if f is None:
-                        changed |= self.mark_bad(u, a) | self.mark_bad(v, b)
-                    else:
-                        changed |= self.set(u, a, f) | self.set(v, b, f)
-                elif r[0] == "reshape":
-                    _, w, u = r
-                    axes = [(w, a) for a in range(len(_shape(w)))] + [(u, a) for a in range(len(_shape(u)))]
-                    if any(x in self.bad for x in axes):
-                        for x in axes:
-                            changed |= self.mark_bad(*x)
-                        continue
-                    f = _refine(self.flat(w), self.flat(u))
-                    if f is None:
-                        for x in axes:
-                            changed |= self.mark_bad(*x)
-                        continue
-                    for v in (w, u):
-                        k = 0
-                        for a, n in enumerate(_shape(v)):
-                            part: list[int] = []
-                            prod = 1
-                            while prod < n:
-                                prod *= f[k]
-                                part.append(f[k])
-                                k += 1
-                            changed |= self.set(v, a, tuple(part))
-
-
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[Any, Any] = {}
-
-    def find(self, x: Any) -> Any:
-        self.parent.setdefault(x, x)
-        root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[x] != root:
-            self.parent[x], x = root, self.parent[x]
-        return root
-
-    def union(self, x: Any, y: Any) -> None:
-        rx, ry = self.find(x), self.find(y)
-        if rx != ry:
-            self.parent[ry] = rx
-
-
-# ---------------------------------------------------------------------------------------------
 # 4. The analysis.
 # ---------------------------------------------------------------------------------------------
 
@@ -552,7 +186,7 @@ def _call_rank(jx: Any, leaf_vars: list[Any], names: list[str]) -> Callable[[str
     first: dict[Any, int] = {}
     for i, eqn in enumerate(jx.eqns):
         for v in eqn.invars:
-            if _is_var(v) and v not in first:
+            if is_var(v) and v not in first:
                 first[v] = i
     pos = {names[k]: first.get(v, len(jx.eqns)) for k, v in enumerate(leaf_vars)}
 
@@ -604,35 +238,27 @@ def _analyze_cached(net: Any, batch_size: int, signature: tuple[Any, ...], abstr
     return _analyze(net, abstract.value, batch_size)
 
 
-def _analyze(net: Any, variables: PyTree, batch_size: int) -> Analysis:
-    closed, names, _ = flat_jaxpr(net, variables, batch_size)
-    jx = closed.jaxpr
-    n_leaves = len(names)
-    leaf_vars = list(jx.invars[:n_leaves])
-    x_var = jx.invars[n_leaves]
+def _nodes(facs: Factors, v: Any, a: int) -> list[tuple[Any, int, int]]:
+    return [(v, a, k) for k in range(len(facs.get(v, a)))]
 
-    rules = _Rules()
-    for i, eqn in enumerate(jx.eqns):
-        rules.eqn(i, eqn)
-    facs = _Factors()
-    facs.solve(rules.rel)
 
-    uf = _UnionFind()
+def _all_nodes(facs: Factors, v: Any) -> list[tuple[Any, int, int]]:
+    return [n for a in range(len(shape_of(v))) for n in _nodes(facs, v, a)]
+
+
+def _link(jx: Any, rels: list[tuple[int, tuple[Any, ...]]], facs: Factors, x_var: Any
+          ) -> tuple[UnionFind, set[Any], dict[int, list[tuple[Any, Any]]]]:
+    """Merges the factor nodes the relations link; ``(union-find, fixed roots, links per equation)``."""
+    uf = UnionFind()
     fixed: set[Any] = set()
     links: dict[int, list[tuple[Any, Any]]] = {}
-
-    def nodes(v: Any, a: int) -> list[tuple[Any, int, int]]:
-        return [(v, a, k) for k in range(len(facs.get(v, a)))]
-
-    def all_nodes(v: Any) -> list[tuple[Any, int, int]]:
-        return [n for a in range(len(_shape(v))) for n in nodes(v, a)]
-
-    for i, r in rules.rel:
+    for i, r in rels:
         if r[0] == "fix":
-            fixed.update(nodes(r[1], r[2]))
-        elif r[0] == "same":
+            fixed.update(_nodes(facs, r[1], r[2]))
+            continue
+        if r[0] == "same":
             _, u, a, v, b = r
-            nu, nv = nodes(u, a), nodes(v, b)
+            nu, nv = _nodes(facs, u, a), _nodes(facs, v, b)
             if (u, a) in facs.bad or (v, b) in facs.bad or len(nu) != len(nv):
                 fixed.update(nu)
                 fixed.update(nv)
@@ -640,77 +266,70 @@ def _analyze(net: Any, variables: PyTree, batch_size: int) -> Analysis:
                     if nu:
                         uf.union(nu[0], x)
                 continue
-            for x, y in zip(nu, nv):
-                uf.union(x, y)
-                links.setdefault(i, []).append((x, y))
         else:
             _, w, u = r
-            nw, nu = all_nodes(w), all_nodes(u)
-            bad = any((w, a) in facs.bad for a in range(len(_shape(w)))) or \
-                any((u, a) in facs.bad for a in range(len(_shape(u))))
-            if bad or len(nw) != len(nu):
-                fixed.update(nw)
+            nu, nv = _all_nodes(facs, w), _all_nodes(facs, u)
+            bad = any((w, a) in facs.bad for a in range(len(shape_of(w)))) or \
+                any((u, a) in facs.bad for a in range(len(shape_of(u))))
+            if bad or len(nu) != len(nv):
                 fixed.update(nu)
+                fixed.update(nv)
                 continue
-            for x, y in zip(nw, nu):
-                uf.union(x, y)
-                links.setdefault(i, []).append((x, y))
-    fixed.update(all_nodes(x_var))
-    for v in jx.outvars:
-        if _is_var(v):
-            fixed.update(all_nodes(v))
-    for v in jx.constvars:
-        fixed.update(all_nodes(v))
-    fixed_roots = {uf.find(n) for n in fixed}
+        for x, y in zip(nu, nv):
+            uf.union(x, y)
+            links.setdefault(i, []).append((x, y))
+    fixed.update(_all_nodes(facs, x_var))
+    for v in [*jx.outvars, *jx.constvars]:
+        if is_var(v):
+            fixed.update(_all_nodes(facs, v))
+    return uf, {uf.find(n) for n in fixed}, links
 
-    # permutable classes: roots of parameter nodes that are not fixed
-    leaf_of = {v: names[k] for k, v in enumerate(leaf_vars)}
+
+def _classes(jx: Any, leaf_vars: list[Any], names: list[str], uf: UnionFind, fixed_roots: set[Any], facs: Factors
+             ) -> tuple[dict[Any, list[tuple[str, int, int]]], dict[Any, dict[Any, list[tuple[Any, int, int]]]]]:
+    """The permutable classes (roots of parameter nodes that are not fixed) with their parameter
+    nodes, and for every variable of the jaxpr the classes it carries."""
     root_nodes: dict[Any, list[tuple[str, int, int]]] = {}
-    for v in leaf_vars:
-        for node in all_nodes(v):
+    for k, v in enumerate(leaf_vars):
+        for node in _all_nodes(facs, v):
             r = uf.find(node)
             if r not in fixed_roots:
-                root_nodes.setdefault(r, []).append((leaf_of[v], node[1], node[2]))
-    roots = set(root_nodes)
-
-    # every variable of the jaxpr and the permutable classes it carries
-    all_vars: list[Any] = list(jx.invars) + [v for e in jx.eqns for v in e.outvars if _is_var(v)]
+                root_nodes.setdefault(r, []).append((names[k], node[1], node[2]))
+    all_vars: list[Any] = list(jx.invars) + [v for e in jx.eqns for v in e.outvars if is_var(v)]
     var_classes: dict[Any, dict[Any, list[tuple[Any, int, int]]]] = {}
     for v in all_vars:
         cls: dict[Any, list[tuple[Any, int, int]]] = {}
-        for node in all_nodes(v):
+        for node in _all_nodes(facs, v):
             r = uf.find(node)
-            if r in roots:
+            if r in root_nodes:
                 cls.setdefault(r, []).append(node)
         var_classes[v] = cls
+    return root_nodes, var_classes
 
-    parent_of = _nesting(jx, roots, var_classes, links, uf)
 
-    # names
-    rank = _call_rank(jx, leaf_vars, names)
-    expanded = {v: [f for a in range(len(_shape(v))) for f in (facs.get(v, a) or (1,))] for v in leaf_vars}
+def _node_pos(facs: Factors, v: Any, a: int, k: int) -> int:
+    return sum(len(facs.get(v, b) or (1,)) for b in range(a)) + k
 
-    def node_pos(v: Any, a: int, k: int) -> int:
-        return sum(len(facs.get(v, b) or (1,)) for b in range(a)) + k
 
+def _class_names(order: list[Any], root_nodes: dict[Any, list[tuple[str, int, int]]], leaf_vars: list[Any],
+                 names: list[str], rank: Callable[[str], Any], facs: Factors, parent_of: dict[Any, Any]) -> dict[Any, str]:
+    """Names each class after the layer that writes it (see the module docstring)."""
+    width = {v: sum(len(facs.get(v, a) or (1,)) for a in range(len(shape_of(v)))) for v in leaf_vars}
     class_name: dict[Any, str] = {}
     taken: set[str] = set()
-    order = sorted(roots, key=lambda r: min((*rank(p), a, k) for p, a, k in root_nodes[r]))
     for r in order:
         cands = []
         for path, a, k in root_nodes[r]:
             v = leaf_vars[names.index(path)]
-            leaf = path.split("/")[-1]
-            is_last = node_pos(v, a, k) == len(expanded[v]) - 1
-            if path.startswith("params/") and leaf in ("kernel", "embedding") and is_last:
+            is_last = _node_pos(facs, v, a, k) == width[v] - 1
+            if path.startswith("params/") and path.split("/")[-1] in ("kernel", "embedding") and is_last:
                 cands.append((rank(path), "/".join(path.split("/")[1:-1])))
         if cands:
             name = min(cands)[1]
         else:
             path, a, k = min(root_nodes[r], key=lambda t: (rank(t[0]), t[1], t[2]))
-            v = leaf_vars[names.index(path)]
             short = path[len("params/"):] if path.startswith("params/") else path
-            name = f"{short}[{node_pos(v, a, k)}]"
+            name = f"{short}[{_node_pos(facs, leaf_vars[names.index(path)], a, k)}]"
         base, j = name, 1
         while name in taken:
             j += 1
@@ -722,41 +341,60 @@ def _analyze(net: Any, variables: PyTree, batch_size: int) -> Analysis:
         if kids and f"{class_name[kids[0]]}:heads" not in taken:
             class_name[y] = f"{class_name[kids[0]]}:heads"
             taken.add(class_name[y])
+    return class_name
 
-    # layouts
+
+def _spec(order: list[Any], root_nodes: dict[Any, Any], leaf_vars: list[Any], names: list[str], rank: Callable[[str], Any],
+          facs: Factors, uf: UnionFind, class_name: dict[Any, str], parent_of: dict[Any, Any]) -> PermutationSpec:
     layouts = []
-    for v in leaf_vars:
+    for k_, v in enumerate(leaf_vars):
         perms: list[str | None] = []
-        for a in range(len(_shape(v))):
-            fa = facs.get(v, a)
-            if not fa:
-                perms.append(None)
-                continue
-            for k in range(len(fa)):
-                r = uf.find((v, a, k))
-                perms.append(class_name[r] if r in roots else None)
+        for a in range(len(shape_of(v))):
+            for k in range(len(facs.get(v, a))) or [None]:
+                r = uf.find((v, a, k)) if k is not None else None
+                perms.append(class_name[r] if r in root_nodes else None)
         if any(p is not None for p in perms):
-            layouts.append((leaf_of[v], LeafLayout(_shape(v), tuple(expanded[v]), tuple(perms))))
+            expanded = tuple(f for a in range(len(shape_of(v))) for f in (facs.get(v, a) or (1,)))
+            layouts.append((names[k_], LeafLayout(shape_of(v), expanded, tuple(perms))))
     layouts.sort(key=lambda t: rank(t[0]))
     sizes = {class_name[r]: int(_node_size(root_nodes[r][0], leaf_vars, names, facs)) for r in order}
-    spec = PermutationSpec(tuple((class_name[r], sizes[class_name[r]]) for r in order),
+    return PermutationSpec(tuple((class_name[r], sizes[class_name[r]]) for r in order),
                            tuple((class_name[r], class_name[parent_of[r]] if r in parent_of else None) for r in order),
                            tuple(layouts))
 
+
+def _analyze(net: Any, variables: PyTree, batch_size: int) -> Analysis:
+    closed, names, _ = flat_jaxpr(net, variables, batch_size)
+    jx = closed.jaxpr
+    leaf_vars = list(jx.invars[:len(names)])
+    x_var = jx.invars[len(names)]
+    rules = Rules()
+    for i, eqn in enumerate(jx.eqns):
+        rules.eqn(i, eqn)
+    facs = Factors()
+    facs.solve(rules.rel)
+    uf, fixed_roots, links = _link(jx, rules.rel, facs, x_var)
+    root_nodes, var_classes = _classes(jx, leaf_vars, names, uf, fixed_roots, facs)
+    roots = set(root_nodes)
+    parent_of = _nesting(jx, roots, var_classes, links, uf)
+    rank = _call_rank(jx, leaf_vars, names)
+    order = sorted(roots, key=lambda r: min((*rank(p), a, k) for p, a, k in root_nodes[r]))
+    class_name = _class_names(order, root_nodes, leaf_vars, names, rank, facs, parent_of)
+    spec = _spec(order, root_nodes, leaf_vars, names, rank, facs, uf, class_name, parent_of)
     features = _features(jx, x_var, set(leaf_vars), roots, var_classes, parent_of, class_name, facs)
     return Analysis(spec=spec, jaxpr=closed, leaf_names=names, features=features,
                     unsupported=tuple(sorted(rules.unsupported)), batch_size=batch_size,
                     order=tuple(sorted(names, key=rank)))
 
 
-def _node_size(node: tuple[str, int, int], leaf_vars: list[Any], names: list[str], facs: _Factors) -> int:
+def _node_size(node: tuple[str, int, int], leaf_vars: list[Any], names: list[str], facs: Factors) -> int:
     path, a, k = node
     v = leaf_vars[names.index(path)]
     return facs.get(v, a)[k]
 
 
 def _nesting(jx: Any, roots: set[Any], var_classes: dict[Any, dict[Any, Any]],
-             links: dict[int, list[tuple[Any, Any]]], uf: _UnionFind) -> dict[Any, Any]:
+             links: dict[int, list[tuple[Any, Any]]], uf: UnionFind) -> dict[Any, Any]:
     """``{child root: parent root}`` for permutations that may be reordered per parent position."""
     parent_of: dict[Any, Any] = {}
     for x in roots:
@@ -776,10 +414,10 @@ def _nesting(jx: Any, roots: set[Any], var_classes: dict[Any, dict[Any, Any]],
         for i, eqn in enumerate(jx.eqns):
             eq_links = {frozenset(p) for p in links.get(i, [])}
             for u in eqn.invars:
-                if not _is_var(u) or not {x, y} <= set(var_classes.get(u, {})):
+                if not is_var(u) or not {x, y} <= set(var_classes.get(u, {})):
                     continue
                 for w in eqn.outvars:
-                    if not _is_var(w) or x not in var_classes.get(w, {}):
+                    if not is_var(w) or x not in var_classes.get(w, {}):
                         continue
                     if y not in var_classes[w] or \
                             frozenset((var_classes[u][y][0], var_classes[w][y][0])) not in eq_links:
@@ -796,12 +434,12 @@ def _nesting(jx: Any, roots: set[Any], var_classes: dict[Any, dict[Any, Any]],
 
 
 def _features(jx: Any, x_var: Any, leaf_vars: set[Any], roots: set[Any], var_classes: dict[Any, Any],
-              parent_of: dict[Any, Any], class_name: dict[Any, str], facs: _Factors) -> dict[str, list[FeaturePoint]]:
+              parent_of: dict[Any, Any], class_name: dict[Any, str], facs: Factors) -> dict[str, list[FeaturePoint]]:
     """Activations (functions of the input) that a weight contraction consumes along a permuted axis."""
     depends = {x_var}
     for eqn in jx.eqns:
-        if any(_is_var(v) and v in depends for v in eqn.invars):
-            depends.update(v for v in eqn.outvars if _is_var(v))
+        if any(is_var(v) and v in depends for v in eqn.invars):
+            depends.update(v for v in eqn.outvars if is_var(v))
     found: dict[Any, set[Any]] = {}
     for eqn in jx.eqns:
         name = eqn.primitive.name
@@ -813,14 +451,14 @@ def _features(jx: Any, x_var: Any, leaf_vars: set[Any], roots: set[Any], var_cla
             dn = eqn.params["dimension_numbers"]
             contracted = [(eqn.invars[0], dn.lhs_spec[1]), (eqn.invars[1], dn.rhs_spec[1])]
         for u, a in contracted:
-            if not _is_var(u) or u not in depends or u in leaf_vars:
+            if not is_var(u) or u not in depends or u in leaf_vars:
                 continue
             for r, nodes_ in var_classes.get(u, {}).items():
                 if any(n[1] == a for n in nodes_):
                     found.setdefault(u, set()).add(r)
     out: dict[str, list[FeaturePoint]] = {class_name[r]: [] for r in roots}
     for u, rs in found.items():
-        factors = tuple(f for a in range(len(_shape(u))) for f in (facs.get(u, a) or (1,)))
+        factors = tuple(f for a in range(len(shape_of(u))) for f in (facs.get(u, a) or (1,)))
 
         def pos(node: tuple[Any, int, int], u: Any = u) -> int:
             return sum(len(facs.get(u, b) or (1,)) for b in range(node[1])) + node[2]

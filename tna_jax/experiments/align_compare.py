@@ -7,10 +7,13 @@ measures the linear-mode-connectivity barriers of
 * ``none``: the raw pair (vanilla, or TNA-PFN: training-time alignment alone),
 * ``WM``: weight matching (Git Re-Basin) of the second model to the first,
 * ``AM``: activation matching (correlation of activations),
+* ``STE``: straight-through estimator matching (Git Re-Basin's third method: the permutation is
+  learnt by training the aligned midpoint),
 * ``WM + REPAIR``: weight matching, then REPAIR of every interpolated model,
 
 the relative distance ``‖θ_A − P θ_B‖ / ‖θ_A‖``, the number of weight-matching sweeps to
-converge (with and without anchors), and mode-connecting Bezier curves trained between the raw
+converge (with and without anchors), the MergeMany soup of every arm (all seeds aligned to their
+consensus, then averaged) against the unaligned soup, and mode-connecting Bezier curves trained between the raw
 and the WM-aligned endpoints (average and minimum accuracy along the curve). BatchNorm networks
 are evaluated with their statistics reset on training data at every point of every path and
 curve (otherwise every method looks broken by variance collapse). Writes ``report.json``,
@@ -41,7 +44,8 @@ from tna_jax.experiment import mean_std, pm, prepare_workdir, register, workdir_
 
 __all__ = ["align_compare", "align_defaults", "check_align_options", "task_config", "comparison_name", "markdown"]
 
-METHODS = ("none", "WM", "AM", "WM + REPAIR")
+METHODS = ("none", "WM", "AM", "STE", "WM + REPAIR")
+PATH_METHODS = ("none", "WM", "AM", "STE")
 
 
 def align_defaults() -> ml_collections.ConfigDict:
@@ -62,6 +66,10 @@ def align_defaults() -> ml_collections.ConfigDict:
     c.curve_num_t = 4
     c.curve_lr = 1e-3
     c.curve_points = 21
+    c.ste_steps = 300  # STE matching steps per pair (0 = no STE rows)
+    c.ste_batch = 128
+    c.ste_lr = 1e-3
+    c.merge = True  # MergeMany soup of every arm
     return c
 
 
@@ -88,14 +96,16 @@ def check_align_options(config: Any) -> ml_collections.ConfigDict:
 
     for field, lo in (("max_pairs", 1), ("wm_max_iter", 1), ("stats_examples", 2), ("stats_batch", 1),
                       ("repair_alphas", 2), ("chunk", 0), ("curve_pairs", 0), ("curve_epochs", 1),
-                      ("curve_batch", 1), ("curve_num_t", 1), ("curve_points", 2)):
+                      ("curve_batch", 1), ("curve_num_t", 1), ("curve_points", 2), ("ste_steps", 0),
+                      ("ste_batch", 1)):
         integer(field, lo)
     if opts.curve_kind not in align.curves.KINDS:
         raise config_lib.ConfigError(f"config.align.curve_kind must be one of {align.curves.KINDS}; "
                                      f"got {opts.curve_kind!r}.")
-    lr = opts.curve_lr
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise config_lib.ConfigError(f"config.align.curve_lr must be a positive number; got {lr!r}.")
+    for field in ("curve_lr", "ste_lr"):
+        lr = opts[field]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise config_lib.ConfigError(f"config.align.{field} must be a positive number; got {lr!r}.")
     names = list(opts.tasks.keys()) or ["main"]
     wanted = [t.strip() for t in str(opts.run).split(",") if t.strip()]
     for t in wanted:
@@ -160,6 +170,7 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
     result = training.fit(cfg, net, dataset, workdir=workdir, augment=augment, log=log)
     t_train = time.time() - t0
     data = data_lib.to_device(dataset, normalize=cfg.data.normalize)
+    n_train = int(data.x_train.shape[0])
     x_eval, y_eval = data.split(cfg.analysis.split)
     n_stats = min(int(opts.stats_examples), int(data.x_train.shape[0]))
     x_stats = data.x_train[:n_stats]
@@ -200,7 +211,7 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
         pairs_note = lmc.describe_pairs(cfg.analysis.pairs, len(pairs), len(idx), int(cfg.analysis.pairs_seed))
         if not pairs:
             continue
-        aligned: dict[str, list[Any]] = {"none": [ms[j] for _, j in pairs], "WM": [], "AM": []}
+        aligned: dict[str, list[Any]] = {"none": [ms[j] for _, j in pairs], "WM": [], "AM": [], "STE": []}
         wm_info = []
         for p, (i, j) in enumerate(pairs):
             t = time.time()
@@ -210,20 +221,27 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
                             "seconds": time.time() - t, "objective_start": res.objective[0],
                             "objective_end": res.objective[-1]})
             aligned["WM"].append(align.apply_permutation(spec, res.perm, ms[j]))
-            perm = align.activation_matching(net, ms[i], ms[j], x_stats, batch_size=sbatch)
+            perm = align.activation_matching(net, ms[i], ms[j], x_stats, batch_size=sbatch).perm
             aligned["AM"].append(align.apply_permutation(spec, perm, ms[j]))
+            if opts.ste_steps:
+                ste = align.ste_matching(net, ms[i], ms[j], (data.x_train, data.y_train), spec=spec, init=res.perm,
+                                         key=jax.random.fold_in(key, 5000 + 1000 * arm_index + p),
+                                         steps=int(opts.ste_steps), batch_size=min(int(opts.ste_batch), n_train),
+                                         optimizer=optax.adam(float(opts.ste_lr)))
+                aligned["STE"].append(align.apply_permutation(spec, ste.perm, ms[j]))
         it_mean, it_std = _mean_std([w["iterations"] for w in wm_info])
         iters.append({"arm": label, "pairs": len(pairs), "pairs_note": pairs_note, "iterations_mean": it_mean, "iterations_std": it_std,
                       "iterations": [w["iterations"] for w in wm_info],
                       "converged": sum(w["converged"] for w in wm_info),
                       "seconds_mean": _mean_std([w["seconds"] for w in wm_info])[0], "per_pair": wm_info})
         jobs.append((label, arm_index, pairs, ms, aligned))
-    lap("matching", f"matched {sum(len(j[2]) for j in jobs)} pairs (WM and AM)")
+    lap("matching", f"matched {sum(len(j[2]) for j in jobs)} pairs (WM, AM{', STE' if opts.ste_steps else ''})")
+    methods = [m for m in PATH_METHODS if m != "STE" or opts.ste_steps]
 
     # 2. every (arm, method, pair) path in one vmapped, chunked evaluation
     entries, stack = [], []
     for label, _, pairs, ms, aligned in jobs:
-        for method in ("none", "WM", "AM"):
+        for method in methods:
             for (i, _), b in zip(pairs, aligned[method]):
                 entries.append((label, method, _rel_distance(ms[i], b)))
                 stack += [ms[i], b]
@@ -231,7 +249,7 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
                                   pairs=[(2 * k, 2 * k + 1) for k in range(len(entries))], alphas=alphas, chunk=chunk)
     rows, paths = [], {}
     for label, _, _, _, _ in jobs:
-        for method in ("none", "WM", "AM"):
+        for method in methods:
             sel = [k for k, e in enumerate(entries) if e[0] == label and e[1] == method]
             rows.append(_row(label, method, [table["per_pair"][k] for k in sel], [entries[k][2] for k in sel]))
             paths[f"{label} · {method}"] = {"alpha": table["paths"]["alpha"].tolist(),
@@ -259,6 +277,9 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
         paths[f"{label} · WM + REPAIR"] = {"alpha": np.asarray(r_alphas).tolist(), "accuracy": acc, "loss": loss}
     rows.sort(key=lambda r: ([j[0] for j in jobs].index(r["arm"]), METHODS.index(r["method"])))
     lap("repair", "REPAIRed the WM-aligned paths")
+    soups = _soups(net, spec, jobs, key, path_eval, (x_eval, y_eval)) if opts.merge else []
+    if opts.merge:
+        lap("merge", f"merged {len(soups)} arms (MergeMany)")
 
     # 4. curves between raw and WM-aligned endpoints
     curve_rows: list[dict[str, Any]] = []
@@ -276,12 +297,29 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
         "model": {"name": net.name, "params": net.param_count(), "batch_norm": has_bn,
                   "config": config_lib.flatten(cfg.model.to_dict())},
         "spec": {"permutations": len(spec), "sizes": dict(spec.sizes), "describe": spec.describe()},
-        "arms": training.summarize(result), "rows": rows, "wm_iterations": iters,
+        "arms": training.summarize(result), "rows": rows, "wm_iterations": iters, "soups": soups,
         "curves": _curve_summary(curve_rows), "curve_pairs": curve_rows, "paths": paths,
         "curve_paths": curve_plots, "seconds": {**seconds, "total": time.time() - t0, "cpu": time.process_time() - cpu0},
         "settings": {"epochs": cfg.train.epochs, "num_seeds": cfg.num_seeds, "anchor_ratio": cfg.anchor.ratio,
                      "split": cfg.analysis.split},
     }
+
+
+def _soups(net, spec, jobs, key, path_eval, eval_data) -> list[dict[str, Any]]:
+    """Per arm: the MergeMany soup (all seeds aligned to their consensus, averaged) against the
+    plain average of the same seeds and the seeds' own accuracy."""
+    out = []
+    for label, arm_index, _, ms, _ in jobs:
+        t = time.time()
+        res = align.merge_many(spec, ms, jax.random.fold_in(key, 9000 + arm_index))
+        plain = tree_lib.weighted_mean(tree_lib.stack(ms))
+        ev = {name: jax.device_get(path_eval(v, *eval_data)) for name, v in (("plain", plain), ("merged", res.merged))}
+        ends = [float(jax.device_get(path_eval(m, *eval_data))["accuracy"]) for m in ms]
+        out.append({"arm": label, "models": len(ms), "iterations": res.iterations, "converged": res.converged,
+                    "seconds": time.time() - t, "endpoint_accuracy_mean": float(np.mean(ends)),
+                    "soup_accuracy": float(ev["plain"]["accuracy"]), "soup_loss": float(ev["plain"]["loss"]),
+                    "merged_accuracy": float(ev["merged"]["accuracy"]), "merged_loss": float(ev["merged"]["loss"])})
+    return out
 
 
 def comparison_name(arm: str, method: str) -> str:
@@ -378,8 +416,8 @@ def markdown(report: dict[str, Any]) -> str:
                  "corrects the statistics itself)." if t["model"]["batch_norm"] else "")
         notes = "; ".join(dict.fromkeys(it.get("pairs_note", "the seed pairs") for it in t["wm_iterations"])) or "seed pairs"
         parts.append(f"Barriers on the {t['settings'].get('split', 'test')} split, mean ± sample std over {notes} "
-                     "of seeds per arm. WM: weight matching (Git "
-                     "Re-Basin), AM: activation matching, both applied to the second model of each pair; "
+                     "of seeds per arm. WM: weight matching (Git Re-Basin), AM: activation matching, STE: "
+                     "straight-through estimator matching, each applied to the second model of each pair; "
                      f"REPAIR: applied at every α of the WM-aligned path.{reset}\n")
         head = ("| comparison | pairs | acc. barrier % | loss barrier | Interp. Acc. % (α=0.5) | "
                 "Avg. Acc. % | ‖θ_A − Pθ_B‖/‖θ_A‖ |\n|---|---|---|---|---|---|---|")
@@ -398,6 +436,14 @@ def markdown(report: dict[str, Any]) -> str:
                          f"({', '.join(str(i) for i in it['iterations'])}) | {it['converged']}/{it['pairs']} | "
                          f"{it['seconds_mean']:.2f} |")
         parts.append("\n".join(lines) + "\n")
+        if t.get("soups"):
+            lines = ["| arm | models | seeds' mean acc. % | average (unaligned) acc. % | MergeMany soup acc. % | "
+                     "rounds |", "|---|---|---|---|---|---|"]
+            for sp in t["soups"]:
+                lines.append(f"| {sp['arm']} | {sp['models']} | {100 * sp['endpoint_accuracy_mean']:.1f} | "
+                             f"{100 * sp['soup_accuracy']:.1f} | {100 * sp['merged_accuracy']:.1f} | "
+                             f"{sp['iterations']} |")
+            parts.append("\n".join(lines) + "\n")
         if t["curves"]:
             lines = ["| arm | pairs | endpoints | line avg / min acc. % | Bezier avg / min acc. % |",
                      "|---|---|---|---|---|"]
@@ -411,7 +457,8 @@ def markdown(report: dict[str, Any]) -> str:
                         f"{_pm(c[f'{method}_curve_min_accuracy_mean'], c[f'{method}_curve_min_accuracy_std'])} |")
             parts.append("\n".join(lines) + "\n")
         sec = t["seconds"]
-        phases = ", ".join(f"{k} {sec[k]:.0f}" for k in ("train", "matching", "paths", "repair", "curves") if k in sec)
+        phases = ", ".join(f"{k} {sec[k]:.0f}" for k in ("train", "matching", "paths", "repair", "merge", "curves")
+                           if k in sec)
         parts.append(f"Seconds: {phases}; total {sec['total']:.0f} (wall), {sec.get('cpu', math.nan):.0f} CPU.\n")
     return "\n".join(parts)
 

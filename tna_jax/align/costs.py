@@ -1,0 +1,213 @@
+"""The cost matrices of weight matching: which arrays feed each one, full builds and cheap updates.
+
+For a top-level permutation $g$ the cost matrix is a sum of one term per (array $w$, axis of $w$
+carrying $g$):
+
+$$C_g[i, j] = \\sum_{(w, a)} \\big\\langle A_w[\\ldots, i@a, \\ldots],\\;
+P_{\\neg g}(B_w)[\\ldots, j@a, \\ldots] \\big\\rangle .$$
+
+Each term is one of three kinds:
+
+* **constant**: no other permutation acts on $w$ (a bias, the input side of the first layer, a
+  normalisation scale): computed once per matching;
+* **single**: exactly one other top-level permutation $h$ acts on $w$, on one axis (a dense or
+  convolution kernel between two hidden layers). When $h$ changes in the $m$ positions $K$, the
+  term changes by a rank-$m$ correction
+  $\\Delta T = \\sum_{k \\in K} A_w[k@b]^\\top \\big(B_w[h_{new}(k)@b] - B_w[h_{old}(k)@b]\\big)$,
+  $2 n_g^2 m s$ FLOPs instead of $2 n_g^2 n_h s$ ($s$: the other axes, e.g. the 3x3 of a
+  convolution);
+* **full**: anything else (nested head permutations, an array carrying $g$ twice, two other
+  permutations): recomputed whenever the permutation is solved.
+
+Full builds are jitted JAX functions (on the device, several permutations in one call); the
+rank-$m$ updates run on the host in NumPy (their sizes change from one update to the next, which
+would recompile a jitted function every time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tna_jax.align.spec import PermutationSpec, permute_leaf
+
+__all__: list[str] = []  # internal to weight matching; documented here for readers
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One array's contribution to a cost matrix.
+
+    Attributes:
+      path: the array.
+      axis: its expanded axis carrying the permutation.
+      other: the one other permutation acting on it (``"single"`` terms), else None.
+      other_axis: the expanded axis of `other`.
+    """
+
+    path: str
+    axis: int
+    other: str | None = None
+    other_axis: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupPlan:
+    """How the cost matrix of one top-level permutation is built.
+
+    Attributes:
+      name: the permutation.
+      children: its nested permutations (solved jointly with it).
+      size: its number of units.
+      constant: the constant terms.
+      single: ``{other permutation: its terms}``.
+      full: True when some term is neither constant nor single, or there are children: then the
+        whole matrix is rebuilt at every solve.
+      deps: the top-level permutations the matrix depends on (itself included when an array
+        carries it twice).
+    """
+
+    name: str
+    children: tuple[str, ...]
+    size: int
+    constant: tuple[Term, ...]
+    single: tuple[tuple[str, tuple[Term, ...]], ...]
+    full: bool
+    deps: frozenset[str]
+
+    @property
+    def singles(self) -> dict[str, tuple[Term, ...]]:
+        return dict(self.single)
+
+
+def plan_groups(spec: PermutationSpec, paths: Sequence[str]) -> dict[str, GroupPlan]:
+    """A `GroupPlan` for every top-level permutation that touches one of `paths`."""
+    leaves, parent = spec.leaves, spec.parent
+
+    def top(p: str) -> str:
+        return parent[p] or p
+
+    plans = {}
+    for g, kids in spec.groups():
+        members = {g, *kids}
+        constant: list[Term] = []
+        single: dict[str, list[Term]] = {}
+        full = bool(kids)
+        deps: set[str] = set()
+        touched = False
+        for path in paths:
+            lay = leaves[path]
+            if not members & set(lay.perms):
+                continue
+            touched = True
+            tops = [top(p) if p else None for p in lay.perms]
+            deps.update(t for t in tops if t and t != g)
+            if sum(t == g for t in tops) > 1 + sum(p in kids for p in lay.perms):
+                deps.add(g)  # the array carries g on two axes: its cost depends on g itself
+            for ax in lay.axes_of(g):
+                others = [(i, p) for i, p in enumerate(lay.perms) if p is not None and i != ax]
+                if not others:
+                    constant.append(Term(path, ax))
+                elif len(others) == 1 and parent[others[0][1]] is None and others[0][1] != g:
+                    (oax, h), = others
+                    single.setdefault(h, []).append(Term(path, ax, h, oax))
+                else:
+                    full = True
+        if touched:
+            plans[g] = GroupPlan(g, tuple(kids), spec.size[g], tuple(constant),
+                                 tuple((h, tuple(t)) for h, t in single.items()), full, frozenset(deps))
+    return plans
+
+
+def colour_classes(plans: Mapping[str, GroupPlan]) -> list[tuple[str, ...]]:
+    """Greedy colouring of the dependency graph, in the spec's order: permutations of one class
+    share no array, so solving them together equals solving them one after another."""
+    colour: dict[str, int] = {}
+    for g, plan in plans.items():
+        used = {colour[h] for h in plan.deps if h in colour}
+        used |= {colour[h] for h, p in plans.items() if g in p.deps and h in colour}
+        colour[g] = next(c for c in range(len(plans) + 1) if c not in used)
+    return [tuple(g for g in plans if colour[g] == c) for c in range(max(colour.values(), default=-1) + 1)]
+
+
+def _matrix(x: jax.Array, axis: int) -> jax.Array:
+    return jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+
+
+def _group_costs(spec: PermutationSpec, plan: GroupPlan, part: str, a: Mapping[str, jax.Array],
+                 b: Mapping[str, jax.Array], perm: Mapping[str, jax.Array]) -> Any:
+    """One group's matrix: ``"const"`` or ``"var"`` (the single terms) as ``c0``, or ``"all"`` as
+    ``(c0, {child: (n, d, n, d)})``."""
+    leaves, parent = spec.leaves, spec.parent
+    n = plan.size
+    c0 = jnp.zeros((n, n), jnp.float32)
+    if part in ("const", "var"):
+        terms = plan.constant if part == "const" else [t for _, ts in plan.single for t in ts]
+        for t in terms:
+            lay = leaves[t.path]
+            x = jnp.reshape(a[t.path], lay.factors).astype(jnp.float32)
+            y = permute_leaf(lay, parent, perm, b[t.path], skip={t.axis})
+            y = jnp.reshape(y, lay.factors).astype(jnp.float32)
+            c0 = c0 + _matrix(x, t.axis) @ _matrix(y, t.axis).T
+        return c0
+    g, children = plan.name, plan.children
+    members = {g, *children}
+    cc = {c: jnp.zeros((n, spec.size[c], n, spec.size[c]), jnp.float32) for c in children}
+    for path in sorted(a):
+        lay = leaves[path]
+        if not members & set(lay.perms):
+            continue
+        x = jnp.reshape(a[path], lay.factors).astype(jnp.float32)
+        if not children:
+            for ax in lay.axes_of(g):
+                y = permute_leaf(lay, parent, perm, b[path], skip={ax})
+                y = jnp.reshape(y, lay.factors).astype(jnp.float32)
+                c0 = c0 + _matrix(x, ax) @ _matrix(y, ax).T
+            continue
+        (ay,) = lay.axes_of(g)
+        kids = [(c, lay.axes_of(c)[0]) for c in children if c in lay.perms]
+        y = permute_leaf(lay, parent, perm, b[path], skip={ay, *(ax for _, ax in kids)})
+        y = jnp.reshape(y, lay.factors).astype(jnp.float32)
+        if not kids:
+            c0 = c0 + _matrix(x, ay) @ _matrix(y, ay).T
+            continue
+        (child, ax), = kids
+        d = spec.size[child]
+        xm = jnp.moveaxis(x, (ay, ax), (0, 1)).reshape(n, d, -1)
+        ym = jnp.moveaxis(y, (ay, ax), (0, 1)).reshape(n, d, -1)
+        cc[child] = cc[child] + jnp.einsum("ixr,jyr->ixjy", xm, ym)
+    return c0, cc
+
+
+@functools.lru_cache(maxsize=512)
+def build_fn(spec: PermutationSpec, plans: tuple[GroupPlan, ...], parts: tuple[str, ...]):
+    """Jitted ``(a, b, perm) -> tuple`` of the requested ``(plan, part)`` matrices, in one call."""
+
+    def fn(a, b, perm):
+        return tuple(_group_costs(spec, plan, part, a, b, perm) for plan, part in zip(plans, parts))
+
+    return jax.jit(fn)
+
+
+def rank_update(spec: PermutationSpec, terms: Sequence[Term], a: Mapping[str, np.ndarray],
+                b: Mapping[str, np.ndarray], rows: np.ndarray, new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """The change of the sum of `terms` when their other permutation moves from `old` to `new`
+    at positions `rows` (host arrays, float32 products)."""
+    leaves = spec.leaves
+    out = None
+    for t in terms:
+        lay = leaves[t.path]
+        x = a[t.path].reshape(lay.factors)
+        y = b[t.path].reshape(lay.factors)
+        xs = np.take(x, rows, axis=t.other_axis)
+        d = np.take(y, new, axis=t.other_axis) - np.take(y, old, axis=t.other_axis)
+        axes = [i for i in range(x.ndim) if i != t.axis]
+        term = np.tensordot(xs, d, axes=(axes, axes))
+        out = term if out is None else out + term
+    return out
