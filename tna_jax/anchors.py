@@ -305,6 +305,8 @@ def _draw_placed(key: jax.Array, ratio: Any, layout: tuple[Any, ...]) -> PyTree:
     treedef, leaves, eligible, granularity, group_of = layout
     shapes = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, jnp.float32) for shape, _ in leaves])
     mask = _draw(shapes, _keypair(key), ratio, eligible, granularity, group_of)
+    if all(sharding is None for _, sharding in leaves):
+        return mask
     shardings = jax.tree.unflatten(treedef, [sharding for _, sharding in leaves])
     return jax.lax.with_sharding_constraint(mask, shardings)
 
@@ -388,7 +390,11 @@ def anchor_mask(
         return _draw(params, _keypair(key), ratio, eligible, granularity, group_of)
     # Placed arrays, eager call: one compiled program (cached on the tree's layout), its output
     # placed like the params.
-    layout = (treedef, tuple((tuple(x.shape), x.sharding) for x in leaves), eligible, granularity, group_of)
+    # Arrays on one device get a mask placed as JAX places new arrays (so a jitted consumer sees
+    # the same placement as for jnp.zeros); sharded ones get the params' shardings.
+    spread = any(len(x.sharding.device_set) > 1 for x in leaves)
+    layout = (treedef, tuple((tuple(x.shape), x.sharding if spread else None) for x in leaves), eligible,
+              granularity, group_of)
     return _draw_placed(key, ratio, layout)
 
 
