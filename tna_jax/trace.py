@@ -81,6 +81,9 @@ def first_reads(fn: Callable[[PyTree], Any], tree: PyTree) -> dict[str, int]:
     Returns:
       A dict from '/'-joined leaf paths to the position of the first equation that reads them.
 
+    Raises:
+      ValueError: `fn` takes more inputs than the leaves of `tree`.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> params = {"a": jnp.ones(2), "b": jnp.ones(2)}
