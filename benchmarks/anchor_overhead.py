@@ -34,7 +34,7 @@ def regenerate_mask(ratio: float, key: jax.Array) -> optax.GradientTransformatio
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
-        mask = anchors.anchor_mask(updates, key, ratio)
+        mask = anchors.anchor_mask(updates, ratio, key)
         return jax.tree.map(lambda u, m: jnp.where(m, 0, u), updates, mask), state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -50,7 +50,7 @@ def test_shared_values_are_reached_in_one_update_and_held_bit_for_bit_from_the_s
                      fixed_anchor_mask(0.4, key, values=shared))
     step = _stepper(tx, dtype)
     params, state = own, tx.init(own)
-    mask = anchor_mask(own, key, 0.4)
+    mask = anchor_mask(own, 0.4, key)
     eps = float(jnp.finfo(dtype).eps)
     for t in range(1, 41):
         params, state = step(params, state)
@@ -107,7 +107,7 @@ def test_one_transform_object_serves_models_of_any_shape():
     small, large = mlp_params(jax.random.key(0), sizes=(3, 4)), mlp_params(jax.random.key(1), sizes=(20, 32, 16, 4))
     for params in (large, small, large):
         state = tx.init(params)
-        chex.assert_trees_all_equal(state[1].mask, anchor_mask(params, jax.random.key(7), 0.5, include="kernel"))
+        chex.assert_trees_all_equal(state[1].mask, anchor_mask(params, 0.5, jax.random.key(7), include="kernel"))
         updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
         chex.assert_trees_all_equal_structs(updates, params)
 
@@ -122,7 +122,7 @@ def test_refresh_draws_at_the_ratio_in_the_state_not_the_update_objects():
     grads = jax.tree.map(jnp.ones_like, params)
     for t in range(7):
         updates, state = update(grads, state, params)
-        expected = anchor_mask(params, jax.random.fold_in(key, t // 3), 0.4)
+        expected = anchor_mask(params, 0.4, jax.random.fold_in(key, t // 3))
         chex.assert_trees_all_equal(jax.tree.map(lambda u: u == 0, updates), expected)
     assert 0.35 < anchors.mask_summary(state.mask)["overall"] < 0.45
 
@@ -208,7 +208,7 @@ def test_optax_wrappers_compose_with_shared_values():
     own, shared = {"w": jax.random.normal(jax.random.key(0), (256,))}, {"w": jax.random.normal(jax.random.key(1), (256,))}
     x = jax.random.normal(jax.random.key(2), (256,))
     loss = lambda p: jnp.sum((p["w"] * x - 1.0) ** 2)  # noqa: E731
-    mask = anchor_mask(own, jax.random.key(3), 0.4)
+    mask = anchor_mask(own, 0.4, jax.random.key(3))
     anchor = lambda: fixed_anchor_mask(0.4, jax.random.key(3), values=shared)  # noqa: E731
 
     def run(tx, p, steps=12, nan_at=None):
@@ -254,7 +254,7 @@ def test_optax_wrappers_compose_with_shared_values():
 def test_threefry_in_jnp_equals_the_library_word_for_word():
     k = jax.random.randint(jax.random.key(0), (2,), 0, 2**31 - 1).astype(jnp.uint32)
     counters = jax.random.randint(jax.random.key(1), (2, 4096), 0, 2**31 - 1).astype(jnp.uint32)
-    ours = anchors._threefry_first_word(k[0], k[1], counters[0], counters[1])
+    ours = anchors.masks._threefry_first_word(k[0], k[1], counters[0], counters[1])
     theirs = jax.extend.random.threefry_2x32(k, counters.reshape(-1))[:4096]
     assert bool(jnp.all(ours == theirs))
 
@@ -263,7 +263,7 @@ def test_drawing_a_mask_needs_no_memory_beyond_the_mask():
     params = {f"dense_{i}": {"kernel": jax.ShapeDtypeStruct((512, 512), jnp.float32),
                              "bias": jax.ShapeDtypeStruct((512,), jnp.float32)} for i in range(3)}
     n = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
-    compiled = jax.jit(lambda k: anchor_mask(params, k, 0.4)).lower(jax.random.key(0)).compile()
+    compiled = jax.jit(lambda k: anchor_mask(params, 0.4, k)).lower(jax.random.key(0)).compile()
     memory = compiled.memory_analysis()
     assert memory.temp_size_in_bytes <= 0.5 * n, memory.temp_size_in_bytes / n  # was 16 bytes per parameter
     assert memory.output_size_in_bytes <= 1.01 * n
@@ -277,9 +277,9 @@ mesh = Mesh(np.array(jax.devices()), ("x",))
 params = {"a": {"kernel": jnp.ones((64, 32)), "bias": jnp.ones(32)}, "b": {"kernel": jnp.ones((32, 8))}}
 specs = {"a": {"kernel": P("x", None), "bias": P("x")}, "b": {"kernel": P(None, None)}}
 placed = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
-mask = anchors.anchor_mask(placed, jax.random.key(3), 0.4)
+mask = anchors.anchor_mask(placed, 0.4, jax.random.key(3))
 state = anchors.fixed_anchor_mask(0.4, jax.random.key(3)).init(placed)
-host = anchors.anchor_mask(jax.device_get(params), jax.random.key(3), 0.4)
+host = anchors.anchor_mask(jax.device_get(params), 0.4, jax.random.key(3))
 print(json.dumps({
     "devices": jax.device_count(),
     "same_sharding": all(m.sharding.is_equivalent_to(p.sharding, m.ndim)

@@ -55,7 +55,7 @@ def quadratic_loss(params, x, y):
 def test_realised_fraction_is_within_five_binomial_std(ratio, rows, cols, seed):
     params = {"a": {"kernel": jnp.zeros((rows, cols)), "bias": jnp.zeros((cols,))},
               "b": {"scale": jnp.zeros((7,))}}
-    mask = anchor_mask(params, jax.random.key(seed), ratio)
+    mask = anchor_mask(params, ratio, jax.random.key(seed))
     chex.assert_trees_all_equal_shapes(mask, params)
     assert all(m.dtype == jnp.bool_ for m in jax.tree.leaves(mask))
     n = rows * cols + cols + 7
@@ -67,9 +67,9 @@ def test_realised_fraction_is_within_five_binomial_std(ratio, rows, cols, seed):
 @given(seed=st.integers(0, 2**31 - 1), ratio=st.floats(0.05, 0.95))
 def test_same_key_same_mask_and_different_key_different_mask(seed, ratio):
     params = mlp_params(jax.random.key(0))
-    m1 = anchor_mask(params, jax.random.key(seed), ratio)
-    m2 = anchor_mask(params, jax.random.key(seed), ratio)
-    m3 = anchor_mask(params, jax.random.key(seed + 1), ratio)
+    m1 = anchor_mask(params, ratio, jax.random.key(seed))
+    m2 = anchor_mask(params, ratio, jax.random.key(seed))
+    m3 = anchor_mask(params, ratio, jax.random.key(seed + 1))
     chex.assert_trees_all_equal(m1, m2)
     differs = any(bool((a != b).any()) for a, b in zip(jax.tree.leaves(m1), jax.tree.leaves(m3)))
     assert differs
@@ -78,31 +78,31 @@ def test_same_key_same_mask_and_different_key_different_mask(seed, ratio):
 def test_masks_are_nested_in_ratio_and_legacy_keys_agree():
     params = mlp_params(jax.random.key(0))
     key = jax.random.key(3)
-    low = anchor_mask(params, key, 0.2)
-    high = anchor_mask(params, key, 0.6)
+    low = anchor_mask(params, 0.2, key)
+    high = anchor_mask(params, 0.6, key)
     for lo, hi in zip(jax.tree.leaves(low), jax.tree.leaves(high)):
         assert bool(jnp.all(~lo | hi))
-    legacy = anchor_mask(params, jax.random.PRNGKey(3), 0.2)
+    legacy = anchor_mask(params, 0.2, jax.random.PRNGKey(3))
     chex.assert_trees_all_equal(low, legacy)
 
 
 def test_mask_is_independent_of_other_leaves():
     params = mlp_params(jax.random.key(0))
     key = jax.random.key(5)
-    full = anchor_mask(params, key, 0.5)
-    only_first = anchor_mask({"dense_0": params["dense_0"]}, key, 0.5)
+    full = anchor_mask(params, 0.5, key)
+    only_first = anchor_mask({"dense_0": params["dense_0"]}, 0.5, key)
     chex.assert_trees_all_equal(full["dense_0"], only_first["dense_0"])
 
 
 def test_ratio_is_traceable_so_a_ratio_sweep_is_a_vmap():
     params = mlp_params(jax.random.key(0))
     ratios = jnp.array([0.0, 0.3, 1.0])
-    masks = jax.jit(jax.vmap(lambda r: anchor_mask(params, jax.random.key(1), r)))(ratios)
+    masks = jax.jit(jax.vmap(lambda r: anchor_mask(params, r, jax.random.key(1))))(ratios)
     fractions = [mask_summary(jax.tree.map(lambda m, i=i: m[i], masks))["overall"] for i in range(3)]
     assert fractions[0] == 0.0 and fractions[2] == 1.0
     assert 0.2 < fractions[1] < 0.4
     chex.assert_trees_all_equal(jax.tree.map(lambda m: m[1], masks),
-                                anchor_mask(params, jax.random.key(1), 0.3))
+                                anchor_mask(params, 0.3, jax.random.key(1)))
 
 
 class ConvNet(nn.Module):
@@ -118,7 +118,7 @@ class ConvNet(nn.Module):
 def test_neuron_granularity_anchors_whole_units_of_dense_conv_and_norm():
     variables = ConvNet().init(jax.random.key(0), jnp.ones((1, 6, 6, 2)))
     params = variables["params"]
-    mask = anchor_mask(params, jax.random.key(2), 0.5, granularity="neuron")
+    mask = anchor_mask(params, 0.5, jax.random.key(2), granularity="neuron")
     conv_units = mask["conv1"]["kernel"]  # (3, 3, 2, 8)
     per_channel = conv_units.reshape(-1, 8)
     assert bool(jnp.all(per_channel == per_channel[:1]))  # a channel is all or nothing
@@ -137,16 +137,16 @@ def test_include_exclude_and_named_layer_selections():
     params = mlp_params(jax.random.key(0), sizes=(5, 6, 7, 8, 3))
     order = anchors.layer_order(lambda p: quadratic_loss(p, jnp.ones((1, 5)), 0.0), params)
     assert order == ["dense_0", "dense_1", "dense_2", "dense_3"]
-    first = anchor_mask(params, jax.random.key(0), 1.0, include="first", layer_order=order)
+    first = anchor_mask(params, 1.0, jax.random.key(0), include="first", layer_order=order)
     assert bool(first["dense_0"]["kernel"].all()) and bool(first["dense_0"]["bias"].all())
     assert not any(bool(first[f"dense_{i}"]["kernel"].any()) for i in (1, 2, 3))
-    last = anchor_mask(params, jax.random.key(0), 1.0, include="last", layer_order=order)
+    last = anchor_mask(params, 1.0, jax.random.key(0), include="last", layer_order=order)
     assert bool(last["dense_3"]["kernel"].all()) and not bool(last["dense_2"]["kernel"].any())
-    middle = anchor_mask(params, jax.random.key(0), 1.0, include="middle", layer_order=order)
+    middle = anchor_mask(params, 1.0, jax.random.key(0), include="middle", layer_order=order)
     assert [bool(middle[f"dense_{i}"]["kernel"].all()) for i in range(4)] == [False, True, True, False]
-    no_bias = anchor_mask(params, jax.random.key(0), 1.0, exclude=r"/bias$")
+    no_bias = anchor_mask(params, 1.0, jax.random.key(0), exclude=r"/bias$")
     assert bool(no_bias["dense_1"]["kernel"].all()) and not bool(no_bias["dense_1"]["bias"].any())
-    both = anchor_mask(params, jax.random.key(0), 1.0, include=[r"dense_[01]/"], exclude="bias")
+    both = anchor_mask(params, 1.0, jax.random.key(0), include=[r"dense_[01]/"], exclude="bias")
     assert bool(both["dense_1"]["kernel"].all()) and not bool(both["dense_2"]["kernel"].any())
     assert not bool(both["dense_0"]["bias"].any())
 
@@ -199,7 +199,7 @@ def test_anchors_stay_bit_identical_after_100_steps(name, dtype):
     key = jax.random.key(42)
     tx = optax.chain(OPTIMIZERS[name](6.0 if dtype == jnp.bfloat16 else 1.0), fixed_anchor_mask(0.4, key))
     params, state = train(params0, tx)
-    mask = anchor_mask(params0, key, 0.4)
+    mask = anchor_mask(params0, 0.4, key)
     chex.assert_trees_all_equal(state[1].mask, mask)
     for p0, p, m in zip(jax.tree.leaves(params0), jax.tree.leaves(params), jax.tree.leaves(mask)):
         assert p.dtype == dtype
@@ -246,7 +246,7 @@ def test_vmap_shared_mask_and_per_seed_masks():
     pm = per_seed[1].mask["dense_0"]["kernel"]
     assert bool(jnp.any(pm[0] != pm[1]))
     chex.assert_trees_all_equal(jax.tree.map(lambda x: x[2], per_seed[1].mask),
-                                anchor_mask(jax.tree.map(lambda x: x[2], stacked), keys[2], 0.5))
+                                anchor_mask(jax.tree.map(lambda x: x[2], stacked), 0.5, keys[2]))
     grads = jax.tree.map(jnp.ones_like, stacked)
     updates, _ = jax.jit(jax.vmap(tx.update))(grads, per_seed, stacked)
     chex.assert_trees_all_equal(jax.tree.map(lambda u: u == 0, updates), per_seed[1].mask)
@@ -254,7 +254,7 @@ def test_vmap_shared_mask_and_per_seed_masks():
 
 def test_precomputed_mask_and_prune_at_init_keep_pruned_weights_at_zero():
     params0 = mlp_params(jax.random.key(0))
-    pruned, mask = prune_at_init(params0, jax.random.key(1), 0.6)
+    pruned, mask = prune_at_init(params0, 0.6, jax.random.key(1))
     for p, m in zip(jax.tree.leaves(pruned), jax.tree.leaves(mask)):
         assert bool(jnp.all(p[m] == 0))
     params, _ = train(pruned, optax.chain(optax.adam(1e-2), fixed_anchor_mask(mask=mask)), steps=20)
@@ -264,7 +264,7 @@ def test_precomputed_mask_and_prune_at_init_keep_pruned_weights_at_zero():
 
 def test_state_survives_donation_to_a_jitted_step():
     params = mlp_params(jax.random.key(0))
-    _, mask = prune_at_init(params, jax.random.key(1), 0.5)
+    _, mask = prune_at_init(params, 0.5, jax.random.key(1))
     for tx in (fixed_anchor_mask(0.5, jax.random.key(2)), fixed_anchor_mask(mask=mask)):
         step = jax.jit(lambda g, s, tx=tx: tx.update(g, s), donate_argnums=(1,))
         for _ in range(2):  # a second init after the first state was donated
@@ -286,7 +286,7 @@ def test_refresh_every_draws_a_new_mask_per_period():
         updates, state = update(grads, state, params)
         params = optax.apply_updates(params, updates)
         assert bool(anchors.verify(params, state))  # each new set is frozen where it stands
-        expected = anchor_mask(params0, jax.random.fold_in(key, t // 3), 0.5)
+        expected = anchor_mask(params0, 0.5, jax.random.fold_in(key, t // 3))
         chex.assert_trees_all_equal(jax.tree.map(lambda u: u == 0, updates), expected)
         seen.append(expected["dense_0"]["kernel"])
     assert bool(jnp.all(seen[0] == seen[2])) and bool(jnp.any(seen[2] != seen[3]))
@@ -296,7 +296,7 @@ def test_refresh_every_draws_a_new_mask_per_period():
 def test_works_under_multisteps_inject_hyperparams_and_multi_transform():
     params0 = mlp_params(jax.random.key(0))
     key = jax.random.key(11)
-    mask = anchor_mask(params0, key, 0.3)
+    mask = anchor_mask(params0, 0.3, key)
 
     def check(params):
         for p0, p, m in zip(jax.tree.leaves(params0), jax.tree.leaves(params), jax.tree.leaves(mask)):
@@ -314,7 +314,7 @@ def test_works_under_multisteps_inject_hyperparams_and_multi_transform():
     check(params)
 
     labels = {k: ("frozen_out" if k == "dense_2" else "anchored") for k in params0}
-    sub_mask = anchor_mask({k: v for k, v in params0.items() if k != "dense_2"}, key, 0.3)
+    sub_mask = anchor_mask({k: v for k, v in params0.items() if k != "dense_2"}, 0.3, key)
     multi_t = optax.multi_transform(
         {"anchored": optax.chain(optax.adam(1e-2), fixed_anchor_mask(0.3, key)), "frozen_out": optax.set_to_zero()},
         labels,
@@ -342,7 +342,7 @@ def test_works_with_flax_nnx_optimizer():
         grads = nnx.grad(loss)(model)
         optimizer.update(model, grads)
     kernel = np.asarray(model.kernel[...])
-    expected = anchor_mask({"kernel": jnp.asarray(kernel0), "bias": jnp.zeros(5)}, jax.random.key(1), 0.5)["kernel"]
+    expected = anchor_mask({"kernel": jnp.asarray(kernel0), "bias": jnp.zeros(5)}, 0.5, jax.random.key(1))["kernel"]
     expected = np.asarray(expected)
     assert (kernel[expected] == kernel0[expected]).all()
     assert (kernel[~expected] != kernel0[~expected]).all()
@@ -377,25 +377,25 @@ def test_bad_ratio_names_the_argument_and_value(ratio):
 def test_bad_arguments_give_clear_errors():
     params = mlp_params(jax.random.key(0))
     with pytest.raises(TypeError, match="ratio must be a real number"):
-        anchor_mask(params, jax.random.key(0), "0.4")
+        anchor_mask(params, "0.4", jax.random.key(0))
     with pytest.raises(ValueError, match="granularity must be one of .*'channel'"):
-        anchor_mask(params, jax.random.key(0), 0.4, granularity="channel")
+        anchor_mask(params, 0.4, jax.random.key(0), granularity="channel")
     with pytest.raises(ValueError, match="granularity"):
         fixed_anchor_mask(0.4, jax.random.key(0), granularity="entry")
     with pytest.raises(TypeError, match="key must be a PRNG key .* got int 3"):
-        anchor_mask(params, 3, 0.4)
+        anchor_mask(params, 0.4, 3)
     with pytest.raises(TypeError, match="key must be a PRNG key"):
         fixed_anchor_mask(0.4, jnp.zeros(3, jnp.uint32))
     with pytest.raises(ValueError, match="include pattern 'conv' selects no parameter"):
-        anchor_mask(params, jax.random.key(0), 0.4, include="conv")
+        anchor_mask(params, 0.4, jax.random.key(0), include="conv")
     with pytest.raises(ValueError, match="exclude pattern 'norm' selects no parameter"):
-        anchor_mask(params, jax.random.key(0), 0.4, exclude=["bias", "norm"])
+        anchor_mask(params, 0.4, jax.random.key(0), exclude=["bias", "norm"])
     with pytest.raises(ValueError, match="not a valid regular expression"):
-        anchor_mask(params, jax.random.key(0), 0.4, include="dense_(")
+        anchor_mask(params, 0.4, jax.random.key(0), include="dense_(")
     with pytest.raises(ValueError, match="middle"):
-        anchor_mask({"dense_0": params["dense_0"]}, jax.random.key(0), 0.4, include="middle", layer_order=["dense_0"])
+        anchor_mask({"dense_0": params["dense_0"]}, 0.4, jax.random.key(0), include="middle", layer_order=["dense_0"])
     with pytest.raises(ValueError, match="include='first' needs the order in which the model calls its layers"):
-        anchor_mask(params, jax.random.key(0), 0.4, include="first")
+        anchor_mask(params, 0.4, jax.random.key(0), include="first")
     with pytest.raises(ValueError, match="exclude='last' needs the order"):
         fixed_anchor_mask(0.4, jax.random.key(0), exclude="last").init(params)
     with pytest.raises(TypeError, match="layer_order must be a list"):
@@ -415,13 +415,23 @@ def test_bad_arguments_give_clear_errors():
 
 def test_mask_that_does_not_match_params_names_the_path():
     params = mlp_params(jax.random.key(0))
-    wrong_shape = anchor_mask(params, jax.random.key(0), 0.5)
+    wrong_shape = anchor_mask(params, 0.5, jax.random.key(0))
     wrong_shape["dense_1"]["kernel"] = jnp.zeros((3, 3), bool)
     with pytest.raises(ValueError, match="'dense_1/kernel'.*\\(3, 3\\) vs \\(32, 16\\)|'dense_1/kernel'"):
         fixed_anchor_mask(mask=wrong_shape).init(params)
-    missing = anchor_mask(params, jax.random.key(0), 0.5)
+    missing = anchor_mask(params, 0.5, jax.random.key(0))
     del missing["dense_2"]
     with pytest.raises(ValueError, match="'dense_2/bias'"):
         fixed_anchor_mask(mask=missing).init(params)
     with pytest.raises(ValueError, match="mask"):
         anchors.share_anchor_values(params, params, missing)
+
+
+def test_the_old_key_ratio_order_still_works_with_a_deprecation_warning():
+    params = mlp_params(jax.random.key(0))
+    with pytest.warns(DeprecationWarning, match=r"anchor_mask\(params, ratio, key\)"):
+        old = anchor_mask(params, jax.random.key(3), 0.4)
+    chex.assert_trees_all_equal(old, anchor_mask(params, 0.4, jax.random.key(3)))
+    with pytest.warns(DeprecationWarning, match="prune_at_init"):
+        pruned, _ = prune_at_init(params, jax.random.PRNGKey(3), 0.4)
+    chex.assert_trees_all_equal(pruned, prune_at_init(params, 0.4, jax.random.PRNGKey(3))[0])

@@ -175,7 +175,7 @@ def test_fedpnu_leaves_each_rounds_masked_entries_unchanged(problem):
     apply = jax.jit(alg.apply)
     masks = []
     for r in range(3):
-        mask = anchors.anchor_mask(s.params, jax.random.fold_in(jax.random.key(7), r), 0.4)
+        mask = anchors.anchor_mask(s.params, 0.4, jax.random.fold_in(jax.random.key(7), r))
         new, metrics = apply(s, problem["clients"], jax.random.key(10 + r))
         assert float(metrics["masked_fraction"]) == pytest.approx(anchors.mask_summary(mask)["overall"], abs=1e-6)
         for p, p0, m in zip(jax.tree.leaves(new.params), jax.tree.leaves(s.params), jax.tree.leaves(mask)):

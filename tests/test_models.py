@@ -264,7 +264,7 @@ def test_resnet20_layer_names_and_order():
 
 def test_neuron_anchors_fix_a_channel_with_its_norm_in_resnet20():
     params = abstract_params(tiny_net("resnet20"))  # 2, 4 and 8 channels
-    mask = jax.jit(lambda key: anchors.anchor_mask(params, key, 0.5, granularity="neuron"))(jax.random.key(0))
+    mask = jax.jit(lambda key: anchors.anchor_mask(params, 0.5, key, granularity="neuron"))(jax.random.key(0))
     for layer in ("conv_stem", "stage0_block1/conv1", "stage1_block0/conv2", "stage2_block0/shortcut"):
         block, _, leaf = layer.rpartition("/")
         node = mask[block] if block else mask
@@ -295,7 +295,7 @@ def test_transformer_names_mirror_bert_and_post_norms_share_the_unit_draw():
     assert "layer_6" not in params
 
     tiny = abstract_params(tiny_net("transformer"))
-    mask = jax.jit(lambda key: anchors.anchor_mask(tiny, key, 0.5, granularity="neuron"))(jax.random.key(3))
+    mask = jax.jit(lambda key: anchors.anchor_mask(tiny, 0.5, key, granularity="neuron"))(jax.random.key(3))
     m = mask["layer_0"]
     np.testing.assert_array_equal(m["attention"]["out_norm"]["scale"], m["attention"]["out"]["bias"])
     np.testing.assert_array_equal(m["output_norm"]["bias"], m["output"]["bias"])

@@ -162,7 +162,7 @@ PATTERNS = st.one_of(st.none(), NASTY, st.sampled_from(["first", "last", "middle
 @given(ratio=st.one_of(NASTY, st.floats(0, 1)), key=KEYS, granularity=st.one_of(NASTY, st.sampled_from(["weight", "neuron"])),
        include=PATTERNS, exclude=PATTERNS)
 def test_anchor_mask_arguments(ratio, key, granularity, include, exclude):
-    out = clean("anchors.anchor_mask", lambda: anchors.anchor_mask(PARAMS, key, ratio, granularity=granularity,
+    out = clean("anchors.anchor_mask", lambda: anchors.anchor_mask(PARAMS, ratio, key, granularity=granularity,
                                                                       include=include, exclude=exclude))
     if not isinstance(out, Exception):
         anchors.check_mask(PARAMS, out)
@@ -178,7 +178,7 @@ def test_fixed_anchor_mask_and_prune_arguments(ratio, key, refresh, mask):
         return anchors.fixed_anchor_mask(ratio, key, refresh_every=refresh).init(PARAMS)
 
     clean("anchors.fixed_anchor_mask", build)
-    clean("anchors.prune_at_init", lambda: anchors.prune_at_init(PARAMS, key, ratio))
+    clean("anchors.prune_at_init", lambda: anchors.prune_at_init(PARAMS, ratio, key))
 
 
 def eval_fn(v, x, y):

@@ -202,7 +202,7 @@ def raises(fn, error, pattern):
 
 def test_a_mask_of_the_wrong_shapes_is_refused_naming_the_leaf(tmp_path, reliability):
     params = {"dense": {"kernel": jnp.zeros((8, 4)), "bias": jnp.zeros(4)}}
-    mask = anchors.anchor_mask(params, jax.random.key(0), 0.5)
+    mask = anchors.anchor_mask(params, 0.5, jax.random.key(0))
     ckpt = ckpt_lib.Checkpointer(str(tmp_path / "c"))
     ckpt.save(1, params, extras={"mask": mask})
     before = tree_hash(str(tmp_path / "c"))

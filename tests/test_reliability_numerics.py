@@ -150,7 +150,7 @@ def test_anchors_stay_put_under_overflowing_or_nan_gradients(reliability, dtype=
     key = jax.random.key(7)
     params = {"dense": {"kernel": jax.random.normal(key, (16, 8), dtype), "bias": jnp.linspace(-1, 1, 8).astype(dtype)}}
     failures, tried = [], 0
-    mask = anchors.anchor_mask(params, jax.random.key(1), 0.5)
+    mask = anchors.anchor_mask(params, 0.5, jax.random.key(1))
     for opt_name, make in OPTIMIZERS.items():
         tx = optax.chain(make(), anchors.fixed_anchor_mask(0.5, jax.random.key(1)))
         step = jax.jit(lambda p, s, g, tx=tx: (lambda u, s2: (optax.apply_updates(p, u), s2))(*tx.update(g, s, p)))

@@ -605,7 +605,7 @@ def cold_masks(body: PyTree, frozen_heads: PyTree, key: jax.Array | None, ratio:
     """The masks of one ColD round: the anchor mask of the shared body and every contributor's
     full optimizer mask (body anchors plus its frozen padded head entries).
 
-    The body mask is ``anchors.anchor_mask(body, k, ratio)`` with ``k = key`` (fixed mask) or
+    The body mask is ``anchors.anchor_mask(body, ratio, k)`` with ``k = key`` (fixed mask) or
     ``k = fold_in(key, round_index)`` (``refresh=True``: a fresh mask each round, as FedPNU).
     ``ratio = 0`` gives plain ColD fusion (no body entry is masked).
 
@@ -641,7 +641,7 @@ def cold_masks(body: PyTree, frozen_heads: PyTree, key: jax.Array | None, ratio:
         if key is None:
             raise ValueError(f"cold_masks needs a key for ratio={ratio}.")
         k = jax.random.fold_in(key, round_index) if refresh else key
-        body_mask = anchors.anchor_mask(body, k, ratio, **mask_kwargs)
+        body_mask = anchors.anchor_mask(body, ratio, k, **mask_kwargs)
     else:
         body_mask = jax.tree.map(lambda p: jnp.zeros(np.shape(p), bool), body)
     c = num_candidates(frozen_heads, "frozen_heads")

@@ -22,11 +22,11 @@ Methods (``method=``):
 
 * ``"fedavg"``; ``"fedprox"``: local objective plus :math:`\\frac{\\mu}{2}\\lVert w-\\theta^r\\rVert^2`;
 * ``"fedpfn"`` (Li et al., "Improving Model Fusion by Training-time Neuron Alignment with Fixed
-  Neuron Anchors"): one anchor mask :math:`m` (``tna_jax.anchors.anchor_mask(params, anchor_key,
-  ρ)``), drawn at ``init`` and fixed for all rounds and shared by every client; clients never
+  Neuron Anchors"): one anchor mask :math:`m` (``tna_jax.anchors.anchor_mask(params, ρ,
+  anchor_key)``), drawn at ``init`` and fixed for all rounds and shared by every client; clients never
   update anchored entries, and the server keeps them at the GLOBAL model's values:
   :math:`\\theta^{r+1} \\odot m = \\theta^r \\odot m = \\theta^0 \\odot m`, bit for bit;
-* ``"fedpnu"``: a fresh shared mask every round, ``anchor_mask(params, fold_in(anchor_key, r), ρ)``
+* ``"fedpnu"``: a fresh shared mask every round, ``anchor_mask(params, ρ, fold_in(anchor_key, r))``
   with r the round: only the unmasked part of the model is updated in round r.
 
 The server optimizer composes with every method; masked entries get a zero pseudo-gradient and
@@ -313,7 +313,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
     if method == "fedprox" and not prox_mu > 0:
         raise ValueError(f"fedprox needs prox_mu > 0; got {prox_mu!r}.")
     masked = method in ("fedpfn", "fedpnu")
-    default_key = anchors._as_key(anchor_key, "anchor_key") if anchor_key is not None else None
+    default_key = anchors.as_key(anchor_key, "anchor_key") if anchor_key is not None else None
     default_ratio = float(mask_ratio)
     mask_options = dict(mask_options or {})
     num_devices = mesh.devices.size if mesh is not None else 1
@@ -338,7 +338,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
 
     def draw_mask(params: PyTree, key_data: jax.Array, round_index: Any, ratio: Any) -> PyTree:
         key = jax.random.wrap_key_data(key_data)
-        return anchors.anchor_mask(params, jax.random.fold_in(key, round_index), ratio, **mask_options)
+        return anchors.anchor_mask(params, ratio, jax.random.fold_in(key, round_index), **mask_options)
 
     def init(params: PyTree, model_state: PyTree | None = None, anchor_key: jax.Array | None = None,
              mask_ratio: Any = None) -> ServerState:
@@ -357,7 +357,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
         ratio: Any = ()
         if masked:
             ratio = jnp.asarray(default_ratio if mask_ratio is None else mask_ratio, jnp.float32)
-        mask = anchors.anchor_mask(params, jax.random.wrap_key_data(key_data), ratio, **mask_options) \
+        mask = anchors.anchor_mask(params, ratio, jax.random.wrap_key_data(key_data), **mask_options) \
             if method == "fedpfn" else ()
         client_bn: PyTree = ()
         if local_bn:
@@ -378,7 +378,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
         return jnp.concatenate([idx, jnp.full((m_pad - m,), num_clients, jnp.int32)]), valid
 
     def apply(state: ServerState, clients: ClientData, key: jax.Array) -> tuple[ServerState, dict[str, jax.Array]]:
-        key = anchors._as_key(key, "key") if not isinstance(key, jax.core.Tracer) else key
+        key = anchors.as_key(key, "key") if not isinstance(key, jax.core.Tracer) else key
         if jnp.issubdtype(key.dtype, jnp.uint32):
             key = jax.random.wrap_key_data(key)
         idx, valid = sample(key)
