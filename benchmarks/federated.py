@@ -38,7 +38,8 @@ import optax  # noqa: E402
 
 from benchmarks.common import print_table, time_interleaved, write_json  # noqa: E402
 from tna_jax import data as data_lib  # noqa: E402
-from tna_jax import models, training  # noqa: E402
+from tna_jax import models  # noqa: E402
+from tna_jax import sharding as sharding_lib
 from tna_jax import tree as tree_lib  # noqa: E402
 from tna_jax.federated import algorithms, client, driver, partition  # noqa: E402
 
@@ -139,7 +140,7 @@ def main(argv=None):
     d = data_lib.to_device(dataset)
     x, y = np.asarray(d.x_train), np.asarray(d.y_train)
     net = models.build({"name": "mlp", "depth": depth, "width": width}, dataset.input_shape, dataset.num_classes)
-    mesh = training.run_mesh()
+    mesh = sharding_lib.run_mesh()
 
     # 1. One round with 20 clients: vmapped (size buckets, as train.py runs it; and one padded
     # cohort) vs a Python loop over clients running the same code vs PyTorch.

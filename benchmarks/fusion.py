@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import print_table, time_interleaved, write_json  # noqa: E402
-from tna_jax import fusion, models, training  # noqa: E402
+from tna_jax import evaluation, fusion, models  # noqa: E402
 from tna_jax import tree as tree_lib  # noqa: E402
 
 
@@ -120,7 +120,7 @@ def main(argv=None):
     rounds = 3 if args.quick else 7
     k, width, n = 10, 256, 2000
     net, stacked, x, y = greedy_problem(k, width, n)
-    eval_fn = training.make_eval_fn(net, 1000)
+    eval_fn = evaluation.make_eval_fn(net, 1000)
     loop = greedy_loop(eval_fn, stacked, x, y)
 
     def vmapped():

@@ -11,13 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from tna_jax import data as data_lib
-from tna_jax import models, training
+from tna_jax import models, optimizers, training
+from tna_jax import run_axis as run_axis_lib
+from tna_jax import runs as runs_lib
+from tna_jax import sharding as sharding_lib
 
 
 class Trainer:
     """`config.num_seeds` x arms runs of `config`'s model, trained by the library's jitted epoch
     function (vmap, or for conv nets on CPU a loop, over runs of a scan over steps; see
-    ``training.run_axis_plan`` and ``config.train.run_axis``), optionally sharded over every device."""
+    ``run_axis_lib.run_axis_plan`` and ``config.train.run_axis``), optionally sharded over every device."""
 
     def __init__(self, config, dataset: data_lib.Dataset, *, shard: bool = False, like: Trainer | None = None):
         """`like`: a trainer of the same shapes (e.g. another seed) whose compiled epoch to reuse."""
@@ -25,19 +28,19 @@ class Trainer:
         batch = config.train.batch_size
         self.net = models.build(config.model, dataset.input_shape, dataset.num_classes)
         self.data = data_lib.to_device(dataset)
-        runs = training.make_runs(config)
+        runs = runs_lib.make_runs(config)
         self.num_runs = len(runs)
-        self.keys = training.make_run_keys(config, runs)
+        self.keys = runs_lib.make_run_keys(config, runs)
         n = self.data.x_train.shape[0]
         self.steps = n // batch
-        base = training.make_optimizer(config.optimizer, self.steps, 1)
-        factory = training.make_transform(base, config, self.net, training.arms_from_config(config))
+        base = optimizers.make_optimizer(config.optimizer, self.steps, 1)
+        factory = optimizers.make_transform(base, config, self.net, runs_lib.arms_from_config(config))
         self.state = jax.jit(lambda k: training.init_runs(self.net, factory, runs, k))(self.keys)
         # The same loop plan as training.fit (steps per call, scan unroll), whole epochs only.
-        mesh = training.run_mesh() if shard and self.num_runs % jax.device_count() == 0 else None
-        self.run_axis = training.resolve_run_axis(config, self.net)
-        per_device = training.loop_group_size(self.num_runs // (mesh.size if mesh is not None else 1))
-        self.chunk, unroll = training.loop_plan(self.net, self.steps, int(config.train.steps_per_call),
+        mesh = sharding_lib.run_mesh() if shard and self.num_runs % jax.device_count() == 0 else None
+        self.run_axis = run_axis_lib.resolve_run_axis(config, self.net)
+        per_device = run_axis_lib.loop_group_size(self.num_runs // (mesh.size if mesh is not None else 1))
+        self.chunk, unroll = run_axis_lib.loop_plan(self.net, self.steps, int(config.train.steps_per_call),
                                                 int(config.train.unroll),
                                                 runs_per_device=per_device if self.run_axis == "loop" else 1)
         if self.steps % self.chunk:
@@ -46,12 +49,12 @@ class Trainer:
             self.net, factory(0.0, jax.random.key(0)), num_train=n, batch_size=batch, num_steps=self.chunk,
             unroll=unroll, run_axis=self.run_axis, mesh=mesh)
         if mesh is not None:
-            self.state, self.keys = training.shard_runs(self.state, mesh), training.shard_runs(self.keys, mesh)
-            self.data = training.replicate(self.data, mesh)
+            self.state, self.keys = sharding_lib.shard_runs(self.state, mesh), sharding_lib.shard_runs(self.keys, mesh)
+            self.data = sharding_lib.replicate(self.data, mesh)
         self.epoch = 0
         # Compiled once, ahead of time (the epoch number is traced): the timing of this is what a
         # user waits for before the first epoch, and the executable also gives XLA's memory plan.
-        grouped = isinstance(self.epoch_fn, training.RunGroups) and self.epoch_fn.group_size(self.num_runs)
+        grouped = isinstance(self.epoch_fn, run_axis_lib.RunGroups) and self.epoch_fn.group_size(self.num_runs)
         if like is not None:
             self.compiled, self.compile_s = like.compiled, like.compile_s
         elif grouped:  # several calls of one program per chunk: the first chunk's time is the compile

@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import print_table, time_interleaved, write_json  # noqa: E402
-from tna_jax import lmc, models, training  # noqa: E402
+from tna_jax import evaluation, lmc, models  # noqa: E402
 from tna_jax import tree as tree_lib  # noqa: E402
 
 
@@ -104,7 +104,7 @@ def measure(width: int, num_examples: int, rounds: int, with_torch: bool) -> dic
     """All variants on one problem size; returns rows, ratios and the auto chunk."""
     num_models, num_alphas, eval_batch = 5, 25, 1000
     net, stacked, x, y = problem(width, 2, num_models, num_examples)
-    eval_fn = training.make_eval_fn(net, eval_batch)
+    eval_fn = evaluation.make_eval_fn(net, eval_batch)
     pairs = lmc.all_pairs(num_models)  # 10 pairs
     alphas = lmc.default_alphas(num_alphas)
     models_list = tree_lib.unstack(stacked)

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import print_table, time_interleaved, write_json  # noqa: E402
 from benchmarks.harness import Trainer, matmul_peak_gflops, train_flops_per_example  # noqa: E402
 from tna_jax import data as data_lib  # noqa: E402
-from tna_jax import models, training  # noqa: E402
+from tna_jax import evaluation, models  # noqa: E402
 from tna_jax.config import default_config  # noqa: E402
 
 WIDTH, DEPTH, BATCH, LR = 256, 2, 64, 0.05
@@ -73,7 +73,7 @@ class PythonLoopTrainer:
         def step(params, opt_state, x, y):
             def loss_fn(p):
                 logits, _ = net.apply({"params": p}, x, train=True)
-                return training.cross_entropy(logits, y).mean()
+                return evaluation.cross_entropy(logits, y).mean()
 
             loss, grads = jax.value_and_grad(loss_fn)(params)
             updates, opt_state = tx.update(grads, opt_state, params)

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.util import tiny_config
-from tna_jax import align, lmc, models, training
+from tna_jax import align, evaluation, lmc, models, training
 from tna_jax import data as data_lib
 from tna_jax.models.base import Net
 from tna_jax.tree import map_with_names
@@ -371,7 +371,7 @@ def test_repair_bn_reset_and_curve_training_on_a_trained_pair():
     net, a, b_raw, data = train_pair()
     spec = align.permutation_spec(net)
     b = align.apply_permutation(spec, align.weight_matching(spec, a, b_raw, jax.random.key(0)).perm, b_raw)
-    eval_fn = training.make_eval_fn(net, 500)
+    eval_fn = evaluation.make_eval_fn(net, 500)
     ev = jax.jit(eval_fn)
     x_test, y_test = data.split("test")
 
@@ -691,7 +691,7 @@ def trained_trio():
 def test_ste_and_merge_many_on_trained_mlps():
     net, (a, b, c), data = trained_trio()
     spec = align.permutation_spec(net)
-    ev = jax.jit(training.make_eval_fn(net, 500))
+    ev = jax.jit(evaluation.make_eval_fn(net, 500))
     train = (data.x_train, data.y_train)
 
     # STE: the learnt permutation's midpoint has a lower loss than weight matching's

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.util import tiny_config
-from tna_jax import data, experiment, training
+from tna_jax import data, experiment
+from tna_jax import runs as runs_lib
 from tna_jax.config import ConfigError, validate
 from tna_jax.data import augment, batching, synthetic
 
@@ -169,8 +170,8 @@ def test_crop_flip_is_wired_for_images_only():
 
 def test_every_seed_has_its_own_data_order_fixed_by_its_key():
     c = tiny_config(num_seeds=3, baseline=False)
-    runs = training.make_runs(c)
-    keys = training.make_run_keys(c, runs)
+    runs = runs_lib.make_runs(c)
+    keys = runs_lib.make_run_keys(c, runs)
 
     def order(key, epoch):  # as the training step draws it
         order_key, _ = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(key), epoch))
@@ -179,7 +180,7 @@ def test_every_seed_has_its_own_data_order_fixed_by_its_key():
     orders = [order(k, 0) for k in keys.data]
     assert not np.array_equal(order(keys.data[0], 0), order(keys.data[0], 1))  # a new order every epoch
     assert len({o.tobytes() for o in orders}) == len(orders)
-    again = training.make_run_keys(c, runs)
+    again = runs_lib.make_run_keys(c, runs)
     np.testing.assert_array_equal(np.asarray(keys.data), np.asarray(again.data))
     for o in orders:
         assert len(np.unique(o)) == o.size  # no example twice in one epoch

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from util import ROOT
 
 from tna_jax import anchors, data, models, training
+from tna_jax import sharding as sharding_lib
 from tna_jax import tree as tree_lib
 from tna_jax.config import ConfigError, default_config, federated_config, validate
 from tna_jax.federated import algorithms, client, driver, partition
@@ -337,7 +338,7 @@ def test_fedbn_keeps_batchnorm_local_and_averaging_mode_shares_it(problem):
 
 def test_seeds_vmapped_and_sharded_rounds_match_one_seed_at_a_time(problem, pfn):
     alg, apply = pfn
-    mesh = training.run_mesh()
+    mesh = sharding_lib.run_mesh()
     keys = driver.seed_keys(0, 2, share_mask=False)
     states = driver.init_states(alg, problem["net"], keys, mesh)
     placed = driver.place_clients(problem["clients"], mesh)
@@ -382,7 +383,7 @@ def test_seeds_on_their_own_splits_train_as_each_seed_alone_on_its_split(problem
     net, x, y = problem["net"], problem["x"][:240], problem["y"][:240]
     splits = [partition.dirichlet(y, 4, 0.5, seed=partition_seed_of(0, s), min_size=3) for s in range(2)]
     n_max = max(len(p) for parts in splits for p in parts)
-    mesh = training.run_mesh()
+    mesh = sharding_lib.run_mesh()
     packed = []
     for parts in splits:
         d = client.pack_clients(x, y, parts, multiple=mesh.devices.size)
@@ -457,7 +458,7 @@ d = data.to_device(ds)
 x, y = np.asarray(d.x_train), np.asarray(d.y_train)
 net = models.build({"name": "mlp", "depth": 1, "width": 16}, ds.input_shape, ds.num_classes)
 parts = partition.dirichlet(y, 8, 0.5, seed=0)
-mesh = training.run_mesh()
+mesh = sharding_lib.run_mesh()
 packed = client.pack_clients(x, y, parts, multiple=mesh.devices.size)
 mine = driver.client_rows_of_process(packed.num_rows, mesh)
 others = np.setdiff1d(np.arange(packed.num_rows), mine)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tna_jax import fusion, models, training
+from tna_jax import evaluation, fusion, models
 from tna_jax import tree as tree_lib
 
 IN, CLASSES = 8, 3
@@ -24,7 +24,7 @@ def _data(seed, n=96):
 
 
 NET = models.build({"name": "mlp", "depth": 1, "width": 16}, (IN,), CLASSES)
-EVAL = training.make_eval_fn(NET, 64)
+EVAL = evaluation.make_eval_fn(NET, 64)
 
 
 def _candidates(k, seed, scale=0.5):

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.util import tiny_config
-from tna_jax import experiment, lmc, models, training
+from tna_jax import evaluation, experiment, lmc, models
 from tna_jax.models import Net
 
 
@@ -55,7 +55,7 @@ def data(n=200, seed=7):
 @pytest.fixture(scope="module")
 def setup():
     net, a, b = mlp_pair()
-    return net, a, b, training.make_eval_fn(net, 64), data()
+    return net, a, b, evaluation.make_eval_fn(net, 64), data()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_reset_bn_stats_recovers_the_true_batch_statistics():
     chex.assert_trees_all_equal(new["params"], v["params"])
     # Inside vmap over α (the BN-reset path) it matches a loop over α.
     b = net.init(jax.random.key(3))
-    eval_fn = lmc.with_bn_reset(net, training.make_eval_fn(net, 100), x, batch_size=bs)
+    eval_fn = lmc.with_bn_reset(net, evaluation.make_eval_fn(net, 100), x, batch_size=bs)
     y = jnp.zeros(250, jnp.int32)
     path = lmc.lmc_path(eval_fn, v, b, [0.0, 0.5, 1.0], (x, y))
     loop = [jax.jit(eval_fn)(lmc.interpolate(v, b, t), x, y)["loss"] for t in (0.0, 0.5, 1.0)]

@@ -34,7 +34,8 @@ from crash_harness import (
 from util import ROOT
 
 from tna_jax import checkpoint as ckpt_lib
-from tna_jax import data, models, training
+from tna_jax import data, models, optimizers, training
+from tna_jax import runs as runs_lib
 
 ARGS = ["--config=configs/quickstart.py", "--config.train.epochs=3", "--config.data.num_samples=600",
         "--config.model.width=16", "--config.model.depth=1", "--config.num_seeds=2",
@@ -82,10 +83,10 @@ class StepVerifier:
             config = ml_collections.ConfigDict(ckpt_lib.read_json(os.path.join(workdir, "config.json")))
             ds = data.load(config.data)
             net = models.build(config.model, ds.input_shape, ds.num_classes)
-            runs = training.make_runs(config)
-            base = training.make_optimizer(config.optimizer, STEPS_PER_EPOCH, config.train.epochs)
-            factory = training.make_transform(base, config, net, training.arms_from_config(config))
-            keys = training.make_run_keys(config, runs)
+            runs = runs_lib.make_runs(config)
+            base = optimizers.make_optimizer(config.optimizer, STEPS_PER_EPOCH, config.train.epochs)
+            factory = optimizers.make_transform(base, config, net, runs_lib.arms_from_config(config))
+            keys = runs_lib.make_run_keys(config, runs)
             self._target = jax.eval_shape(lambda k: training.init_runs(net, factory, runs, k), keys)
         return self._target
 

@@ -19,8 +19,9 @@ import pytest
 from absl import flags
 from util import ROOT, tiny_config
 
-from tna_jax import anchors, data, experiment, models, training
+from tna_jax import anchors, data, experiment, models, optimizers, training
 from tna_jax import checkpoint as ckpt_lib
+from tna_jax import runs as runs_lib
 from tna_jax.config import ConfigError, validate
 
 sys.path.insert(0, ROOT)
@@ -59,10 +60,10 @@ def state_target(config):
     """The abstract train state of `config` (what fit() restores into), from the public functions."""
     ds = data.load(config.data)
     net = models.build(config.model, ds.input_shape, ds.num_classes)
-    runs = training.make_runs(config)
-    base = training.make_optimizer(config.optimizer, 6, config.train.epochs)
-    factory = training.make_transform(base, config, net, training.arms_from_config(config))
-    return jax.eval_shape(lambda k: training.init_runs(net, factory, runs, k), training.make_run_keys(config, runs))
+    runs = runs_lib.make_runs(config)
+    base = optimizers.make_optimizer(config.optimizer, 6, config.train.epochs)
+    factory = optimizers.make_transform(base, config, net, runs_lib.arms_from_config(config))
+    return jax.eval_shape(lambda k: training.init_runs(net, factory, runs, k), runs_lib.make_run_keys(config, runs))
 
 
 def copy_run(finished_run, tmp_path):

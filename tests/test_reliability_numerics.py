@@ -14,8 +14,9 @@ import optax
 import pytest
 from util import tiny_config
 
-from tna_jax import anchors, data, models, training
+from tna_jax import anchors, data, models, optimizers, training
 from tna_jax import checkpoint as ckpt_lib
+from tna_jax import runs as runs_lib
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +28,11 @@ def setup(config, ds, *, concrete=False):
     """The pieces fit() builds, from the public functions (for an independent re-computation);
     the initial state abstract (a restore target) unless `concrete`."""
     net = models.build(config.model, ds.input_shape, ds.num_classes)
-    runs = training.make_runs(config)
-    keys = training.make_run_keys(config, runs)
+    runs = runs_lib.make_runs(config)
+    keys = runs_lib.make_run_keys(config, runs)
     spe = ds.sizes()["train"] // config.train.batch_size
-    base = training.make_optimizer(config.optimizer, spe, config.train.epochs)
-    factory = training.make_transform(base, config, net, training.arms_from_config(config))
+    base = optimizers.make_optimizer(config.optimizer, spe, config.train.epochs)
+    factory = optimizers.make_transform(base, config, net, runs_lib.arms_from_config(config))
     init_fn = lambda k: training.init_runs(net, factory, runs, k)  # noqa: E731
     init = jax.jit(init_fn)(keys) if concrete else jax.eval_shape(init_fn, keys)
     return net, runs, keys, spe, factory, init

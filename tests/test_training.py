@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from util import ROOT, run_python, tiny_config
 
-from tna_jax import anchors, data, experiment, models, training
+from tna_jax import anchors, data, evaluation, experiment, models, optimizers, training
 from tna_jax import checkpoint as ckpt_lib
+from tna_jax import run_axis as run_axis_lib
+from tna_jax import runs as runs_lib
 from tna_jax.config import ConfigError, validate
 
 
@@ -29,24 +31,24 @@ def build(config, dataset):
 
 
 def init_state(config, net, runs=None):
-    runs = runs if runs is not None else training.make_runs(config)
-    keys = training.make_run_keys(config, runs)
-    base = training.make_optimizer(config.optimizer, 10, config.train.epochs)
-    factory = training.make_transform(base, config, net, training.arms_from_config(config))
+    runs = runs if runs is not None else runs_lib.make_runs(config)
+    keys = runs_lib.make_run_keys(config, runs)
+    base = optimizers.make_optimizer(config.optimizer, 10, config.train.epochs)
+    factory = optimizers.make_transform(base, config, net, runs_lib.arms_from_config(config))
     return jax.jit(lambda k: training.init_runs(net, factory, runs, k))(keys), keys, factory
 
 
 def test_arms_and_runs_follow_the_config():
     c = tiny_config(anchor__ratio=0.4)
-    assert [a.label for a in training.arms_from_config(c)] == ["vanilla", "TNA-PFN 0.4"]
+    assert [a.label for a in runs_lib.arms_from_config(c)] == ["vanilla", "TNA-PFN 0.4"]
     c.baseline = False
-    assert [a.label for a in training.arms_from_config(c)] == ["TNA-PFN 0.4"]
+    assert [a.label for a in runs_lib.arms_from_config(c)] == ["TNA-PFN 0.4"]
     c.prune.ratio = 0.3
-    assert [a.label for a in training.arms_from_config(c)] == ["prune 0.3"]
+    assert [a.label for a in runs_lib.arms_from_config(c)] == ["prune 0.3"]
     c.sweep.anchor_ratios = (0.0, 0.2, 0.2)
     c.sweep.prune_ratios = (0.5,)
-    assert [a.label for a in training.arms_from_config(c)] == ["vanilla", "TNA-PFN 0.2", "prune 0.5"]
-    runs = training.make_runs(c)
+    assert [a.label for a in runs_lib.arms_from_config(c)] == ["vanilla", "TNA-PFN 0.2", "prune 0.5"]
+    runs = runs_lib.make_runs(c)
     assert [(r.arm_index, r.seed) for r in runs] == [(a, s) for a in range(3) for s in range(2)]
 
 
@@ -59,7 +61,7 @@ def test_initial_masks_values_and_seed_streams(dataset):
     net = build(c, dataset)
     state, keys, _ = init_state(c, net)
     mask = training.mask_of(state)
-    runs = training.make_runs(c)
+    runs = runs_lib.make_runs(c)
     vanilla = [r.index for r in runs if r.arm.method == "none"]
     tna = [r.index for r in runs if r.arm.method == "anchor"]
     for leaf in jax.tree.leaves(mask):
@@ -149,7 +151,7 @@ def test_a_user_loop_with_the_transform_alone_reproduces_the_shared_arm(dataset)
     c = tiny_config(anchor__ratio=0.4, baseline=False, train__epochs=3)
     net = build(c, dataset)
     result = training.fit(c, net, dataset, log=lambda s: None)
-    keys = training.make_run_keys(c, training.make_runs(c))
+    keys = runs_lib.make_run_keys(c, runs_lib.make_runs(c))
     dd = data.to_device(dataset)
     n, bs = int(dd.x_train.shape[0]), c.train.batch_size
     mine = []
@@ -157,13 +159,13 @@ def test_a_user_loop_with_the_transform_alone_reproduces_the_shared_arm(dataset)
         key = lambda stream, s=seed: jax.random.wrap_key_data(stream[s])  # noqa: E731
         params = net.init(key(keys.init))["params"]  # this seed's own init
         shared = net.init(key(keys.anchor_values))["params"]  # the same in every seed
-        tx = optax.chain(training.make_optimizer(c.optimizer, n // bs, c.train.epochs),
+        tx = optax.chain(optimizers.make_optimizer(c.optimizer, n // bs, c.train.epochs),
                          anchors.fixed_anchor_mask(0.4, key(keys.mask), values=shared))
         state = tx.init(params)
 
         @jax.jit
         def step(params, state, x, y, tx=tx):
-            loss = lambda p: training.cross_entropy(net.apply({"params": p}, x, train=True)[0], y).mean()  # noqa: E731
+            loss = lambda p: evaluation.cross_entropy(net.apply({"params": p}, x, train=True)[0], y).mean()  # noqa: E731
             updates, state = tx.update(jax.grad(loss)(params), state, params)
             return optax.apply_updates(params, updates), state
 
@@ -175,7 +177,7 @@ def test_a_user_loop_with_the_transform_alone_reproduces_the_shared_arm(dataset)
         mine.append({"params": params})
     theirs = [result.state.variables(i) for i in range(c.num_seeds)]
     chex.assert_trees_all_close(mine, theirs, atol=1e-4, rtol=1e-4)
-    eval_fn, test = training.make_eval_fn(net), dd.split("test")
+    eval_fn, test = evaluation.make_eval_fn(net), dd.split("test")
     ours = lmc.barriers(lmc.lmc_path(eval_fn, *mine, data=test))
     fits = lmc.barriers(lmc.lmc_path(eval_fn, *theirs, data=test))
     assert abs(ours["accuracy_barrier"] - fits["accuracy_barrier"]) <= 2 / test[1].shape[0]  # one example
@@ -190,7 +192,7 @@ def test_vmapped_runs_match_runs_trained_one_at_a_time(dataset):
     c = tiny_config(anchor__ratio=0.4)
     net = build(c, dataset)
     dd = data.to_device(dataset)
-    runs = training.make_runs(c)
+    runs = runs_lib.make_runs(c)
     state, keys, factory = init_state(c, net, runs)
     update_tx = factory(0.0, jax.random.key(0))
     epoch_fn = training.make_train_epoch(net, update_tx, num_train=dd.x_train.shape[0], batch_size=64, donate=False)
@@ -235,13 +237,13 @@ def test_conv_nets_on_cpu_unroll_their_steps_and_match_the_rolled_loop():
     c.model = {"name": "cnn", "width": 0.25, "hidden": 16}
     net = build(c, digits)
     mlp = build(tiny_config(), digits)
-    assert training.uses_convolutions(net) and not training.uses_convolutions(mlp)
-    assert training.loop_plan(net, 24, backend="cpu") == (training.AUTO_UNROLL_STEPS, True)
-    assert training.loop_plan(net, 20, backend="cpu") == (5, True)  # divides the epoch: one compile
-    assert training.loop_plan(net, 23, backend="cpu") == (1, True)
-    assert training.loop_plan(net, 20, backend="gpu") == (20, 1)
-    assert training.loop_plan(net, 20, steps_per_call=5, unroll=2, backend="cpu") == (5, 2)
-    assert training.loop_plan(mlp, 20, backend="cpu") == (20, 1)
+    assert run_axis_lib.uses_convolutions(net) and not run_axis_lib.uses_convolutions(mlp)
+    assert run_axis_lib.loop_plan(net, 24, backend="cpu") == (run_axis_lib.AUTO_UNROLL_STEPS, True)
+    assert run_axis_lib.loop_plan(net, 20, backend="cpu") == (5, True)  # divides the epoch: one compile
+    assert run_axis_lib.loop_plan(net, 23, backend="cpu") == (1, True)
+    assert run_axis_lib.loop_plan(net, 20, backend="gpu") == (20, 1)
+    assert run_axis_lib.loop_plan(net, 20, steps_per_call=5, unroll=2, backend="cpu") == (5, 2)
+    assert run_axis_lib.loop_plan(mlp, 20, backend="cpu") == (20, 1)
     dd = data.to_device(digits)
     state, keys, factory = init_state(c, net)
     kwargs = dict(num_train=256, batch_size=64, donate=False, num_steps=2)
@@ -253,25 +255,25 @@ def test_conv_nets_on_cpu_unroll_their_steps_and_match_the_rolled_loop():
     np.testing.assert_allclose(ma.loss_sum, mb.loss_sum, rtol=1e-5)
     assert np.all(np.asarray(ma.loss_sum) > 0)
     # The looped run axis (what fit picks for conv nets on CPU) trains the same runs.
-    assert training.run_axis_plan(net, "cpu") == "loop" and training.run_axis_plan(net, "gpu") == "vmap"
-    assert training.run_axis_plan(mlp, "cpu") == "vmap"
+    assert run_axis_lib.run_axis_plan(net, "cpu") == "loop" and run_axis_lib.run_axis_plan(net, "gpu") == "vmap"
+    assert run_axis_lib.run_axis_plan(mlp, "cpu") == "vmap"
     vit = models.build({"name": "vit", "patch_size": 2, "dim": 16, "depth": 1, "heads": 2}, (8, 8, 1), 10)
-    assert training.uses_convolutions(vit) and training.run_axis_plan(vit, "cpu") == "vmap"  # patches: a matmul
-    assert training.loop_plan(net, 20, backend="cpu", runs_per_device=2) == (4, True)
-    assert training.loop_plan(net, 20, backend="cpu", runs_per_device=16) == (1, True)
+    assert run_axis_lib.uses_convolutions(vit) and run_axis_lib.run_axis_plan(vit, "cpu") == "vmap"  # patches: a matmul
+    assert run_axis_lib.loop_plan(net, 20, backend="cpu", runs_per_device=2) == (4, True)
+    assert run_axis_lib.loop_plan(net, 20, backend="cpu", runs_per_device=16) == (1, True)
     looped = training.make_train_epoch(net, factory(0.0, jax.random.key(0)), unroll=True, run_axis="loop", **kwargs)
     c_, mc = looped(state, keys.data, keys.dropout, 0, 0, dd.x_train, dd.y_train)
     chex.assert_trees_all_close(b.params, c_.params, rtol=1e-4, atol=1e-5)
     chex.assert_trees_all_close(b.opt_state, c_.opt_state, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(mb.loss_sum, mc.loss_sum, rtol=1e-5)
     np.testing.assert_array_equal(mb.correct, mc.correct)
-    one_at_a_time = training.RunGroups(looped.program, num_mapped=3, max_runs=1)  # 2 groups of 1 run
+    one_at_a_time = run_axis_lib.RunGroups(looped.program, num_mapped=3, max_runs=1)  # 2 groups of 1 run
     assert one_at_a_time.group_size(2) == 1 and looped.group_size(2) is None
     d_, md = one_at_a_time(state, keys.data, keys.dropout, 0, 0, dd.x_train, dd.y_train)
     chex.assert_trees_all_equal(c_.params, d_.params)
     np.testing.assert_array_equal(mc.loss_sum, md.loss_sum)
-    vm = training.evaluate_runs(net, b, dd.x_test, dd.y_test)
-    np.testing.assert_allclose(jax.vmap(training.make_eval_fn(net), in_axes=(0, None, None))(
+    vm = evaluation.evaluate_runs(net, b, dd.x_test, dd.y_test)
+    np.testing.assert_allclose(jax.vmap(evaluation.make_eval_fn(net), in_axes=(0, None, None))(
         b.variables(), dd.x_test, dd.y_test)["loss"], vm["loss"], rtol=1e-5)  # evaluate_runs loops here
     with pytest.raises(ValueError, match=r"run_axis must be one of \('vmap', 'loop'\); got 'pmap'"):
         training.make_train_epoch(net, factory(0.0, jax.random.key(0)), run_axis="pmap", **kwargs)
@@ -282,9 +284,9 @@ def test_eval_fn_matches_a_direct_computation(dataset):
     net = build(c, dataset)
     dd = data.to_device(dataset)
     variables = net.init(jax.random.key(0))
-    out = jax.jit(training.make_eval_fn(net, batch_size=97))(variables, dd.x_test, dd.y_test)
+    out = jax.jit(evaluation.make_eval_fn(net, batch_size=97))(variables, dd.x_test, dd.y_test)
     logits, _ = net.apply(variables, dd.x_test)
-    loss = training.cross_entropy(logits, dd.y_test).mean()
+    loss = evaluation.cross_entropy(logits, dd.y_test).mean()
     acc = (jnp.argmax(logits, -1) == dd.y_test).mean()
     np.testing.assert_allclose(out["loss"], loss, rtol=1e-5)
     np.testing.assert_allclose(out["accuracy"], acc, rtol=1e-6)
@@ -455,14 +457,14 @@ cc = tiny_config(train__epochs=1, data__source="digits", model={"name": "cnn", "
                  num_seeds=1, train__steps_per_call=1)  # one step per program: a short compile
 digits = data.load(cc.data)
 cnn = models.build(cc.model, digits.input_shape, digits.num_classes)
-assert training.resolve_run_axis(cc, cnn) == "loop"
+assert run_axis_lib.resolve_run_axis(cc, cnn) == "loop"
 conv = training.fit(cc, cnn, digits, log=lambda s: None)
 # Runs in groups, per device: 8 runs on 4 devices in groups of one run per device.
 import jax.numpy as jnp
-mesh = training.run_mesh()
-f = jax.jit(training.loop_over_runs(lambda w, s: (w * s, w.sum()), 1, mesh))
-w = training.shard_runs(jnp.arange(16.0).reshape(8, 2), mesh)
-doubled, sums = training.RunGroups(f, 1, mesh, max_runs=1)(w, 2.0)
+mesh = sharding_lib.run_mesh()
+f = jax.jit(run_axis_lib.loop_over_runs(lambda w, s: (w * s, w.sum()), 1, mesh))
+w = sharding_lib.shard_runs(jnp.arange(16.0).reshape(8, 2), mesh)
+doubled, sums = run_axis_lib.RunGroups(f, 1, mesh, max_runs=1)(w, 2.0)
 assert doubled.tolist() == (2 * np.arange(16.0).reshape(8, 2)).tolist(), doubled
 assert sums.tolist() == np.arange(16.0).reshape(8, 2).sum(1).tolist(), sums
 # A federated round sampling 2 of 4 clients: on 4 devices the cohort is padded to 4 rows, as many

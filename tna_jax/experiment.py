@@ -26,6 +26,7 @@ import numpy as np
 
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
+from tna_jax import evaluation
 
 __all__ = [
     "run", "EXPERIMENTS", "register", "WorkdirLock", "WorkdirBusy", "prepare_workdir", "train_experiment",
@@ -467,7 +468,7 @@ def lmc_stats(eval_fn: Any, stacked: Any, x: Any, y: Any, *, pairs: list[tuple[i
 
     Args:
       eval_fn: ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one model
-        (``training.make_eval_fn``).
+        (``evaluation.make_eval_fn``).
       stacked: the models' variables on a leading axis.
       x, y: the split the paths are evaluated on.
       pairs: the ``(i, j)`` index pairs (``lmc.all_pairs``).
@@ -543,7 +544,7 @@ def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]
       >>> from tna_jax.config import default_config
       >>> from tna_jax.data import Dataset, to_device
       >>> net = models.build({"name": "mlp", "depth": 0}, (1,), 2)
-      >>> runs = [training.Run(0, 0, training.Arm("none", 0.0), 0), training.Run(1, 1, training.Arm("anchor", 0.4), 0)]
+      >>> runs = [runs_lib.Run(0, 0, runs_lib.Arm("none", 0.0), 0), runs_lib.Run(1, 1, runs_lib.Arm("anchor", 0.4), 0)]
       >>> head = {"kernel": jnp.zeros((2, 1, 2)), "bias": jnp.zeros((2, 2))}
       >>> state = training.TrainState({"head": head}, {}, (), jnp.zeros(2, jnp.int32))
       >>> result = training.TrainResult(state, runs, [], {}, {}, None, 0.0, 0)
@@ -551,9 +552,9 @@ def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]
       >>> analyse_lmc(default_config(), net, result, to_device(Dataset("toy", x, y, x, y, x, y, 2), normalize=False))
       {'vanilla': {'runs': [0]}, 'TNA-PFN 0.4': {'runs': [1]}}
     """
-    from tna_jax import lmc, training
+    from tna_jax import lmc
 
-    eval_fn = training.make_eval_fn(net, config.train.eval_batch_size)
+    eval_fn = evaluation.make_eval_fn(net, config.train.eval_batch_size)
     reset_fn = bn_reset_eval(config, net, eval_fn, data)
     x, y = data.split(config.analysis.split)
     alphas = lmc.default_alphas(config.analysis.num_alphas)

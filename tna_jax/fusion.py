@@ -12,7 +12,7 @@ pretrained model, stacked on a leading axis θ ∈ R^{K×P}:
 
 A soup with ingredient weights w ∈ R^K is ``tree.weighted_mean(stacked, w)``, so every soup,
 ingredient (one-hot w) and trial of the greedy loop is "a weight row, averaged, then
-evaluated". Candidates are evaluated with ONE ``jax.vmap`` of ``training.make_eval_fn`` over the
+evaluated". Candidates are evaluated with ONE ``jax.vmap`` of ``evaluation.make_eval_fn`` over the
 candidate axis; the greedy loop itself is sequential by definition (each decision depends on the
 previous ones) and runs as a ``lax.scan`` inside the same jitted program.
 
@@ -31,7 +31,7 @@ part of the shared model: every contributor keeps its own head across rounds, an
 heads are *padded* to the largest class count: a padded class has a zero kernel column and a
 bias of ``PAD_LOGIT`` (−1e9), frozen by the same optax mask as the anchors. Its logit is −1e9, so
 its softmax probability and gradient are exactly 0 and it never wins an argmax: the standard
-``training.make_eval_fn`` and cross-entropy work unchanged on padded heads.
+``evaluation.make_eval_fn`` and cross-entropy work unchanged on padded heads.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def evaluate_candidates(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array,
 
     Args:
       eval_fn: ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one model
-        (``training.make_eval_fn``).
+        (``evaluation.make_eval_fn``).
       stacked: K models' variables on a leading axis.
       data: ``(x, y)``.
       chunk: evaluate at most this many models at once (``lax.map`` with ``batch_size``).
@@ -201,7 +201,7 @@ def evaluate_soups(eval_fn: EvalFn, stacked: PyTree, weights: Any, data: tuple[j
 
     Args:
       eval_fn: ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one model
-        (``training.make_eval_fn``).
+        (``evaluation.make_eval_fn``).
       stacked: K models' variables on a leading axis.
       weights: (S, K) non-negative ingredient weights, one soup per row.
       data: ``(x, y)``.
@@ -299,7 +299,7 @@ def uniform_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, ja
     A thin wrapper of ``lmc.fuse``, which evaluates the K candidates (vmapped) and their average.
 
     Args:
-      eval_fn: evaluation of one model (``training.make_eval_fn``).
+      eval_fn: evaluation of one model (``evaluation.make_eval_fn``).
       stacked: K candidates on a leading axis (see :func:`stack_candidates`).
       held_out: ``(x, y)`` the soup is evaluated on.
       weights: None (uniform) or (K,) non-negative weights (normalised to sum to 1).
@@ -371,7 +371,7 @@ def greedy_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, jax
     held-out accuracy is ≥ that of the best single candidate, its first ingredient.
 
     Args:
-      eval_fn: evaluation of one model (``training.make_eval_fn``).
+      eval_fn: evaluation of one model (``evaluation.make_eval_fn``).
       stacked: K candidates on a leading axis (see :func:`stack_candidates`).
       held_out: ``(x, y)`` the soup is chosen on (a validation split, not the test split).
       chunk: evaluate at most this many candidates at once in step 1.

@@ -10,7 +10,7 @@ endpoints and "Interp. Acc." the accuracy at α = 0.5 (the paper's Figure 2). Mu
 is the uniform (or weighted) average of K models against the mean of their individual metrics.
 
 Every function is pure and takes an ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one
-model (``tna_jax.training.make_eval_fn``). α is a batch axis: a path is ``jax.vmap`` over α of
+model (``tna_jax.evaluation.make_eval_fn``). α is a batch axis: a path is ``jax.vmap`` over α of
 "interpolate, then evaluate", chunked with ``jax.lax.map(..., batch_size=chunk)`` to bound memory
 (and, on CPU, to keep each chunk's activations in cache: ``chunk="auto"``, the default); a table over N seeds is a vmap over pairs. α outside [0, 1] is allowed and means
 extrapolation along the same line (θ_α for α < 0 lies beyond A, for α > 1 beyond B); barriers are
@@ -331,7 +331,7 @@ def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, alphas: Sequence[float] | ja
 
     Args:
       eval_fn: ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one model
-        (:func:`tna_jax.training.make_eval_fn`; wrap it with :func:`with_bn_reset` to reset
+        (:func:`tna_jax.evaluation.make_eval_fn`; wrap it with :func:`with_bn_reset` to reset
         BatchNorm statistics at every α).
       a, b: the endpoint variables (same structure).
       alphas: the α grid; default 25 points in [0, 1]. Values outside [0, 1] extrapolate.
@@ -687,7 +687,7 @@ def fuse(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], we
     """Multi-model fusion: the (weighted) average of K models against their individual metrics.
 
     Args:
-      eval_fn: evaluation of one model (``training.make_eval_fn``).
+      eval_fn: evaluation of one model (``evaluation.make_eval_fn``).
       stacked: K models' variables on a leading axis.
       data: ``(x, y)`` to evaluate on.
       weights: None (uniform) or K non-negative weights.

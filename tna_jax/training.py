@@ -20,8 +20,6 @@ init" is one setting away (``config.seeds.vary``, ``config.anchor.share_mask``,
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import os
 import signal
 import threading
@@ -39,18 +37,46 @@ from tna_jax import anchors, faults, logs
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import tree as tree_lib
 from tna_jax.data import DeviceData
-from tna_jax.data.batching import epoch_indices, eval_indices, gather, steps_per_epoch
+from tna_jax.data.batching import epoch_indices, gather, steps_per_epoch
+from tna_jax.evaluation import cross_entropy, evaluate_runs
 from tna_jax.models import Net
+from tna_jax.optimizers import make_optimizer, make_transform
+from tna_jax.run_axis import RUN_AXES, RunGroups, loop_group_size, loop_over_runs, loop_plan, resolve_run_axis
+from tna_jax.runs import Arm, Run, RunKeys, arms_from_config, make_run_keys, make_runs, padded_runs
+from tna_jax.sharding import check_fits_in_memory, replicate, run_mesh, shard_runs
 
 PyTree = Any
 
 __all__ = [
-    "Arm", "Run", "TrainState", "RunKeys", "TrainResult", "TrainingDiverged", "Preempted",
-    "arms_from_config", "make_runs", "make_run_keys", "make_optimizer", "make_transform",
-    "init_runs", "make_train_epoch", "make_eval_fn", "evaluate_runs", "cross_entropy",
-    "run_mesh", "shard_runs", "fit", "StopSignal", "loop_over_runs", "run_axis_plan",
-    "resolve_run_axis", "RunGroups", "loop_group_size",
+    "TrainState", "TrainResult", "TrainingDiverged", "Preempted", "StopSignal", "ChunkMetrics",
+    "init_runs", "make_train_epoch", "fit", "summarize", "find_mask", "mask_of",
 ]
+
+# Names that lived here before the split into runs / optimizers / evaluation / run_axis /
+# sharding (0.1): still importable from `tna_jax.training` for one release, with a warning.
+_MOVED = {
+    **{n: "tna_jax.runs" for n in ("Arm", "Run", "RunKeys", "PURPOSES", "arms_from_config", "make_runs",
+                                  "make_run_keys", "padded_runs")},
+    **{n: "tna_jax.optimizers" for n in ("make_optimizer", "anchor_options", "make_transform")},
+    **{n: "tna_jax.evaluation" for n in ("cross_entropy", "make_eval_fn", "evaluate_runs")},
+    **{n: "tna_jax.run_axis" for n in ("RUN_AXES", "MAX_LOOPED_RUNS", "RunGroups", "loop_group_size",
+                                      "loop_over_runs", "run_axis_plan", "uses_convolutions", "loop_plan",
+                                      "resolve_run_axis", "AUTO_UNROLL_STEPS")},
+    **{n: "tna_jax.sharding" for n in ("run_mesh", "shard_runs", "replicate", "device_memory_bytes",
+                                      "check_fits_in_memory")},
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(f"tna_jax.training.{name} moved to {_MOVED[name]}.{name}; the old name goes in the next "
+                      "release.", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'tna_jax.training' has no attribute {name!r}")
+
 
 
 class TrainingDiverged(RuntimeError):
@@ -111,306 +137,14 @@ class StopSignal:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Arm:
-    """One training recipe: ``method`` in {"none", "anchor", "prune"} at mask ratio ``ratio``.
-
-    Attributes:
-      method: ``"none"`` (plain training), ``"anchor"`` (TNA-PFN) or ``"prune"`` (prune-at-init).
-      ratio: the mask ratio ρ in [0, 1].
-
-    Examples:
-      >>> Arm("anchor", 0.4).label, Arm("none", 0.0).label, Arm("prune", 0.2).label
-      ('TNA-PFN 0.4', 'vanilla', 'prune 0.2')
-    """
-
-    method: str
-    ratio: float
-
-    @property
-    def label(self) -> str:
-        if self.method == "none" or self.ratio == 0.0:
-            return "vanilla"
-        name = "TNA-PFN" if self.method == "anchor" else "prune"
-        return f"{name} {self.ratio:g}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """One model: an arm and a seed index; ``index`` is its place on the run axis.
-
-    Attributes:
-      index: position on the run axis (arm-major: ``arm_index * num_seeds + seed``).
-      arm_index: the arm's position in :func:`arms_from_config`.
-      arm: the :class:`Arm`.
-      seed: the seed index within the arm.
-
-    Examples:
-      >>> Run(3, 1, Arm("anchor", 0.4), 1).describe()
-      {'run': 3, 'arm': 'TNA-PFN 0.4', 'method': 'anchor', 'ratio': 0.4, 'seed': 1}
-    """
-
-    index: int
-    arm_index: int
-    arm: Arm
-    seed: int
-
-    def describe(self) -> dict[str, Any]:
-        return {"run": self.index, "arm": self.arm.label, "method": self.arm.method,
-                "ratio": self.arm.ratio, "seed": self.seed}
-
-
-def arms_from_config(config: Any) -> tuple[Arm, ...]:
-    """The arms an experiment trains.
-
-    * ``config.sweep.anchor_ratios`` / ``config.sweep.prune_ratios`` non-empty: exactly those arms
-      (ratio 0 in either list is the plain arm).
-    * otherwise the main arm (prune-at-init when ``config.prune.ratio > 0``, else TNA-PFN at
-      ``config.anchor.ratio``; ratio 0 is plain training) and, when ``config.baseline`` is set
-      and the main arm is not plain, a plain arm with the same seeds.
-
-    Args:
-      config: the experiment config (:func:`tna_jax.config.default_config`).
-
-    Returns:
-      The arms, in run-axis order.
-
-    Examples:
-      >>> from tna_jax.config import default_config
-      >>> c = default_config()
-      >>> [a.label for a in arms_from_config(c)]
-      ['vanilla', 'TNA-PFN 0.4']
-      >>> c.sweep.anchor_ratios, c.sweep.prune_ratios = (0.0, 0.2), (0.2,)
-      >>> [a.label for a in arms_from_config(c)]
-      ['vanilla', 'TNA-PFN 0.2', 'prune 0.2']
-    """
-    sweep_a = [float(r) for r in config.sweep.anchor_ratios]
-    sweep_p = [float(r) for r in config.sweep.prune_ratios]
-    if sweep_a or sweep_p:
-        arms = [Arm("none" if r == 0 else "anchor", r) for r in sweep_a]
-        arms += [Arm("none" if r == 0 else "prune", r) for r in sweep_p]
-        seen, unique = set(), []
-        for a in arms:
-            key = (a.method, a.ratio)
-            if key not in seen:
-                seen.add(key)
-                unique.append(a)
-        return tuple(unique)
-    if config.prune.ratio > 0:
-        main = Arm("prune", float(config.prune.ratio))
-    elif config.anchor.ratio > 0:
-        main = Arm("anchor", float(config.anchor.ratio))
-    else:
-        main = Arm("none", 0.0)
-    if config.baseline and main.method != "none":
-        return (Arm("none", 0.0), main)
-    return (main,)
-
-
-def make_runs(config: Any) -> list[Run]:
-    """All runs, arm-major: run ``a * num_seeds + s`` is arm ``a`` with seed ``s``.
-
-    Args:
-      config: the experiment config.
-
-    Returns:
-      One :class:`Run` per (arm, seed).
-
-    Examples:
-      >>> from tna_jax.config import default_config
-      >>> c = default_config()
-      >>> c.num_seeds = 2
-      >>> [(r.index, r.arm.label, r.seed) for r in make_runs(c)]
-      [(0, 'vanilla', 0), (1, 'vanilla', 1), (2, 'TNA-PFN 0.4', 0), (3, 'TNA-PFN 0.4', 1)]
-    """
-    arms = arms_from_config(config)
-    return [Run(a * config.num_seeds + s, a, arm, s) for a, arm in enumerate(arms) for s in range(config.num_seeds)]
-
-
 # ---------------------------------------------------------------------------------------------
 # Keys.
 # ---------------------------------------------------------------------------------------------
-
-PURPOSES = ("init", "data", "mask", "anchor_values", "dropout")
-
-
-class RunKeys(NamedTuple):
-    """Raw uint32 key data per run (leading run axis), one stream per purpose.
-
-    Attributes:
-      init, data, mask, anchor_values, dropout: uint32 arrays of shape ``(runs, 2)``, one stream
-        per purpose (wrap a row with ``jax.random.wrap_key_data``).
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> RunKeys(*[jnp.zeros((3, 2), jnp.uint32)] * 5)._fields
-      ('init', 'data', 'mask', 'anchor_values', 'dropout')
-    """
-
-    init: jax.Array
-    data: jax.Array
-    mask: jax.Array
-    anchor_values: jax.Array
-    dropout: jax.Array
-
-
-def make_run_keys(config: Any, runs: Sequence[Run]) -> RunKeys:
-    """Per-run keys from ``config.seed``.
-
-    ``seeds.vary``: "both" (default) gives each seed its own init and data order; "init" shares
-    the data order; "data" shares the init. ``anchor.share_mask`` shares the mask key across
-    seeds; ``anchor.share_values`` makes every seed take its anchored values from one shared
-    initialisation. Runs of different arms with the same seed get the same keys (paired).
-
-    Args:
-      config: the experiment config (``seed``, ``seeds.vary``, ``anchor.share_mask``,
-        ``anchor.share_values``).
-      runs: the runs (:func:`make_runs`).
-
-    Returns:
-      :class:`RunKeys` with arrays of shape ``(len(runs), 2)`` (raw key data).
-
-    Examples:
-      >>> import numpy as np
-      >>> from tna_jax.config import default_config
-      >>> c = default_config()
-      >>> c.num_seeds = 2
-      >>> keys = make_run_keys(c, make_runs(c))
-      >>> keys.init.shape, bool(np.array_equal(keys.mask[0], keys.mask[1]))  # one mask key for every seed
-      ((4, 2), True)
-    """
-    root = jax.random.key(config.seed)
-    purpose = {p: jax.random.fold_in(root, i) for i, p in enumerate(PURPOSES)}
-    vary = config.seeds.vary
-
-    def per_seed(name: str, seed: int, shared: bool) -> jax.Array:
-        return jax.random.key_data(jax.random.fold_in(purpose[name], 0 if shared else seed + 1))
-
-    rows = []
-    for run in runs:
-        s = run.seed
-        rows.append(RunKeys(
-            init=per_seed("init", s, vary == "data"),
-            data=per_seed("data", s, vary == "init"),
-            mask=per_seed("mask", s, config.anchor.share_mask),
-            anchor_values=per_seed("anchor_values", s, config.anchor.share_values),
-            dropout=per_seed("dropout", s, False),
-        ))
-    return RunKeys(*[jnp.stack(xs) for xs in zip(*rows)])
 
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer.
 # ---------------------------------------------------------------------------------------------
-
-
-def make_optimizer(opt_config: Any, steps_per_epoch_: int, epochs: int) -> optax.GradientTransformation:
-    """The base optimizer (without anchors) from ``config.optimizer``.
-
-    ``name``: sgd | momentum | adam | adamw | lion; ``schedule``: constant | cosine (decay to 0
-    over training) | warmup_cosine (``warmup_epochs`` of linear warm-up); ``weight_decay``
-    (decoupled for adamw/lion, added to the gradient otherwise); ``grad_clip_norm`` > 0 clips
-    by global norm first.
-
-    Args:
-      opt_config: ``config.optimizer``.
-      steps_per_epoch_: optimizer steps per epoch (for the schedules).
-      epochs: training epochs (for the schedules).
-
-    Returns:
-      An optax ``GradientTransformation`` (chain :func:`tna_jax.anchors.fixed_anchor_mask` after it).
-
-    Raises:
-      ValueError: an unknown optimizer name.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from tna_jax.config import default_config
-      >>> tx = make_optimizer(default_config().optimizer, steps_per_epoch_=10, epochs=2)  # SGD, lr 0.05
-      >>> updates, _ = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.zeros(2)}))
-      >>> [round(float(u), 4) for u in updates["w"]]
-      [-0.05, -0.05]
-    """
-    lr = float(opt_config.learning_rate)
-    total = max(1, steps_per_epoch_ * epochs)
-    if opt_config.schedule == "constant":
-        schedule: Any = lr
-    elif opt_config.schedule == "cosine":
-        schedule = optax.cosine_decay_schedule(lr, total)
-    else:
-        warmup = int(round(opt_config.warmup_epochs * steps_per_epoch_))
-        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(total, warmup + 1))
-    name, wd = opt_config.name, float(opt_config.weight_decay)
-    parts = []
-    if opt_config.grad_clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(float(opt_config.grad_clip_norm)))
-    if name in ("sgd", "momentum", "adam") and wd > 0:
-        parts.append(optax.add_decayed_weights(wd))
-    if name == "sgd":
-        parts.append(optax.sgd(schedule))
-    elif name == "momentum":
-        parts.append(optax.sgd(schedule, momentum=float(opt_config.momentum)))
-    elif name == "adam":
-        parts.append(optax.adam(schedule))
-    elif name == "adamw":
-        parts.append(optax.adamw(schedule, weight_decay=wd))
-    elif name == "lion":
-        parts.append(optax.lion(schedule, weight_decay=wd))
-    else:
-        raise ValueError(f"config.optimizer.name must be one of ('sgd', 'momentum', 'adam', 'adamw', 'lion'); got {name!r}.")
-    return optax.chain(*parts) if len(parts) > 1 else parts[0]
-
-
-def _patterns(text: str) -> list[str] | None:
-    items = [p.strip() for p in text.split(",") if p.strip()] if text else []
-    return items or None
-
-
-def anchor_options(config: Any, net: Net) -> dict[str, Any]:
-    """Keyword arguments of :func:`tna_jax.anchors.anchor_mask` from ``config.anchor``."""
-    return dict(granularity=config.anchor.granularity, include=_patterns(config.anchor.include),
-                exclude=_patterns(config.anchor.exclude), layer_order=net.layer_order())
-
-
-def make_transform(base: optax.GradientTransformation, config: Any, net: Net, arms: Sequence[Arm]
-                   ) -> Callable[..., optax.GradientTransformation]:
-    """``tx(ratio, key, values=None)``: the optimizer of one run, with ``fixed_anchor_mask``
-    appended when any arm masks weights. Its ``update`` reads everything (mask, ratio, key,
-    values) from the state, so one instance updates every run; ``init`` is called per run
-    (inside vmap) with the run's ratio, key and anchor values.
-
-    Args:
-      base: the base optimizer (`make_optimizer`).
-      config: the experiment config (`config.anchor`: granularity, include/exclude patterns,
-        `refresh_every`).
-      net: the model (its layer order feeds the named layer selections).
-      arms: the arms of the experiment (`arms_from_config`); when none has a ratio > 0 the
-        factory returns `base` unchanged.
-
-    Returns:
-      ``tx(ratio, key, values=None) -> optax.GradientTransformation``.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax
-      >>> from tna_jax import models
-      >>> from tna_jax.config import default_config
-      >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 3)
-      >>> c = default_config()
-      >>> tx = make_transform(optax.sgd(0.1), c, net, arms_from_config(c))  # vanilla and TNA-PFN 0.4
-      >>> params = {"w": jnp.zeros((10, 10))}
-      >>> mask = find_mask(tx(0.4, jax.random.key(0)).init(params))
-      >>> mask["w"].dtype, round(float(mask["w"].mean()), 2)  # each entry an anchor with probability 0.4
-      (dtype('bool'), 0.46)
-    """
-    if not any(a.ratio > 0 for a in arms):
-        return lambda ratio, key, values=None: base
-    refresh = config.anchor.refresh_every or None
-    opts = anchor_options(config, net)
-
-    def tx(ratio, key, values=None):
-        return optax.chain(base, anchors.fixed_anchor_mask(ratio, key, values=values, refresh_every=refresh, **opts))
-
-    return tx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,29 +247,6 @@ def init_runs(net: Net, tx_factory: Callable[..., optax.GradientTransformation],
 # ---------------------------------------------------------------------------------------------
 # Steps.
 # ---------------------------------------------------------------------------------------------
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy with integer labels (and optional label smoothing).
-
-    Args:
-      logits: ``(..., classes)`` logits (computed in float32).
-      labels: integer labels of shape ``logits.shape[:-1]``.
-      label_smoothing: the smoothing factor in [0, 1).
-
-    Returns:
-      The per-example losses, shape ``labels.shape``.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> [round(float(v), 4) for v in cross_entropy(jnp.array([[0.0, 0.0], [10.0, 0.0]]), jnp.array([0, 0]))]
-      [0.6931, 0.0]
-    """
-    logits = logits.astype(jnp.float32)
-    if label_smoothing:
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-        return optax.softmax_cross_entropy(logits, targets)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 class ChunkMetrics(NamedTuple):
@@ -664,411 +375,9 @@ def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: i
     return RunGroups(program, num_mapped=3, mesh=mesh)
 
 
-RUN_AXES = ("vmap", "loop")
-
-# At most this many runs per device are traced into one looped program; more runs are trained
-# by the same program in groups, one call per group. Compile time grows faster than linearly
-# with the step copies in one program (ResNet-20 on CPU: 8 copies 26 s, 16 copies over 2 min).
-MAX_LOOPED_RUNS = 4
-
-
-def loop_group_size(runs_per_device: int, max_runs: int = MAX_LOOPED_RUNS) -> int:
-    """Runs per device in one looped program: the largest divisor of `runs_per_device` that is at
-    most `max_runs` (so every group has the same shape and the program compiles once).
-
-    Args:
-      runs_per_device: runs each device holds.
-      max_runs: the cap (:data:`MAX_LOOPED_RUNS`).
-
-    Returns:
-      The group size, in ``[1, max_runs]``.
-
-    Examples:
-      >>> loop_group_size(3), loop_group_size(8), loop_group_size(10), loop_group_size(7)
-      (3, 4, 2, 1)
-    """
-    n = max(1, int(runs_per_device))
-    return next(d for d in range(min(n, max(1, int(max_runs))), 0, -1) if n % d == 0)
-
-
-class RunGroups:
-    """A looped train-chunk program applied to groups of runs, one call per group.
-
-    Each device holds ``n / devices`` runs; when that is more than ``max_runs``, every call cuts
-    each device's block into groups of :func:`loop_group_size` runs (local slices, no
-    communication), runs the one compiled `program` on each group and joins the results in the
-    original order. The numbers are those of one call over all runs (each run's computation is
-    the same); only the program size, and so the compile time, is bounded.
-
-    Args:
-      program: the jitted looped function (``loop_over_runs`` of one run's chunk).
-      num_mapped: its leading arguments that carry the run axis.
-      mesh: the run mesh, or None (one device).
-      max_runs: runs per device in one call of `program`.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> double = jax.jit(loop_over_runs(lambda w, s: (w * s, w.sum()), num_mapped=1))
-      >>> groups = RunGroups(double, num_mapped=1, max_runs=2)
-      >>> out, sums = groups(jnp.arange(12.0).reshape(6, 2), 2.0)  # 6 runs: 3 groups of 2
-      >>> out[:, 0].tolist(), sums.tolist()
-      ([0.0, 4.0, 8.0, 12.0, 16.0, 20.0], [1.0, 5.0, 9.0, 13.0, 17.0, 21.0])
-    """
-
-    def __init__(self, program: Callable[..., Any], num_mapped: int, mesh: Mesh | None = None,
-                 max_runs: int = MAX_LOOPED_RUNS):
-        self.program, self.num_mapped, self.max_runs = program, int(num_mapped), int(max_runs)
-        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
-        self.lower = program.lower  # for a call that needs no groups (see group_size)
-
-    def group_size(self, num_runs: int) -> int | None:
-        """Runs per device per call, or None when all runs fit in one call."""
-        local = num_runs // (self.mesh.size if self.mesh is not None else 1)
-        return None if local <= self.max_runs else loop_group_size(local, self.max_runs)
-
-    def __call__(self, *args):
-        mapped, shared = args[:self.num_mapped], args[self.num_mapped:]
-        n = int(jax.tree.leaves(mapped)[0].shape[0])
-        size = self.group_size(n)
-        if size is None:
-            return self.program(*args)
-        local = n // (self.mesh.size if self.mesh is not None else 1)
-        take, join = _group_programs(self.mesh, size)
-        outs = [self.program(*take(mapped, jnp.int32(g)), *shared) for g in range(local // size)]
-        return join(outs)
-
-
-@functools.lru_cache(maxsize=16)
-def _group_programs(mesh: Mesh | None, size: int):
-    """Jitted ``take(tree, g)`` (each device's runs ``[g*size, (g+1)*size)``) and ``join(parts)``."""
-
-    def take(tree, g):
-        return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, g * size, size, axis=0), tree)
-
-    def join(parts):
-        return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
-
-    if mesh is not None:  # per device: slices and joins of its own block only
-        spec = PartitionSpec("runs")
-        take = jax.shard_map(take, mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=spec, check_vma=False)
-        join = jax.shard_map(join, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
-    return jax.jit(take), jax.jit(join)
-
-
-def loop_over_runs(fn: Callable[..., Any], num_mapped: int, mesh: Mesh | None = None, *,
-                   unrolled: bool = True) -> Callable[..., Any]:
-    """``fn`` mapped over the leading (run) axis of its first `num_mapped` arguments by a loop,
-    the other arguments passed to every run.
-
-    This is ``jax.vmap(fn, in_axes=(0,) * num_mapped + (None,) * rest)`` with the same results,
-    for the case where batching is slower than repeating (convolutions on XLA:CPU). `unrolled`
-    traces one copy of ``fn`` per run (a Python loop: needed for convolution gradients, which
-    XLA:CPU runs ~30x slower inside a ``while`` loop); False is a ``lax.map`` (one copy, fast
-    compiles; fine for forward passes). With a `mesh` of more than one device it is a
-    ``shard_map`` over the ``"runs"`` axis: each device loops over its own block of runs, and the
-    shared arguments are replicated.
-
-    Args:
-      fn: the function of one run.
-      num_mapped: how many leading arguments carry the run axis.
-      mesh: the run mesh (:func:`run_mesh`), or None for one device.
-      unrolled: one traced copy per run (True) or a ``lax.map`` (False).
-
-    Returns:
-      The mapped function, to be jitted by the caller.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> f = loop_over_runs(lambda w, x: w * x, num_mapped=1)
-      >>> f(jnp.arange(3.0), 2.0).tolist()
-      [0.0, 2.0, 4.0]
-    """
-
-    def looped(*args):
-        mapped, shared = args[:num_mapped], args[num_mapped:]
-        if not unrolled:
-            return jax.lax.map(lambda m: fn(*m, *shared), mapped)
-        n = jax.tree.leaves(mapped)[0].shape[0]
-        outs = [fn(*jax.tree.map(lambda a, r=r: a[r], mapped), *shared) for r in range(n)]
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-
-    if mesh is None or mesh.size == 1:
-        return looped
-
-    def sharded(*args):
-        in_specs = (PartitionSpec("runs"),) * num_mapped + (PartitionSpec(),) * (len(args) - num_mapped)
-        return jax.shard_map(looped, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec("runs"),
-                             check_vma=False)(*args)
-
-    return sharded
-
-
-def run_axis_plan(net: Net, backend: str | None = None) -> str:
-    """``"loop"`` on CPU for a network with overlapping convolutions, else ``"vmap"`` (see
-    :func:`make_train_epoch`).
-
-    Measured on this 2-core CPU (``benchmarks/resnet20.py``): 4 ResNet-20 seeds vmapped train
-    about 10x slower than looped in one program. A convolution whose kernel equals its stride
-    (a ViT's patch embedding) is a matmul in disguise and vmaps well: looping a small ViT's 12
-    fine-tuning runs took 43 s against 9 s vmapped (compilation of 12 copies). On GPU and TPU,
-    vmap is the fast path.
-
-    Args:
-      net: the model.
-      backend: ``"cpu"``, ``"gpu"``, ``"tpu"`` (default: JAX's default backend).
-
-    Returns:
-      ``"loop"`` or ``"vmap"``, a `run_axis` for :func:`make_train_epoch`.
-
-    Examples:
-      >>> from tna_jax import models
-      >>> cnn = models.build({"name": "cnn", "width": 0.25, "hidden": 8}, (8, 8, 1), 10)
-      >>> mlp = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 3)
-      >>> run_axis_plan(cnn, "cpu"), run_axis_plan(cnn, "gpu"), run_axis_plan(mlp, "cpu")
-      ('loop', 'vmap', 'vmap')
-    """
-    return "loop" if (backend or jax.default_backend()) == "cpu" and any(_convolutions(net)) else "vmap"
-
-
-AUTO_UNROLL_STEPS = 8
-
-
-@functools.lru_cache(maxsize=64)
-def _convolutions(net: Net) -> tuple[bool, ...]:
-    """One entry per convolution in the forward pass (read off its jaxpr): whether its windows
-    overlap (a kernel larger than its stride in some spatial dimension). A ViT's patch embedding
-    (kernel = stride) does not: it is a matmul on reshaped patches."""
-    variables = jax.eval_shape(net.init, jax.random.key(0))
-    x = jax.ShapeDtypeStruct((1, *net.input_shape), net.input_dtype)
-    jaxpr = jax.make_jaxpr(lambda v, x: net.apply(v, x)[0])(variables, x).jaxpr
-    found: list[bool] = []
-
-    def walk(jaxpr) -> None:
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
-                rhs = eqn.invars[1].aval.shape
-                window = [rhs[d] for d in eqn.params["dimension_numbers"].rhs_spec[2:]]
-                found.append(any(k > s for k, s in zip(window, eqn.params["window_strides"])))
-            for param in eqn.params.values():
-                inner = getattr(param, "jaxpr", param)
-                if hasattr(inner, "eqns"):
-                    walk(inner)
-
-    walk(jaxpr)
-    return tuple(found)
-
-
-def uses_convolutions(net: Net) -> bool:
-    """Whether the network's forward pass contains a convolution (read off its jaxpr)."""
-    return bool(_convolutions(net))
-
-
-def loop_plan(net: Net, steps_per_epoch_: int, steps_per_call: int = 0, unroll: int = 0,
-              backend: str | None = None, runs_per_device: int = 1) -> tuple[int, int | bool]:
-    """``(steps per jitted call, scan unroll)`` for :func:`make_train_epoch`.
-
-    ``unroll=0`` is automatic: on CPU, a network with convolutions gets each call's steps
-    completely unrolled, because XLA:CPU runs a convolution's gradient inside a ``while`` loop
-    about 30x slower than outside one (measured: ``benchmarks/resnet20.py``, BENCHMARKS.md), and
-    as many steps per call as the largest divisor of the epoch that is at most
-    :data:`AUTO_UNROLL_STEPS`: every call then has the same length and the unrolled program
-    compiles once (a shorter last call would compile a second one, which for an unrolled conv net
-    costs as much as the first). Everything else keeps one rolled ``lax.scan`` over the call's
-    steps (fast compiles, no dispatch per step). An explicit `unroll` (1 = rolled, k = unroll
-    factor) and `steps_per_call` (0 = the whole epoch) win. When the runs are looped
-    (:func:`run_axis_plan`), each device's program holds `runs_per_device` copies of every step,
-    so the automatic chunk shrinks to keep at most :data:`AUTO_UNROLL_STEPS` step copies in one
-    program (compile time grows with the copies: about 4.5 s each for ResNet-20 on this CPU).
-
-    Examples:
-      >>> from tna_jax import models
-      >>> cnn = models.build({"name": "cnn", "width": 0.25, "hidden": 8}, (8, 8, 1), 10)
-      >>> loop_plan(cnn, 20, backend="cpu"), loop_plan(cnn, 24, backend="cpu"), loop_plan(cnn, 20, backend="gpu")
-      ((5, True), (8, True), (20, 1))
-      >>> loop_plan(cnn, 20, backend="cpu", runs_per_device=2)  # 4 steps x 2 runs per program
-      (4, True)
-    """
-    auto = unroll == 0 and (backend or jax.default_backend()) == "cpu" and uses_convolutions(net)
-    if steps_per_call:
-        chunk = int(steps_per_call)
-    elif auto:
-        cap = min(steps_per_epoch_, max(1, AUTO_UNROLL_STEPS // max(1, int(runs_per_device))))
-        chunk = next(d for d in range(cap, 0, -1) if steps_per_epoch_ % d == 0)
-    else:
-        chunk = steps_per_epoch_
-    return chunk, (True if auto else max(1, int(unroll)))
-
-
-def resolve_run_axis(config: Any, net: Net) -> str:
-    """``config.train.run_axis``, with ``"auto"`` decided by :func:`run_axis_plan`.
-
-    Args:
-      config: the experiment config (``train.run_axis``: ``"auto"``, ``"vmap"`` or ``"loop"``).
-      net: the model.
-
-    Returns:
-      ``"vmap"`` or ``"loop"``.
-
-    Examples:
-      >>> from tna_jax import models
-      >>> from tna_jax.config import default_config
-      >>> c = default_config()
-      >>> mlp = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 3)
-      >>> resolve_run_axis(c, mlp), c.train.run_axis
-      ('vmap', 'auto')
-      >>> c.train.run_axis = "loop"
-      >>> resolve_run_axis(c, mlp)
-      'loop'
-    """
-    choice = str(config.train.get("run_axis", "auto"))
-    return run_axis_plan(net) if choice == "auto" else choice
-
-
-def make_eval_fn(net: Net, batch_size: int = 1000) -> Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]]:
-    """``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for ONE model over a whole split.
-
-    Pure and jittable: it scans over batches of at most `batch_size` examples (padding is masked
-    out), so ``jax.vmap`` over models, α or pairs composes with it. This is the evaluation every
-    analysis in tna_jax uses (LMC paths, fusion, federated rounds).
-
-    Args:
-      net: the model.
-      batch_size: the largest batch one evaluation step sees (memory, not the result).
-
-    Returns:
-      ``eval_fn(variables, x, y)`` returning the mean cross-entropy ``"loss"`` and the fraction
-      ``"accuracy"`` of correctly classified examples (float32 scalars).
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> from tna_jax import models
-      >>> net = models.build({"name": "mlp", "depth": 0}, (4,), 3)  # a linear model
-      >>> variables = {"params": {"head": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}}
-      >>> eval_fn = jax.jit(make_eval_fn(net, batch_size=4))  # 10 examples: 3 batches, the last padded
-      >>> out = eval_fn(variables, jnp.ones((10, 4)), jnp.zeros(10, jnp.int32))
-      >>> round(float(out["loss"]), 4), float(out["accuracy"])  # uniform logits: loss log 3
-      (1.0986, 1.0)
-    """
-
-    def eval_fn(variables: PyTree, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
-        n = x.shape[0]
-        rows, valid = eval_indices(n, batch_size)
-        rows, valid = jnp.asarray(rows), jnp.asarray(valid)
-
-        def body(carry, inputs):
-            loss_sum, correct_sum = carry
-            idx, ok = inputs
-            logits, _ = net.apply(variables, gather(x, idx), train=False)
-            yb = gather(y, idx)
-            loss = jnp.where(ok, cross_entropy(logits, yb), 0.0)
-            correct = jnp.where(ok, jnp.argmax(logits, -1) == yb, False)
-            return (loss_sum + loss.sum(), correct_sum + correct.sum()), None
-
-        (loss_sum, correct_sum), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros((), jnp.int32)), (rows, valid))
-        return {"loss": loss_sum / n, "accuracy": correct_sum / n}
-
-    return eval_fn
-
-
-@functools.lru_cache(maxsize=32)
-def _batched_eval(net: Net, batch_size: int, run_axis: str, mesh: Mesh | None):
-    eval_fn = make_eval_fn(net, batch_size)
-    if run_axis == "vmap":
-        return jax.jit(jax.vmap(eval_fn, in_axes=(0, None, None)))
-    return jax.jit(loop_over_runs(eval_fn, 1, mesh, unrolled=False))
-
-
-def _run_mesh_of(tree: PyTree) -> Mesh | None:
-    """The mesh a run-sharded tree lives on (None when it is not split over several devices)."""
-    sharding = getattr(jax.tree.leaves(tree)[0], "sharding", None)
-    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 and tuple(sharding.spec)[:1] == ("runs",):
-        return sharding.mesh
-    return None
-
-
-def evaluate_runs(net: Net, state: TrainState, x: jax.Array, y: jax.Array, batch_size: int = 1000) -> dict[str, np.ndarray]:
-    """Loss and accuracy of every run on (x, y), in one call; NumPy arrays of shape (runs,).
-
-    The jitted, vmapped :func:`make_eval_fn` is cached per ``(net, batch_size)``, so repeated
-    evaluations (every epoch) compile once. Convolutional nets on CPU map the runs with a
-    ``lax.map`` (per device, when the runs are sharded) instead: XLA:CPU's batched convolutions
-    are several times slower (:func:`run_axis_plan`).
-
-    Args:
-      net: the model.
-      state: the runs' state (leading run axis).
-      x, y: one split's inputs and int labels (shared by every run).
-      batch_size: evaluation batch size.
-
-    Returns:
-      ``{"loss": (runs,), "accuracy": (runs,)}`` as NumPy arrays.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from tna_jax import models
-      >>> net = models.build({"name": "mlp", "depth": 0}, (4,), 3)
-      >>> head = {"kernel": jnp.zeros((2, 4, 3)), "bias": jnp.array([[0.0, 0.0, 0.0], [0.0, 5.0, 0.0]])}
-      >>> state = TrainState({"head": head}, {}, (), jnp.zeros(2, jnp.int32))  # two runs
-      >>> evaluate_runs(net, state, jnp.ones((6, 4)), jnp.zeros(6, jnp.int32))["accuracy"]
-      array([1., 0.], dtype=float32)
-    """
-    variables = state.variables()
-    out = _batched_eval(net, batch_size, run_axis_plan(net), _run_mesh_of(variables))(variables, x, y)
-    return {k: np.asarray(v) for k, v in out.items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # Sharding.
 # ---------------------------------------------------------------------------------------------
-
-
-def run_mesh(devices: Sequence[Any] | None = None) -> Mesh:
-    """A 1-D mesh named "runs" over `devices` (default: all devices).
-
-    Args:
-      devices: the devices (default ``jax.devices()``).
-
-    Returns:
-      A ``jax.sharding.Mesh`` with one axis, ``"runs"``.
-
-    Examples:
-      >>> import jax
-      >>> mesh = run_mesh()
-      >>> mesh.axis_names, mesh.devices.size == jax.device_count()
-      (('runs',), True)
-    """
-    devices = list(devices) if devices is not None else jax.devices()
-    return Mesh(np.array(devices), ("runs",))
-
-
-def shard_runs(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Places every leaf with its leading (run) axis split over the mesh.
-
-    Args:
-      tree: a pytree whose leaves have the run axis first (its length a multiple of the mesh size).
-      mesh: the mesh (:func:`run_mesh`).
-
-    Returns:
-      The tree placed with ``NamedSharding(mesh, PartitionSpec("runs"))``.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> x = shard_runs({"w": jnp.zeros((jax.device_count() * 2, 3))}, run_mesh())["w"]
-      >>> tuple(x.sharding.spec)
-      ('runs',)
-    """
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec("runs")))
-
-
-def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-def padded_runs(runs: Sequence[Run], num_devices: int) -> list[Run]:
-    """`runs` padded (with copies of the last run) to a multiple of `num_devices`."""
-    runs = list(runs)
-    pad = (-len(runs)) % num_devices
-    return runs + [dataclasses.replace(runs[-1], index=len(runs) + i) for i in range(pad)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1110,53 +419,6 @@ class TrainResult:
 
     def arm_runs(self, arm_index: int) -> list[int]:
         return [r.index for r in self.runs if r.arm_index == arm_index]
-
-
-def device_memory_bytes(devices: Sequence[Any]) -> int | None:
-    """Memory of `devices` together: accelerators report theirs; CPU devices share the host's RAM
-    (counted once). None when unknown.
-
-    Example:
-      >>> device_memory_bytes(jax.devices()) > 2**20
-      True
-    """
-    total, host = 0, False
-    for d in devices:
-        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
-        if stats and stats.get("bytes_limit"):
-            total += int(stats["bytes_limit"])
-        elif d.platform == "cpu":
-            host = True
-        else:
-            return None
-    if host:
-        try:
-            total += os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return None
-    return total or None
-
-
-def check_fits_in_memory(abstract_state: PyTree, devices: Sequence[Any], num_runs: int) -> None:
-    """Refuses a training state larger than the devices' memory, before anything is allocated
-    (a huge width or depth would otherwise end in an out-of-memory kill, not an error).
-
-    Raises:
-      ValueError: naming the state size, the memory and the fields that size it.
-
-    Example:
-      >>> huge = {"w": jax.ShapeDtypeStruct((1 << 22, 1 << 22), jnp.float32)}  # 64 TiB
-      >>> check_fits_in_memory(huge, jax.devices(), 1)  # doctest: +ELLIPSIS
-      Traceback (most recent call last):
-      ...
-      ValueError: the training state of 1 runs needs 65536.0 GiB ...
-    """
-    need = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in jax.tree.leaves(abstract_state))
-    have = device_memory_bytes(devices)
-    if have is not None and need > have:
-        raise ValueError(f"the training state of {num_runs} runs needs {need / 2**30:.1f} GiB (parameters and "
-                         f"optimizer state), more than the {have / 2**30:.1f} GiB of memory of {len(devices)} "
-                         "device(s); lower config.model.width / depth, config.num_seeds or the number of arms.")
 
 
 def _slice_runs(tree: PyTree, n: int) -> PyTree:

@@ -178,7 +178,7 @@ def train_curve(net: Any, curve: Curve, data: tuple[jax.Array, jax.Array], *, ke
         where XLA's batched matmuls (every t has its own weights) cost about twice a loop
         (measured: an MNIST-1D MLP 40-256-256-256-10, 4 t, 2.2 s vs 1.2 s of CPU time per epoch).
       steps_per_call: steps per jitted call, as ``train.steps_per_call`` (0 = automatic, see
-        :func:`tna_jax.training.loop_plan`: the whole epoch in one scan, or for convolutional
+        :func:`tna_jax.run_axis.loop_plan`: the whole epoch in one scan, or for convolutional
         nets on CPU short fully unrolled chunks). 1 compiles one step only: the fastest start
         when compilation dominates (small images, few epochs).
       optimizer: optax transformation for the control point's parameters (default
@@ -249,7 +249,7 @@ def evaluate_curve(eval_fn: Callable[[PyTree, jax.Array, jax.Array], dict[str, j
 
     Args:
       eval_fn: ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one model
-        (:func:`tna_jax.training.make_eval_fn`).
+        (:func:`tna_jax.evaluation.make_eval_fn`).
       curve: the curve.
       data: ``(x, y)`` to evaluate on.
       ts: grid of t (default 21 points in [0, 1]).

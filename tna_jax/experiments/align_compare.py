@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from tna_jax import align, lmc, models, plotting, training
+from tna_jax import align, evaluation, lmc, models, plotting, training
 from tna_jax import config as config_lib
 from tna_jax import data as data_lib
 from tna_jax import tree as tree_lib
@@ -176,7 +176,7 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
     x_stats = data.x_train[:n_stats]
     sbatch = min(int(opts.stats_batch), n_stats)
     spec = align.permutation_spec(net)
-    eval_fn = training.make_eval_fn(net, cfg.train.eval_batch_size)
+    eval_fn = evaluation.make_eval_fn(net, cfg.train.eval_batch_size)
     has_bn = net.has_batch_stats
     reset = (lambda v: align.reset_batch_stats(net, v, x_stats, batch_size=sbatch)) if has_bn else None
 

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tna_jax import config as config_lib
+from tna_jax import evaluation, optimizers
 from tna_jax import experiment as exp_lib
 
 __all__ = ["cold_experiment", "cold_options", "COLD_DEFAULTS"]
@@ -190,7 +191,7 @@ def cold_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
       >>> EXPERIMENTS["cold_fusion"] is cold_experiment
       True
     """
-    from tna_jax import fusion, pretrained, training
+    from tna_jax import fusion, pretrained
     from tna_jax.data.text import text_task
     from tna_jax.models.transformer import BERT_INIT
 
@@ -209,10 +210,10 @@ def cold_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     load_seconds = time.time() - t0
 
     steps, bs = int(opts["steps"]), int(config.train.batch_size)
-    base_tx = training.make_optimizer(config.optimizer, steps, 1)
-    mask_kwargs = training.anchor_options(config, net)
+    base_tx = optimizers.make_optimizer(config.optimizer, steps, 1)
+    mask_kwargs = optimizers.anchor_options(config, net)
     round_fn = fusion.make_cold_round(net, base_tx, steps=steps, batch_size=bs)
-    eval_fn = training.make_eval_fn(net, int(config.train.eval_batch_size))
+    eval_fn = evaluation.make_eval_fn(net, int(config.train.eval_batch_size))
     fused_eval = jax.jit(lambda body, head, x, y: eval_fn({"params": fusion.merge_head(body, head)}, x, y))
     own_eval = jax.jit(lambda params, x, y: eval_fn({"params": params}, x, y))
     tests = [(jnp.asarray(d.x_test), jnp.asarray(d.y_test)) for d in datasets]

@@ -45,10 +45,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from tna_jax import anchors, faults, logs, training
+from tna_jax import anchors, evaluation, faults, logs, optimizers, training
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
 from tna_jax import experiment as exp_lib
+from tna_jax import run_axis as run_axis_lib
+from tna_jax import sharding as sharding_lib
 
 __all__ = ["FedArm", "arms_from_config", "require_data", "federated_experiment", "make_clients", "partition_seed_of"]
 
@@ -249,7 +251,7 @@ def _algorithm(config: Any, net: Any, arm: FedArm, max_examples: int, mesh: Any,
     from tna_jax.federated import algorithms
 
     f = config.federated
-    tx = training.make_optimizer(config.optimizer, 1, 1)
+    tx = optimizers.make_optimizer(config.optimizer, 1, 1)
     server = algorithms.server_optimizer(arm.server, float(f.server_learning_rate) or None,
                                          momentum=float(f.server_momentum), b1=float(f.server_b1),
                                          b2=float(f.server_b2), eps=float(f.server_eps))
@@ -257,7 +259,7 @@ def _algorithm(config: Any, net: Any, arm: FedArm, max_examples: int, mesh: Any,
         net, tx, num_clients=int(f.num_clients), max_examples=max_examples, batch_size=int(f.batch_size),
         method=arm.algorithm, local_epochs=int(f.local_epochs), local_steps=int(f.local_steps),
         client_fraction=float(f.client_fraction), prox_mu=float(f.prox_mu), mask_ratio=float(arm.ratio or 0.0),
-        mask_options=training.anchor_options(config, net), server_tx=server, bn=f.bn, mesh=mesh, unroll=unroll,
+        mask_options=optimizers.anchor_options(config, net), server_tx=server, bn=f.bn, mesh=mesh, unroll=unroll,
         client_sizes=client_sizes, size_buckets=int(f.size_buckets) if client_sizes is not None else 1)
 
 
@@ -413,7 +415,7 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     if x_eval.shape[0] == 0:
         raise config_lib.ConfigError(f"config.federated.eval_split={split!r} is empty for {dataset.name} "
                                      f"(data.val_fraction={config.data.val_fraction}).")
-    mesh = training.run_mesh()
+    mesh = sharding_lib.run_mesh()
     num_devices = mesh.devices.size
 
     # Every input is checked (partitions included) before anything is compiled or trained.
@@ -442,7 +444,7 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     seed_clients = {alpha: client.ClientData(*(np.stack([getattr(packs[alpha, s], k) for s in draws])
                                                for k in ("x", "y", "n")))
                     for alpha in dict.fromkeys(a for a, _ in packs)} if per_seed else {}
-    conv = training.uses_convolutions(net)
+    conv = run_axis_lib.uses_convolutions(net)
     unroll: Any = max(1, int(config.train.unroll)) if int(config.train.unroll) else \
         (True if conv and jax.default_backend() == "cpu" else 1)
     keys = driver.seed_keys(int(config.seed), int(config.num_seeds), share_mask=bool(config.anchor.share_mask))
@@ -488,7 +490,7 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     metrics_log = logs.MetricsLog(workdir if primary else None, runs, start_round, tensorboard=config.train.tensorboard)
     shared_rounds = {key: driver.make_rounds(alg, mesh, per_seed_clients=per_seed) for key, alg in programs.items()}
     round_fns = {a.slug: shared_rounds[program_of(a)] for a in arms}
-    evaluate = driver.evaluate_program(training.make_eval_fn(net, int(config.train.eval_batch_size)), mesh)
+    evaluate = driver.evaluate_program(evaluation.make_eval_fn(net, int(config.train.eval_batch_size)), mesh)
     x_eval, y_eval = driver.replicated(np.asarray(x_eval), mesh), driver.replicated(np.asarray(y_eval), mesh)
     rounds = int(f.rounds)
 

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from tna_jax import config as config_lib
+from tna_jax import evaluation
 from tna_jax import experiment as exp_lib
 
 __all__ = ["layerwise_experiment", "layerwise_options", "aggregate_pairs"]
@@ -201,7 +202,7 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
       ...
       tna_jax.config.ConfigError: config.num_seeds must be >= 2 for kind='layerwise' (pairs of seeds); got 1.
     """
-    from tna_jax import lmc, training
+    from tna_jax import lmc
 
     modes, groups = layerwise_options(config)
     if config.num_seeds < 2:
@@ -210,7 +211,7 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     t0 = time.time()
     trained = exp_lib.train_and_analyse(config, workdir, lmc=True)
     net, result, data = trained.net, trained.result, trained.data
-    eval_fn = training.make_eval_fn(net, config.train.eval_batch_size)
+    eval_fn = evaluation.make_eval_fn(net, config.train.eval_batch_size)
     evals = {"": eval_fn}
     reset_fn = exp_lib.bn_reset_eval(config, net, eval_fn, data)
     if reset_fn is not None:

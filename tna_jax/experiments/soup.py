@@ -46,7 +46,9 @@ import optax
 
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
+from tna_jax import evaluation, optimizers
 from tna_jax import experiment as exp_lib
+from tna_jax import run_axis as run_axis_lib
 
 __all__ = ["soup_experiment", "soup_options", "class_subset", "SOUP_DEFAULTS", "METHODS"]
 
@@ -278,7 +280,7 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
 
     spe = steps_per_epoch(num_train, bs)
     epochs = int(opts["finetune_epochs"])
-    mask_opts = training.anchor_options(config, net)
+    mask_opts = optimizers.anchor_options(config, net)
     anchor_key = jax.random.fold_in(root, 2)
     lr = jnp.asarray([lrs_c[i] for _, _, i in runs], jnp.float32)
     wd = jnp.asarray([wds_c[i] for _, _, i in runs], jnp.float32)
@@ -292,8 +294,8 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     data_keys = jnp.stack([jax.random.key_data(jax.random.fold_in(jax.random.fold_in(root, 3), q)) for q in seed_of])
     drop_keys = jnp.stack([jax.random.key_data(jax.random.fold_in(jax.random.fold_in(root, 4), q)) for q in seed_of])
     update_tx = _finetune_tx(1.0, 0.0, 0.0, anchor_key, total, mask_opts)  # update reads lr, wd, mask from the state
-    run_axis = training.resolve_run_axis(config, net)
-    chunk, unroll = training.loop_plan(net, spe, int(config.train.steps_per_call), int(config.train.unroll),
+    run_axis = run_axis_lib.resolve_run_axis(config, net)
+    chunk, unroll = run_axis_lib.loop_plan(net, spe, int(config.train.steps_per_call), int(config.train.unroll),
                                        runs_per_device=n if run_axis == "loop" else 1)
     t1 = time.time()
     fns: dict[int, Any] = {}
@@ -313,10 +315,10 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
             raise training.TrainingDiverged(f"fine-tuning diverged: candidate {runs[bad][2]} (lr {lrs_c[runs[bad][2]]}) "
                                             f"of arm {arms[runs[bad][0]][0]} had loss {loss[bad]} in epoch {epoch + 1}.")
     t_ft = time.time() - t1
-    val = training.evaluate_runs(net, state, dev.x_val, dev.y_val, int(config.train.eval_batch_size))
-    test = training.evaluate_runs(net, state, dev.x_test, dev.y_test, int(config.train.eval_batch_size))
+    val = evaluation.evaluate_runs(net, state, dev.x_val, dev.y_val, int(config.train.eval_batch_size))
+    test = evaluation.evaluate_runs(net, state, dev.x_test, dev.y_test, int(config.train.eval_batch_size))
 
-    eval_fn = training.make_eval_fn(net, int(config.train.eval_batch_size))
+    eval_fn = evaluation.make_eval_fn(net, int(config.train.eval_batch_size))
     test_eval = jax.jit(eval_fn)
     held_out, test_data = (dev.x_val, dev.y_val), (dev.x_test, dev.y_test)
     per: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in arms}

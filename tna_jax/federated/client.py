@@ -308,7 +308,7 @@ def make_local_update(net: Any, tx: optax.GradientTransformation, *, batch_size:
       local_steps: K > 0: exactly K steps of B rows drawn with replacement.
       prox_mu: μ >= 0 of FedProx.
       unroll: ``lax.scan``'s unroll of the step loop (``True`` for convolutional nets on CPU,
-        see ``tna_jax.training.loop_plan``).
+        see ``tna_jax.run_axis.loop_plan``).
       order_examples: draw each epoch's batch order over this many rows (>= `max_examples`; None:
         `max_examples`). A size bucket (:func:`size_buckets`) holds its clients' first
         `max_examples` rows but passes the cohort's N_max here, so its clients see the same batches

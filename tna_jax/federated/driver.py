@@ -3,7 +3,7 @@
 The unit of work is one *arm* (an algorithm with its settings) trained from S seeds. Its server
 states are stacked on a leading seed axis and one jitted call, ``jax.vmap`` over seeds of the
 algorithm's ``apply``, runs a round of every seed; inside it the clients are the second batch
-axis, sharded over the devices of a 1-D mesh (``tna_jax.training.run_mesh``).
+axis, sharded over the devices of a 1-D mesh (``tna_jax.sharding.run_mesh``).
 
 Several processes (hosts). Under ``jax.distributed.initialize`` the mesh spans every process's
 devices and the same program runs in each process: :func:`place_clients` builds the client data
@@ -128,7 +128,7 @@ def place_clients(clients: ClientData, mesh: Mesh, *, seed_axis: bool = False) -
 
     Args:
       clients: host client data (:func:`tna_jax.federated.client.pack_clients`).
-      mesh: the mesh (:func:`tna_jax.training.run_mesh`).
+      mesh: the mesh (:func:`tna_jax.sharding.run_mesh`).
       seed_axis: the data carry a leading seed axis (one split of the clients per seed,
         ``federated.partition_per_seed``): ``x`` is ``(S, K, N_max, ...)``, ``n`` is ``(S, K)``, and
         the client axis (axis 1) is the one split over `mesh`.
@@ -364,7 +364,7 @@ def to_host(tree: PyTree) -> PyTree:
 
 
 def evaluate_program(eval_fn: Any, mesh: Mesh):
-    """``evaluate(params, model_state, x, y)``: ``eval_fn`` (``training.make_eval_fn``) vmapped over
+    """``evaluate(params, model_state, x, y)``: ``eval_fn`` (``evaluation.make_eval_fn``) vmapped over
     the seed axis, jitted; returns ``{"loss": (S,), "accuracy": (S,)}``.
 
     Args:
@@ -377,7 +377,7 @@ def evaluate_program(eval_fn: Any, mesh: Mesh):
     Examples:
       >>> from tna_jax import models, training
       >>> net = models.build({"name": "mlp", "depth": 0}, (3,), 2)
-      >>> evaluate = evaluate_program(training.make_eval_fn(net), training.run_mesh())
+      >>> evaluate = evaluate_program(evaluation.make_eval_fn(net), sharding_lib.run_mesh())
       >>> params = {"head": {"kernel": jnp.zeros((2, 3, 2)), "bias": jnp.array([[1.0, 0.0], [0.0, 1.0]])}}
       >>> evaluate(params, {}, jnp.ones((4, 3)), jnp.zeros(4, jnp.int32))["accuracy"].tolist()  # 2 seeds
       [1.0, 0.0]
