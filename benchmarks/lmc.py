@@ -6,7 +6,7 @@ pays mostly for dispatch; the >= 5x target applies here) and ``mnist1d`` (40-128
 1000 test examples of the quickstart: compute-bound on 2 cores, reported beside it):
 
   * ``vmapped, chunk=auto``: :func:`tna_jax.lmc.pairwise_barriers` as users call it (one compiled
-    program; ``lax.map`` over chunks sized by :func:`tna_jax.lmc.auto_chunk`),
+    program; ``lax.map`` over chunks sized by :func:`tna_jax.chunking.auto_chunk`),
   * ``vmapped, chunk=None``: all 250 points in one vmap (batched matmuls),
   * ``vmapped, chunk=25``: ``lax.map`` over blocks of 25 points,
   * ``python loop``: a loop over pairs and α calling one jitted "interpolate, then evaluate"
@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import print_table, time_interleaved, write_json  # noqa: E402
-from tna_jax import evaluation, lmc, models  # noqa: E402
+from tna_jax import chunking, evaluation, lmc, models  # noqa: E402
 from tna_jax import tree as tree_lib  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def memory(eval_fn, stacked, pairs, alphas, x, y, chunk):
     jj = jnp.asarray([p[1] for p in pairs], jnp.int32)
     pi = jnp.repeat(jnp.arange(len(pairs), dtype=jnp.int32), k)
     al = jnp.tile(jnp.asarray(alphas, jnp.float32), len(pairs))
-    program = lmc._pairs_program(eval_fn, chunk, True)
+    program = lmc.pairs._pairs_program(eval_fn, chunk, True)
     stats = program.lower(stacked, ii, jj, pi, al, x, y).compile().memory_analysis()
     return {"temp_MB": stats.temp_size_in_bytes / 2**20, "argument_MB": stats.argument_size_in_bytes / 2**20,
             "output_MB": stats.output_size_in_bytes / 2**20}
@@ -135,7 +135,7 @@ def measure(width: int, num_examples: int, rounds: int, with_torch: bool) -> dic
             print("torch not installed (pip install 'tna_jax[bench]'): skipping the PyTorch comparison")
     times = time_interleaved(variants, rounds=rounds, warmup=1)
     base = times["python loop"]["median_s"]
-    auto = lmc.auto_chunk(lambda t: eval_fn(lmc.interpolate(models_list[0], models_list[1], t), x, y),
+    auto = chunking.auto_chunk(lambda t: eval_fn(lmc.interpolate(models_list[0], models_list[1], t), x, y),
                           jnp.zeros(len(pairs) * num_alphas))
     mem = {"vmapped, chunk=auto (default)": memory(eval_fn, stacked, pairs, alphas, x, y, "auto"),
            "vmapped, chunk=None (all at once)": memory(eval_fn, stacked, pairs, alphas, x, y, None),
@@ -188,7 +188,7 @@ def main(argv=None):
         "note": "small = MLP 40-32-32-10 on 256 examples (dispatch-bound: the target applies); mnist1d = "
                 "MLP 40-128-128-10 on 1000 examples (compute-bound on 2 cores: a loop of jitted points is "
                 "already near the matmul rate, so vmapping can only remove dispatch). chunk=auto keeps each "
-                "chunk's activations cache-sized (tna_jax.lmc.auto_chunk).",
+                "chunk's activations cache-sized (tna_jax.chunking.auto_chunk).",
         "memory_note": "XLA compiled memory analysis (temp_size_in_bytes: scratch beyond arguments and outputs); "
                        "a static plan, not process RSS.",
     }, args.out)

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.util import tiny_config
-from tna_jax import evaluation, experiment, lmc, models
+from tna_jax import chunking, evaluation, experiment, lmc, models, norm_stats
 from tna_jax.models import Net
 
 
@@ -97,13 +97,13 @@ def test_auto_chunk_fits_the_budget_and_gives_the_same_numbers(setup):
     def point(alpha):
         return eval_fn(lmc.interpolate(a, b, alpha), x, y)
 
-    per_point = lmc.intermediate_bytes(jax.make_jaxpr(point)(jnp.float32(0.5)).jaxpr)
+    per_point = chunking.intermediate_bytes(jax.make_jaxpr(point)(jnp.float32(0.5)).jaxpr)
     # The activations of 200 examples through a 16-wide MLP are part of the count.
     assert per_point >= 200 * 16 * 4
     alphas_arr = jnp.asarray(alphas)
-    assert lmc.auto_chunk(point, alphas_arr, budget_bytes=3 * per_point) == 3
-    assert lmc.auto_chunk(point, alphas_arr, budget_bytes=per_point // 2) == 1  # never below one point
-    assert lmc.auto_chunk(point, alphas_arr, budget_bytes=1 << 40) == 9  # never above the point count
+    assert chunking.auto_chunk(point, alphas_arr, budget_bytes=3 * per_point) == 3
+    assert chunking.auto_chunk(point, alphas_arr, budget_bytes=per_point // 2) == 1  # never below one point
+    assert chunking.auto_chunk(point, alphas_arr, budget_bytes=1 << 40) == 9  # never above the point count
 
 
 def test_intermediate_bytes_counts_a_scan_body_once():
@@ -112,8 +112,8 @@ def test_intermediate_bytes_counts_a_scan_body_once():
     def scanned(v):
         return jax.lax.scan(lambda c, _: (jnp.sin(c) * 2.0, None), v, None, length=50)[0]
 
-    scan_bytes = lmc.intermediate_bytes(jax.make_jaxpr(scanned)(jnp.ones(100)).jaxpr)
-    assert lmc.intermediate_bytes(body_only) == 2 * 100 * 4
+    scan_bytes = chunking.intermediate_bytes(jax.make_jaxpr(scanned)(jnp.ones(100)).jaxpr)
+    assert chunking.intermediate_bytes(body_only) == 2 * 100 * 4
     # The body's buffers once (not 50 times), plus the scan's own output.
     assert 2 * 100 * 4 <= scan_bytes <= 4 * 100 * 4
 
@@ -245,9 +245,9 @@ def test_errors_name_the_argument_and_the_value(setup):
     with pytest.raises(ValueError, match="needs a path that contains alpha = 0 and alpha = 1"):
         lmc.barriers({"alpha": [0.2, 0.5], "loss": [1, 1], "accuracy": [1, 1]})
     with pytest.raises(ValueError, match="needs variables with 'batch_stats'"):
-        lmc.reset_bn_stats(net, a, d[0])
+        norm_stats.reset_bn_stats(net, a, d[0])
     with pytest.raises(ValueError, match="with_bn_reset needs a net with BatchNorm"):
-        lmc.with_bn_reset(net, eval_fn, d[0])
+        norm_stats.with_bn_reset(net, eval_fn, d[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ def test_reset_bn_stats_recovers_the_true_batch_statistics():
     v = {**v, "params": jax.tree.map(lambda p: p + 0.3, v["params"])}  # non-trivial BN scale/bias
     x = jax.random.normal(jax.random.key(1), (250, 40)) * 2.0 + 1.0
     bs, nb = 60, 4  # 240 of the 250 examples are used; the last 10 are dropped
-    new = lmc.reset_bn_stats(net, v, x, batch_size=bs)
+    new = norm_stats.reset_bn_stats(net, v, x, batch_size=bs)
     # Reference 1: a copy of the net whose BatchNorm has momentum 0 stores each batch's exact
     # statistics after one training-mode step.
     exact = Net("bn0", BNMLP(width=8, momentum=0.0), (40,), 10)
@@ -324,7 +324,7 @@ def test_reset_bn_stats_recovers_the_true_batch_statistics():
         population = (variances + means**2).mean(0) - mean**2
         np.testing.assert_allclose(new["batch_stats"][layer]["mean"], mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(new["batch_stats"][layer]["var"], population, rtol=1e-4, atol=1e-6)
-        torch_like = lmc.reset_bn_stats(net, v, x, batch_size=bs, variance="pytorch")["batch_stats"][layer]["var"]
+        torch_like = norm_stats.reset_bn_stats(net, v, x, batch_size=bs, variance="pytorch")["batch_stats"][layer]["var"]
         np.testing.assert_allclose(torch_like, (variances * bs / (bs - 1)).mean(0), rtol=1e-4, atol=1e-6)
     # Reference 2: the first BatchNorm's input is x W + b, so its statistics are plain numpy.
     h = np.asarray(x[: nb * bs], np.float64) @ np.asarray(v["params"]["dense_0"]["kernel"], np.float64) \
@@ -334,13 +334,13 @@ def test_reset_bn_stats_recovers_the_true_batch_statistics():
     chex.assert_trees_all_equal(new["params"], v["params"])
     # Inside vmap over α (the BN-reset path) it matches a loop over α.
     b = net.init(jax.random.key(3))
-    eval_fn = lmc.with_bn_reset(net, evaluation.make_eval_fn(net, 100), x, batch_size=bs)
+    eval_fn = norm_stats.with_bn_reset(net, evaluation.make_eval_fn(net, 100), x, batch_size=bs)
     y = jnp.zeros(250, jnp.int32)
     path = lmc.lmc_path(eval_fn, v, b, [0.0, 0.5, 1.0], (x, y))
     loop = [jax.jit(eval_fn)(lmc.interpolate(v, b, t), x, y)["loss"] for t in (0.0, 0.5, 1.0)]
     np.testing.assert_allclose(path["loss"], loop, rtol=1e-5)
     with pytest.raises(ValueError, match="num_batches=9 exceeds the 4 full batches of 60"):
-        lmc.reset_bn_stats(net, v, x, batch_size=bs, num_batches=9)
+        norm_stats.reset_bn_stats(net, v, x, batch_size=bs, num_batches=9)
 
 
 # ---------------------------------------------------------------------------------------------

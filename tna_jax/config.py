@@ -139,7 +139,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.analysis.plot_ratios = ()  # ratios whose paths go into lmc_paths.png (empty = every arm)
     c.analysis.bn_reset = True  # nets with BatchNorm: also report LMC with statistics reset at every α
     c.analysis.bn_reset_examples = 2000  # training examples the reset uses (0 = the whole split)
-    c.analysis.chunk = 0  # >0: evaluate at most this many (pair, α) points at once; 0 = auto (lmc.auto_chunk)
+    c.analysis.chunk = 0  # >0: evaluate at most this many (pair, α) points at once; 0 = auto (chunking.auto_chunk)
     return c
 
 

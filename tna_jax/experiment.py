@@ -25,8 +25,8 @@ import jax
 import numpy as np
 
 from tna_jax import checkpoint as ckpt_lib
+from tna_jax import chunking, evaluation, norm_stats
 from tna_jax import config as config_lib
-from tna_jax import evaluation
 
 __all__ = [
     "run", "EXPERIMENTS", "register", "WorkdirLock", "WorkdirBusy", "prepare_workdir", "train_experiment",
@@ -508,13 +508,12 @@ def bn_reset_eval(config: Any, net: Any, eval_fn: Any, data: Any) -> Any | None:
     """``eval_fn`` with BatchNorm statistics reset from training data (None for nets without
     BatchNorm or with ``analysis.bn_reset`` off). Uses the first ``analysis.bn_reset_examples``
     training examples (0 = all) in batches of ``train.batch_size`` (the training batch size)."""
-    from tna_jax import lmc
 
     if not (config.analysis.bn_reset and net.has_batch_stats):
         return None
     n = int(config.analysis.bn_reset_examples) or int(data.x_train.shape[0])
     x_reset = data.x_train[: min(n, int(data.x_train.shape[0]))]
-    return lmc.with_bn_reset(net, eval_fn, x_reset, batch_size=min(int(config.train.batch_size), int(x_reset.shape[0])))
+    return norm_stats.with_bn_reset(net, eval_fn, x_reset, batch_size=min(int(config.train.batch_size), int(x_reset.shape[0])))
 
 
 def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]:
@@ -522,7 +521,7 @@ def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]
 
     For nets with BatchNorm (and ``analysis.bn_reset``, the default) every arm is reported both
     ways: with the interpolated running statistics (top level) and with the statistics reset
-    from training data at every α (``"bn_reset"``; :func:`tna_jax.lmc.with_bn_reset`).
+    from training data at every α (``"bn_reset"``; :func:`tna_jax.norm_stats.with_bn_reset`).
 
     Args:
       config: the experiment config (``analysis.*``: split, α count, pair cap, chunk, BN reset).
@@ -558,7 +557,7 @@ def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]
     reset_fn = bn_reset_eval(config, net, eval_fn, data)
     x, y = data.split(config.analysis.split)
     alphas = lmc.default_alphas(config.analysis.num_alphas)
-    chunk = int(config.analysis.chunk) or lmc.AUTO
+    chunk = int(config.analysis.chunk) or chunking.AUTO
     out: dict[str, Any] = {}
     arms: dict[int, list[int]] = {}
     for r in result.runs:

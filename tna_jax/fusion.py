@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tna_jax import anchors, lmc
+from tna_jax import anchors, chunking, lmc
 from tna_jax import tree as tree_lib
 from tna_jax.training import cross_entropy
 
@@ -161,7 +161,7 @@ def evaluate_candidates(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array,
     """
     x, y = lmc.check_data(data)
     num_candidates(stacked)
-    chunk = lmc.check_chunk(chunk)
+    chunk = chunking.check_chunk(chunk)
     out = _candidates_program(eval_fn, chunk)(stacked, x, y)
     return {k: np.asarray(v) for k, v in out.items()}
 
@@ -170,13 +170,13 @@ def evaluate_candidates(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array,
 # (seeds, arms, benchmark rounds) reuse it instead of tracing and compiling a fresh closure.
 @functools.lru_cache(maxsize=64)
 def _candidates_program(eval_fn: EvalFn, chunk: int | None) -> Callable[..., Any]:
-    return jax.jit(lambda s, x, y: lmc.map_points(lambda v: eval_fn(v, x, y), s, chunk))
+    return jax.jit(lambda s, x, y: chunking.map_points(lambda v: eval_fn(v, x, y), s, chunk))
 
 
 @functools.lru_cache(maxsize=64)
 def _soups_program(eval_fn: EvalFn, chunk: int | None) -> Callable[..., Any]:
     def compute(stacked, w, x, y):
-        return lmc.map_points(lambda row: eval_fn(tree_lib.weighted_mean(stacked, row), x, y), w, chunk)
+        return chunking.map_points(lambda row: eval_fn(tree_lib.weighted_mean(stacked, row), x, y), w, chunk)
 
     return jax.jit(compute)
 
@@ -230,7 +230,7 @@ def evaluate_soups(eval_fn: EvalFn, stacked: PyTree, weights: Any, data: tuple[j
     x, y = lmc.check_data(data)
     k = num_candidates(stacked)
     w = _check_weight_rows(weights, k)
-    chunk = lmc.check_chunk(chunk)
+    chunk = chunking.check_chunk(chunk)
     out = _soups_program(eval_fn, chunk)(stacked, w, x, y)
     return {k_: np.asarray(v) for k_, v in out.items()}
 
@@ -336,7 +336,7 @@ def _greedy_program(eval_fn: EvalFn, chunk: int | None) -> Callable[..., Any]:
     """The whole greedy soup (candidate evaluation, sort, scan over candidates) as one program."""
 
     def compute(stacked, x, y):
-        ind = lmc.map_points(lambda v: eval_fn(v, x, y), stacked, chunk)
+        ind = chunking.map_points(lambda v: eval_fn(v, x, y), stacked, chunk)
         k = ind["accuracy"].shape[0]
         order = jnp.argsort(-ind["accuracy"], stable=True)
         w0 = jax.nn.one_hot(order[0], k, dtype=jnp.float32)
@@ -393,7 +393,7 @@ def greedy_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, jax
     """
     x, y = lmc.check_data(held_out)
     num_candidates(stacked)
-    chunk = lmc.check_chunk(chunk)
+    chunk = chunking.check_chunk(chunk)
     ind, order, w, acc, loss, trials = _greedy_program(eval_fn, chunk)(stacked, x, y)
     order = np.asarray(order)
     w = np.asarray(w, np.float64)

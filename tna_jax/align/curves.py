@@ -13,7 +13,7 @@ same batch (``jax.vmap`` over t on accelerators; one t after the other on CPU, s
 curve is the straight line. Aligning the endpoints first (``apply_permutation`` of a weight- or
 activation-matching permutation to θ_B) gives Tatro et al.'s aligned curves.
 
-Evaluation maps over a grid of t (:func:`tna_jax.lmc.map_points`, chunked), reporting the average and the
+Evaluation maps over a grid of t (:func:`tna_jax.chunking.map_points`, chunked), reporting the average and the
 minimum accuracy along the curve. BatchNorm networks train with batch statistics; for evaluation
 pass ``bn_reset`` to recompute each point's running statistics (Garipov et al. do the same).
 """
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tna_jax import lmc as lmc_lib
+from tna_jax import chunking
 from tna_jax import tree as tree_lib
 from tna_jax.data.batching import epoch_indices, gather, steps_per_epoch
 from tna_jax.training import cross_entropy, loop_plan
@@ -237,13 +237,13 @@ def _eval_fn(eval_fn: Callable[..., Any], chunk: Any, bn_reset: Callable[[PyTree
                 v = bn_reset(v)
             return eval_fn(v, x, y)
 
-        return lmc_lib.map_points(at, ts, chunk)
+        return chunking.map_points(at, ts, chunk)
 
     return jax.jit(run)
 
 
 def evaluate_curve(eval_fn: Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]], curve: Curve,
-                   data: tuple[jax.Array, jax.Array], ts: Any = None, *, chunk: Any = lmc_lib.AUTO,
+                   data: tuple[jax.Array, jax.Array], ts: Any = None, *, chunk: Any = chunking.AUTO,
                    bn_reset: Callable[[PyTree], PyTree] | None = None) -> dict[str, Any]:
     """Loss and accuracy along the curve, vmapped over t.
 
@@ -253,7 +253,7 @@ def evaluate_curve(eval_fn: Callable[[PyTree, jax.Array, jax.Array], dict[str, j
       curve: the curve.
       data: ``(x, y)`` to evaluate on.
       ts: grid of t (default 21 points in [0, 1]).
-      chunk: evaluate at most this many t at once (:func:`tna_jax.lmc.map_points`: ``None``
+      chunk: evaluate at most this many t at once (:func:`tna_jax.chunking.map_points`: ``None``
         vmaps every t, ``"auto"`` sizes the chunks from the program's memory, as LMC paths do).
       bn_reset: optional ``variables -> variables`` applied to each point first (e.g.
         ``lambda v: reset_batch_stats(net, v, x_train)`` for BatchNorm networks).
@@ -268,7 +268,7 @@ def evaluate_curve(eval_fn: Callable[[PyTree, jax.Array, jax.Array], dict[str, j
     x, y = _xy(data, "data")
     ts = jnp.asarray(np.linspace(0.0, 1.0, 21) if ts is None else ts, jnp.float32)
 
-    chunk = lmc_lib.check_chunk(chunk)
+    chunk = chunking.check_chunk(chunk)
     out = jax.device_get(_eval_fn(eval_fn, chunk, bn_reset)(ts, curve, x, y))
     acc = np.asarray(out["accuracy"], np.float64)
     loss = np.asarray(out["loss"], np.float64)

@@ -26,7 +26,7 @@ and bias.
 
 :func:`reset_batch_stats` is the simpler repair for BatchNorm networks: recompute the running
 statistics of the interpolated network on data (the statistics of θ_α are not the interpolation
-of the endpoints' statistics); it is :func:`tna_jax.lmc.reset_bn_stats` behind REPAIR's checks.
+of the endpoints' statistics); it is :func:`tna_jax.norm_stats.reset_bn_stats` behind REPAIR's checks.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import lmc as lmc_lib
+from tna_jax import norm_stats
 from tna_jax import tree as tree_lib
 from tna_jax.align.derive import analyze
 
@@ -292,7 +292,7 @@ def _repair_jit(net: Any, batch_size: int, eps: float):
 def reset_batch_stats(net: Any, variables: PyTree, data: Any, *, batch_size: int = 500) -> PyTree:
     """Recomputes BatchNorm running statistics over `data` (a no-op without BatchNorm).
 
-    The same operation as :func:`tna_jax.lmc.reset_bn_stats` (which it calls: one training-mode
+    The same operation as :func:`tna_jax.norm_stats.reset_bn_stats` (which it calls: one training-mode
     pass per full batch, population statistics over the batches; dropout, if any, with a fixed
     key), with REPAIR's data checks and the identity for models without ``batch_stats``. Pure and traceable (``vmap`` it over α).
 
@@ -326,6 +326,6 @@ def reset_batch_stats(net: Any, variables: PyTree, data: Any, *, batch_size: int
 @functools.lru_cache(maxsize=16)
 def _reset_jit(net: Any, batch_size: int):
     def reset(variables: PyTree, x: jax.Array) -> PyTree:  # dropout, if any, with a fixed key
-        return lmc_lib.reset_bn_stats(net, variables, x, batch_size=batch_size, rng=jax.random.key(0))
+        return norm_stats.reset_bn_stats(net, variables, x, batch_size=batch_size, rng=jax.random.key(0))
 
     return jax.jit(reset)

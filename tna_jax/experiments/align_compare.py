@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from tna_jax import align, evaluation, lmc, models, plotting, training
+from tna_jax import align, chunking, evaluation, lmc, models, plotting, training
 from tna_jax import config as config_lib
 from tna_jax import data as data_lib
 from tna_jax import tree as tree_lib
@@ -58,7 +58,7 @@ def align_defaults() -> ml_collections.ConfigDict:
     c.stats_examples = 1000  # training examples for activation statistics, REPAIR (one batch) and BN reset
     c.stats_batch = 250
     c.repair_alphas = 11
-    c.chunk = 0  # evaluate at most this many (pair, α) points at once (0 = auto, lmc.auto_chunk)
+    c.chunk = 0  # evaluate at most this many (pair, α) points at once (0 = auto, chunking.auto_chunk)
     c.curve_kind = "bezier"
     c.curve_pairs = 2  # pairs per arm that get curves (0 = none)
     c.curve_epochs = 10
@@ -185,7 +185,7 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
 
     alphas = lmc.default_alphas(cfg.analysis.num_alphas)
     r_alphas = jnp.asarray(lmc.default_alphas(opts.repair_alphas), jnp.float32)
-    chunk = int(opts.chunk) or lmc.AUTO
+    chunk = int(opts.chunk) or chunking.AUTO
     key = jax.random.key(cfg.seed)
     log(f"[{name}] {net.name} on {dataset.name}: {len(spec)} permutations; trained in {t_train:.0f}s")
     seconds = {"train": t_train}

@@ -26,8 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from tna_jax import chunking, evaluation
 from tna_jax import config as config_lib
-from tna_jax import evaluation
 from tna_jax import experiment as exp_lib
 
 __all__ = ["layerwise_experiment", "layerwise_options", "aggregate_pairs"]
@@ -218,7 +218,7 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         evals[" (BN reset)"] = reset_fn
     x, y = data.split(config.analysis.split)
     alphas = lmc.default_alphas(config.analysis.num_alphas)
-    chunk = int(config.analysis.chunk) or lmc.AUTO
+    chunk = int(config.analysis.chunk) or chunking.AUTO
     order = net.layer_order()
     arms: dict[int, list[int]] = {}
     for r in result.runs:
