@@ -27,7 +27,8 @@ from ml_collections import config_flags
 
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
-from tna_jax import data, experiment, training
+from tna_jax import data, runner, training
+from tna_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -53,7 +54,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 define_flags()
 
 # Errors whose message says everything (the field, file or holder); shown without a traceback.
-USER_ERRORS = (config_lib.ConfigError, data.DataError, ckpt_lib.CheckpointError, experiment.WorkdirBusy,
+USER_ERRORS = (config_lib.ConfigError, data.DataError, ckpt_lib.CheckpointError, workdir_lib.WorkdirBusy,
                training.TrainingDiverged)
 
 
@@ -201,7 +202,7 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     try:
-        experiment.run(FLAGS.config, FLAGS.workdir)
+        runner.run(FLAGS.config, FLAGS.workdir)
     except training.Preempted as stop:
         logging.warning("%s", stop)
         print(stop)

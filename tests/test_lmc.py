@@ -15,7 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.util import tiny_config
-from tna_jax import chunking, evaluation, experiment, lmc, models, norm_stats
+from tna_jax import chunking, evaluation, lmc, models, norm_stats, runner
+from tna_jax import report as report_lib
 from tna_jax.models import Net
 
 
@@ -290,7 +291,7 @@ def test_random_pairs_spread_over_the_seeds_where_the_first_pairs_all_hold_seed_
 def test_mean_std_is_the_sample_std_and_none_when_undefined(values):
     import statistics
 
-    mean, std = experiment.mean_std(values)
+    mean, std = report_lib.mean_std(values)
     if not values:
         assert (mean, std) == (None, None)
         return
@@ -360,7 +361,7 @@ def test_grid_and_layerwise_kinds_run_and_report(tmp_path):
     c.grid = ml_collections.ConfigDict({"variants": {
         "1_bn": {"label": "BN-MLP", "axis": "width", "x": 8, "set": {"model": {"name": "test_bn_mlp", "width": 8}}},
     }})
-    report = experiment.run(c, str(tmp_path / "grid"))
+    report = runner.run(c, str(tmp_path / "grid"))
     # 3 arms, each with and without the BatchNorm statistics reset.
     assert [r["arm"] for r in report["rows"]] == ["vanilla", "vanilla (BN reset)", "TNA-PFN 0.5",
                                                   "TNA-PFN 0.5 (BN reset)", "prune 0.5", "prune 0.5 (BN reset)"]
@@ -376,12 +377,12 @@ def test_grid_and_layerwise_kinds_run_and_report(tmp_path):
         assert os.path.getsize(tmp_path / "grid" / name) > 0
     c.grid.variants = ml_collections.ConfigDict({"bad": {"set": {"optimizer": {"name": "rmsprop"}}}})
     with pytest.raises(ValueError, match=r"config.grid.variants.bad: config.optimizer.name must be one of"):
-        experiment.run(c, str(tmp_path / "grid2"))
+        runner.run(c, str(tmp_path / "grid2"))
 
     c = tiny_config(kind="layerwise", train__epochs=1, data__num_samples=300, analysis__num_alphas=3,
                     train__tensorboard=False)
     c.layerwise = ml_collections.ConfigDict({"modes": ("single", "from_input")})
-    report = experiment.run(c, str(tmp_path / "lw"))
+    report = runner.run(c, str(tmp_path / "lw"))
     lw = report["layerwise"]
     assert list(lw) == ["vanilla", "TNA-PFN 0.4"] and report["layerwise_compiles"] == {"jit(compute)": 1}
     for arm, by_mode in lw.items():

@@ -19,9 +19,10 @@ import pytest
 from absl import flags
 from util import ROOT, tiny_config
 
-from tna_jax import anchors, data, experiment, models, optimizers, training
+from tna_jax import anchors, data, models, optimizers, runner, training
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import runs as runs_lib
+from tna_jax import workdir as workdir_lib
 from tna_jax.config import ConfigError, validate
 
 sys.path.insert(0, ROOT)
@@ -48,7 +49,7 @@ def finished_run(tmp_path_factory):
     """A tiny two-epoch run (checkpoints at epochs 1 and 2) and its final state digest."""
     workdir = str(tmp_path_factory.mktemp("finished"))
     config = tiny_config(train__epochs=2, analysis__lmc=False)
-    report = experiment.run(config, workdir)
+    report = runner.run(config, workdir)
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     steps = ckpt.steps()
     digest = ckpt.read_meta(steps[-1])["state_digest"]
@@ -155,7 +156,7 @@ def test_a_damaged_latest_checkpoint_falls_back_and_the_run_ends_bit_identical(t
     for name in os.listdir(latest):  # the array data of the last step
         damage(os.path.join(latest, name), "flip a bit", np.random.default_rng(1))
     with pytest.warns(UserWarning, match=rf"checkpoint .*/checkpoints/{steps[-1]} could not be restored"):
-        report = experiment.run(config, workdir)
+        report = runner.run(config, workdir)
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     same = ckpt.read_meta(ckpt.latest_step())["state_digest"] == digest
     ckpt.close()
@@ -175,7 +176,7 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_leaf_and_nothing_is
     before = tree_hash(os.path.join(workdir, "checkpoints"))
     config = tiny_config(train__epochs=2, analysis__lmc=False, model__width=24)  # the run had width 32
     with pytest.raises(ckpt_lib.CheckpointError) as info:
-        experiment.run(config, workdir)
+        runner.run(config, workdir)
     message = str(info.value)
     clear = ("was saved for another model" in message and os.path.join(workdir, "checkpoints") in message
              and "state 'params/dense_0/bias' has shape (4, 32)" in message and "expected shape (4, 24)" in message)
@@ -248,7 +249,7 @@ def test_every_restore_has_an_explicit_abstract_target(tmp_path, finished_run, m
 
     monkeypatch.setattr(ocp.args, "StandardRestore", spy)
     workdir = copy_run(finished_run, tmp_path)
-    report = experiment.run(finished_run[1], workdir)  # everything trained: restores, evaluates
+    report = runner.run(finished_run[1], workdir)  # everything trained: restores, evaluates
     assert report["training"]["resumed_from"] == 2
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     mask, _ = ckpt.restore_extras({"mask": training.find_mask(state_target(finished_run[1]).opt_state)})
@@ -326,7 +327,7 @@ def test_a_damaged_config_json_in_the_workdir_is_named_and_left_alone(tmp_path, 
         f.write(text[: len(text) // 2])
     before = tree_hash(workdir)
     with pytest.raises(ValueError, match=rf"{path} is damaged \(.*not valid JSON.*\); move the workdir aside"):
-        experiment.run(finished_run[1], workdir)
+        runner.run(finished_run[1], workdir)
     same = tree_hash(workdir) == before
     reliability.record("corruption.config_json", category="corruption",
                        fault="the workdir's config.json cut in half", tried=1, survived=int(same),
@@ -380,7 +381,7 @@ def test_datasets_with_nan_features_or_bad_labels_are_refused_naming_the_split(t
         config.data.source = name
         workdir = tmp_path / name
         with pytest.raises(data.DataError, match=pattern):
-            experiment.run(config, str(workdir))
+            runner.run(config, str(workdir))
         left = sorted(os.listdir(workdir))
         survived += int(left == [".lock", "config.json"])
     reliability.record("bad input.datasets", category="bad input",
@@ -432,10 +433,10 @@ def test_paths_built_from_configs_stay_in_the_workdir(tmp_path, reliability):
     os.symlink(str(tmp_path / "outside"), str(run / "escape"))
     checks = []
     with pytest.raises(ConfigError, match=r"config.grid.variants.x='escape/f' resolves to .*outside the workdir"):
-        experiment.workdir_path(str(run), "escape/f", "grid.variants.x")
-    checks.append(experiment.workdir_path(str(run), "sub/f", "f") == str(run / "sub" / "f"))
+        workdir_lib.workdir_path(str(run), "escape/f", "grid.variants.x")
+    checks.append(workdir_lib.workdir_path(str(run), "sub/f", "f") == str(run / "sub" / "f"))
     with pytest.raises(ConfigError, match="config.f must be a relative path"):
-        experiment.workdir_path(str(run), "", "f")
+        workdir_lib.workdir_path(str(run), "", "f")
     # An align_compare task is a sub-directory named after its key; ConfigDict keys may hold '/'.
     sys.path.insert(0, os.path.join(ROOT, "configs"))
     import align_compare as align_config
@@ -446,14 +447,14 @@ def test_paths_built_from_configs_stay_in_the_workdir(tmp_path, reliability):
         cfg.align.run = ""
     with pytest.raises(ConfigError, match=r"config.align.tasks./.*/outside/task must be a relative path inside the "
                                           r"workdir"):
-        experiment.run(cfg, str(run))  # before this check it trained into <tmp>/outside/task
+        runner.run(cfg, str(run))  # before this check it trained into <tmp>/outside/task
     checks.append(not list((tmp_path / "outside").iterdir()))
     values = BAD_PATHS
     reliability.record("safety.config_paths", category="safety",
                        fault="config paths that would leave the workdir: absolute, '..', '~', NUL, UNC, a symlink "
                              "out of the workdir, an empty path, an align_compare task named by an absolute path",
                        tried=len(values) + 3, survived=len(values) + 3 * int(all(checks)),
-                       check="config.validate checks every *_path/*_file/*_subdir field; experiment.workdir_path "
+                       check="config.validate checks every *_path/*_file/*_subdir field; tna_jax.workdir.workdir_path "
                              "resolves symlinks; ConfigError names config.<field>, the value and what is allowed")
     assert all(checks)
 
@@ -462,7 +463,7 @@ def test_a_model_too_big_for_memory_is_refused_before_anything_is_allocated(tmp_
     c = tiny_config(model__width=1 << 20, model__depth=2, analysis__lmc=False)  # 4 runs x 2^40 weights
     with pytest.raises(ValueError, match=r"the training state of 4 runs needs \d+\.\d GiB .* more than the "
                                          r"\d+\.\d GiB of memory of 1 device\(s\); lower config.model.width"):
-        experiment.run(c, str(tmp_path))
+        runner.run(c, str(tmp_path))
     left = sorted(os.listdir(tmp_path))
     reliability.record("bad input.huge_model", category="bad input",
                        fault="--config.model.width=1048576 (a 16 TiB training state)", tried=1,
@@ -491,5 +492,5 @@ def test_kinds_that_run_in_one_process_refuse_several(monkeypatch, tmp_path):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(ConfigError, match=r"config.kind='train' runs in one process; 2 processes were started "
                                           r"\(jax.distributed\). Kinds that span processes: \['federated'\]"):
-        experiment.run(tiny_config(), str(tmp_path))
+        runner.run(tiny_config(), str(tmp_path))
     assert os.listdir(tmp_path) == []  # refused before the workdir is touched

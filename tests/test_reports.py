@@ -14,7 +14,7 @@ from PIL import Image
 from util import tiny_config
 
 from tna_jax import checkpoint as ckpt_lib
-from tna_jax import experiment, logs, plotting
+from tna_jax import logs, plotting, runner
 
 
 def strict_load(text):
@@ -106,7 +106,7 @@ def test_the_pytorch_protocol_runs_with_disjoint_pairs_and_no_validation_split(t
     c.sweep.anchor_ratios = (0.0, 0.5)  # no prune ratios
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no "Mean of empty slice"
-        report = experiment.run(c, str(tmp_path))
+        report = runner.run(c, str(tmp_path))
     saved = strict_load((tmp_path / "report.json").read_text())
     for line in open(tmp_path / "metrics.jsonl"):
         strict_load(line)

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from util import ROOT, run_python, tiny_config
 
-from tna_jax import anchors, data, evaluation, experiment, models, optimizers, training
+from tna_jax import anchors, data, evaluation, models, optimizers, runner, training
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import run_axis as run_axis_lib
 from tna_jax import runs as runs_lib
+from tna_jax import workdir as workdir_lib
 from tna_jax.config import ConfigError, validate
 
 
@@ -382,7 +383,7 @@ def run_train(workdir, env=None, extra=()):
 
 
 def test_second_run_on_a_locked_workdir_fails_at_once_and_stale_locks_are_taken_over(tmp_path):
-    lock = experiment.WorkdirLock(str(tmp_path)).acquire()
+    lock = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
     try:
         t0 = time.time()
         busy = run_train(tmp_path)
@@ -391,56 +392,56 @@ def test_second_run_on_a_locked_workdir_fails_at_once_and_stale_locks_are_taken_
         assert time.time() - t0 < 60
     finally:
         lock.release()
-    code = ("import os, signal; from tna_jax import experiment; "
-            f"experiment.WorkdirLock({str(tmp_path)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
+    code = ("import os, signal; from tna_jax import workdir as workdir_lib; "
+            f"workdir_lib.WorkdirLock({str(tmp_path)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
     dead = run_python(code)
     assert dead.returncode == -signal.SIGKILL
-    lock = experiment.WorkdirLock(str(tmp_path)).acquire()
+    lock = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
     assert lock.previous_holder is not None and lock.previous_holder["pid"] != os.getpid()
     lock.release()
 
 
 def test_resuming_with_a_different_config_names_the_fields(tmp_path, dataset):
     c = tiny_config(train__epochs=1, analysis__lmc=False)
-    experiment.run(c, str(tmp_path))
+    runner.run(c, str(tmp_path))
     c2 = tiny_config(train__epochs=2, analysis__lmc=False)
     c2.optimizer.learning_rate = 0.01
     with pytest.raises(ValueError, match=r"different config: optimizer.learning_rate \(was 0.05, now 0.01\)"):
-        experiment.run(c2, str(tmp_path))
+        runner.run(c2, str(tmp_path))
     c3 = tiny_config(train__epochs=2, analysis__lmc=False)  # more epochs is a resume
-    report = experiment.run(c3, str(tmp_path))
+    report = runner.run(c3, str(tmp_path))
     assert report["training"]["resumed_from"] == 1
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "warmup_cosine"])
 def test_resuming_with_other_epochs_under_a_decaying_schedule_is_refused_before_writing(tmp_path, schedule):
     c = tiny_config(train__epochs=10, optimizer__schedule=schedule)
-    experiment.prepare_workdir(c, str(tmp_path))
+    workdir_lib.prepare_workdir(c, str(tmp_path))
     os.makedirs(tmp_path / "checkpoints" / "50")  # a checkpoint of the first run
     before = (tmp_path / "config.json").read_bytes()
     longer = tiny_config(train__epochs=20, optimizer__schedule=schedule)
     with pytest.raises(ConfigError, match=(r"config.train.epochs changed from 10 to 20 .* "
                                            rf"config.optimizer.schedule='{schedule}' decays .* fresh --workdir")):
-        experiment.prepare_workdir(longer, str(tmp_path))
+        workdir_lib.prepare_workdir(longer, str(tmp_path))
     assert (tmp_path / "config.json").read_bytes() == before
-    experiment.prepare_workdir(c, str(tmp_path))  # the same epochs: a resume
+    workdir_lib.prepare_workdir(c, str(tmp_path))  # the same epochs: a resume
     constant = tiny_config(train__epochs=10)
-    experiment.prepare_workdir(constant, tmp_path / "constant")
+    workdir_lib.prepare_workdir(constant, tmp_path / "constant")
     os.makedirs(tmp_path / "constant" / "checkpoints" / "50")
-    experiment.prepare_workdir(tiny_config(train__epochs=20), tmp_path / "constant")  # constant: may train longer
+    workdir_lib.prepare_workdir(tiny_config(train__epochs=20), tmp_path / "constant")  # constant: may train longer
 
 
 def test_a_config_json_written_before_a_field_existed_resumes_with_its_default(tmp_path):
     c = tiny_config()
-    experiment.prepare_workdir(c, str(tmp_path))
+    workdir_lib.prepare_workdir(c, str(tmp_path))
     os.makedirs(tmp_path / "checkpoints" / "5")
     old = ckpt_lib.read_json(tmp_path / "config.json")
     del old["model"]["init"], old["analysis"]["pairs"]
     ckpt_lib.write_json(tmp_path / "config.json", old)
-    experiment.prepare_workdir(c, str(tmp_path))  # absent = "flax", "all": the same run
+    workdir_lib.prepare_workdir(c, str(tmp_path))  # absent = "flax", "all": the same run
     c.model.init = "torch"
     with pytest.raises(ValueError, match=r"different config: model.init \(was 'flax', now 'torch'\)"):
-        experiment.prepare_workdir(c, str(tmp_path))
+        workdir_lib.prepare_workdir(c, str(tmp_path))
 
 
 MULTI_DEVICE_CODE = """

@@ -39,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
     """
     c = ml_collections.ConfigDict()
     c.name = "experiment"
-    c.kind = "train"  # which experiment runs (tna_jax.experiment.EXPERIMENTS)
+    c.kind = "train"  # which experiment runs (tna_jax.experiments.KINDS)
     c.seed = 0  # root of every random stream (init, data order, masks, dropout)
     c.num_seeds = 4  # models trained at once for each arm (a batch axis)
 
@@ -198,7 +198,7 @@ RESUME_SAFE_FIELDS = (
 )
 
 # Fields added after workdirs were written: a config.json without one had this value, so resuming
-# such a workdir with the default is the same run (tna_jax.experiment.prepare_workdir).
+# such a workdir with the default is the same run (tna_jax.workdir.prepare_workdir).
 ADDED_FIELDS = {"model.init": "flax", "federated.partition_per_seed": False, "analysis.pairs": "all",
                 "analysis.pairs_seed": 0}
 
@@ -313,7 +313,7 @@ def check_relative_path(field: str, value: Any) -> str:
     """Checks that `value` is a path that stays inside the workdir; returns it.
 
     Allowed: a non-empty relative path without ``..`` components, NUL bytes or a leading ``~``.
-    (Symbolic links are checked where the path is joined: :func:`tna_jax.experiment.workdir_path`.)
+    (Symbolic links are checked where the path is joined: :func:`tna_jax.workdir.workdir_path`.)
 
     Args:
       field: the config field's dotted name (for the message), e.g. ``"soup.out_file"``.

@@ -658,7 +658,7 @@ def _postfix(rows: list[dict[str, Any]], arms: Sequence[Arm], has_val: bool) -> 
 def summarize(result: TrainResult) -> list[dict[str, Any]]:
     """Per-arm mean and sample standard deviation (ddof=1; None for one seed) over the seeds of the
     final test metrics, and the mean validation accuracy (None without a validation split)."""
-    from tna_jax.experiment import mean_std
+    from tna_jax.report import mean_std
 
     arms: dict[int, list[Run]] = {}
     for r in result.runs:

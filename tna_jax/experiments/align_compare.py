@@ -40,7 +40,9 @@ from tna_jax import align, chunking, evaluation, lmc, models, plotting, training
 from tna_jax import config as config_lib
 from tna_jax import data as data_lib
 from tna_jax import tree as tree_lib
-from tna_jax.experiment import mean_std, pm, prepare_workdir, register, workdir_path, write_report
+from tna_jax.experiments.registry import register
+from tna_jax.report import mean_std, pm, write_report
+from tna_jax.workdir import prepare_workdir, workdir_path
 
 __all__ = ["align_compare", "align_defaults", "check_align_options", "task_config", "comparison_name", "markdown"]
 
@@ -145,7 +147,7 @@ def task_config(config: Any, name: str) -> ml_collections.ConfigDict:
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample std (ddof=1) of the values that are not None (`experiment.mean_std`)."""
+    """Mean and sample std (ddof=1) of the values that are not None (`tna_jax.report.mean_std`)."""
     return mean_std([v for v in values if v is not None])
 
 

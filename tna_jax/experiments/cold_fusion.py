@@ -45,7 +45,8 @@ import numpy as np
 
 from tna_jax import config as config_lib
 from tna_jax import evaluation, optimizers
-from tna_jax import experiment as exp_lib
+from tna_jax import report as report_lib
+from tna_jax.experiments import registry
 
 __all__ = ["cold_experiment", "cold_options", "COLD_DEFAULTS"]
 
@@ -119,7 +120,7 @@ def _summarise(runs: list[list[dict[str, Any]]], tasks: tuple[str, ...]) -> dict
             means, stds = [], []
             for r in range(rounds):
                 vals = [run[r][kind][task] for run in runs if kind in run[r]]
-                m, sd = exp_lib.mean_std(vals) if vals else (None, None)
+                m, sd = report_lib.mean_std(vals) if vals else (None, None)
                 means.append(m)
                 stds.append(sd)
             out[kind][task] = {"mean": means, "std": stds}
@@ -135,25 +136,25 @@ def _markdown(report: dict[str, Any]) -> str:
             row = {"round": r}
             for t in [*tasks, "mean"]:
                 m, sd = s["fused"][t]["mean"][r], s["fused"][t]["std"][r]
-                row[t] = exp_lib.pm(m, sd)
+                row[t] = report_lib.pm(m, sd)
             rows.append(row)
         cols = [("round", "round")] + [(t, f"{t} %") for t in tasks] + [("mean", "mean %")]
         parts.append(f"### {arm}: fused model (shared encoder + task head), test accuracy, mean ± sample std "
-                     "over seeds\n\n" + exp_lib.markdown_table(rows, cols))
+                     "over seeds\n\n" + report_lib.markdown_table(rows, cols))
     last = report["summary"]
     rows = []
     for t in [*tasks, "mean"]:
         row = {"task": t}
         for arm, s in last.items():
-            row[f"{arm}/fused"] = exp_lib.pm(s["fused"][t]["mean"][-1], s["fused"][t]["std"][-1])
+            row[f"{arm}/fused"] = report_lib.pm(s["fused"][t]["mean"][-1], s["fused"][t]["std"][-1])
             c = s["contributors"][t]["mean"][-1]
-            row[f"{arm}/contrib"] = exp_lib.pm(c, s["contributors"][t]["std"][-1])
+            row[f"{arm}/contrib"] = report_lib.pm(c, s["contributors"][t]["std"][-1])
         rows.append(row)
     cols = [("task", "task")]
     for arm in last:
         cols += [(f"{arm}/fused", f"{arm}: fused %"), (f"{arm}/contrib", f"{arm}: contributor before averaging %")]
     parts.append(f"### last round ({report['config']['rounds']}): fused vs contributors\n\n"
-                 + exp_lib.markdown_table(rows, cols))
+                 + report_lib.markdown_table(rows, cols))
     return "\n\n".join(parts)
 
 
@@ -174,7 +175,7 @@ def _plots(workdir: str, report: dict[str, Any], name: str) -> list[str]:
     return files
 
 
-@exp_lib.register("cold_fusion")
+@registry.register("cold_fusion")
 def cold_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     """ColD fusion of all-MiniLM-L6-v2 over the text tasks, plain and with TNA-PFN anchors.
 
@@ -187,7 +188,7 @@ def cold_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
       accuracies per task), the training losses, and the mean ± std summary.
 
     Examples:
-      >>> from tna_jax.experiment import EXPERIMENTS  # run: python train.py --config configs/cold_minilm.py ...
+      >>> from tna_jax.experiments import KINDS# run: python train.py --config configs/cold_minilm.py ...
       >>> EXPERIMENTS["cold_fusion"] is cold_experiment
       True
     """
@@ -237,7 +238,7 @@ def cold_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     histories: dict[str, list[list[dict[str, Any]]]] = {label: [] for label, _ in arms}
     losses: dict[str, list[list[list[float]]]] = {label: [] for label, _ in arms}
     seconds: dict[str, float] = {}
-    with exp_lib.count_compiles() as compiles:
+    with report_lib.count_compiles() as compiles:
         for label, ratio in arms:
             t_arm = time.time()
             for seed in range(int(config.num_seeds)):
@@ -271,5 +272,5 @@ def cold_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     report["markdown"] = _markdown(report)
     print(report["markdown"])
     if workdir:
-        exp_lib.write_report(workdir, config, report, plots=lambda: _plots(workdir, report, config.name))
+        report_lib.write_report(workdir, config, report, plots=lambda: _plots(workdir, report, config.name))
     return report

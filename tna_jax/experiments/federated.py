@@ -45,12 +45,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from tna_jax import anchors, evaluation, faults, logs, optimizers, training
+from tna_jax import anchors, evaluation, faults, logs, optimizers, runner, training
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
-from tna_jax import experiment as exp_lib
+from tna_jax import report as report_lib
 from tna_jax import run_axis as run_axis_lib
 from tna_jax import sharding as sharding_lib
+from tna_jax.experiments import registry
+from tna_jax.experiments import train as train_kind
 
 __all__ = ["FedArm", "arms_from_config", "require_data", "federated_experiment", "make_clients", "partition_seed_of"]
 
@@ -279,17 +281,17 @@ def _summaries(arms: list[FedArm], final: dict[str, np.ndarray], curves: dict[st
                     None)
         row = {"arm": arm.label, "algorithm": arm.algorithm, "server": arm.server, "alpha": arm.alpha,
                "ratio": arm.ratio, "seeds": int(acc.size), "final_accuracy": acc.tolist()}
-        row["final_accuracy_mean"], row["final_accuracy_std"] = exp_lib.mean_std(acc)
+        row["final_accuracy_mean"], row["final_accuracy_std"] = report_lib.mean_std(acc)
         curve = curves.get(arm.label)
         if curve is not None and len(curve["rounds"]):
             ys = np.asarray(curve["accuracy"])  # (seeds, evals)
             tail = ys[:, -min(5, ys.shape[1]):].mean(1)
-            row["last5_accuracy_mean"], row["last5_accuracy_std"] = exp_lib.mean_std(tail)
+            row["last5_accuracy_mean"], row["last5_accuracy_std"] = report_lib.mean_std(tail)
             row["best_accuracy_mean"] = float(ys.max(1).mean())
         if base is not None and base is not arm:
             diff = acc - final[base.slug]
             row["vs_fedavg"] = base.label
-            row["diff_mean"], row["diff_std"] = exp_lib.mean_std(diff)
+            row["diff_mean"], row["diff_std"] = report_lib.mean_std(diff)
             row["seeds_better"] = int((diff > 0).sum())
         rows.append(row)
     return rows
@@ -299,10 +301,10 @@ def _markdown(report: dict[str, Any]) -> str:
     rows = []
     for r in report["arms"]:
         rows.append({"arm": r["arm"], "seeds": r["seeds"],
-                     "final": exp_lib.pm(r["final_accuracy_mean"], r["final_accuracy_std"]),
-                     "last5": exp_lib.pm(r.get("last5_accuracy_mean"), r.get("last5_accuracy_std")),
-                     "best": exp_lib.pm(r.get("best_accuracy_mean"), 0.0).split(" ±")[0],
-                     "diff": (exp_lib.pm(r["diff_mean"], r["diff_std"]) + f" ({r['seeds_better']}/{r['seeds']} seeds)")
+                     "final": report_lib.pm(r["final_accuracy_mean"], r["final_accuracy_std"]),
+                     "last5": report_lib.pm(r.get("last5_accuracy_mean"), r.get("last5_accuracy_std")),
+                     "best": report_lib.pm(r.get("best_accuracy_mean"), 0.0).split(" ±")[0],
+                     "diff": (report_lib.pm(r["diff_mean"], r["diff_std"]) + f" ({r['seeds_better']}/{r['seeds']} seeds)")
                      if "diff_mean" in r else "—"})
     f = report["federation"]
     split = ("a new split of the clients for every seed" if f.get("partition_draw") == "per_seed"
@@ -312,7 +314,7 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{f['batch_size']}, {f['rounds']} rounds; {report['model']['name']} on {report['data']['name']}. "
             f"Accuracy of the global model on the {report['eval_split']} split, mean ± sample std over "
             f"{report['training']['seeds']} seeds.")
-    table = exp_lib.markdown_table(rows, [("arm", "arm"), ("seeds", "seeds"), ("final", "final acc %"),
+    table = report_lib.markdown_table(rows, [("arm", "arm"), ("seeds", "seeds"), ("final", "final acc %"),
                                           ("last5", "mean of last 5 evals %"), ("best", "best acc %"),
                                           ("diff", "final − FedAvg (same server opt, paired) pp")])
     return head + "\n\n" + table
@@ -365,7 +367,7 @@ def _plots(config: Any, workdir: str, report: dict[str, Any], arms: list[FedArm]
     return files
 
 
-@exp_lib.register("federated")
+@registry.register("federated")
 def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     """Trains every arm of ``config.federated`` for ``rounds`` rounds and reports accuracy per round.
 
@@ -403,11 +405,11 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
 
     _check(config)
     require_data(config)
-    primary = exp_lib.is_primary()
+    primary = runner.is_primary()
     t0 = time.time()
     f = config.federated
     arms = arms_from_config(config)
-    dataset, net, _ = exp_lib.load_problem(config)
+    dataset, net, _ = train_kind.load_problem(config)
     device_data = data_lib.to_device(dataset, normalize=config.data.normalize)
     x_train, y_train = np.asarray(device_data.x_train), np.asarray(device_data.y_train)
     split = f.eval_split
@@ -594,5 +596,5 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     if primary:
         print(report["markdown"])
     if workdir and primary:
-        exp_lib.write_report(workdir, config, report, plots=lambda: _plots(config, workdir, report, arms))
+        report_lib.write_report(workdir, config, report, plots=lambda: _plots(config, workdir, report, arms))
     return report

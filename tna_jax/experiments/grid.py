@@ -2,7 +2,7 @@
 
 Models of different depth, width or architecture cannot share one stacked pytree, so a grid
 loops over *variants*: each is the base config with some fields overridden, trained and
-analysed by the "train" kind (:func:`tna_jax.experiment.train_and_analyse`) in its own
+analysed by the "train" kind (:func:`tna_jax.experiments.train.train_and_analyse`) in its own
 sub-workdir ``<workdir>/variants/<name>`` (checkpoints, metrics, its own report). A finished
 variant whose config is unchanged is not trained again, so rerunning the command resumes the
 grid. The grid then aggregates one row per (variant, arm) into ``report.json`` / ``report.md``
@@ -37,7 +37,10 @@ import numpy as np
 
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
-from tna_jax import experiment as exp_lib
+from tna_jax import report as report_lib
+from tna_jax import workdir as workdir_lib
+from tna_jax.experiments import registry
+from tna_jax.experiments import train as train_kind
 
 __all__ = ["grid_experiment", "variant_configs", "grid_rows", "GRID_COLUMNS"]
 
@@ -140,7 +143,7 @@ def _load_finished(sub: Any, subdir: str) -> dict[str, Any] | None:
     if not (os.path.exists(report_path) and os.path.exists(config_path)):
         return None
     try:
-        if ckpt_lib.read_json(config_path) != exp_lib.config_dict(sub):
+        if ckpt_lib.read_json(config_path) != workdir_lib.config_dict(sub):
             return None
         return ckpt_lib.read_json(report_path)
     except ValueError:
@@ -153,11 +156,11 @@ def grid_rows(name: str, spec: Mapping[str, Any], report: dict[str, Any]) -> lis
     Args:
       name: the variant's key.
       spec: its spec (``label``, ``axis``, ``x``).
-      report: its train report (:func:`tna_jax.experiment.train_experiment`).
+      report: its train report (:func:`tna_jax.experiments.train.train_experiment`).
 
     Returns:
       Dicts with the variant, arm, model, parameter count, seeds, test accuracy and, for every key
-      of ``experiment.LMC_KEYS``, ``<key>_mean``/``<key>_std`` (means and sample stds over the
+      of ``train_kind.LMC_KEYS``, ``<key>_mean``/``<key>_std`` (means and sample stds over the
       arm's seed pairs; NaN when the arm has no LMC), ``pairs`` and ``pairs_note`` (how the pairs
       were chosen, ``analysis.pairs``).
 
@@ -182,7 +185,7 @@ def grid_rows(name: str, spec: Mapping[str, Any], report: dict[str, Any]) -> lis
                    "bn_reset": bool(suffix), "model": report["model"]["name"], "params": report["model"]["params"],
                    "test_accuracy_mean": arm["test_accuracy_mean"], "test_accuracy_std": arm["test_accuracy_std"],
                    "train_seconds": report["training"]["seconds"]}
-            for key in exp_lib.LMC_KEYS:
+            for key in train_kind.LMC_KEYS:
                 row[f"{key}_mean"] = stats.get(f"{key}_mean", float("nan"))
                 row[f"{key}_std"] = stats.get(f"{key}_std", float("nan"))
             row["pairs"] = len(stats.get("per_pair", []))
@@ -198,7 +201,7 @@ GRID_COLUMNS = [("label", "variant"), ("arm", "arm"), ("params", "params"), ("ac
 
 
 def _markdown(rows: list[dict[str, Any]]) -> str:
-    pm = exp_lib.pm
+    pm = report_lib.pm
     shown = [{**r, "acc": pm(r["test_accuracy_mean"], r["test_accuracy_std"]),
               "avg": pm(r["avg_endpoint_accuracy_mean"], r["avg_endpoint_accuracy_std"]),
               "interp": pm(r["interp_accuracy_mean"], r["interp_accuracy_std"]),
@@ -208,7 +211,7 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     notes = list(dict.fromkeys(r["pairs_note"] for r in rows if r.get("pairs_note")))
     note = (f"Test accuracy: mean ± sample std over {'/'.join(map(str, seeds)) or '?'} seeds; LMC columns: "
             f"mean ± sample std over {'; '.join(notes) or 'the pairs in the last column'} of seeds per arm.")
-    return exp_lib.markdown_table(shown, GRID_COLUMNS) + "\n\n" + note
+    return report_lib.markdown_table(shown, GRID_COLUMNS) + "\n\n" + note
 
 
 def _plots(config: Any, workdir: str, rows: list[dict[str, Any]]) -> list[str]:
@@ -216,7 +219,7 @@ def _plots(config: Any, workdir: str, rows: list[dict[str, Any]]) -> list[str]:
 
     files = []
     notes = "; ".join(dict.fromkeys(r["pairs_note"] for r in rows if r.get("pairs_note"))) or "seed pairs"
-    caption = (f"Mean ± sample std over {notes} of seeds per arm; {exp_lib.anchor_values_note(config)}; "
+    caption = (f"Mean ± sample std over {notes} of seeds per arm; {train_kind.anchor_values_note(config)}; "
                f"model.init={config.model.get('init', 'flax')} unless a variant sets it.")
     axes = list(dict.fromkeys(r["axis"] for r in rows if r["axis"]))
     for axis in axes:
@@ -242,7 +245,7 @@ def _plots(config: Any, workdir: str, rows: list[dict[str, Any]]) -> list[str]:
     return files
 
 
-@exp_lib.register("grid")
+@registry.register("grid")
 def grid_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     """Trains and analyses every variant of ``config.grid.variants``; one aggregated report.
 
@@ -281,12 +284,12 @@ def grid_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     reports: dict[str, Any] = {}
     for name, spec, sub in variants:
         print(f"== grid variant {name} ({sub.model.name}) ==")
-        subdir = exp_lib.workdir_path(workdir, f"variants/{name}", f"grid.variants.{name}") if workdir else None
+        subdir = workdir_lib.workdir_path(workdir, f"variants/{name}", f"grid.variants.{name}") if workdir else None
         report = _load_finished(sub, subdir) if subdir else None
         if report is None:
             if subdir:
-                exp_lib.prepare_workdir(sub, subdir)
-            report = exp_lib.train_experiment(sub, subdir)
+                workdir_lib.prepare_workdir(sub, subdir)
+            report = train_kind.train_experiment(sub, subdir)
         else:
             print(f"   reusing the finished report in {subdir}")
         reports[name] = {k: v for k, v in report.items() if k not in ("lmc", "runs")}
@@ -299,5 +302,5 @@ def grid_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
            "seconds_variants": float(sum(r.get("seconds_total", 0.0) for r in reports.values()))}
     if workdir:
         drawable = rows and np.isfinite([r["accuracy_barrier_mean"] for r in rows]).any()
-        exp_lib.write_report(workdir, config, out, plots=(lambda: _plots(config, workdir, rows)) if drawable else None)
+        report_lib.write_report(workdir, config, out, plots=(lambda: _plots(config, workdir, rows)) if drawable else None)
     return out

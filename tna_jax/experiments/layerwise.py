@@ -28,7 +28,9 @@ import numpy as np
 
 from tna_jax import chunking, evaluation
 from tna_jax import config as config_lib
-from tna_jax import experiment as exp_lib
+from tna_jax import report as report_lib
+from tna_jax.experiments import registry
+from tna_jax.experiments import train as train_kind
 
 __all__ = ["layerwise_experiment", "layerwise_options", "aggregate_pairs"]
 
@@ -125,21 +127,21 @@ def _markdown(report: dict[str, Any]) -> str:
             row = {"group": f"`{group}`"}
             for arm in arms:
                 m = lw[arm][mode]
-                row[f"{arm}/acc"] = exp_lib.pm(m["accuracy_barrier_mean"][gi], m["accuracy_barrier_std"][gi])
-                row[f"{arm}/loss"] = exp_lib.pm(m["loss_barrier_mean"][gi], m["loss_barrier_std"][gi], 1.0, 3)
+                row[f"{arm}/acc"] = report_lib.pm(m["accuracy_barrier_mean"][gi], m["accuracy_barrier_std"][gi])
+                row[f"{arm}/loss"] = report_lib.pm(m["loss_barrier_mean"][gi], m["loss_barrier_std"][gi], 1.0, 3)
             rows.append(row)
         full = {"group": "**full model (LMC)**"}
         for arm in arms:
             f = report["train"]["lmc"].get(arm.replace(" (BN reset)", ""), {})
             f = f.get("bn_reset", {}) if arm.endswith("(BN reset)") else f
-            full[f"{arm}/acc"] = exp_lib.pm(f.get("accuracy_barrier_mean"), f.get("accuracy_barrier_std"))
-            full[f"{arm}/loss"] = exp_lib.pm(f.get("loss_barrier_mean"), f.get("loss_barrier_std"), 1.0, 3)
+            full[f"{arm}/acc"] = report_lib.pm(f.get("accuracy_barrier_mean"), f.get("accuracy_barrier_std"))
+            full[f"{arm}/loss"] = report_lib.pm(f.get("loss_barrier_mean"), f.get("loss_barrier_std"), 1.0, 3)
         rows.append(full)
         cols = [("group", "layers interpolated" if mode != "single" else "layer")]
         for arm in arms:
             cols += [(f"{arm}/acc", f"{arm}: acc. barrier %"), (f"{arm}/loss", f"{arm}: loss barrier")]
         note = lw[arms[0]][mode].get("pairs_note")
-        parts.append(f"### mode `{mode}`\n\n" + exp_lib.markdown_table(rows, cols)
+        parts.append(f"### mode `{mode}`\n\n" + report_lib.markdown_table(rows, cols)
                      + (f"\n\nMean ± sample std over {note} of seeds per arm." if note else ""))
     return "\n\n".join(parts)
 
@@ -152,7 +154,7 @@ def _plots(config: Any, workdir: str, report: dict[str, Any]) -> list[str]:
     for mode in report["modes"]:
         note = next(iter(lw.values()))[mode].get("pairs_note", "seed pairs")
         caption = (f"Mean ± sample std over {note} of {config.num_seeds} seeds per arm; "
-                   f"{exp_lib.anchor_values_note(config)}; {config.analysis.split} split.")
+                   f"{train_kind.anchor_values_note(config)}; {config.analysis.split} split.")
         for key, ylabel in (("loss_barrier", "loss barrier"), ("accuracy_barrier", "accuracy barrier")):
             path = os.path.join(workdir, f"layerwise_{mode}_{key}.png")
             if mode == "single":
@@ -173,7 +175,7 @@ def _plots(config: Any, workdir: str, report: dict[str, Any]) -> list[str]:
     return files
 
 
-@exp_lib.register("layerwise")
+@registry.register("layerwise")
 def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     """Trains the arms, then layer-wise LMC between the seeds of each arm in every mode.
 
@@ -188,7 +190,7 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
 
     Raises:
       ConfigError: see :func:`layerwise_options`; fewer than 2 seeds (both before training); and
-        the errors of :func:`tna_jax.experiment.train_and_analyse`.
+        the errors of :func:`tna_jax.experiments.train.train_and_analyse`.
 
     Examples:
       ``python train.py --config configs/layerwise.py --workdir runs/layerwise`` runs it; with one
@@ -209,11 +211,11 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         raise config_lib.ConfigError(f"config.num_seeds must be >= 2 for kind='layerwise' (pairs of seeds); "
                                      f"got {config.num_seeds}.")
     t0 = time.time()
-    trained = exp_lib.train_and_analyse(config, workdir, lmc=True)
+    trained = train_kind.train_and_analyse(config, workdir, lmc=True)
     net, result, data = trained.net, trained.result, trained.data
     eval_fn = evaluation.make_eval_fn(net, config.train.eval_batch_size)
     evals = {"": eval_fn}
-    reset_fn = exp_lib.bn_reset_eval(config, net, eval_fn, data)
+    reset_fn = train_kind.bn_reset_eval(config, net, eval_fn, data)
     if reset_fn is not None:
         evals[" (BN reset)"] = reset_fn
     x, y = data.split(config.analysis.split)
@@ -225,11 +227,11 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         arms.setdefault(r.arm_index, []).append(r.index)
     layerwise: dict[str, Any] = {}
     t1 = time.time()
-    with exp_lib.count_compiles() as compiles:
+    with report_lib.count_compiles() as compiles:
         for idx in arms.values():
             label = result.runs[idx[0]].arm.label
             variables = result.state.variables()
-            pairs, note = exp_lib.choose_pairs(config, len(idx))
+            pairs, note = train_kind.choose_pairs(config, len(idx))
             for suffix, fn in evals.items():
                 by_mode = {}
                 for mode in modes:
@@ -244,7 +246,7 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
                     by_mode[mode]["pairs_note"] = note
                 layerwise[label + suffix] = by_mode
     train_report = trained.report
-    train_report["markdown"] = exp_lib.markdown_summary(train_report)
+    train_report["markdown"] = train_kind.markdown_summary(train_report)
     report = {"name": config.name, "kind": "layerwise", "modes": list(modes), "layer_order": order,
               "train": train_report, "layerwise": layerwise,
               "layerwise_seconds": time.time() - t1,
@@ -254,5 +256,5 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     report["markdown"] = text
     print(text)
     if workdir:
-        exp_lib.write_report(workdir, config, report, plots=lambda: _plots(config, workdir, report))
+        report_lib.write_report(workdir, config, report, plots=lambda: _plots(config, workdir, report))
     return report

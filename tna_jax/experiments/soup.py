@@ -47,8 +47,9 @@ import optax
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
 from tna_jax import evaluation, optimizers
-from tna_jax import experiment as exp_lib
+from tna_jax import report as report_lib
 from tna_jax import run_axis as run_axis_lib
+from tna_jax.experiments import registry
 
 __all__ = ["soup_experiment", "soup_options", "class_subset", "SOUP_DEFAULTS", "METHODS"]
 
@@ -212,7 +213,7 @@ def _markdown(report: dict[str, Any]) -> str:
     for arm, s in report["summary"].items():
         row = {"arm": arm}
         for m in METHODS:
-            row[m] = exp_lib.pm(s[m]["mean"], s[m]["std"])
+            row[m] = report_lib.pm(s[m]["mean"], s[m]["std"])
         row["ingredients"] = f"{s['greedy_ingredients']['mean']:.1f}"
         rows.append(row)
     cols = [("arm", "arm"), ("mean_individual", "mean of the K models %"), ("best_single", "best single (val) %"),
@@ -221,10 +222,10 @@ def _markdown(report: dict[str, Any]) -> str:
     head = (f"Test accuracy on {report['finetune']['name']}, K = {report['candidates']} candidates per soup, "
             f"mean ± sample std over {report['repeats']} repeats; pretrained on {report['pretrain']['name']} "
             f"(test accuracy {report['pretrain']['test_accuracy'] * 100:.1f}%).")
-    return head + "\n\n" + exp_lib.markdown_table(rows, cols)
+    return head + "\n\n" + report_lib.markdown_table(rows, cols)
 
 
-@exp_lib.register("soup")
+@registry.register("soup")
 def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     """Pretrain a ViT, fine-tune K candidates per arm and repeat (vmapped), and soup them.
 
@@ -242,7 +243,7 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
       TrainingDiverged: a candidate's fine-tuning loss became NaN/inf (names it and its lr).
 
     Examples:
-      >>> from tna_jax.experiment import EXPERIMENTS  # run: python train.py --config configs/soup_vit.py ...
+      >>> from tna_jax.experiments import KINDS# run: python train.py --config configs/soup_vit.py ...
       >>> EXPERIMENTS["soup"] is soup_experiment
       True
     """
@@ -340,8 +341,8 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
                 "greedy_trials": greedy.trials})
     summary = {}
     for label, rows in per.items():
-        summary[label] = {m: dict(zip(("mean", "std"), exp_lib.mean_std([r[m] for r in rows]))) for m in METHODS}
-        summary[label]["greedy_ingredients"] = dict(zip(("mean", "std"), exp_lib.mean_std(
+        summary[label] = {m: dict(zip(("mean", "std"), report_lib.mean_std([r[m] for r in rows]))) for m in METHODS}
+        summary[label]["greedy_ingredients"] = dict(zip(("mean", "std"), report_lib.mean_std(
             [len(r["greedy_ingredients"]) for r in rows])))
     report: dict[str, Any] = {
         "name": config.name, "kind": "soup", "options": {kk: list(v) if isinstance(v, tuple) else v for kk, v in opts.items()},
@@ -357,7 +358,7 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     report["markdown"] = _markdown(report)
     print(report["markdown"])
     if workdir:
-        exp_lib.write_report(workdir, config, report, plots=lambda: [_plot(config, workdir, summary)])
+        report_lib.write_report(workdir, config, report, plots=lambda: [_plot(config, workdir, summary)])
     return report
 
 

@@ -207,7 +207,7 @@ def make_init(alg: FederatedAlgorithm, net: Any, mesh: Mesh):
     Examples:
       >>> import optax
       >>> from tna_jax import models
-      >>> from tna_jax.experiment import count_compiles
+      >>> from tna_jax.report import count_compiles
       >>> from tna_jax.federated.algorithms import fed_pfn
       >>> from tna_jax.training import run_mesh
       >>> net = models.build({"name": "mlp", "depth": 0}, (3,), 2)

@@ -1,0 +1,118 @@
+"""`run(config, workdir)`: what `train.py` and notebooks call. Validates the config, picks the
+kind (`config.kind`), locks and prepares the workdir, and, under `jax.distributed`, makes
+process 0 the one that writes it. Holds no algorithm of its own."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from tna_jax import config as config_lib
+from tna_jax.experiments.registry import KINDS
+from tna_jax.workdir import WorkdirBusy, WorkdirLock, prepare_workdir
+
+__all__ = ["run", "is_primary", "MULTIPROCESS_KINDS"]
+
+
+def run(config: Any, workdir: str | None = None) -> dict[str, Any]:
+    """Runs the experiment that `config` describes and returns its report (also written to
+    ``<workdir>/report.json`` when a workdir is given).
+
+    With a workdir, the workdir is locked for the run (:class:`WorkdirLock`) and its
+    ``config.json`` written or checked (:func:`prepare_workdir`); a rerun resumes.
+
+    Args:
+      config: the experiment config; ``config.kind`` picks the function (``"train"`` by default).
+      workdir: the run directory, or None to write nothing.
+
+    Returns:
+      The report dict of the experiment kind.
+
+    Raises:
+      tna_jax.config.ConfigError: an invalid config or an unknown kind.
+      WorkdirBusy: another process holds the workdir.
+      ValueError: the workdir holds a run with a different config.
+
+    Examples:
+      >>> from tna_jax.config import default_config
+      >>> c = default_config()
+      >>> c.kind = "no_such_kind"
+      >>> try:
+      ...     run(c)
+      ... except ValueError as err:
+      ...     print(str(err).startswith("config.kind must be one of"), "'train'" in str(err))
+      True True
+    """
+    config_lib.validate(config)
+    kind = config.get("kind", "train") if hasattr(config, "get") else "train"
+    if kind not in KINDS:
+        _load_kinds()
+    if kind not in KINDS:
+        raise config_lib.ConfigError(f"config.kind must be one of {sorted(KINDS)}; got {kind!r}.")
+    if jax.process_count() > 1:
+        return _run_multiprocess(config, kind, workdir)
+    if workdir is None:
+        return KINDS[kind](config, None)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir) as lock:
+        if lock.previous_holder:
+            h = lock.previous_holder
+            print(f"workdir {workdir}: took over the lock of pid {h.get('pid')} on {h.get('host')} (since "
+                  f"{h.get('started')}), which ended without releasing it; resuming from its checkpoints.")
+        prepare_workdir(config, workdir)
+        return KINDS[kind](config, workdir)
+
+
+# Kinds whose programs span several processes (jax.distributed): the federated rounds split the
+# clients across processes. The other kinds shard over the devices of one process.
+MULTIPROCESS_KINDS = ("federated",)
+
+
+def is_primary() -> bool:
+    """Whether this process writes the workdir's files (process 0; always true in one process)."""
+    return jax.process_index() == 0
+
+
+def _run_multiprocess(config: Any, kind: str, workdir: str | None) -> dict[str, Any]:
+    """:func:`run` under ``jax.distributed``: every process runs the same program; process 0 holds
+    the workdir lock and writes ``config.json``, metrics and reports, all processes take part in
+    the orbax checkpoints (one shared directory, as orbax expects on several hosts)."""
+    from jax.experimental import multihost_utils
+
+    if kind not in MULTIPROCESS_KINDS:
+        raise config_lib.ConfigError(
+            f"config.kind={kind!r} runs in one process; {jax.process_count()} processes were started "
+            f"(jax.distributed). Kinds that span processes: {list(MULTIPROCESS_KINDS)}.")
+    if workdir is None:
+        return KINDS[kind](config, None)
+    workdir = os.path.abspath(workdir)
+    lock, error = None, None
+    if is_primary():
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            lock = WorkdirLock(workdir).acquire()
+            prepare_workdir(config, workdir)
+        except Exception as err:  # every process must learn of it, or the others wait forever
+            error = err
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not ok:
+        if lock is not None:
+            lock.release()
+        if error is not None:
+            raise error
+        raise WorkdirBusy(f"process 0 could not prepare workdir {workdir} (its error says why); "
+                          f"process {jax.process_index()} stops too.")
+    try:
+        return KINDS[kind](config, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _load_kinds() -> None:
+    """Imports `tna_jax.experiments`, whose modules register every kind."""
+    import tna_jax.experiments  # noqa: F401
