@@ -402,7 +402,7 @@ def test_train_py_reports_user_errors_in_one_line(tmp_path, monkeypatch, capsys)
         def fail(config, workdir, error=error):
             raise error(f"{error.__name__} names the field or file")
 
-        monkeypatch.setattr(train.experiment, "run", fail)
+        monkeypatch.setattr(train.runner, "run", fail)
         with pytest.raises(SystemExit) as info:
             train.main(["train.py"])
         assert info.value.code == 1

@@ -56,6 +56,15 @@ def shard_runs(tree: PyTree, mesh: Mesh) -> PyTree:
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """`tree` placed whole on every device of `mesh` (the data every run reads).
+
+    Args:
+      tree: any tree of arrays.
+      mesh: the run mesh (`run_mesh`).
+
+    Returns:
+      The tree, replicated.
+    """
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 

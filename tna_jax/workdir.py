@@ -105,6 +105,18 @@ def _normalise(obj: Any) -> Any:
 
 
 def config_dict(config: Any) -> dict[str, Any]:
+    """A config as the plain JSON dict `config.json` holds (tuples as lists, NaN as null).
+
+    Args:
+      config: an `ml_collections.ConfigDict` or a mapping.
+
+    Returns:
+      The dict.
+
+    Examples:
+      >>> config_dict({"a": (1, 2), "b": float("nan")})
+      {'a': [1, 2], 'b': None}
+    """
     return _normalise(config.to_dict() if hasattr(config, "to_dict") else dict(config))
 
 
