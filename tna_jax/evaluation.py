@@ -67,6 +67,7 @@ def make_eval_fn(net: Net, batch_size: int = 1000) -> Callable[[PyTree, jax.Arra
     Examples:
       >>> import jax, jax.numpy as jnp
       >>> from tna_jax import models
+      >>> from tna_jax.training import TrainState
       >>> net = models.build({"name": "mlp", "depth": 0}, (4,), 3)  # a linear model
       >>> variables = {"params": {"head": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}}
       >>> eval_fn = jax.jit(make_eval_fn(net, batch_size=4))  # 10 examples: 3 batches, the last padded
@@ -131,6 +132,7 @@ def evaluate_runs(net: Net, state: Any, x: jax.Array, y: jax.Array, batch_size: 
     Examples:
       >>> import jax.numpy as jnp
       >>> from tna_jax import models
+      >>> from tna_jax.training import TrainState
       >>> net = models.build({"name": "mlp", "depth": 0}, (4,), 3)
       >>> head = {"kernel": jnp.zeros((2, 4, 3)), "bias": jnp.array([[0.0, 0.0, 0.0], [0.0, 5.0, 0.0]])}
       >>> state = TrainState({"head": head}, {}, (), jnp.zeros(2, jnp.int32))  # two runs

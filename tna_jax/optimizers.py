@@ -103,13 +103,14 @@ def make_transform(base: optax.GradientTransformation, config: Any, net: Net, ar
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from tna_jax import models
+      >>> from tna_jax import anchors, models
       >>> from tna_jax.config import default_config
+      >>> from tna_jax.runs import arms_from_config
       >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 3)
       >>> c = default_config()
       >>> tx = make_transform(optax.sgd(0.1), c, net, arms_from_config(c))  # vanilla and TNA-PFN 0.4
       >>> params = {"w": jnp.zeros((10, 10))}
-      >>> mask = find_mask(tx(0.4, jax.random.key(0)).init(params))
+      >>> mask = anchors.find_state(tx(0.4, jax.random.key(0)).init(params)).mask
       >>> mask["w"].dtype, round(float(mask["w"].mean()), 2)  # each entry an anchor with probability 0.4
       (dtype('bool'), 0.46)
     """

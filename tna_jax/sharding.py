@@ -101,6 +101,7 @@ def check_fits_in_memory(abstract_state: PyTree, devices: Sequence[Any], num_run
       ValueError: naming the state size, the memory and the fields that size it.
 
     Example:
+      >>> import jax.numpy as jnp
       >>> huge = {"w": jax.ShapeDtypeStruct((1 << 22, 1 << 22), jnp.float32)}  # 64 TiB
       >>> check_fits_in_memory(huge, jax.devices(), 1)  # doctest: +ELLIPSIS
       Traceback (most recent call last):

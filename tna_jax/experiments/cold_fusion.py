@@ -188,8 +188,8 @@ def cold_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
       accuracies per task), the training losses, and the mean ± std summary.
 
     Examples:
-      >>> from tna_jax.experiments import KINDS# run: python train.py --config configs/cold_minilm.py ...
-      >>> EXPERIMENTS["cold_fusion"] is cold_experiment
+      >>> from tna_jax.experiments import KINDS  # run: python train.py --config configs/cold_minilm.py ...
+      >>> KINDS["cold_fusion"] is cold_experiment
       True
     """
     from tna_jax import fusion, pretrained

@@ -243,8 +243,8 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
       TrainingDiverged: a candidate's fine-tuning loss became NaN/inf (names it and its lr).
 
     Examples:
-      >>> from tna_jax.experiments import KINDS# run: python train.py --config configs/soup_vit.py ...
-      >>> EXPERIMENTS["soup"] is soup_experiment
+      >>> from tna_jax.experiments import KINDS  # run: python train.py --config configs/soup_vit.py ...
+      >>> KINDS["soup"] is soup_experiment
       True
     """
     from tna_jax import data as data_lib

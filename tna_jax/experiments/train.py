@@ -152,6 +152,7 @@ def analyse_lmc(config: Any, net: Any, result: Any, data: Any) -> dict[str, Any]
 
       >>> import jax.numpy as jnp, numpy as np
       >>> from tna_jax import models, training
+      >>> from tna_jax import runs as runs_lib
       >>> from tna_jax.config import default_config
       >>> from tna_jax.data import Dataset, to_device
       >>> net = models.build({"name": "mlp", "depth": 0}, (1,), 2)
@@ -511,6 +512,7 @@ def train_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
       >>> from tna_jax.config import default_config
       >>> c = default_config()
       >>> c.data.source, c.data.augment = "synthetic", "crop_flip"
+      >>> from tna_jax.experiments import KINDS
       >>> KINDS["train"] is train_experiment
       True
       >>> train_experiment(c, None)
