@@ -449,6 +449,7 @@ if nproc > 1:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
 import numpy as np
 from tna_jax import data, models, training
+from tna_jax import sharding as sharding_lib
 from tna_jax.checkpoint import tree_digest
 from tna_jax.federated import algorithms, client, driver, partition
 import optax

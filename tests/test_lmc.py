@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from tests.util import tiny_config
 from tna_jax import chunking, evaluation, lmc, models, norm_stats, runner
 from tna_jax import report as report_lib
+from tna_jax import tree as tree_lib
 from tna_jax.models import Net
 
 
@@ -212,7 +213,7 @@ def test_layer_groups_take_norms_and_batch_stats_with_their_layer_and_accept_reg
     net = Net("bn", BNMLP(width=4), (40,), 10)
     v = net.init(jax.random.key(0))
     groups = dict(lmc.layer_groups(v, layer_order=net.layer_order()))
-    names = [n for n, _ in lmc.tree_lib.named_leaves(v)]
+    names = [n for n, _ in tree_lib.named_leaves(v)]
     chosen = [n for n, s in zip(names, groups["dense_1"]) if s]
     assert chosen == ["batch_stats/dense_1_norm/mean", "batch_stats/dense_1_norm/var", "params/dense_1/bias",
                       "params/dense_1/kernel", "params/dense_1_norm/bias", "params/dense_1_norm/scale"]

@@ -25,7 +25,7 @@ def __getattr__(name: str) -> Any:
     if name == "EXPERIMENTS":
         warnings.warn("tna_jax.experiment.EXPERIMENTS moved to tna_jax.experiments.KINDS; the old name goes in the "
                       "next release.", DeprecationWarning, stacklevel=2)
-        return importlib.import_module("tna_jax.experiments").KINDS
+        return importlib.import_module("tna_jax.experiments").load_all()
     if name in _MOVED:
         warnings.warn(f"tna_jax.experiment.{name} moved to {_MOVED[name]}.{name}; the old name goes in the next "
                       "release.", DeprecationWarning, stacklevel=2)

@@ -78,7 +78,15 @@ def _patterns(text: str) -> list[str] | None:
 
 
 def anchor_options(config: Any, net: Net) -> dict[str, Any]:
-    """Keyword arguments of :func:`tna_jax.anchors.anchor_mask` from ``config.anchor``."""
+    """Keyword arguments of `tna_jax.anchors.anchor_mask` from `config.anchor`.
+
+    Args:
+      config: the experiment config.
+      net: the model (its `layer_order()` resolves "first"/"middle"/"last").
+
+    Returns:
+      `granularity`, `include`, `exclude` (lists of patterns or None) and `layer_order`.
+    """
     return dict(granularity=config.anchor.granularity, include=_patterns(config.anchor.include),
                 exclude=_patterns(config.anchor.exclude), layer_order=net.layer_order())
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from tna_jax import config as config_lib
-from tna_jax.experiments.registry import KINDS
+from tna_jax.experiments.registry import KINDS, find, load_all
 from tna_jax.workdir import WorkdirBusy, WorkdirLock, prepare_workdir
 
 __all__ = ["run", "is_primary", "MULTIPROCESS_KINDS"]
@@ -48,10 +48,8 @@ def run(config: Any, workdir: str | None = None) -> dict[str, Any]:
     """
     config_lib.validate(config)
     kind = config.get("kind", "train") if hasattr(config, "get") else "train"
-    if kind not in KINDS:
-        _load_kinds()
-    if kind not in KINDS:
-        raise config_lib.ConfigError(f"config.kind must be one of {sorted(KINDS)}; got {kind!r}.")
+    if find(kind) is None:
+        raise config_lib.ConfigError(f"config.kind must be one of {sorted(load_all())}; got {kind!r}.")
     if jax.process_count() > 1:
         return _run_multiprocess(config, kind, workdir)
     if workdir is None:
@@ -73,7 +71,11 @@ MULTIPROCESS_KINDS = ("federated",)
 
 
 def is_primary() -> bool:
-    """Whether this process writes the workdir's files (process 0; always true in one process)."""
+    """Whether this process writes the workdir's files.
+
+    Returns:
+      True for process 0 (always, in one process).
+    """
     return jax.process_index() == 0
 
 
@@ -111,8 +113,3 @@ def _run_multiprocess(config: Any, kind: str, workdir: str | None) -> dict[str, 
     finally:
         if lock is not None:
             lock.release()
-
-
-def _load_kinds() -> None:
-    """Imports `tna_jax.experiments`, whose modules register every kind."""
-    import tna_jax.experiments  # noqa: F401

@@ -204,7 +204,15 @@ def make_run_keys(config: Any, runs: Sequence[Run]) -> RunKeys:
 
 
 def padded_runs(runs: Sequence[Run], num_devices: int) -> list[Run]:
-    """`runs` padded (with copies of the last run) to a multiple of `num_devices`."""
+    """`runs` padded (with copies of the last run) to a multiple of `num_devices`.
+
+    Args:
+      runs: the runs.
+      num_devices: the devices the run axis is sharded over.
+
+    Returns:
+      The runs and the padding runs (never reported), with consecutive indices.
+    """
     runs = list(runs)
     pad = (-len(runs)) % num_devices
     return runs + [dataclasses.replace(runs[-1], index=len(runs) + i) for i in range(pad)]

@@ -72,6 +72,12 @@ def device_memory_bytes(devices: Sequence[Any]) -> int | None:
     """Memory of `devices` together: accelerators report theirs; CPU devices share the host's RAM
     (counted once). None when unknown.
 
+    Args:
+      devices: JAX devices.
+
+    Returns:
+      Bytes, or None.
+
     Example:
       >>> device_memory_bytes(jax.devices()) > 2**20
       True
@@ -96,6 +102,11 @@ def device_memory_bytes(devices: Sequence[Any]) -> int | None:
 def check_fits_in_memory(abstract_state: PyTree, devices: Sequence[Any], num_runs: int) -> None:
     """Refuses a training state larger than the devices' memory, before anything is allocated
     (a huge width or depth would otherwise end in an out-of-memory kill, not an error).
+
+    Args:
+      abstract_state: the state's shapes and dtypes (`jax.eval_shape`).
+      devices: the devices it will be sharded over.
+      num_runs: the runs it holds (for the message).
 
     Raises:
       ValueError: naming the state size, the memory and the fields that size it.

@@ -180,13 +180,27 @@ class TrainState(NamedTuple):
 
 
 def find_mask(opt_state: PyTree) -> PyTree | None:
-    """The anchor mask held in an optimizer state, or None when it has no ``fixed_anchor_mask``."""
+    """The anchor mask held in an optimizer state.
+
+    Args:
+      opt_state: any optimizer state.
+
+    Returns:
+      The mask of its `fixed_anchor_mask`, or None when it has none.
+    """
     state = anchors.find_state(opt_state)
     return None if state is None else state.mask
 
 
 def mask_of(state: TrainState) -> PyTree | None:
-    """The anchor mask of a train state (see :func:`find_mask`)."""
+    """The anchor mask of a train state (see `find_mask`).
+
+    Args:
+      state: a `TrainState`.
+
+    Returns:
+      The mask (with the run axis), or None.
+    """
     return find_mask(state.opt_state)
 
 
@@ -250,7 +264,15 @@ def init_runs(net: Net, tx_factory: Callable[..., optax.GradientTransformation],
 
 
 class ChunkMetrics(NamedTuple):
-    """Per-run sums over the steps of one call (host code aggregates them into epoch means)."""
+    """Per-run sums over the steps of one call (host code aggregates them into epoch means).
+
+    Attributes:
+      loss_sum: sum of the training losses of the steps.
+      correct: correctly classified training examples.
+      steps: steps taken.
+      first_nonfinite_step: -1, or the first step (within the epoch) with a non-finite loss.
+      nonfinite_loss: the loss value at that step.
+    """
 
     loss_sum: jax.Array  # sum of the training losses of the steps
     correct: jax.Array  # correctly classified training examples
@@ -657,7 +679,14 @@ def _postfix(rows: list[dict[str, Any]], arms: Sequence[Arm], has_val: bool) -> 
 
 def summarize(result: TrainResult) -> list[dict[str, Any]]:
     """Per-arm mean and sample standard deviation (ddof=1; None for one seed) over the seeds of the
-    final test metrics, and the mean validation accuracy (None without a validation split)."""
+    final test metrics, and the mean validation accuracy (None without a validation split).
+
+    Args:
+      result: what `fit` returned.
+
+    Returns:
+      One dict per arm.
+    """
     from tna_jax.report import mean_std
 
     arms: dict[int, list[Run]] = {}

@@ -236,7 +236,14 @@ def markdown_summary(report: dict[str, Any]) -> str:
     """The arms table of a train report: accuracy, LMC barriers and fusion, mean ± sample std over
     pairs (barriers) or seeds (accuracy), and a sentence saying which (`statistics_note`).
     Nets with BatchNorm get a second row per arm with the statistics reset at every α ("BN
-    reset")."""
+    reset").
+
+    Args:
+      report: a train report (`train_and_analyse`).
+
+    Returns:
+      Markdown: the anchor line, the table and the statistics note.
+    """
     rows = []
     for arm in report["arms"]:
         lm = report.get("lmc", {}).get(arm["arm"], {})
@@ -392,7 +399,16 @@ def train_and_analyse(config: Any, workdir: str | None, *, lmc: bool | None = No
 def anchor_report(config: Any, result: Any) -> dict[str, Any]:
     """What a report says about the anchors: whether their values were shared across seeds,
     the mask-drawing scheme, the refresh period, and per arm whether every run's anchored
-    entries still hold their values (`tna_jax.anchors.verify`)."""
+    entries still hold their values (`tna_jax.anchors.verify`).
+
+    Args:
+      config: the experiment config (`config.anchor`).
+      result: the `TrainResult` of `fit`.
+
+    Returns:
+      `{"values": "shared" | "per-model", "mask_scheme", "refresh_every", "granularity",
+      "verified": {arm label: bool}}`.
+    """
     from tna_jax import anchors
 
     held = np.asarray(jax.vmap(anchors.verify)(result.state.params, result.state.opt_state))
