@@ -450,6 +450,7 @@ import sys; sys.path.insert(0, 'tests')
 from util import tiny_config
 from tna_jax import data, models, training
 from tna_jax import run_axis as run_axis_lib
+from tna_jax import sharding as sharding_lib
 c = tiny_config(num_seeds=3, anchor__ratio=0.5)
 ds = data.load(c.data)
 net = models.build(c.model, ds.input_shape, ds.num_classes)
