@@ -58,6 +58,7 @@ BENCHMARKS = (
     Benchmark("anchor_overhead", "fixed_anchor_mask cost on top of adamw (stored mask vs regenerated)", (
         Ratio("mlp_stored_over_adamw", None, "step time adamw+anchors / adamw (1.0 = free)"),
         Ratio("mlp_adamw_over_stored", 0.97, "adamw step time / adamw+anchors step time (>= 0.97: overhead <= 3%)"),
+        Ratio("mlp_adamw_over_shared_values", 0.97, "adamw / adamw+anchors with values= (>= 0.97: overhead <= 3%)"),
     )),
     Benchmark("multiseed", "MNIST-1D MLP, 8 seeds vmapped+scanned+sharded", (
         Ratio("vmap_speedup_8_seeds", 3.0, "8 seeds vmapped vs one after another (same code)"),
