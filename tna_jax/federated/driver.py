@@ -375,9 +375,9 @@ def evaluate_program(eval_fn: Any, mesh: Mesh):
       The jitted ``evaluate`` (compiled on its first call).
 
     Examples:
-      >>> from tna_jax import models, training
+      >>> from tna_jax import evaluation, models, sharding
       >>> net = models.build({"name": "mlp", "depth": 0}, (3,), 2)
-      >>> evaluate = evaluate_program(evaluation.make_eval_fn(net), sharding_lib.run_mesh())
+      >>> evaluate = evaluate_program(evaluation.make_eval_fn(net), sharding.run_mesh())
       >>> params = {"head": {"kernel": jnp.zeros((2, 3, 2)), "bias": jnp.array([[1.0, 0.0], [0.0, 1.0]])}}
       >>> evaluate(params, {}, jnp.ones((4, 3)), jnp.zeros(4, jnp.int32))["accuracy"].tolist()  # 2 seeds
       [1.0, 0.0]
