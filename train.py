@@ -13,22 +13,44 @@ the same command once per process with ``--coordinator=HOST:PORT --num_processes
 Every process reads the same ``--workdir`` (a shared filesystem on several hosts); process 0
 locks it and writes the metrics and the report, all of them write the orbax checkpoints.
 
-Exit codes: 0 done; 1 a bad flag, config, dataset or checkpoint, a busy workdir or a diverged
-run (one line on stderr names the file or field; nothing in the workdir is overwritten);
-143 stopped by SIGTERM/SIGINT after checkpointing (rerun to resume).
+Config fields: ``--print_config`` prints every field with its value (after the overrides) as
+JSON and exits; ``--config.<field>=<value>`` sets one (a misspelled field is named with the
+closest match). ``python train.py --config configs/quickstart.py --print_config`` lists them all.
+
+Errors: a bad flag, config field, model or data source, an unprepared dataset, a workdir that
+is a file, read-only or holds another config, a full disk or a diverged run print one line on
+stderr naming the field, file or value, and exit 2; nothing in the workdir is overwritten, and
+a first start that fails leaves no workdir behind. ``--verbose`` adds the traceback.
+
+Exit codes: 0 done; 2 one of the errors above; 130 interrupted by Ctrl-C before training began
+(nothing to resume) or after a checkpoint; 143 stopped by SIGTERM/SIGINT during training after
+checkpointing (rerun to resume); 1 an unexpected error (a bug: the traceback is printed).
 """
 
 import os
 import re
+import signal
 import sys
+import threading
 
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from tna_jax import checkpoint as ckpt_lib
-from tna_jax import config as config_lib
-from tna_jax import data, runner, training
-from tna_jax import workdir as workdir_lib
+def _interrupted_while_starting(signum, frame):
+    # Ctrl-C while Python imports JAX and friends (seconds): nothing is written yet, so leave at
+    # once with one line rather than a traceback through the import machinery.
+    sys.stderr.write("train.py: interrupted (Ctrl-C) while starting; nothing was written.\n")
+    os._exit(130)
+
+
+if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+from absl import app, flags, logging  # noqa: E402 (after the handler above, on purpose)
+from ml_collections import config_flags  # noqa: E402
+
+from tna_jax import checkpoint as ckpt_lib  # noqa: E402
+from tna_jax import config as config_lib  # noqa: E402
+from tna_jax import data, preflight, runner, training  # noqa: E402
+from tna_jax import workdir as workdir_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -48,14 +70,20 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator).", flag_values=flag_values)
     flags.DEFINE_integer("process_id", None, "This process's index in [0, --num_processes) (with --coordinator).",
                          flag_values=flag_values)
-    flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+    flags.DEFINE_bool("print_config", False, "Print every config field with its value (after the overrides) as JSON "
+                      "and exit; --workdir is not needed then.", flag_values=flag_values)
+    flags.DEFINE_bool("verbose", False, "Print the traceback of an error, not only its one-line message.",
+                      flag_values=flag_values)
+    flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
 define_flags()
 
 # Errors whose message says everything (the field, file or holder); shown without a traceback.
 USER_ERRORS = (config_lib.ConfigError, data.DataError, ckpt_lib.CheckpointError, workdir_lib.WorkdirBusy,
-               training.TrainingDiverged)
+               preflight.WorkdirError, training.TrainingDiverged)
+USER_ERROR_EXIT = 2  # as argparse and absl's usage errors: the command, not the program, must change
+INTERRUPTED_EXIT = 130  # 128 + SIGINT
 
 
 def _config_arg(argv: list[str]) -> str:
@@ -143,12 +171,12 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
-    """:func:`parse_flags`, printing absl's one-line ``FATAL Flags parsing error`` and exiting 1."""
+    """:func:`parse_flags`, printing absl's one-line ``FATAL Flags parsing error`` and exiting 2."""
     try:
         return parse_flags(argv)
     except flags.Error as err:
         sys.stderr.write(f"FATAL Flags parsing error: {err}\nPass --helpshort or --helpfull to see help on flags.\n")
-        raise SystemExit(1) from None
+        raise SystemExit(USER_ERROR_EXIT) from None
 
 
 def configure_cpu_devices(setting: str) -> None:
@@ -194,22 +222,116 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
 
 
+def _fail(message: str, code: int, err: BaseException | None = None, *, now: bool = False) -> None:
+    """Prints `message` as one line on stderr (and the traceback with --verbose), then exits.
+
+    With `now`, leaves at once (``os._exit``): after a full disk, the writers still open
+    (TensorBoard's, orbax's threads) would each print a traceback while closing, and there is
+    nothing left to save.
+    """
+    if err is not None and FLAGS.verbose:
+        import traceback
+
+        traceback.print_exception(err)
+    if now and not FLAGS.verbose:
+        threading.excepthook = lambda args: None
+        sys.unraisablehook = lambda args: None
+    print(f"train.py: {message}", file=sys.stderr)
+    if now:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code) from None
+
+
+def _drop_out_of_space_logs(record) -> bool:
+    """A logging filter: orbax logs a failed write's traceback from its own thread before the
+    error reaches us; on a full disk our one line says it all (--verbose keeps the log)."""
+    err = record.exc_info[1] if record.exc_info else None
+    text = record.getMessage() if record.args is not None else str(record.msg)
+    return not ((err is not None and preflight.out_of_space(err) is not None) or "No space left on device" in text)
+
+
+def _event_loop_closed(err: BaseException | None) -> bool:
+    return isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
+
+
+def _quiet_unraisablehook(hook):
+    """``sys.unraisablehook`` without the "Event loop is closed" tracebacks that the native
+    threads of orbax's writer print while a failed save unwinds; --verbose keeps them."""
+    def quiet(unraisable):
+        if not _event_loop_closed(unraisable.exc_value):
+            hook(unraisable)
+
+    return quiet
+
+
+# Seconds a Ctrl-C outside the training loop may take to unwind (undoing a first start, closing
+# files) before the process leaves anyway: Python drops a KeyboardInterrupt that lands in a
+# garbage-collection callback (JAX has one), and the run would go on as if nothing happened.
+# Leaving hard is safe: every file tna_jax writes is written atomically.
+INTERRUPT_GRACE_S = 10.0
+
+
+def _interrupt(signum, frame):
+    """SIGINT outside the training loop (which handles it itself: checkpoint, then stop)."""
+    def leave():
+        sys.stderr.write(f"train.py: interrupted (Ctrl-C); the workdir keeps its last complete checkpoint, if "
+                         f"any: rerun the same command to resume ({FLAGS.workdir}).\n")
+        os._exit(INTERRUPTED_EXIT)
+
+    timer = threading.Timer(INTERRUPT_GRACE_S, leave)
+    timer.daemon = True
+    timer.start()
+    raise KeyboardInterrupt
+
+
 def main(argv):
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, _interrupt)
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.print_config:
+        print(ckpt_lib.dumps(workdir_lib.config_dict(FLAGS.config), indent=2))
+        return
+    if FLAGS.workdir is None:
+        _fail("error: --workdir is required (the directory for config.json, metrics, checkpoints and the "
+              "report; rerunning on the same workdir resumes).", USER_ERROR_EXIT)
+    if not FLAGS.verbose:
+        sys.unraisablehook = _quiet_unraisablehook(sys.unraisablehook)
+        logging.get_absl_handler().addFilter(_drop_out_of_space_logs)
     configure_cpu_devices(FLAGS.cpu_devices)
     initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+    if "verbosity" not in FLAGS or not FLAGS["verbosity"].present:
+        # orbax logs every file operation at INFO and tfds warns of what our own errors explain.
+        logging.set_verbosity(logging.WARNING if FLAGS.verbose else logging.ERROR)
     try:
         runner.run(FLAGS.config, FLAGS.workdir)
     except training.Preempted as stop:
         logging.warning("%s", stop)
         print(stop)
         raise SystemExit(143) from None  # 128 + SIGTERM: the job did not finish
+    except KeyboardInterrupt as err:
+        _fail(f"interrupted (Ctrl-C); the workdir keeps its last complete checkpoint, if any: rerun the same "
+              f"command to resume ({FLAGS.workdir}).", INTERRUPTED_EXIT, err)
     except USER_ERRORS as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        full = preflight.out_of_space(err)
+        if full is None:
+            _fail(f"error: {err}", USER_ERROR_EXIT, err)
+        _out_of_space(full, err)
+    except Exception as err:
+        full = preflight.out_of_space(err)
+        if full is None:
+            raise  # a bug: the traceback is what the report needs
+        _out_of_space(full, err)
+
+
+def _out_of_space(full: OSError, err: BaseException) -> None:
+    where = f" writing {full.filename}" if full.filename else ""
+    _fail(f"error: no space left on the disk of --workdir={FLAGS.workdir}{where} ({full.strerror or full}); "
+          "the workdir keeps its last complete checkpoint and report: free space and rerun the same command to "
+          "resume.", USER_ERROR_EXIT, err, now=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from tna_jax import anchors
 from tna_jax.models import Net
 from tna_jax.runs import Arm
 
-__all__ = ["make_optimizer", "anchor_options", "make_transform"]
+__all__ = ["check_anchor_options", "make_optimizer", "anchor_options", "make_transform"]
 
 
 def make_optimizer(opt_config: Any, steps_per_epoch_: int, epochs: int) -> optax.GradientTransformation:
@@ -89,6 +89,54 @@ def anchor_options(config: Any, net: Net) -> dict[str, Any]:
     """
     return dict(granularity=config.anchor.granularity, include=_patterns(config.anchor.include),
                 exclude=_patterns(config.anchor.exclude), layer_order=net.layer_order())
+
+
+def check_anchor_options(config: Any, net: Net) -> None:
+    """Checks that ``config.anchor``'s include/exclude patterns select weights of `net`.
+
+    Runs the selection on the parameter shapes (``jax.eval_shape``: nothing is computed), so a
+    misspelled pattern stops the run before any data is placed or any program compiled.
+
+    Args:
+      config: the experiment config.
+      net: the model.
+
+    Raises:
+      tna_jax.config.ConfigError: a pattern that selects nothing, is not a regular expression,
+        or a named selection the model cannot resolve; the message lists the parameter paths.
+
+    Examples:
+      >>> from tna_jax import models
+      >>> from tna_jax.config import default_config
+      >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 3)
+      >>> c = default_config()
+      >>> c.anchor.include = "dense_O"  # a letter O, not a zero
+      >>> check_anchor_options(c, net)
+      Traceback (most recent call last):
+      ...
+      tna_jax.config.ConfigError: config.anchor.include pattern 'dense_O' selects no parameter; the paths are: dense_0/bias, dense_0/kernel, head/bias, head/kernel.
+    """
+    import jax
+
+    from tna_jax.config import ConfigError
+
+    opts = anchor_options(config, net)
+    if opts["include"] is None and opts["exclude"] is None:
+        return
+    key = jax.random.key(0)
+
+    def select():
+        params = net.init(key)["params"]
+        return anchors.anchor_mask(params, 0.5, key, **opts)
+
+    try:
+        jax.eval_shape(select)
+    except (ValueError, TypeError) as err:
+        text = str(err)
+        for arg in ("include", "exclude"):
+            if text.startswith(arg):
+                text = f"config.anchor.{text}"
+        raise ConfigError(text) from None
 
 
 def make_transform(base: optax.GradientTransformation, config: Any, net: Net, arms: Sequence[Arm]

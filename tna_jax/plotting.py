@@ -74,8 +74,8 @@ def save_figure(fig: Any, path: str, dpi: int = 130, *, title: str = "", caption
       >>> fig, ax = plt.subplots(figsize=(2, 2))
       >>> _ = ax.plot([0, 1], [1, 0])
       >>> out = save_figure(fig, os.path.join(tempfile.mkdtemp(), "plots", "line.png"), dpi=40)
-      >>> os.path.basename(out), os.path.getsize(out) > 0
-      ('line.png', True)
+      >>> os.path.basename(out), os.path.getsize(out) > 0, oct(os.stat(out).st_mode & 0o777)
+      ('line.png', True, '0o644')
     """
     plt = _plt()
     directory = os.path.dirname(os.path.abspath(path))
@@ -85,6 +85,7 @@ def save_figure(fig: Any, path: str, dpi: int = 130, *, title: str = "", caption
     try:
         metadata = {k: v for k, v in (("Title", title), ("Description", caption)) if v}
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", metadata=metadata)
+        os.chmod(tmp, 0o644)  # as the reports (mkstemp makes 0600: a figure must be readable by the group)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

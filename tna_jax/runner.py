@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from tna_jax import config as config_lib
+from tna_jax import preflight
 from tna_jax.experiments.registry import KINDS, find, load_all
 from tna_jax.workdir import WorkdirBusy, WorkdirLock, prepare_workdir
 
@@ -21,8 +22,11 @@ def run(config: Any, workdir: str | None = None) -> dict[str, Any]:
     """Runs the experiment that `config` describes and returns its report (also written to
     ``<workdir>/report.json`` when a workdir is given).
 
-    With a workdir, the workdir is locked for the run (:class:`WorkdirLock`) and its
-    ``config.json`` written or checked (:func:`prepare_workdir`); a rerun resumes.
+    Nothing is written before the config and the workdir pass their checks
+    (`tna_jax.config.validate`, `tna_jax.preflight`). Then the workdir is locked for the run
+    (:class:`WorkdirLock`) and its ``config.json`` written or checked (:func:`prepare_workdir`);
+    a rerun resumes. A first start that fails before the kind wrote anything (a dataset that
+    does not load, anchors that select no weight) leaves no workdir behind.
 
     Args:
       config: the experiment config; ``config.kind`` picks the function (``"train"`` by default).
@@ -32,9 +36,10 @@ def run(config: Any, workdir: str | None = None) -> dict[str, Any]:
       The report dict of the experiment kind.
 
     Raises:
-      tna_jax.config.ConfigError: an invalid config or an unknown kind.
+      tna_jax.config.ConfigError: an invalid config, an unknown kind, model or data source, or
+        a workdir that holds a run with a different config.
+      tna_jax.preflight.WorkdirError: the workdir cannot be created or written.
       WorkdirBusy: another process holds the workdir.
-      ValueError: the workdir holds a run with a different config.
 
     Examples:
       >>> from tna_jax.config import default_config
@@ -50,19 +55,45 @@ def run(config: Any, workdir: str | None = None) -> dict[str, Any]:
     kind = config.get("kind", "train") if hasattr(config, "get") else "train"
     if find(kind) is None:
         raise config_lib.ConfigError(f"config.kind must be one of {sorted(load_all())}; got {kind!r}.")
+    preflight.check_config(config)
+    if workdir is not None:
+        preflight.check_workdir(workdir)
     if jax.process_count() > 1:
         return _run_multiprocess(config, kind, workdir)
     if workdir is None:
         return KINDS[kind](config, None)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    with WorkdirLock(workdir) as lock:
-        if lock.previous_holder:
-            h = lock.previous_holder
-            print(f"workdir {workdir}: took over the lock of pid {h.get('pid')} on {h.get('host')} (since "
-                  f"{h.get('started')}), which ended without releasing it; resuming from its checkpoints.")
-        prepare_workdir(config, workdir)
-        return KINDS[kind](config, workdir)
+    created = preflight.make_workdir(workdir)
+    fresh = False
+    try:
+        with WorkdirLock(workdir) as lock:
+            if lock.previous_holder:
+                h = lock.previous_holder
+                print(f"workdir {workdir}: took over the lock of pid {h.get('pid')} on {h.get('host')} (since "
+                      f"{h.get('started')}), which ended without releasing it; resuming from its checkpoints.")
+            fresh = not os.path.exists(os.path.join(workdir, "config.json"))
+            prepare_workdir(config, workdir)
+            return KINDS[kind](config, workdir)
+    except BaseException:
+        if fresh:
+            _undo_fresh_start(workdir, created)
+        raise
+
+
+def _undo_fresh_start(workdir: str, created: bool) -> None:
+    """Removes what a first start wrote when it failed before the kind wrote anything of its own:
+    the workdir is then as it was (absent, if this run created it)."""
+    own = {".lock", "config.json"}
+    try:
+        names = set(os.listdir(workdir))
+        if not names <= own:
+            return  # the run got far enough to leave metrics or checkpoints: keep them
+        for name in names:
+            os.remove(os.path.join(workdir, name))
+        if created:
+            os.rmdir(workdir)
+    except OSError:
+        pass  # best effort: a leftover config.json is harmless (the next start rewrites it)
 
 
 # Kinds whose programs span several processes (jax.distributed): the federated rounds split the

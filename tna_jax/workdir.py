@@ -128,10 +128,10 @@ def prepare_workdir(config: Any, workdir: str) -> None:
       workdir: the run directory (created).
 
     Raises:
-      ValueError: the workdir holds a run with a different config (the message lists the fields
-        that differ; only fields in ``config.RESUME_SAFE_FIELDS`` may change on resume; a field
-        of ``config.ADDED_FIELDS`` missing from an older ``config.json`` counts as its default).
-      tna_jax.config.ConfigError: ``train.epochs`` changed under a schedule that depends on the
+      tna_jax.config.ConfigError: the workdir holds a run with a different config (the message
+        lists the fields that differ; only fields in ``config.RESUME_SAFE_FIELDS`` may change on
+        resume; a field of ``config.ADDED_FIELDS`` missing from an older ``config.json`` counts
+        as its default), or a damaged ``config.json``; ``train.epochs`` changed under a schedule that depends on the
         total number of steps (``config.EPOCH_DEPENDENT_SCHEDULES``): the steps already done were
         taken with another learning rate, so the resumed run would be neither run. Nothing is
         written then.
@@ -152,7 +152,7 @@ def prepare_workdir(config: Any, workdir: str) -> None:
         try:
             old = ckpt_lib.read_json(path)
         except ValueError as err:
-            raise ValueError(f"{path} is damaged ({err}); move the workdir aside or delete config.json "
+            raise config_lib.ConfigError(f"{path} is damaged ({err}); move the workdir aside or delete config.json "
                              "to start afresh.") from None
         flat_old, flat_new = config_lib.flatten(old), config_lib.flatten(new)
         for field, default in config_lib.ADDED_FIELDS.items():  # written before the field existed
@@ -173,7 +173,7 @@ def prepare_workdir(config: Any, workdir: str) -> None:
                 "fresh --workdir, or train with optimizer.schedule='constant' to extend runs.")
         if differ and has_ckpt:
             shown = ", ".join(f"{k} (was {flat_old.get(k)!r}, now {flat_new.get(k)!r})" for k in differ[:6])
-            raise ValueError(f"workdir {workdir} holds a run with a different config: {shown}"
+            raise config_lib.ConfigError(f"workdir {workdir} holds a run with a different config: {shown}"
                              + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
                              + ". Use another --workdir, or the same config to resume.")
     ckpt_lib.write_json(path, new)

@@ -32,6 +32,7 @@ def _save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+            os.fchmod(f.fileno(), 0o644)  # a shared cache: mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load", "DatasetNotPrepared", "READERS", "prepare_hint"]
+__all__ = ["load", "check", "DatasetNotPrepared", "READERS", "prepare_hint"]
 
 READERS = ("auto", "tf_data", "data_source")
 _CHUNK = 4096  # examples per tf.data batch
@@ -162,6 +162,35 @@ def _as_inputs(x: np.ndarray, name: str, split: str) -> tuple[np.ndarray, str]:
     return x.reshape(len(x), -1).astype(np.float32), "features"
 
 
+def _name_and_dir(cfg: Any) -> tuple[str, str | None]:
+    source = str(_get(cfg, "source", ""))
+    name = source[len("tfds:"):] if source.startswith("tfds:") else source
+    if not name:
+        raise ValueError(f"data.source must be 'tfds:<name>' with a dataset name; got {source!r}.")
+    data_dir = _get(cfg, "data_dir", "") or None
+    if data_dir is not None:
+        data_dir = os.path.expanduser(str(data_dir))
+    return name, data_dir
+
+
+def check(cfg: Any) -> None:
+    """Checks, without reading any example, that :func:`load` can read ``cfg``'s dataset.
+
+    Args:
+      cfg: the data config (``source="tfds:<name>"``, ``data_dir``).
+
+    Raises:
+      ImportError: tensorflow-datasets is not installed.
+      ValueError: no dataset of that name.
+      DatasetNotPrepared: its files are not in the data directory (the message says how to
+        prepare them); the directory is not created.
+    """
+    name, data_dir = _name_and_dir(cfg)
+    builder = _builder(_import_tfds(), name, data_dir)
+    if not builder.is_prepared():
+        raise _not_prepared(name, builder)
+
+
 def load(cfg: Any, *, reader: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, str,
                                                      dict[str, Any]]:
     """Reads ``tfds:<name>`` from ``data.data_dir``: ``(x_train, y_train, x_test, y_test, num_classes, kind, info)``.
@@ -195,13 +224,7 @@ def load(cfg: Any, *, reader: str = "auto") -> tuple[np.ndarray, np.ndarray, np.
     """
     if reader not in READERS:
         raise ValueError(f"reader must be one of {READERS}; got {reader!r}.")
-    source = str(_get(cfg, "source", ""))
-    name = source[len("tfds:"):] if source.startswith("tfds:") else source
-    if not name:
-        raise ValueError(f"data.source must be 'tfds:<name>' with a dataset name; got {source!r}.")
-    data_dir = _get(cfg, "data_dir", "") or None
-    if data_dir is not None:
-        data_dir = os.path.expanduser(str(data_dir))
+    name, data_dir = _name_and_dir(cfg)
     train_split = _get(cfg, "train_split", "train") or "train"
     test_split = _get(cfg, "test_split", "test") or "test"
     tfds = _import_tfds()

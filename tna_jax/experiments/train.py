@@ -295,7 +295,8 @@ def load_problem(config: Any) -> tuple[Any, Any, Any]:
       (None otherwise).
 
     Raises:
-      tna_jax.config.ConfigError: ``data.augment="crop_flip"`` on data that are not images; and
+      tna_jax.config.ConfigError: ``data.augment="crop_flip"`` on data that are not images,
+        ``anchor.include``/``exclude`` patterns that select no weight of the model; and
         the errors of :func:`tna_jax.data.load` and :func:`tna_jax.models.build`.
 
     Examples:
@@ -317,6 +318,10 @@ def load_problem(config: Any) -> tuple[Any, Any, Any]:
 
     dataset = data_lib.load(config.data)
     net = models.build(config.model, dataset.input_shape, dataset.num_classes)
+    if "anchor" in config:
+        from tna_jax.optimizers import check_anchor_options
+
+        check_anchor_options(config, net)
     augment = None
     if config.data.augment == "crop_flip":
         if dataset.kind != "image":
