@@ -119,3 +119,40 @@ def test_getting_started_has_the_readme_commands():
         page = f.read()
     for command in (run_command, test_command):
         assert command in page, f"docs/getting-started.md must show the README command {command!r}"
+
+
+# What reST markup looks like when mkdocstrings shows it raw (docs/griffe_sphinx_roles.py rewrites it).
+_RAW_MARKUP = {
+    "role": re.compile(r":(?:py:)?(?:func|class|meth|mod|attr|data|exc|obj|const|math|ref|doc):"),
+    "directive": re.compile(r"\.\. [a-z-]+::"),
+    "literal-block marker": re.compile(r"::\s*</p>"),
+    "unresolved reference": re.compile(r"\]\[[\w.]+\]"),
+    "unresolved code reference": re.compile(r"\[<code>[^<]*</code>\]\["),
+    "stray backtick": re.compile(r"`"),
+}
+
+
+def _prose(html: str) -> str:
+    """The page's text outside code, scripts and styles, with the paragraph ends kept."""
+    html = re.sub(r"<(script|style|pre|code)\b.*?</\1>", " ", html, flags=re.S)
+    return re.sub(r"<(?!/p>)[^>]+>", " ", html)
+
+
+def test_api_pages_render_the_docstring_markup(site):
+    raw = []
+    for path in sorted(glob.glob(os.path.join(site, "api", "**", "index.html"), recursive=True)):
+        with open(path) as f:
+            html = f.read()
+        text = _prose(html)
+        for what, pattern in _RAW_MARKUP.items():
+            source = html if what == "unresolved code reference" else text
+            raw += [f"{os.path.relpath(path, site)}: {what}: ...{source[max(m.start() - 40, 0):m.end() + 40]!r}..."
+                    for m in pattern.finditer(source)]
+    assert not raw, f"{len(raw)} pieces of raw markup on the API pages:\n" + "\n".join(raw[:20])
+    with open(os.path.join(site, "api", "federated", "index.html")) as f:
+        federated_page = f.read()
+    assert federated_page.count('class="arithmatex"') >= 10  # :math: roles are typeset by MathJax
+    with open(os.path.join(site, "api", "lmc", "index.html")) as f:
+        lmc_page = f.read()  # :func: roles link to the entries, on the page and across pages
+    assert len(re.findall(r'<a class="autorefs autorefs-internal" [^>]*href="#tna_jax\.', lmc_page)) >= 15
+    assert re.search(r'<a class="autorefs autorefs-internal" [^>]*href="\.\./tree/#tna_jax\.tree\.', lmc_page)

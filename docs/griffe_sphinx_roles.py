@@ -1,0 +1,259 @@
+"""A griffe extension that renders the docstrings' Sphinx (reST) markup as mkdocstrings Markdown.
+
+The library's docstrings are Google style with reST inline markup (``:func:`fit```, ``:math:`x```,
+``.. note::``). mkdocstrings renders Markdown, so without this extension the API pages would show
+that markup raw. It runs once the package is loaded (before any docstring is parsed) and rewrites
+every docstring's text:
+
+- ``:func:``/``:class:``/``:meth:``/``:mod:``/``:attr:``/``:data:``/``:exc:``/``:obj:`` roles become
+  autorefs cross-references, ``[`fit`][tna_jax.training.fit]``. Short names are resolved as Python
+  resolves them from the docstring's owner (the class, then the enclosing modules), then by a
+  unique public name anywhere in the package. A name whose target the site does not render
+  (external, private, undocumented) becomes inline code, so ``mkdocs build --strict`` never meets
+  a dangling reference. ``~a.b.c`` shows ``c``; ``title <target>`` shows the title.
+- ``:math:`...``` becomes ``\\(...\\)`` and ``.. math::`` blocks become ``\\[...\\]``
+  (pymdownx.arithmatex, typeset by MathJax).
+- ``.. note::``, ``.. warning::`` and the other admonitions become Material admonitions
+  (``!!! note``); ``.. seealso::``, ``.. deprecated::`` and ``.. versionadded::`` get titles.
+- A paragraph ending in the literal-block marker ``::`` ends in ``:`` (the indented block after
+  it is a Markdown code block already).
+
+Registered in mkdocs.yml under the python handler's ``extensions`` with ``api_dir: docs/api``:
+the ``:::`` directives there tell which modules (and, with ``members: false``, which not their
+members) the site renders, hence which references can link.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import griffe
+
+__all__ = ["SphinxRoles", "documented_modules", "rewrite"]
+
+_ROLE = re.compile(r":(?:py:)?(func|class|meth|mod|attr|data|exc|obj|const|math):`([^`]+)`")
+_TITLED = re.compile(r"^(.*?)\s*<([^<>]+)>$")
+_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([a-z-]+)::\s*(.*)$")
+_ADMONITIONS = {
+    "note": ("note", None), "warning": ("warning", None), "tip": ("tip", None), "hint": ("tip", None),
+    "important": ("important", None), "attention": ("warning", None), "caution": ("warning", None),
+    "danger": ("danger", None), "error": ("danger", None), "seealso": ("note", "See also"),
+    "deprecated": ("warning", "Deprecated since version {}"),
+    "versionadded": ("note", "New in version {}"), "versionchanged": ("note", "Changed in version {}"),
+}
+# The names of the leaves an API page renders: ``::: module`` blocks with their options.
+_API_DIRECTIVE = re.compile(r"^::: ([\w.]+)[ \t]*\n((?:[ \t]+.*\n?)*)", re.M)
+
+Resolver = Callable[[str], "str | None"]
+
+
+def documented_modules(api_dir: str) -> dict[str, bool]:
+    """The modules the API pages render.
+
+    Args:
+      api_dir: the folder of the API pages (Markdown files with ``::: module`` directives).
+
+    Returns:
+      ``{module path: whether its members are rendered}`` (``members: false`` renders the heading
+      and the module docstring only).
+
+    Raises:
+      FileNotFoundError: if ``api_dir`` is not a folder.
+    """
+    if not os.path.isdir(api_dir):
+        raise FileNotFoundError(f"api_dir={api_dir!r}: not a folder (the API pages with '::: module' directives)")
+    found: dict[str, bool] = {}
+    for path in sorted(glob.glob(os.path.join(api_dir, "**", "*.md"), recursive=True)):
+        with open(path, encoding="utf-8") as f:
+            for match in _API_DIRECTIVE.finditer(f.read()):
+                members_shown = not re.search(r"^\s*members:\s*(false|\[\s*\])\s*$", match.group(2), re.M)
+                found[match.group(1)] = found.get(match.group(1), False) or members_shown
+    return found
+
+
+def _role(kind: str, text: str, resolve: Resolver) -> str:
+    if kind == "math":
+        return rf"\({text}\)"
+    titled = _TITLED.match(text)
+    if titled:
+        title, target = titled.group(1), titled.group(2)
+    else:
+        target = text.lstrip("!")
+        title = target.lstrip("~.").rsplit(".", 1)[-1] if target.startswith("~") else target.lstrip(".")
+    target = target.lstrip("~.!")
+    path = resolve(target)
+    return f"[`{title}`][{path}]" if path else f"`{title}`"
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _block(lines: list[str], start: int, indent: int) -> tuple[list[str], int]:
+    """The lines from ``start`` indented deeper than ``indent`` (blank lines inside kept), dedented."""
+    end = start
+    while end < len(lines) and (not lines[end].strip() or _indent(lines[end]) > indent):
+        end += 1
+    while end > start and not lines[end - 1].strip():
+        end -= 1
+    body = lines[start:end]
+    depth = min((_indent(line) for line in body if line.strip()), default=0)
+    return [line[depth:] for line in body], end
+
+
+def _directive(match: re.Match, lines: list[str], i: int, resolve: Resolver) -> tuple[list[str], int] | None:
+    pad, name, argument = match.group(1), match.group(2), match.group(3).strip()
+    if name != "math" and name not in _ADMONITIONS:
+        return None
+    body, end = _block(lines, i + 1, len(pad))
+    body = [line for line in body if not re.match(r"^:[\w-]+:", line)]  # directive options (:label:, ...)
+    if name == "math":
+        formula = ([argument] if argument else []) + [line for line in body if line.strip()]
+        return ["", pad + r"\[", *(pad + line for line in formula), pad + r"\]", ""], end
+    kind, title = _ADMONITIONS[name]
+    if title and "{}" in title:  # ".. deprecated:: 1.2 text": the version goes in the title
+        version, _, argument = argument.partition(" ")
+        title = title.format(version).strip()
+    head = f"{pad}!!! {kind}" + (f' "{title}"' if title else "")
+    text = rewrite("\n".join(([argument.strip()] if argument.strip() else []) + body), resolve).split("\n")
+    return [head, *(pad + "    " + line if line.strip() else "" for line in text)], end
+
+
+def rewrite(text: str, resolve: Resolver) -> str:
+    """A docstring with its reST markup replaced by Markdown that mkdocstrings renders.
+
+    Args:
+      text: the docstring.
+      resolve: maps a role's target as written (``fit``, ``tna_jax.lmc.lmc_path``) to the identifier
+        of a rendered API entry, or None when the site has no entry for it (then it is shown as code).
+
+    Returns:
+      The rewritten docstring. Fenced code and doctests (to the next blank line) are left as they are.
+    """
+    lines = text.split("\n")
+    out: list[str] = []
+    fenced = doctest = False
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            fenced = not fenced
+        doctest = stripped.startswith(">>>") or (doctest and bool(stripped))  # a doctest runs to a blank line
+        if fenced or doctest:
+            out.append(line)
+            i += 1
+            continue
+        directive = _DIRECTIVE.match(line)
+        converted = _directive(directive, lines, i, resolve) if directive else None
+        if converted:
+            out.extend(converted[0])
+            i = converted[1]
+            continue
+        line = _ROLE.sub(lambda m: _role(m.group(1), m.group(2), resolve), line)
+        if line.rstrip().endswith("::") and not line.rstrip().endswith(":::"):
+            line = line.rstrip()[:-2].rstrip()
+            line = line + ":" if line.strip() else line
+        out.append(line)
+        i += 1
+    return "\n".join(out)
+
+
+def _objects(obj: griffe.Object) -> Iterator[griffe.Object]:
+    yield obj
+    for member in obj.members.values():
+        if not member.is_alias:
+            yield from _objects(member)
+
+
+def _final(obj: Any) -> griffe.Object | None:
+    try:
+        return obj.final_target if obj.is_alias else obj
+    except (griffe.AliasResolutionError, griffe.CyclicAliasError):
+        return None
+
+
+class SphinxRoles(griffe.Extension):
+    """Rewrites the reST markup of every docstring of a package once it is loaded.
+
+    Args:
+      api_dir: the folder of the API pages; references link only to entries those pages render.
+        None: every public, documented object counts as rendered.
+    """
+
+    def __init__(self, api_dir: str | None = None) -> None:
+        super().__init__()
+        self.modules = documented_modules(api_dir) if api_dir else None
+
+    def rendered(self, obj: griffe.Object) -> bool:
+        """Whether the site has an entry (an anchor) for ``obj``."""
+        parts = obj.path.split(".")
+        if any(part.startswith("_") for part in parts):
+            return False
+        if obj.is_module:
+            return self.modules is None or obj.path in self.modules
+        if not obj.docstring:
+            return False
+        parent = obj.parent
+        if parent is None:
+            return False
+        if parent.is_module:
+            return self.modules is None or self.modules.get(parent.path, False)
+        return self.rendered(parent)
+
+    def anchors(self, pkg: griffe.Module) -> dict[str, str]:
+        """``{object path: the identifier of its entry}`` for every object the site renders.
+
+        An object is rendered where it is defined, or else where a rendered module re-exports it
+        (an alias listed in that module's ``__all__``), as ``tna_jax.data.Dataset``.
+        """
+        found = {obj.path: obj.path for obj in _objects(pkg) if self.rendered(obj)}
+        for module in _objects(pkg):
+            if not module.is_module or not (self.modules is None or self.modules.get(module.path, False)):
+                continue
+            for alias in module.members.values():
+                target = _final(alias) if alias.is_alias and alias.is_exported else None
+                if target is not None and target.path not in found and target.docstring \
+                        and target.path.startswith(pkg.path + ".") and not alias.name.startswith("_"):
+                    found[target.path] = alias.path
+        return found
+
+    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+        collection = loader.modules_collection
+        anchors = self.anchors(pkg)
+        by_name: dict[str, set[str]] = {}
+        for path in anchors:
+            by_name.setdefault(path.rsplit(".", 1)[-1], set()).add(path)
+
+        def lookup(path: str) -> griffe.Object | None:
+            try:
+                found = collection[path]
+            except (KeyError, ValueError, AttributeError, griffe.AliasResolutionError, griffe.CyclicAliasError):
+                return None
+            return _final(found)
+
+        def resolver(owner: griffe.Object) -> Resolver:
+            scopes = []
+            scope: griffe.Object | None = owner if (owner.is_class or owner.is_module) else owner.parent
+            while scope is not None:
+                scopes.append(scope.path)
+                scope = scope.parent
+
+            def resolve(name: str) -> str | None:
+                for candidate in [f"{s}.{name}" for s in scopes] + [name]:
+                    target = lookup(candidate)
+                    if target is not None:
+                        return anchors.get(target.path)
+                unique = by_name.get(name.rsplit(".", 1)[-1], set())
+                matching = [p for p in unique if p.endswith("." + name)]
+                return anchors[matching[0]] if len(matching) == 1 else None
+
+            return resolve
+
+        for obj in _objects(pkg):
+            if obj.docstring and obj.docstring.value:
+                obj.docstring.value = rewrite(obj.docstring.value, resolver(obj))
