@@ -110,7 +110,8 @@ def _directive(match: re.Match, lines: list[str], i: int, resolve: Resolver) -> 
     if name != "math" and name not in _ADMONITIONS:
         return None
     body, end = _block(lines, i + 1, len(pad))
-    body = [line for line in body if not re.match(r"^:[\w-]+:", line)]  # directive options (:label:, ...)
+    while body and (not body[0].strip() or re.match(r"^:[\w-]+:(\s|$)", body[0])):
+        body = body[1:]  # the directive's options (:label: eq) and the blank line after them
     if name == "math":
         formula = ([argument] if argument else []) + [line for line in body if line.strip()]
         return ["", pad + r"\[", *(pad + line for line in formula), pad + r"\]", ""], end
