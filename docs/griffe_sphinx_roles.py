@@ -15,6 +15,8 @@ every docstring's text:
   (pymdownx.arithmatex, typeset by MathJax).
 - ``.. note::``, ``.. warning::`` and the other admonitions become Material admonitions
   (``!!! note``); ``.. seealso::``, ``.. deprecated::`` and ``.. versionadded::`` get titles.
+- A name in single backticks (`fit`, Sphinx's default role) links too when it names an entry of
+  the docstring owner's class or module (not one of its parameters), or is a full dotted path.
 - A paragraph ending in the literal-block marker ``::`` ends in ``:`` (the indented block after
   it is a Markdown code block already).
 
@@ -35,6 +37,8 @@ import griffe
 
 __all__ = ["SphinxRoles", "documented_modules", "rewrite"]
 
+# `name` (single backticks, not part of ``literal`` or of a [`link`][id]): Sphinx's default role.
+_CODE_NAME = re.compile(r"(?<![`\[])`([A-Za-z_][\w.]*)`(?![`\]])")
 _ROLE = re.compile(r":(?:py:)?(func|class|meth|mod|attr|data|exc|obj|const|math):`([^`]+)`")
 _TITLED = re.compile(r"^(.*?)\s*<([^<>]+)>$")
 _DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([a-z-]+)::\s*(.*)$")
@@ -89,6 +93,11 @@ def _role(kind: str, text: str, resolve: Resolver) -> str:
     return f"[`{title}`][{path}]" if path else f"`{title}`"
 
 
+def _code_name(written: str, name: str, resolve: Resolver) -> str:
+    path = resolve(name)
+    return f"[`{name}`][{path}]" if path else written
+
+
 def _indent(line: str) -> int:
     return len(line) - len(line.lstrip())
 
@@ -105,7 +114,8 @@ def _block(lines: list[str], start: int, indent: int) -> tuple[list[str], int]:
     return [line[depth:] for line in body], end
 
 
-def _directive(match: re.Match, lines: list[str], i: int, resolve: Resolver) -> tuple[list[str], int] | None:
+def _directive(match: re.Match, lines: list[str], i: int, resolve: Resolver,
+               resolve_code: Resolver | None) -> tuple[list[str], int] | None:
     pad, name, argument = match.group(1), match.group(2), match.group(3).strip()
     if name != "math" and name not in _ADMONITIONS:
         return None
@@ -120,17 +130,20 @@ def _directive(match: re.Match, lines: list[str], i: int, resolve: Resolver) -> 
         version, _, argument = argument.partition(" ")
         title = title.format(version).strip()
     head = f"{pad}!!! {kind}" + (f' "{title}"' if title else "")
-    text = rewrite("\n".join(([argument.strip()] if argument.strip() else []) + body), resolve).split("\n")
+    text = "\n".join(([argument.strip()] if argument.strip() else []) + body)
+    text = rewrite(text, resolve, resolve_code).split("\n")
     return [head, *(pad + "    " + line if line.strip() else "" for line in text)], end
 
 
-def rewrite(text: str, resolve: Resolver) -> str:
+def rewrite(text: str, resolve: Resolver, resolve_code: Resolver | None = None) -> str:
     """A docstring with its reST markup replaced by Markdown that mkdocstrings renders.
 
     Args:
       text: the docstring.
       resolve: maps a role's target as written (``fit``, ``tna_jax.lmc.lmc_path``) to the identifier
         of a rendered API entry, or None when the site has no entry for it (then it is shown as code).
+      resolve_code: the same for a name in single backticks (`fit`), which becomes a link when it
+        names an entry for sure and stays code otherwise. None: such names stay code.
 
     Returns:
       The rewritten docstring. Fenced code and doctests (to the next blank line) are left as they are.
@@ -150,12 +163,14 @@ def rewrite(text: str, resolve: Resolver) -> str:
             i += 1
             continue
         directive = _DIRECTIVE.match(line)
-        converted = _directive(directive, lines, i, resolve) if directive else None
+        converted = _directive(directive, lines, i, resolve, resolve_code) if directive else None
         if converted:
             out.extend(converted[0])
             i = converted[1]
             continue
         line = _ROLE.sub(lambda m: _role(m.group(1), m.group(2), resolve), line)
+        if resolve_code is not None:
+            line = _CODE_NAME.sub(lambda m: _code_name(m.group(0), m.group(1), resolve_code), line)
         if line.rstrip().endswith("::") and not line.rstrip().endswith(":::"):
             line = line.rstrip()[:-2].rstrip()
             line = line + ":" if line.strip() else line
@@ -184,11 +199,14 @@ class SphinxRoles(griffe.Extension):
     Args:
       api_dir: the folder of the API pages; references link only to entries those pages render.
         None: every public, documented object counts as rendered.
+      link_code: also link names in single backticks (`fit`) that name an entry of the owner's
+        class or module, or a full dotted path (Sphinx's ``default_role = "py:obj"``).
     """
 
-    def __init__(self, api_dir: str | None = None) -> None:
+    def __init__(self, api_dir: str | None = None, link_code: bool = True) -> None:
         super().__init__()
         self.modules = documented_modules(api_dir) if api_dir else None
+        self.link_code = link_code
 
     def rendered(self, obj: griffe.Object) -> bool:
         """Whether the site has an entry (an anchor) for ``obj``."""
@@ -255,6 +273,30 @@ class SphinxRoles(griffe.Extension):
 
             return resolve
 
+        def code_resolver(owner: griffe.Object) -> Resolver:
+            """Stricter than a role: `name` is often a parameter or a value, so a bare name is looked
+            up only in the owner's own class and module, never as a module, never as a parameter."""
+            parameters = {p.name for p in getattr(owner, "parameters", None) or ()}
+            if owner.is_class and "__init__" in owner.members and not owner.members["__init__"].is_alias:
+                parameters |= {p.name for p in owner.members["__init__"].parameters}
+            scopes = [s for s in (owner, owner.parent, owner.module) if s is not None and not s.is_function]
+
+            def resolve(name: str) -> str | None:
+                if name.split(".")[0] in parameters:
+                    return None
+                if "." in name:
+                    candidates = [name] if name.startswith(pkg.path + ".") else [f"{owner.module.path}.{name}"]
+                else:
+                    candidates = [f"{s.path}.{name}" for s in scopes]
+                for candidate in candidates:
+                    target = lookup(candidate)
+                    if target is not None and target is not owner and ("." in name or not target.is_module):
+                        return anchors.get(target.path)
+                return None
+
+            return resolve
+
         for obj in _objects(pkg):
             if obj.docstring and obj.docstring.value:
-                obj.docstring.value = rewrite(obj.docstring.value, resolver(obj))
+                obj.docstring.value = rewrite(obj.docstring.value, resolver(obj),
+                                              code_resolver(obj) if self.link_code else None)

@@ -84,6 +84,9 @@ def _toy_package(root):
 
             def undocumented():
                 pass
+
+            def uses(net, helper):
+                """Takes `net` and `helper`, returns a `Net`; see `toy.core.Net.apply`, `toy`, `uses`."""
             ''',
         "toy/hidden.py": '''
             """Not on any page."""
@@ -117,6 +120,13 @@ def test_names_resolve_to_the_entries_the_site_renders(tmp_path):
         "`jax.jit`, [`Hidden`][toy.Hidden], [`Net.apply`][toy.core.Net.apply].")
     assert core["Net"].docstring.value == (
         "A net; [`apply`][toy.core.Net.apply] runs it, [`helper`][toy.core.helper] helps.")
+    # `name` links only when it surely names an entry: not a parameter, a bare module or itself.
+    assert core["uses"].docstring.value == (
+        "Takes `net` and `helper`, returns a [`Net`][toy.core.Net]; see "
+        "[`toy.core.Net.apply`][toy.core.Net.apply], `toy`, `uses`.")
+    plain = griffe.load("toy", search_paths=[str(tmp_path)],
+                        extensions=griffe.load_extensions(roles.SphinxRoles(api_dir=api, link_code=False)))
+    assert plain["core.uses"].docstring.value.startswith("Takes `net` and `helper`, returns a `Net`;")
 
 
 def test_members_false_pages_link_only_their_heading(tmp_path):
