@@ -20,9 +20,9 @@ every docstring's text:
 - A paragraph ending in the literal-block marker ``::`` ends in ``:`` (the indented block after
   it is a Markdown code block already).
 
-Registered in mkdocs.yml under the python handler's ``extensions`` with ``api_dir: docs/api``:
-the ``:::`` directives there tell which modules (and, with ``members: false``, which not their
-members) the site renders, hence which references can link.
+Registered in mkdocs.yml under the python handler's ``extensions``. The ``:::`` directives of the
+API pages (docs/api) tell which modules (and, with ``members: false``, which not their members)
+the site renders, hence which references can link.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ _ADMONITIONS = {
 }
 # The names of the leaves an API page renders: ``::: module`` blocks with their options.
 _API_DIRECTIVE = re.compile(r"^::: ([\w.]+)[ \t]*\n((?:[ \t]+.*\n?)*)", re.M)
+
+_API_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api")
 
 Resolver = Callable[[str], "str | None"]
 
@@ -198,12 +200,13 @@ class SphinxRoles(griffe.Extension):
 
     Args:
       api_dir: the folder of the API pages; references link only to entries those pages render.
-        None: every public, documented object counts as rendered.
+        Default: ``api/`` beside this file (docs/api, wherever mkdocs runs from). None: every
+        public, documented object counts as rendered.
       link_code: also link names in single backticks (`fit`) that name an entry of the owner's
         class or module, or a full dotted path (Sphinx's ``default_role = "py:obj"``).
     """
 
-    def __init__(self, api_dir: str | None = None, link_code: bool = True) -> None:
+    def __init__(self, api_dir: str | None = _API_DIR, link_code: bool = True) -> None:
         super().__init__()
         self.modules = documented_modules(api_dir) if api_dir else None
         self.link_code = link_code
