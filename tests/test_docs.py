@@ -102,7 +102,7 @@ def test_strict_build_renders_every_public_name(site):
 def test_pages_and_math(site):
     for page in ("getting-started", "concepts/anchors", "concepts/lmc", "concepts/alignment", "concepts/fusion",
                  "concepts/federated", "howto/optimizer", "howto/sweep", "howto/accelerators", "howto/resume",
-                 "howto/own-model-and-data", "howto/logs", "notebooks", "results/quickstart"):
+                 "howto/own-model-and-data", "howto/logs", "notebooks", "results/quickstart", "architecture"):
         assert os.path.exists(os.path.join(site, page, "index.html")), page
     with open(os.path.join(site, "concepts", "lmc", "index.html")) as f:
         lmc_page = f.read()
