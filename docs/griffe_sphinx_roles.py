@@ -137,6 +137,31 @@ def _directive(match: re.Match, lines: list[str], i: int, resolve: Resolver,
     return [head, *(pad + "    " + line if line.strip() else "" for line in text)], end
 
 
+def _display_math(lines: list[str]) -> list[str]:
+    """Display math (``$$ ... $$`` or ``\\[ ... \\]``) indented by 1-3 spaces, as under a
+    reST list item, moved to the margin between blank lines: Markdown needs 4 spaces to continue
+    a list, so it would end the list anyway, and arithmatex then sees ``$`` ``$x$`` ``$``."""
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        line, stripped = lines[i], lines[i].strip()
+        opening = "$$" if stripped.startswith("$$") else "\\[" if stripped == "\\[" else None
+        if opening is None or not 0 < _indent(line) < 4:
+            out.append(line)
+            i += 1
+            continue
+        closing = "$$" if opening == "$$" else "\\]"
+        end = i
+        while end < len(lines) and not (lines[end].rstrip().endswith(closing) and (end > i or len(stripped) > 2)):
+            end += 1
+        block = [x.strip() for x in lines[i:end + 1]]
+        out.extend(([""] if out and out[-1].strip() else []) + block + [""])
+        i = end + 1
+        while i < len(lines) and not lines[i].strip():
+            i += 1
+    return out
+
+
 def rewrite(text: str, resolve: Resolver, resolve_code: Resolver | None = None) -> str:
     """A docstring with its reST markup replaced by Markdown that mkdocstrings renders.
 
@@ -178,7 +203,7 @@ def rewrite(text: str, resolve: Resolver, resolve_code: Resolver | None = None) 
             line = line + ":" if line.strip() else line
         out.append(line)
         i += 1
-    return "\n".join(out)
+    return "\n".join(_display_math(out))
 
 
 def _objects(obj: griffe.Object) -> Iterator[griffe.Object]:

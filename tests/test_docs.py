@@ -129,12 +129,14 @@ _RAW_MARKUP = {
     "unresolved reference": re.compile(r"\]\[[\w.]+\]"),
     "unresolved code reference": re.compile(r"\[<code>[^<]*</code>\]\["),
     "stray backtick": re.compile(r"`"),
+    "stray dollar": re.compile(r"\$"),  # math that arithmatex did not take
 }
 
 
 def _prose(html: str) -> str:
-    """The page's text outside code, scripts and styles, with the paragraph ends kept."""
+    """The page's text outside code, math, scripts and styles, with the paragraph ends kept."""
     html = re.sub(r"<(script|style|pre|code)\b.*?</\1>", " ", html, flags=re.S)
+    html = re.sub(r'<(span|div) class="arithmatex">.*?</\1>', " ", html, flags=re.S)
     return re.sub(r"<(?!/p>)[^>]+>", " ", html)
 
 

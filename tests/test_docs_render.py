@@ -46,6 +46,13 @@ def test_math_block():
     assert roles.rewrite(".. math:: a = b", _known) == "\n\\[\na = b\n\\]\n"
 
 
+def test_display_math_under_a_list_item_moves_to_the_margin():
+    text = "* MergeMany: the average of\n  the aligned models:\n\n  $$P_i \\leftarrow x$$\n\nAfter."
+    assert roles.rewrite(text, _known) == "* MergeMany: the average of\n  the aligned models:\n\n$$P_i \\leftarrow x$$\n\nAfter."
+    assert roles.rewrite("- a\n\n  $$x\n  = y$$\n  - b", _known) == "- a\n\n$$x\n= y$$\n\n  - b"
+    assert roles.rewrite("Admonition body:\n\n    $$x$$", _known) == "Admonition body:\n\n    $$x$$"
+
+
 def test_admonitions():
     text = "Intro.\n\n.. note::\n   One :func:`fit`.\n\n   Two.\n\nOutside."
     assert roles.rewrite(text, _known) == (
