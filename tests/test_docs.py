@@ -140,9 +140,10 @@ def _prose(html: str) -> str:
     return re.sub(r"<(?!/p>)[^>]+>", " ", html)
 
 
-def test_api_pages_render_the_docstring_markup(site):
+def test_pages_render_the_docstring_markup(site):
+    """No reST markup left on any page (the API pages render the docstrings), math typeset, links."""
     raw = []
-    for path in sorted(glob.glob(os.path.join(site, "api", "**", "index.html"), recursive=True)):
+    for path in sorted(glob.glob(os.path.join(site, "**", "index.html"), recursive=True)):
         with open(path) as f:
             html = f.read()
         text = _prose(html)
@@ -150,7 +151,7 @@ def test_api_pages_render_the_docstring_markup(site):
             source = html if what == "unresolved code reference" else text
             raw += [f"{os.path.relpath(path, site)}: {what}: ...{source[max(m.start() - 40, 0):m.end() + 40]!r}..."
                     for m in pattern.finditer(source)]
-    assert not raw, f"{len(raw)} pieces of raw markup on the API pages:\n" + "\n".join(raw[:20])
+    assert not raw, f"{len(raw)} pieces of raw markup on the pages:\n" + "\n".join(raw[:20])
     with open(os.path.join(site, "api", "federated", "index.html")) as f:
         federated_page = f.read()
     assert federated_page.count('class="arithmatex"') >= 10  # :math: roles are typeset by MathJax
