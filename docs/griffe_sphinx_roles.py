@@ -270,6 +270,8 @@ class SphinxRoles(griffe.Extension):
         return found
 
     def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+        if self.modules is not None and not any(m.split(".")[0] == pkg.path for m in self.modules):
+            return  # a package loaded to resolve an alias, not one the site documents
         collection = loader.modules_collection
         anchors = self.anchors(pkg)
         by_name: dict[str, set[str]] = {}

@@ -150,3 +150,12 @@ def test_members_false_pages_link_only_their_heading(tmp_path):
 def test_api_dir_must_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match="api_dir="):
         roles.SphinxRoles(api_dir=str(tmp_path / "missing"))
+
+
+def test_packages_the_site_does_not_document_are_left_alone(tmp_path):
+    api = _toy_package(str(tmp_path))
+    os.makedirs(tmp_path / "other")
+    (tmp_path / "other" / "__init__.py").write_text('"""Uses :func:`helper`."""\n\ndef helper():\n    """Helps."""\n')
+    other = griffe.load("other", search_paths=[str(tmp_path)],
+                        extensions=griffe.load_extensions(roles.SphinxRoles(api_dir=api)))
+    assert other.docstring.value == "Uses :func:`helper`."
