@@ -8,7 +8,7 @@ every docstring's text:
 - ``:func:``/``:class:``/``:meth:``/``:mod:``/``:attr:``/``:data:``/``:exc:``/``:obj:`` roles become
   autorefs cross-references, ``[`fit`][tna_jax.training.fit]``. Short names are resolved as Python
   resolves them from the docstring's owner (the class, then the enclosing modules), then by a
-  unique public name anywhere in the package. A name whose target the site does not render
+  unique rendered name anywhere in the package. ``!name`` shows the name without a link. A name whose target the site does not render
   (external, private, undocumented) becomes inline code, so ``mkdocs build --strict`` never meets
   a dangling reference. ``~a.b.c`` shows ``c``; ``title <target>`` shows the title.
 - ``:math:`...``` becomes ``\\(...\\)`` and ``.. math::`` blocks become ``\\[...\\]``
@@ -17,6 +17,8 @@ every docstring's text:
   (``!!! note``); ``.. seealso::``, ``.. deprecated::`` and ``.. versionadded::`` get titles.
 - A name in single backticks (`fit`, Sphinx's default role) links too when it names an entry of
   the docstring owner's class or module (not one of its parameters), or is a full dotted path.
+- Display math indented as under a reST list item (``  $$x$$``) moves to the margin, where
+  Markdown and arithmatex see it as a block.
 - A paragraph ending in the literal-block marker ``::`` ends in ``:`` (the indented block after
   it is a Markdown code block already).
 
@@ -84,13 +86,15 @@ def documented_modules(api_dir: str) -> dict[str, bool]:
 def _role(kind: str, text: str, resolve: Resolver) -> str:
     if kind == "math":
         return rf"\({text}\)"
+    if text.startswith("!"):  # Sphinx: show the name, do not link it
+        return f"`{text[1:]}`"
     titled = _TITLED.match(text)
     if titled:
         title, target = titled.group(1), titled.group(2)
     else:
-        target = text.lstrip("!")
+        target = text
         title = target.lstrip("~.").rsplit(".", 1)[-1] if target.startswith("~") else target.lstrip(".")
-    target = target.lstrip("~.!")
+    target = target.lstrip("~.")
     path = resolve(target)
     return f"[`{title}`][{path}]" if path else f"`{title}`"
 
@@ -272,61 +276,70 @@ class SphinxRoles(griffe.Extension):
     def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
         if self.modules is not None and not any(m.split(".")[0] == pkg.path for m in self.modules):
             return  # a package loaded to resolve an alias, not one the site documents
-        collection = loader.modules_collection
-        anchors = self.anchors(pkg)
-        by_name: dict[str, set[str]] = {}
-        for path in anchors:
-            by_name.setdefault(path.rsplit(".", 1)[-1], set()).add(path)
-
-        def lookup(path: str) -> griffe.Object | None:
-            try:
-                found = collection[path]
-            except (KeyError, ValueError, AttributeError, griffe.AliasResolutionError, griffe.CyclicAliasError):
-                return None
-            return _final(found)
-
-        def resolver(owner: griffe.Object) -> Resolver:
-            scopes = []
-            scope: griffe.Object | None = owner if (owner.is_class or owner.is_module) else owner.parent
-            while scope is not None:
-                scopes.append(scope.path)
-                scope = scope.parent
-
-            def resolve(name: str) -> str | None:
-                for candidate in [f"{s}.{name}" for s in scopes] + [name]:
-                    target = lookup(candidate)
-                    if target is not None:
-                        return anchors.get(target.path)
-                unique = by_name.get(name.rsplit(".", 1)[-1], set())
-                matching = [p for p in unique if p.endswith("." + name)]
-                return anchors[matching[0]] if len(matching) == 1 else None
-
-            return resolve
-
-        def code_resolver(owner: griffe.Object) -> Resolver:
-            """Stricter than a role: `name` is often a parameter or a value, so a bare name is looked
-            up only in the owner's own class and module, never as a module, never as a parameter."""
-            parameters = {p.name for p in getattr(owner, "parameters", None) or ()}
-            if owner.is_class and "__init__" in owner.members and not owner.members["__init__"].is_alias:
-                parameters |= {p.name for p in owner.members["__init__"].parameters}
-            scopes = [s for s in (owner, owner.parent, owner.module) if s is not None and not s.is_function]
-
-            def resolve(name: str) -> str | None:
-                if name.split(".")[0] in parameters:
-                    return None
-                if "." in name:
-                    candidates = [name] if name.startswith(pkg.path + ".") else [f"{owner.module.path}.{name}"]
-                else:
-                    candidates = [f"{s.path}.{name}" for s in scopes]
-                for candidate in candidates:
-                    target = lookup(candidate)
-                    if target is not None and target is not owner and ("." in name or not target.is_module):
-                        return anchors.get(target.path)
-                return None
-
-            return resolve
-
+        names = _Names(pkg, loader.modules_collection, self.anchors(pkg))
         for obj in _objects(pkg):
             if obj.docstring and obj.docstring.value:
-                obj.docstring.value = rewrite(obj.docstring.value, resolver(obj),
-                                              code_resolver(obj) if self.link_code else None)
+                obj.docstring.value = rewrite(obj.docstring.value, names.role_resolver(obj),
+                                              names.code_resolver(obj) if self.link_code else None)
+
+
+class _Names:
+    """Resolves the names a docstring mentions to the identifiers of the entries the site renders."""
+
+    def __init__(self, pkg: griffe.Module, collection: griffe.ModulesCollection, anchors: dict[str, str]):
+        self.pkg, self.collection, self.anchors = pkg, collection, anchors
+        self.by_name: dict[str, set[str]] = {}
+        for path in anchors:
+            self.by_name.setdefault(path.rsplit(".", 1)[-1], set()).add(path)
+
+    def lookup(self, path: str) -> griffe.Object | None:
+        try:
+            found = self.collection[path]
+        except (KeyError, ValueError, AttributeError, griffe.AliasResolutionError, griffe.CyclicAliasError):
+            return None
+        return _final(found)
+
+    def role_resolver(self, owner: griffe.Object) -> Resolver:
+        """For roles: as Python resolves a name from the owner (its class, then the enclosing
+        modules and packages), then a unique rendered name anywhere in the package."""
+        scopes = []
+        scope: griffe.Object | None = owner if (owner.is_class or owner.is_module) else owner.parent
+        while scope is not None:
+            scopes.append(scope.path)
+            scope = scope.parent
+
+        def resolve(name: str) -> str | None:
+            for candidate in [f"{s}.{name}" for s in scopes] + [name]:
+                target = self.lookup(candidate)
+                if target is not None:
+                    return self.anchors.get(target.path)
+            matching = [p for p in self.by_name.get(name.rsplit(".", 1)[-1], ()) if p.endswith("." + name)]
+            return self.anchors[matching[0]] if len(matching) == 1 else None
+
+        return resolve
+
+    def code_resolver(self, owner: griffe.Object) -> Resolver:
+        """For `name`: stricter than a role, since such a name is often a parameter or a value. A
+        bare name is looked up in the owner's own class and module only, never as a module or a
+        parameter of the owner; a dotted one from the package or the owner's module."""
+        parameters = {p.name for p in getattr(owner, "parameters", None) or ()}
+        init = owner.members.get("__init__") if owner.is_class else None
+        if init is not None and not init.is_alias:
+            parameters |= {p.name for p in init.parameters}
+        scopes = [s for s in (owner, owner.parent, owner.module) if s is not None and not s.is_function]
+
+        def resolve(name: str) -> str | None:
+            if name.split(".")[0] in parameters:
+                return None
+            if "." in name:
+                prefix = "" if name.startswith(self.pkg.path + ".") else owner.module.path + "."
+                candidates = [prefix + name]
+            else:
+                candidates = [f"{s.path}.{name}" for s in scopes]
+            for candidate in candidates:
+                target = self.lookup(candidate)
+                if target is not None and target is not owner and ("." in name or not target.is_module):
+                    return self.anchors.get(target.path)
+            return None
+
+        return resolve

@@ -30,6 +30,7 @@ def _known(name):
     (":func:`the loop <fit>`", "[`the loop`][pkg.training.fit]"),
     (":py:class:`Net`", "[`Net`][pkg.models.Net]"),
     (":func:`jax.jit` and :data:`UNKNOWN`", "`jax.jit` and `UNKNOWN`"),
+    (":func:`!fit` is not linked", "`fit` is not linked"),
     (r"with :math:`\mu_k = s\, u_k`", r"with \(\mu_k = s\, u_k\)"),
     ("Fields::\n\n    a = 1", "Fields:\n\n    a = 1"),
     ("text\n\n::\n\n    code", "text\n\n\n\n    code"),
