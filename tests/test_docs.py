@@ -102,7 +102,7 @@ def test_strict_build_renders_every_public_name(site):
 def test_pages_and_math(site):
     for page in ("getting-started", "concepts/anchors", "concepts/lmc", "concepts/alignment", "concepts/fusion",
                  "concepts/federated", "howto/optimizer", "howto/sweep", "howto/accelerators", "howto/resume",
-                 "howto/own-model-and-data", "howto/logs", "notebooks", "results/quickstart"):
+                 "howto/own-model-and-data", "howto/logs", "notebooks", "results/quickstart", "architecture"):
         assert os.path.exists(os.path.join(site, page, "index.html")), page
     with open(os.path.join(site, "concepts", "lmc", "index.html")) as f:
         lmc_page = f.read()
@@ -119,3 +119,43 @@ def test_getting_started_has_the_readme_commands():
         page = f.read()
     for command in (run_command, test_command):
         assert command in page, f"docs/getting-started.md must show the README command {command!r}"
+
+
+# What reST markup looks like when mkdocstrings shows it raw (docs/griffe_sphinx_roles.py rewrites it).
+_RAW_MARKUP = {
+    "role": re.compile(r":(?:py:)?(?:func|class|meth|mod|attr|data|exc|obj|const|math|ref|doc):"),
+    "directive": re.compile(r"\.\. [a-z-]+::"),
+    "literal-block marker": re.compile(r"::\s*</p>"),
+    "unresolved reference": re.compile(r"\]\[[\w.]+\]"),
+    "unresolved code reference": re.compile(r"\[<code>[^<]*</code>\]\["),
+    "stray backtick": re.compile(r"`"),
+    "stray dollar": re.compile(r"\$"),  # math that arithmatex did not take
+}
+
+
+def _prose(html: str) -> str:
+    """The page's text outside code, math, scripts and styles, with the paragraph ends kept."""
+    html = re.sub(r"<(script|style|pre|code)\b.*?</\1>", " ", html, flags=re.S)
+    html = re.sub(r'<(span|div) class="arithmatex">.*?</\1>', " ", html, flags=re.S)
+    return re.sub(r"<(?!/p>)[^>]+>", " ", html)
+
+
+def test_pages_render_the_docstring_markup(site):
+    """No reST markup left on any page (the API pages render the docstrings), math typeset, links."""
+    raw = []
+    for path in sorted(glob.glob(os.path.join(site, "**", "index.html"), recursive=True)):
+        with open(path) as f:
+            html = f.read()
+        text = _prose(html)
+        for what, pattern in _RAW_MARKUP.items():
+            source = html if what == "unresolved code reference" else text
+            raw += [f"{os.path.relpath(path, site)}: {what}: ...{source[max(m.start() - 40, 0):m.end() + 40]!r}..."
+                    for m in pattern.finditer(source)]
+    assert not raw, f"{len(raw)} pieces of raw markup on the pages:\n" + "\n".join(raw[:20])
+    with open(os.path.join(site, "api", "federated", "index.html")) as f:
+        federated_page = f.read()
+    assert federated_page.count('class="arithmatex"') >= 10  # :math: roles are typeset by MathJax
+    with open(os.path.join(site, "api", "lmc", "index.html")) as f:
+        lmc_page = f.read()  # :func: roles link to the entries, on the page and across pages
+    assert len(re.findall(r'<a class="autorefs autorefs-internal" [^>]*href="#tna_jax\.', lmc_page)) >= 15
+    assert re.search(r'<a class="autorefs autorefs-internal" [^>]*href="\.\./tree/#tna_jax\.tree\.', lmc_page)

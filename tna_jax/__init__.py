@@ -1,6 +1,6 @@
 """tna_jax: training-time neuron alignment with fixed neuron anchors (TNA-PFN) in JAX/Flax.
 
-The public API lives in the submodules, one concern each (see DESIGN.md):
+The public API lives in the submodules, one concern each (docs/architecture.md describes them):
 
 * :mod:`tna_jax.anchors` — anchor masks, the ``fixed_anchor_mask`` optax transform, prune-at-init;
 * :mod:`tna_jax.tree` — pytree helpers (names, structure checks, lerp, averages).

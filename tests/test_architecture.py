@@ -1,0 +1,207 @@
+"""The package's shape, as docs/architecture.md describes it: import layers, no import cycles,
+modules of a readable size, and the page's toy experiment kind runs as printed.
+
+Imports are read from the source with ``ast`` (module level and inside functions alike: a
+function-level import is a dependency too), so nothing is imported to check them.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import json
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "tna_jax")
+
+# Lowest first. A module may import modules of its own layer or of a lower one, never of a higher
+# one. docs/architecture.md shows the same table; `tna_jax/__init__.py` (the facade) is above all.
+LAYERS = {
+    "foundations": ["tree", "trace", "chunking", "config", "faults", "plotting", "runs", "sharding"],
+    "data, models and files": ["data", "data.*", "models", "models.*", "checkpoint", "logs", "report", "workdir",
+                               "pretrained"],
+    "anchors and evaluation": ["anchors", "anchors.*", "evaluation", "run_axis", "norm_stats", "optimizers"],
+    "training": ["training"],
+    "analysis": ["lmc", "lmc.*", "align", "align.*", "fusion", "fusion.*", "federated", "federated.*"],
+    "experiments": ["experiments", "experiments.*", "runner", "experiment"],
+}
+# The longest a library module may be. Above it a module holds more than one concern; split it
+# (docs/architecture.md, "Modules"). An exception names its file and the most lines it may have.
+MAX_LINES = 700
+LONGER_MODULES = {
+    "tna_jax/training.py": 720,  # fit's loop harness is the next piece to move out of it
+}
+
+
+def _modules() -> dict[str, str]:
+    """``{dotted module name: file}`` for every module of the package."""
+    found = {}
+    for directory, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                dotted = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                found[dotted.removesuffix(".__init__")] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(module: str, path: str) -> set[str]:
+    """The package's modules that ``module`` imports (``from pkg import name`` counts as
+    ``pkg.name`` when that is a module, else as ``pkg``)."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "tna_jax"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            if source.split(".")[0] == "tna_jax":
+                found |= {f"{source}.{a.name}" if f"{source}.{a.name}" in MODULES else source for a in node.names}
+    return {name for name in found if name != module}
+
+
+GRAPH = {module: _imports(module, path) for module, path in MODULES.items()}
+
+
+def _layer(module: str) -> int | None:
+    short = module.removeprefix("tna_jax.")
+    for index, patterns in enumerate(LAYERS.values()):
+        if any(fnmatch.fnmatchcase(short, p) for p in patterns):
+            return index
+    return None
+
+
+def test_every_module_has_a_layer():
+    homeless = [m for m in MODULES if m != "tna_jax" and _layer(m) is None]
+    assert not homeless, f"add these modules to a layer in LAYERS (and to docs/architecture.md): {homeless}"
+
+
+def test_no_module_imports_a_higher_layer():
+    names = list(LAYERS)
+    upward = [f"{m} ({names[_layer(m)]}) imports {i} ({names[_layer(i)]})"
+              for m, imported in sorted(GRAPH.items()) if m != "tna_jax"
+              for i in sorted(imported) if i != "tna_jax" and _layer(i) > _layer(m)]
+    assert not upward, "imports against the layers:\n" + "\n".join(upward)
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in sorted(graph.get(node, ())):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                other = stack.pop()
+                on_stack.discard(other)
+                component.append(other)
+                if other == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_cycle_finder_finds_cycles():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    cycles = _cycles(GRAPH)
+    assert not cycles, f"modules that import each other (directly or around a loop): {cycles}"
+
+
+def test_modules_stay_short():
+    lengths = {}
+    for path in MODULES.values():
+        with open(path) as f:
+            lengths[os.path.relpath(path, ROOT)] = sum(1 for _ in f)
+    too_long = {p: n for p, n in lengths.items() if n > LONGER_MODULES.get(p, MAX_LINES)}
+    assert not too_long, f"modules over {MAX_LINES} lines (split them by concern): {too_long}"
+    stale = [p for p, limit in LONGER_MODULES.items() if lengths.get(p, 0) <= MAX_LINES]
+    assert not stale, f"remove these from LONGER_MODULES, they fit in {MAX_LINES} lines now: {stale}"
+
+
+def _page() -> str:
+    with open(os.path.join(ROOT, "docs", "architecture.md")) as f:
+        return f.read()
+
+
+def _page_block(marker: str) -> str:
+    """The fenced Python block after ``<!-- test: marker -->`` in docs/architecture.md."""
+    match = re.search(rf"<!-- test: {marker} -->\s*```python\n(.*?)```", _page(), re.S)
+    assert match, f"docs/architecture.md has no Python block after <!-- test: {marker} -->"
+    return match.group(1)
+
+
+def test_the_toy_kind_of_the_page_runs(tmp_path, monkeypatch, capsys):
+    from tna_jax.experiments import registry
+
+    monkeypatch.setattr(registry, "KINDS", dict(registry.KINDS))  # the toy kind stays in this test
+    monkeypatch.chdir(tmp_path)
+    kind_code, run_code = _page_block("toy-kind"), _page_block("toy-run")
+    assert len(kind_code.strip().splitlines()) <= 60  # adding a kind takes a page, not a module
+    namespace: dict = {}
+    exec(compile(kind_code, "docs/architecture.md (toy kind)", "exec"), namespace)
+    exec(compile(run_code, "docs/architecture.md (toy run)", "exec"), namespace)
+    report = namespace["report"]
+    assert report["kind"] == "init_lmc"
+    # The numbers the page prints: at initialisation no loss barrier, the endpoints near chance.
+    assert report["loss_barrier"] == 0.0
+    assert 0.0 < report["avg_endpoint_accuracy"] < 0.2
+    assert report["markdown"] == "loss barrier 0.000, accuracy at α = 0.5 0.125\n"
+    workdir = tmp_path / "runs" / "init_lmc"
+    assert sorted(os.listdir(workdir)) == [".lock", "config.json", "report.json", "report.md"]
+    with open(workdir / "report.json") as f:
+        assert json.load(f)["loss_barrier"] == pytest.approx(report["loss_barrier"])
+    assert "loss barrier 0.000, accuracy at α = 0.5 0.125" in _page()
+    assert capsys.readouterr().out == report["markdown"] + "\n"
+
+
+def _text_files(*tops: str) -> list[str]:
+    """The Python, Markdown, YAML and notebook files under (or at) the given repository paths."""
+    found = []
+    for top in (os.path.join(ROOT, t) for t in tops):
+        walked = os.walk(top) if os.path.isdir(top) else [(os.path.dirname(top), [], [os.path.basename(top)])]
+        found += [os.path.join(d, n) for d, _, names in walked for n in names
+                  if n.endswith((".py", ".md", ".yml", ".ipynb")) and os.path.exists(os.path.join(d, n))]
+    return found
+
+
+def test_docs_architecture_is_the_design_reference():
+    """The architecture page is the project's own; nothing cites a design file outside the repository."""
+    outside = "DESIGN" + ".md"
+    citing = []
+    for path in _text_files("tna_jax", "docs", "tests", "examples", "configs", "benchmarks", "colab", "README.md",
+                            "BENCHMARKS.md", "train.py", "mkdocs.yml"):
+        with open(path, encoding="utf-8") as f:
+            if outside in f.read():
+                citing.append(os.path.relpath(path, ROOT))
+    assert not citing, f"cite docs/architecture.md instead of {outside} in: {citing}"
