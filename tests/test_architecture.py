@@ -23,7 +23,7 @@ PACKAGE = os.path.join(ROOT, "tna_jax")
 LAYERS = {
     "foundations": ["tree", "trace", "chunking", "config", "faults", "plotting", "runs", "sharding"],
     "data, models and files": ["data", "data.*", "models", "models.*", "checkpoint", "logs", "report", "workdir",
-                               "pretrained"],
+                               "preflight", "pretrained"],
     "anchors and evaluation": ["anchors", "anchors.*", "evaluation", "run_axis", "norm_stats", "optimizers"],
     "training": ["training"],
     "analysis": ["lmc", "lmc.*", "align", "align.*", "fusion", "fusion.*", "federated", "federated.*"],
