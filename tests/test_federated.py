@@ -50,7 +50,8 @@ def pfn(problem):
 def build(problem, method="fedavg", **kw):
     c = problem["clients"]
     kw.setdefault("anchor_key", jax.random.key(7) if method in ("fedpfn", "fedpnu") else None)
-    kw.setdefault("mask_ratio", 0.4 if method in ("fedpfn", "fedpnu") else 0.0)
+    if "mask_ratio" not in kw:  # the pre-0.2 name, tested on its own
+        kw.setdefault("ratio", 0.4 if method in ("fedpfn", "fedpnu") else 0.0)
     return algorithms.federated_algorithm(problem["net"], optax.sgd(0.1, momentum=0.9), num_clients=len(problem["parts"]),
                                           max_examples=c.max_examples, batch_size=BATCH, method=method, **kw)
 
@@ -115,8 +116,11 @@ def test_bad_federations_are_errors_before_training(call, message):
 
 
 def test_bad_algorithm_arguments_are_errors(problem):
-    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\]; got 1.5"):
-        build(problem, "fedpfn", mask_ratio=1.5)
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\]; got 1.5"):
+        build(problem, "fedpfn", ratio=1.5)
+    with pytest.warns(DeprecationWarning, match=r"federated_algorithm\(..., ratio=...\)"):
+        old = build(problem, "fedpfn", mask_ratio=0.5)
+    assert isinstance(old, algorithms.FederatedAlgorithm)
     with pytest.raises(ValueError, match="fedprox needs prox_mu > 0"):
         build(problem, "fedprox")
     with pytest.raises(ValueError, match="needs anchor_key"):

@@ -203,7 +203,7 @@ def test_cold_fusion_with_anchors(refresh):
         return {"round": r}
 
     out = fusion.cold_fusion(NET, optax.adam(0.05), pretrained, _heads([3, 2, 2]), tasks, rounds=3, steps=4,
-                             batch_size=16, key=jax.random.key(2), anchor_ratio=0.4, refresh_mask=refresh,
+                             batch_size=16, key=jax.random.key(2), ratio=0.4, refresh_mask=refresh,
                              evaluate=evaluate)
     assert [h["round"] for h in out["history"]] == [0, 1, 2, 3]
     body0, _ = fusion.split_head(pretrained)
