@@ -135,7 +135,7 @@ def test_bad_algorithm_arguments_are_errors(problem):
     ("alpha", 0.0, r"config.federated.alpha must be a number in \(0.0"),
     ("client_fraction", 0.0, r"config.federated.client_fraction must be a number in \(0.0, 1.0\]"),
     ("client_fraction", 1.2, r"config.federated.client_fraction must be a number in \(0.0, 1.0\]"),
-    ("mask_ratio", -0.1, r"config.federated.mask_ratio must be a number in \[0.0, 1.0\]"),
+    ("ratio", -0.1, r"config.federated.ratio must be a number in \[0.0, 1.0\]"),
     ("algorithms", ("fedavg", "scaffold"), "config.federated.algorithms must be a non-empty tuple"),
     ("sweep_ratios", (0.2, 1.5), "config.federated.sweep_ratios must be a tuple of ratios"),
     ("num_clent", 3, "config.federated.num_clent is not a known field \\(did you mean 'federated.num_clients'\\?\\)"),
@@ -146,6 +146,42 @@ def test_bad_federated_config_values_name_the_field(field, value, message):
     c.federated[field] = value
     with pytest.raises(ConfigError, match=message):
         validate(c)
+
+
+def test_the_old_config_name_mask_ratio_still_works_with_a_warning(tmp_path):
+    from tna_jax.config import rename_fields
+    from tna_jax.workdir import config_dict, prepare_workdir
+
+    c = default_config()
+    c.federated = federated_config()
+    del c.federated["ratio"]
+    c.federated.mask_ratio = 0.25
+    with pytest.warns(DeprecationWarning, match=r"config.federated.mask_ratio is deprecated; use config.federated.ratio"):
+        validate(c)
+    assert c.federated.ratio == 0.25 and "mask_ratio" not in c.federated
+    del c.federated["ratio"]
+    c.federated.mask_ratio = 1.5  # a bad value under the old name is named under the new one
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match=r"config.federated.ratio must be a number"):
+        validate(c)
+    c = default_config()
+    c.federated = federated_config()
+    c.federated.ratio, c.federated.mask_ratio = 0.2, 0.3
+    with pytest.raises(ConfigError, match="set only config.federated.ratio"):
+        rename_fields(c)
+    # A workdir written before the rename resumes with the new name.
+    c = default_config()
+    c.federated = federated_config()
+    c.federated.ratio = 0.3
+    old = config_dict(c)
+    old["federated"]["mask_ratio"] = old["federated"].pop("ratio")
+    workdir = tmp_path / "old"
+    os.makedirs(workdir / "checkpoints" / "1")
+    with open(workdir / "config.json", "w") as f:
+        json.dump(old, f)
+    prepare_workdir(c, str(workdir))  # no "config differs" error
+    c.federated.ratio = 0.4
+    with pytest.raises(ValueError, match=r"federated.ratio \(was 0.3, now 0.4\)"):
+        prepare_workdir(c, str(workdir))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ class FedArm:
 
 def arms_from_config(config: Any) -> list[FedArm]:
     """Every algorithm x server optimizer, once per α of ``sweep_alphas`` (or the one ``alpha``)
-    and, for FedPFN/FedPNU, once per ρ of ``sweep_ratios`` (or the one ``mask_ratio``).
+    and, for FedPFN/FedPNU, once per ρ of ``sweep_ratios`` (or the one ``ratio``).
 
     Args:
       config: a config with a ``federated`` section (:func:`tna_jax.config.federated_config`).
@@ -123,7 +123,7 @@ def arms_from_config(config: Any) -> list[FedArm]:
     f = config.federated
     dirichlet = f.partition == "dirichlet"
     alphas = [float(a) for a in f.sweep_alphas] or [float(f.alpha) if dirichlet else None]
-    ratios = [float(r) for r in f.sweep_ratios] or [float(f.mask_ratio)]
+    ratios = [float(r) for r in f.sweep_ratios] or [float(f.ratio)]
     arms = []
     for alpha in alphas:
         for algorithm in f.algorithms:
