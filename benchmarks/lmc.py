@@ -117,7 +117,7 @@ def measure(width: int, num_examples: int, rounds: int, with_torch: bool) -> dic
 
     def pairwise(chunk):
         return lambda: lmc.pairwise_barriers(eval_fn, stacked, (x, y), pairs=pairs, alphas=alphas,
-                                             chunk=chunk)["paths"]["loss"]
+                                             chunk=chunk).paths.loss
 
     variants = {"python loop": python_loop, "vmapped, chunk=auto (default)": pairwise("auto"),
                 "vmapped, chunk=None (all at once)": pairwise(None), "vmapped, chunk=25": pairwise(25)}
