@@ -92,10 +92,12 @@ def make_eval_fn(net: Net, batch_size: int = 1000) -> EvalFn:
       (1.0986, 1.0)
     """
 
-    return _eval_fn_for(net, int(batch_size))
+    try:
+        return _cached_eval_fn(net, int(batch_size))
+    except TypeError:  # a net that cannot be hashed (a module with a list field): not cached
+        return _eval_fn_for(net, int(batch_size))
 
 
-@functools.lru_cache(maxsize=64)
 def _eval_fn_for(net: Net, batch_size: int) -> EvalFn:
     def eval_fn(variables: PyTree, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
         n = x.shape[0]
@@ -115,6 +117,9 @@ def _eval_fn_for(net: Net, batch_size: int) -> EvalFn:
         return {"loss": loss_sum / n, "accuracy": correct_sum / n}
 
     return eval_fn
+
+
+_cached_eval_fn = functools.lru_cache(maxsize=64)(_eval_fn_for)
 
 
 @functools.lru_cache(maxsize=32)

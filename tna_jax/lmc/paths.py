@@ -1,4 +1,6 @@
-"""Linear mode connectivity: interpolation paths vmapped over α, barriers, and fusion of K models.
+"""Linear mode connectivity: interpolation paths vmapped over α (`LMCPath`) and their barriers
+(`Barriers`). The fusion of K models is `tna_jax.fusion.uniform_soup` (`fuse` here is its
+deprecated former name).
 
 Definitions (as in the papers). With θ_α = (1 − α) θ_A + α θ_B,
 
