@@ -59,8 +59,8 @@ def test_old_argument_orders_warn_and_give_the_same_numbers():
     assert isinstance(soups, evaluation.Metrics)
     np.testing.assert_array_equal(soups.loss, soups_old.loss)
     with pytest.warns(DeprecationWarning, match="held_out"):
-        greedy_old = fusion.greedy_soup(eval_fn, stacked, held_out=d)
-    assert greedy_old.ingredients == fusion.greedy_soup(eval_fn, stacked, d).ingredients
+        soup_old = fusion.uniform_soup(eval_fn, stacked, held_out=d)
+    assert soup_old.held_out_loss == fusion.uniform_soup(eval_fn, stacked, d).held_out_loss
 
 
 def test_results_are_named_tuples_and_dict_access_still_works_with_a_warning():
