@@ -57,7 +57,7 @@ def memory(eval_fn, stacked, pairs, alphas, x, y, chunk):
     jj = jnp.asarray([p[1] for p in pairs], jnp.int32)
     pi = jnp.repeat(jnp.arange(len(pairs), dtype=jnp.int32), k)
     al = jnp.tile(jnp.asarray(alphas, jnp.float32), len(pairs))
-    program = lmc.pairs._pairs_program(eval_fn, chunk, True)
+    program = lmc.pairs.pairs_program(eval_fn, chunk, True)
     stats = program.lower(stacked, ii, jj, pi, al, x, y).compile().memory_analysis()
     return {"temp_MB": stats.temp_size_in_bytes / 2**20, "argument_MB": stats.argument_size_in_bytes / 2**20,
             "output_MB": stats.output_size_in_bytes / 2**20}
@@ -117,7 +117,7 @@ def measure(width: int, num_examples: int, rounds: int, with_torch: bool) -> dic
 
     def pairwise(chunk):
         return lambda: lmc.pairwise_barriers(eval_fn, stacked, (x, y), pairs=pairs, alphas=alphas,
-                                             chunk=chunk)["paths"]["loss"]
+                                             chunk=chunk).paths.loss
 
     variants = {"python loop": python_loop, "vmapped, chunk=auto (default)": pairwise("auto"),
                 "vmapped, chunk=None (all at once)": pairwise(None), "vmapped, chunk=25": pairwise(25)}

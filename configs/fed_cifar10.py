@@ -40,7 +40,7 @@ def get_config():
     f.local_epochs = 1
     f.batch_size = 50
     f.rounds = 200
-    f.mask_ratio = 0.4
+    f.ratio = 0.4
     f.eval_every = 5
     f.checkpoint_every = 10
     return c

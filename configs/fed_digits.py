@@ -32,7 +32,7 @@ def get_config():
     f.local_epochs = 1
     f.batch_size = 16
     f.rounds = 60
-    f.mask_ratio = 0.4
+    f.ratio = 0.4
     f.eval_every = 5
     f.checkpoint_every = 20
     return c

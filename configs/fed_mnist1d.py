@@ -43,7 +43,7 @@ def get_config(option: str = ""):
     f.batch_size = 32
     f.rounds = 100
     f.prox_mu = 0.01
-    f.mask_ratio = 0.4
+    f.ratio = 0.4
     f.eval_every = 5
     f.checkpoint_every = 25
     if option == "sweep":

@@ -106,10 +106,10 @@ def main(argv=None):
             models.append({"params": params})
         barriers, accuracies = [], []
         for a, b in itertools.combinations(range(args.seeds), 2):
-            path = lmc.lmc_path(eval_fn, models[a], models[b], data=test)
+            path = lmc.lmc_path(eval_fn, models[a], models[b], test)
             bar = lmc.barriers(path)
-            barriers.append(100 * bar["accuracy_barrier"])
-            accuracies.append(100 * bar["avg_endpoint_accuracy"])
+            barriers.append(100 * bar.accuracy_barrier)
+            accuracies.append(100 * bar.avg_endpoint_accuracy)
         results[name] = {"accuracy_barrier_mean": float(np.mean(barriers)),
                          "accuracy_barrier_std": float(np.std(barriers, ddof=1)) if len(barriers) > 1 else None,
                          "endpoint_accuracy_mean": float(np.mean(accuracies)), "pairs": len(barriers),

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.util import tiny_config
-from tna_jax import align, evaluation, lmc, models, runner, training
+from tna_jax import align, evaluation, lmc, models, norm_stats, runner, training
 from tna_jax import data as data_lib
 from tna_jax.models.base import Net
 from tna_jax.tree import map_with_names
@@ -378,7 +378,7 @@ def test_repair_bn_reset_and_curve_training_on_a_trained_pair():
     # REPAIR and BN reset improve the midpoint of the aligned pair
     mid = lmc.interpolate(a, b, 0.5)
     plain = ev(mid, x_test, y_test)
-    reset = ev(align.reset_batch_stats(net, mid, data.x_train), x_test, y_test)
+    reset = ev(norm_stats.reset_bn_stats(net, mid, data.x_train), x_test, y_test)
     repaired = ev(align.repair(net, a, b, 0.5, data.x_train), x_test, y_test)
     print({"plain": plain, "reset": reset, "repair": repaired})
     assert float(reset["loss"]) < float(plain["loss"])
@@ -394,7 +394,7 @@ def test_repair_bn_reset_and_curve_training_on_a_trained_pair():
 
     # BN reset: the running statistics become the statistics of the data
     x = data.x_train[:400]
-    r = align.reset_batch_stats(net, a, x, batch_size=400)
+    r = norm_stats.reset_bn_stats(net, a, x, batch_size=400)
     h = x.reshape(400, -1) @ a["params"]["dense_0"]["kernel"] + a["params"]["dense_0"]["bias"]
     np.testing.assert_allclose(r["batch_stats"]["dense_0_norm"]["mean"], h.mean(0), atol=1e-4)
     np.testing.assert_allclose(r["batch_stats"]["dense_0_norm"]["var"], h.var(0), rtol=1e-3, atol=1e-4)

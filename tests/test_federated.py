@@ -50,7 +50,8 @@ def pfn(problem):
 def build(problem, method="fedavg", **kw):
     c = problem["clients"]
     kw.setdefault("anchor_key", jax.random.key(7) if method in ("fedpfn", "fedpnu") else None)
-    kw.setdefault("mask_ratio", 0.4 if method in ("fedpfn", "fedpnu") else 0.0)
+    if "mask_ratio" not in kw:  # the pre-0.2 name, tested on its own
+        kw.setdefault("ratio", 0.4 if method in ("fedpfn", "fedpnu") else 0.0)
     return algorithms.federated_algorithm(problem["net"], optax.sgd(0.1, momentum=0.9), num_clients=len(problem["parts"]),
                                           max_examples=c.max_examples, batch_size=BATCH, method=method, **kw)
 
@@ -115,8 +116,11 @@ def test_bad_federations_are_errors_before_training(call, message):
 
 
 def test_bad_algorithm_arguments_are_errors(problem):
-    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\]; got 1.5"):
-        build(problem, "fedpfn", mask_ratio=1.5)
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\]; got 1.5"):
+        build(problem, "fedpfn", ratio=1.5)
+    with pytest.warns(DeprecationWarning, match=r"federated_algorithm\(..., ratio=...\)"):
+        old = build(problem, "fedpfn", mask_ratio=0.5)
+    assert isinstance(old, algorithms.FederatedAlgorithm)
     with pytest.raises(ValueError, match="fedprox needs prox_mu > 0"):
         build(problem, "fedprox")
     with pytest.raises(ValueError, match="needs anchor_key"):
@@ -131,7 +135,7 @@ def test_bad_algorithm_arguments_are_errors(problem):
     ("alpha", 0.0, r"config.federated.alpha must be a number in \(0.0"),
     ("client_fraction", 0.0, r"config.federated.client_fraction must be a number in \(0.0, 1.0\]"),
     ("client_fraction", 1.2, r"config.federated.client_fraction must be a number in \(0.0, 1.0\]"),
-    ("mask_ratio", -0.1, r"config.federated.mask_ratio must be a number in \[0.0, 1.0\]"),
+    ("ratio", -0.1, r"config.federated.ratio must be a number in \[0.0, 1.0\]"),
     ("algorithms", ("fedavg", "scaffold"), "config.federated.algorithms must be a non-empty tuple"),
     ("sweep_ratios", (0.2, 1.5), "config.federated.sweep_ratios must be a tuple of ratios"),
     ("num_clent", 3, "config.federated.num_clent is not a known field \\(did you mean 'federated.num_clients'\\?\\)"),
@@ -142,6 +146,42 @@ def test_bad_federated_config_values_name_the_field(field, value, message):
     c.federated[field] = value
     with pytest.raises(ConfigError, match=message):
         validate(c)
+
+
+def test_the_old_config_name_mask_ratio_still_works_with_a_warning(tmp_path):
+    from tna_jax.config import rename_fields
+    from tna_jax.workdir import config_dict, prepare_workdir
+
+    c = default_config()
+    c.federated = federated_config()
+    del c.federated["ratio"]
+    c.federated.mask_ratio = 0.25
+    with pytest.warns(DeprecationWarning, match=r"config.federated.mask_ratio is deprecated; use config.federated.ratio"):
+        validate(c)
+    assert c.federated.ratio == 0.25 and "mask_ratio" not in c.federated
+    del c.federated["ratio"]
+    c.federated.mask_ratio = 1.5  # a bad value under the old name is named under the new one
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match=r"config.federated.ratio must be a number"):
+        validate(c)
+    c = default_config()
+    c.federated = federated_config()
+    c.federated.ratio, c.federated.mask_ratio = 0.2, 0.3
+    with pytest.raises(ConfigError, match="set only config.federated.ratio"):
+        rename_fields(c)
+    # A workdir written before the rename resumes with the new name.
+    c = default_config()
+    c.federated = federated_config()
+    c.federated.ratio = 0.3
+    old = config_dict(c)
+    old["federated"]["mask_ratio"] = old["federated"].pop("ratio")
+    workdir = tmp_path / "old"
+    os.makedirs(workdir / "checkpoints" / "1")
+    with open(workdir / "config.json", "w") as f:
+        json.dump(old, f)
+    prepare_workdir(c, str(workdir))  # no "config differs" error
+    c.federated.ratio = 0.4
+    with pytest.raises(ValueError, match=r"federated.ratio \(was 0.3, now 0.4\)"):
+        prepare_workdir(c, str(workdir))
 
 
 # ---------------------------------------------------------------------------------------------

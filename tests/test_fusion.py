@@ -57,18 +57,18 @@ def test_vmapped_evaluation_equals_the_loop():
     data = _data(3)
     out = fusion.evaluate_candidates(EVAL, stacked, data)
     acc, loss = _loop_eval(stacked, data)
-    np.testing.assert_allclose(out["accuracy"], acc, atol=1e-6)
-    np.testing.assert_allclose(out["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(out.accuracy, acc, atol=1e-6)
+    np.testing.assert_allclose(out.loss, loss, rtol=1e-5)
     chunked = fusion.evaluate_candidates(EVAL, stacked, data, chunk=2)
-    np.testing.assert_allclose(chunked["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(chunked.loss, loss, rtol=1e-5)
     # soups as weight rows: one-hot rows are the candidates, a row of ones the uniform soup
     rows = np.vstack([np.eye(5), np.ones((1, 5)), [[1, 0, 2, 0, 0]]])
-    soups = fusion.evaluate_soups(EVAL, stacked, rows, data, chunk=3)
-    np.testing.assert_allclose(soups["loss"][:5], loss, rtol=1e-5)
+    soups = fusion.evaluate_soups(EVAL, stacked, data, weights=rows, chunk=3)
+    np.testing.assert_allclose(soups.loss[:5], loss, rtol=1e-5)
     uniform = jax.jit(EVAL)(tree_lib.weighted_mean(stacked), *data)
     weighted = jax.jit(EVAL)(tree_lib.weighted_mean(stacked, jnp.array([1.0, 0, 2, 0, 0])), *data)
-    assert soups["loss"][5] == pytest.approx(float(uniform["loss"]), rel=1e-5)
-    assert soups["loss"][6] == pytest.approx(float(weighted["loss"]), rel=1e-5)
+    assert soups.loss[5] == pytest.approx(float(uniform["loss"]), rel=1e-5)
+    assert soups.loss[6] == pytest.approx(float(weighted["loss"]), rel=1e-5)
 
 
 def _greedy_loop(stacked, data):
@@ -129,9 +129,9 @@ def test_soup_errors():
     with pytest.raises(ValueError, match="0 candidates"):
         fusion.greedy_soup(EVAL, empty, _data(0))
     with pytest.raises(ValueError, match=r"shape \(num_soups, 2\)"):
-        fusion.evaluate_soups(EVAL, fusion.stack_candidates([a, a]), np.ones(2), _data(0))
+        fusion.evaluate_soups(EVAL, fusion.stack_candidates([a, a]), _data(0), weights=np.ones(2))
     with pytest.raises(ValueError, match="row 1"):
-        fusion.evaluate_soups(EVAL, fusion.stack_candidates([a, a]), [[1, 0], [0, 0]], _data(0))
+        fusion.evaluate_soups(EVAL, fusion.stack_candidates([a, a]), _data(0), weights=[[1, 0], [0, 0]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def test_cold_fusion_with_anchors(refresh):
         return {"round": r}
 
     out = fusion.cold_fusion(NET, optax.adam(0.05), pretrained, _heads([3, 2, 2]), tasks, rounds=3, steps=4,
-                             batch_size=16, key=jax.random.key(2), anchor_ratio=0.4, refresh_mask=refresh,
+                             batch_size=16, key=jax.random.key(2), ratio=0.4, refresh_mask=refresh,
                              evaluate=evaluate)
     assert [h["round"] for h in out["history"]] == [0, 1, 2, 3]
     body0, _ = fusion.split_head(pretrained)

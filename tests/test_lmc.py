@@ -68,33 +68,33 @@ def setup():
 def test_path_endpoints_are_the_endpoint_models_and_vmap_chunks_and_loop_agree(setup):
     net, a, b, eval_fn, (x, y) = setup
     alphas = lmc.default_alphas(9)
-    path = lmc.lmc_path(eval_fn, a, b, alphas, (x, y))
-    chex.assert_shape([path["loss"], path["accuracy"]], (9,))
+    path = lmc.lmc_path(eval_fn, a, b, (x, y), alphas=alphas)
+    chex.assert_shape([path.loss, path.accuracy], (9,))
     ea, eb = jax.jit(eval_fn)(a, x, y), jax.jit(eval_fn)(b, x, y)
     for key in ("loss", "accuracy"):
-        assert path[key][0] == ea[key] and path[key][-1] == eb[key]
+        assert getattr(path, key)[0] == ea[key] and getattr(path, key)[-1] == eb[key]
     loop = [jax.jit(eval_fn)(lmc.interpolate(a, b, float(t)), x, y) for t in alphas]
-    np.testing.assert_allclose(path["loss"], [p["loss"] for p in loop], rtol=1e-6)
-    np.testing.assert_array_equal(path["accuracy"], [p["accuracy"] for p in loop])
+    np.testing.assert_allclose(path.loss, [p["loss"] for p in loop], rtol=1e-6)
+    np.testing.assert_array_equal(path.accuracy, [p["accuracy"] for p in loop])
     for chunk in (1, 4, 100):
-        chunked = lmc.lmc_path(eval_fn, a, b, alphas, (x, y), chunk=chunk)
-        np.testing.assert_allclose(chunked["loss"], path["loss"], rtol=1e-6)
-        np.testing.assert_array_equal(chunked["accuracy"], path["accuracy"])
+        chunked = lmc.lmc_path(eval_fn, a, b, (x, y), alphas=alphas, chunk=chunk)
+        np.testing.assert_allclose(chunked.loss, path.loss, rtol=1e-6)
+        np.testing.assert_array_equal(chunked.accuracy, path.accuracy)
     # The pairwise table (vmapped over pairs and α) agrees with single paths.
     stacked = jax.tree.map(lambda *v: jnp.stack(v), a, b, mlp_pair(seed=5)[1])
     table = lmc.pairwise_barriers(eval_fn, stacked, (x, y), alphas=alphas, chunk=5)
-    assert table["pairs"] == [(0, 1), (0, 2), (1, 2)]
-    np.testing.assert_allclose(table["paths"]["loss"][0], path["loss"], rtol=1e-6)
-    assert table["loss_barrier"][0, 1] == table["loss_barrier"][1, 0] == table["per_pair"][0]["loss_barrier"]
+    assert table.pairs == [(0, 1), (0, 2), (1, 2)]
+    np.testing.assert_allclose(table.paths.loss[0], path.loss, rtol=1e-6)
+    assert table.loss_barrier[0, 1] == table.loss_barrier[1, 0] == table.per_pair[0].loss_barrier
 
 
 def test_auto_chunk_fits_the_budget_and_gives_the_same_numbers(setup):
     net, a, b, eval_fn, (x, y) = setup
     alphas = lmc.default_alphas(9)
-    full = lmc.lmc_path(eval_fn, a, b, alphas, (x, y), chunk=None)
-    auto = lmc.lmc_path(eval_fn, a, b, alphas, (x, y))  # the default is "auto"
-    np.testing.assert_allclose(auto["loss"], full["loss"], rtol=1e-6)
-    np.testing.assert_array_equal(auto["accuracy"], full["accuracy"])
+    full = lmc.lmc_path(eval_fn, a, b, (x, y), alphas=alphas, chunk=None)
+    auto = lmc.lmc_path(eval_fn, a, b, (x, y), alphas=alphas)  # the default is "auto"
+    np.testing.assert_allclose(auto.loss, full.loss, rtol=1e-6)
+    np.testing.assert_array_equal(auto.accuracy, full.accuracy)
 
     def point(alpha):
         return eval_fn(lmc.interpolate(a, b, alpha), x, y)
@@ -122,10 +122,10 @@ def test_intermediate_bytes_counts_a_scan_body_once():
 
 def test_a_model_with_itself_has_zero_barrier(setup):
     _, a, _, eval_fn, d = setup
-    b = lmc.barriers(lmc.lmc_path(eval_fn, a, a, lmc.default_alphas(7), d))
+    b = lmc.barriers(lmc.lmc_path(eval_fn, a, a, d, alphas=lmc.default_alphas(7)))
     # (1 - α) θ + α θ is θ up to one rounding, so the loss barrier is zero up to float32 rounding.
-    assert abs(b["loss_barrier"]) <= 1e-6 and b["accuracy_barrier"] == 0.0
-    assert b["interp_accuracy"] == b["avg_endpoint_accuracy"]
+    assert abs(b.loss_barrier) <= 1e-6 and b.accuracy_barrier == 0.0
+    assert b.interp_accuracy == b.avg_endpoint_accuracy
 
 
 def product_eval(v, x, y):
@@ -141,17 +141,17 @@ def test_an_analytic_non_convex_path_has_the_known_barrier():
     a = {"l1": {"kernel": jnp.array(1.0)}, "l2": {"kernel": jnp.array(1.0)}}
     b = jax.tree.map(jnp.negative, a)
     alphas = lmc.default_alphas(25)
-    path = lmc.lmc_path(product_eval, a, b, alphas, (jnp.ones(3), jnp.ones(3)))
+    path = lmc.lmc_path(product_eval, a, b, (jnp.ones(3), jnp.ones(3)), alphas=alphas)
     expected = ((1 - 2 * alphas) ** 2 - 1) ** 2
-    np.testing.assert_allclose(path["loss"], expected, atol=1e-6)
-    np.testing.assert_array_equal(path["accuracy"], (np.abs(1 - 2 * alphas) > 2 ** -0.5).astype(np.float32))
+    np.testing.assert_allclose(path.loss, expected, atol=1e-6)
+    np.testing.assert_array_equal(path.accuracy, (np.abs(1 - 2 * alphas) > 2 ** -0.5).astype(np.float32))
     out = lmc.barriers(path)
-    assert out["loss_barrier"] == pytest.approx(1.0, abs=1e-6)
-    assert out["argmax_alpha_loss"] == 0.5
-    assert out["accuracy_barrier"] == 1.0 and out["interp_accuracy"] == 0.0
+    assert out.loss_barrier == pytest.approx(1.0, abs=1e-6)
+    assert out.argmax_alpha_loss == 0.5
+    assert out.accuracy_barrier == 1.0 and out.interp_accuracy == 0.0
     # Extrapolation (α outside [0, 1]) is allowed: α = 1.5 is (−2, −2), prediction 4, loss 9.
-    ext = lmc.lmc_path(product_eval, a, b, [-0.5, 0.0, 1.0, 1.5], (jnp.ones(3), jnp.ones(3)))
-    np.testing.assert_allclose(ext["loss"], [9.0, 0.0, 0.0, 9.0], rtol=1e-6)
+    ext = lmc.lmc_path(product_eval, a, b, (jnp.ones(3), jnp.ones(3)), alphas=[-0.5, 0.0, 1.0, 1.5])
+    np.testing.assert_allclose(ext.loss, [9.0, 0.0, 0.0, 9.0], rtol=1e-6)
 
 
 finite = st.floats(-(2.0**100), 2.0**100, width=32, allow_nan=False, allow_infinity=False)
@@ -175,10 +175,10 @@ def test_barriers_are_non_negative_and_bound_the_gap(k, seed):
     alphas = np.sort(np.concatenate([[0.0, 1.0], rng.uniform(0, 1, k - 2)]))
     path = {"alpha": alphas, "loss": rng.uniform(0, 5, k), "accuracy": rng.uniform(0, 1, k)}
     out = lmc.barriers(path)
-    assert out["loss_barrier"] >= 0.0 and out["accuracy_barrier"] >= 0.0
+    assert out.loss_barrier >= 0.0 and out.accuracy_barrier >= 0.0
     i0, i1 = 0, k - 1
     chord = (1 - alphas) * path["loss"][i0] + alphas * path["loss"][i1]
-    assert out["loss_barrier"] == pytest.approx(max(0.0, float(np.max(path["loss"] - chord))))
+    assert out.loss_barrier == pytest.approx(max(0.0, float(np.max(path["loss"] - chord))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,24 +189,24 @@ def test_barriers_are_non_negative_and_bound_the_gap(k, seed):
 def test_layerwise_with_all_layers_equals_full_lmc_exactly(setup):
     net, a, b, eval_fn, d = setup
     alphas = lmc.default_alphas(7)
-    full = lmc.lmc_path(eval_fn, a, b, alphas, d)
-    one = lmc.layerwise_lmc(eval_fn, a, b, [".*"], d, alphas=alphas)
-    np.testing.assert_array_equal(one["paths"]["loss"][0], full["loss"])
-    np.testing.assert_array_equal(one["paths"]["accuracy"][0], full["accuracy"])
+    full = lmc.lmc_path(eval_fn, a, b, d, alphas=alphas)
+    one = lmc.layerwise_lmc(eval_fn, a, b, d, groups=[".*"], alphas=alphas)
+    np.testing.assert_array_equal(one.paths.loss[0], full.loss)
+    np.testing.assert_array_equal(one.paths.accuracy[0], full.accuracy)
     for mode in ("from_input", "from_output"):
-        cum = lmc.layerwise_lmc(eval_fn, a, b, None, d, alphas=alphas, mode=mode, layer_order=net.layer_order())
-        assert len(cum["groups"]) == 3
-        np.testing.assert_array_equal(cum["paths"]["loss"][-1], full["loss"])
-        assert cum["per_group"][-1] == lmc.barriers(full)
-    single = lmc.layerwise_lmc(eval_fn, a, b, None, d, alphas=alphas, chunk=4)
-    assert single["groups"] == ["dense_0", "dense_1", "head"]
-    assert single["members"][0] == ["params/dense_0/bias", "params/dense_0/kernel"]
-    chex.assert_shape(single["paths"]["loss"], (3, 7))
+        cum = lmc.layerwise_lmc(eval_fn, a, b, d, alphas=alphas, mode=mode, layer_order=net.layer_order())
+        assert len(cum.groups) == 3
+        np.testing.assert_array_equal(cum.paths.loss[-1], full.loss)
+        assert cum.per_group[-1] == lmc.barriers(full)
+    single = lmc.layerwise_lmc(eval_fn, a, b, d, alphas=alphas, chunk=4)
+    assert single.groups == ["dense_0", "dense_1", "head"]
+    assert single.members[0] == ["params/dense_0/bias", "params/dense_0/kernel"]
+    chex.assert_shape(single.paths.loss, (3, 7))
     # Each single-group path starts at A and ends at A with that layer from B.
     a_loss = float(jax.jit(eval_fn)(a, *d)["loss"])
     hybrid = {"params": {**a["params"], "head": b["params"]["head"]}}
-    np.testing.assert_allclose(single["paths"]["loss"][:, 0], a_loss, rtol=1e-6)
-    np.testing.assert_allclose(single["paths"]["loss"][2, -1], jax.jit(eval_fn)(hybrid, *d)["loss"], rtol=1e-6)
+    np.testing.assert_allclose(single.paths.loss[:, 0], a_loss, rtol=1e-6)
+    np.testing.assert_allclose(single.paths.loss[2, -1], jax.jit(eval_fn)(hybrid, *d)["loss"], rtol=1e-6)
 
 
 def test_layer_groups_take_norms_and_batch_stats_with_their_layer_and_accept_regexes_and_lists():
@@ -226,24 +226,24 @@ def test_errors_name_the_argument_and_the_value(setup):
     net, a, b, eval_fn, d = setup
     _, wide, _ = mlp_pair(width=32)
     with pytest.raises(ValueError, match="differ in shape at path 'params/dense_0/bias'"):
-        lmc.lmc_path(eval_fn, a, wide, None, d)
+        lmc.lmc_path(eval_fn, a, wide, d)
     _, deep, _ = mlp_pair(depth=3)
     with pytest.raises(ValueError, match="path 'params/dense_2/bias' is in model b but not in model a"):
-        lmc.layerwise_lmc(eval_fn, a, deep, None, d)
+        lmc.layerwise_lmc(eval_fn, a, deep, d)
     with pytest.raises(ValueError, match="data is empty"):
-        lmc.lmc_path(eval_fn, a, b, None, (d[0][:0], d[1][:0]))
+        lmc.lmc_path(eval_fn, a, b, (d[0][:0], d[1][:0]))
     with pytest.raises(TypeError, match="data must be a pair"):
-        lmc.lmc_path(eval_fn, a, b, None, d[0])
+        lmc.lmc_path(eval_fn, a, b, d[0])
     with pytest.raises(ValueError, match="chunk must be a positive integer, None .* or 'auto'; got 0"):
         lmc.pairwise_barriers(eval_fn, jax.tree.map(lambda *t: jnp.stack(t), a, b), d, chunk=0)
     with pytest.raises(ValueError, match="group 'conv' selects no leaf; the leaves are: dense_0/bias, dense_0/kernel"):
-        lmc.layerwise_lmc(eval_fn, a, b, ["conv"], d)
+        lmc.layerwise_lmc(eval_fn, a, b, d, groups=["conv"])
     with pytest.raises(ValueError, match="groups entry 'dense_7' names no layer or leaf"):
-        lmc.layerwise_lmc(eval_fn, a, b, [["dense_7"]], d)
+        lmc.layerwise_lmc(eval_fn, a, b, d, groups=[["dense_7"]])
     with pytest.raises(ValueError, match="mode must be one of"):
-        lmc.layerwise_lmc(eval_fn, a, b, None, d, mode="cumulative")
+        lmc.layerwise_lmc(eval_fn, a, b, d, mode="cumulative")
     with pytest.raises(ValueError, match="alphas must be finite"):
-        lmc.lmc_path(eval_fn, a, b, [0.0, float("nan")], d)
+        lmc.lmc_path(eval_fn, a, b, d, alphas=[0.0, float("nan")])
     with pytest.raises(ValueError, match="needs a path that contains alpha = 0 and alpha = 1"):
         lmc.barriers({"alpha": [0.2, 0.5], "loss": [1, 1], "accuracy": [1, 1]})
     with pytest.raises(ValueError, match="needs variables with 'batch_stats'"):
@@ -338,9 +338,9 @@ def test_reset_bn_stats_recovers_the_true_batch_statistics():
     b = net.init(jax.random.key(3))
     eval_fn = norm_stats.with_bn_reset(net, evaluation.make_eval_fn(net, 100), x, batch_size=bs)
     y = jnp.zeros(250, jnp.int32)
-    path = lmc.lmc_path(eval_fn, v, b, [0.0, 0.5, 1.0], (x, y))
+    path = lmc.lmc_path(eval_fn, v, b, (x, y), alphas=[0.0, 0.5, 1.0])
     loop = [jax.jit(eval_fn)(lmc.interpolate(v, b, t), x, y)["loss"] for t in (0.0, 0.5, 1.0)]
-    np.testing.assert_allclose(path["loss"], loop, rtol=1e-5)
+    np.testing.assert_allclose(path.loss, loop, rtol=1e-5)
     with pytest.raises(ValueError, match="num_batches=9 exceeds the 4 full batches of 60"):
         norm_stats.reset_bn_stats(net, v, x, batch_size=bs, num_batches=9)
 

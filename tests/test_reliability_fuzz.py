@@ -197,9 +197,9 @@ MODELS = st.one_of(st.just(B), NASTY, st.just({"w": jnp.ones(3)}), st.just({"v":
 @given(alphas=ALPHAS, data_=DATA, chunk=st.one_of(st.none(), NASTY), b=MODELS,
        fn=st.one_of(st.just(eval_fn), NASTY))
 def test_lmc_path_arguments(alphas, data_, chunk, b, fn):
-    out = clean("lmc.lmc_path", lambda: lmc.lmc_path(fn, A, b, alphas, data_, chunk))
+    out = clean("lmc.lmc_path", lambda: lmc.lmc_path(fn, A, b, data_, alphas=alphas, chunk=chunk))
     if not isinstance(out, Exception):
-        assert np.all(np.isfinite(np.asarray(out["loss"])))
+        assert np.all(np.isfinite(np.asarray(out.loss)))
         if alphas is not None and np.size(alphas) and np.isclose(np.asarray(alphas, float), 0).any() \
                 and np.isclose(np.asarray(alphas, float), 1).any():
             clean("lmc.barriers", lambda: lmc.barriers(out))

@@ -179,10 +179,10 @@ def test_a_user_loop_with_the_transform_alone_reproduces_the_shared_arm(dataset)
     theirs = [result.state.variables(i) for i in range(c.num_seeds)]
     chex.assert_trees_all_close(mine, theirs, atol=1e-4, rtol=1e-4)
     eval_fn, test = evaluation.make_eval_fn(net), dd.split("test")
-    ours = lmc.barriers(lmc.lmc_path(eval_fn, *mine, data=test))
-    fits = lmc.barriers(lmc.lmc_path(eval_fn, *theirs, data=test))
-    assert abs(ours["accuracy_barrier"] - fits["accuracy_barrier"]) <= 2 / test[1].shape[0]  # one example
-    assert abs(ours["loss_barrier"] - fits["loss_barrier"]) <= 1e-3
+    ours = lmc.barriers(lmc.lmc_path(eval_fn, *mine, test))
+    fits = lmc.barriers(lmc.lmc_path(eval_fn, *theirs, test))
+    assert abs(ours.accuracy_barrier - fits.accuracy_barrier) <= 2 / test[1].shape[0]  # one example
+    assert abs(ours.loss_barrier - fits.loss_barrier) <= 1e-3
 
 
 def runs_of(result):
@@ -273,9 +273,9 @@ def test_conv_nets_on_cpu_unroll_their_steps_and_match_the_rolled_loop():
     d_, md = one_at_a_time(state, keys.data, keys.dropout, 0, 0, dd.x_train, dd.y_train)
     chex.assert_trees_all_equal(c_.params, d_.params)
     np.testing.assert_array_equal(mc.loss_sum, md.loss_sum)
-    vm = evaluation.evaluate_runs(net, b, dd.x_test, dd.y_test)
+    vm = evaluation.evaluate_runs(net, b, (dd.x_test, dd.y_test))
     np.testing.assert_allclose(jax.vmap(evaluation.make_eval_fn(net), in_axes=(0, None, None))(
-        b.variables(), dd.x_test, dd.y_test)["loss"], vm["loss"], rtol=1e-5)  # evaluate_runs loops here
+        b.variables(), dd.x_test, dd.y_test)["loss"], vm.loss, rtol=1e-5)  # evaluate_runs loops here
     with pytest.raises(ValueError, match=r"run_axis must be one of \('vmap', 'loop'\); got 'pmap'"):
         training.make_train_epoch(net, factory(0.0, jax.random.key(0)), run_axis="pmap", **kwargs)
 

@@ -11,13 +11,14 @@ import difflib
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
 __all__ = ["default_config", "federated_config", "validate", "validate_federated", "ConfigError", "get", "flatten",
-           "RESUME_SAFE_FIELDS", "ADDED_FIELDS", "EPOCH_DEPENDENT_SCHEDULES", "check_relative_path", "PATH_SUFFIXES",
+           "rename_fields", "RENAMED_FIELDS", "RESUME_SAFE_FIELDS", "ADDED_FIELDS", "EPOCH_DEPENDENT_SCHEDULES", "check_relative_path", "PATH_SUFFIXES",
            "PAIR_MODES", "INIT_SCHEMES"]
 
 
@@ -154,7 +155,7 @@ def federated_config() -> ml_collections.ConfigDict:
 
     Examples:
       >>> f = federated_config()
-      >>> f.algorithms, f.server_optimizers, f.num_clients, f.partition, f.alpha, f.mask_ratio
+      >>> f.algorithms, f.server_optimizers, f.num_clients, f.partition, f.alpha, f.ratio
       (('fedavg', 'fedprox', 'fedpfn', 'fedpnu'), ('none', 'fedavgm'), 20, 'dirichlet', 0.5, 0.4)
     """
     f = ml_collections.ConfigDict()
@@ -174,7 +175,7 @@ def federated_config() -> ml_collections.ConfigDict:
     f.batch_size = 32  # client batch size
     f.size_buckets = 3  # full participation: train clients in up to this many size buckets (1 = one padded cohort)
     f.prox_mu = 0.01  # FedProx
-    f.mask_ratio = 0.4  # FedPFN / FedPNU mask ratio ρ in [0, 1]
+    f.ratio = 0.4  # FedPFN / FedPNU mask ratio ρ in [0, 1] (formerly mask_ratio)
     f.server_learning_rate = 0.0  # 0 = the server optimizer's default (1.0 FedAvgM, 0.01 FedAdam/FedYogi)
     f.server_momentum = 0.9  # FedAvgM
     f.server_b1 = 0.9
@@ -196,6 +197,11 @@ RESUME_SAFE_FIELDS = (
     "train.progress", "train.tensorboard", "train.steps_per_call", "train.unroll", "train.run_axis", "analysis.", "name", "data.data_dir",
     "federated.rounds", "federated.eval_every", "federated.checkpoint_every", "federated.size_buckets",
 )
+
+# Fields renamed: a config (or an older workdir's config.json) that sets the old name means the
+# new one. `validate` moves the value with a DeprecationWarning; `prepare_workdir` reads old
+# config.json files through it. One name per concept: ρ is "ratio" everywhere.
+RENAMED_FIELDS = {"federated.mask_ratio": "federated.ratio"}
 
 # Fields added after workdirs were written: a config.json without one had this value, so resuming
 # such a workdir with the default is the same run (tna_jax.workdir.prepare_workdir).
@@ -342,8 +348,63 @@ def check_relative_path(field: str, value: Any) -> str:
     return value
 
 
+def rename_fields(config: Any) -> Any:
+    """Moves every field set under an old name of :data:`RENAMED_FIELDS` to its new name, with a
+    `DeprecationWarning` (in place).
+
+    Args:
+      config: a ``ConfigDict`` or nested dicts.
+
+    Returns:
+      `config`, with the old names gone.
+
+    Raises:
+      ConfigError: the old and the new name both set, to different values.
+
+    Examples:
+      >>> import warnings
+      >>> c = default_config()
+      >>> c.federated = federated_config()
+      >>> del c.federated["ratio"]
+      >>> c.federated.mask_ratio = 0.3
+      >>> with warnings.catch_warnings():
+      ...     warnings.simplefilter("ignore")
+      ...     c = rename_fields(c)
+      >>> c.federated.ratio, "mask_ratio" in c.federated
+      (0.3, False)
+    """
+    for old, new in RENAMED_FIELDS.items():
+        section, old_key = old.rsplit(".", 1)
+        new_key = new.rsplit(".", 1)[1]
+        node = config.get(section) if hasattr(config, "get") else None
+        if node is None or old_key not in node:
+            continue
+        value = node[old_key]
+        if new_key in node and node[new_key] != value and node[new_key] != get(_section_defaults(section), new_key):
+            raise ConfigError(f"config.{old} (the old name of config.{new}) is {value!r} but config.{new} is "
+                              f"{node[new_key]!r}; set only config.{new}.")
+        warnings.warn(f"config.{old} is deprecated; use config.{new}. The old name goes in the next release.",
+                      DeprecationWarning, stacklevel=2)
+        if hasattr(node, "unlock"):
+            with node.unlocked():
+                node[new_key] = value
+                del node[old_key]
+        else:
+            node[new_key] = value
+            del node[old_key]
+    return config
+
+
+def _section_defaults(section: str) -> Any:
+    # "federated" has its own defaults (federated_config), the other sections default_config's.
+    return federated_config() if section == "federated" else get(default_config(), section)
+
+
 def validate(config: Any, *, schema: Any = None) -> Any:
-    """Checks every field of `config`; returns it unchanged or raises :class:`ConfigError`.
+    """Checks every field of `config`; returns it or raises :class:`ConfigError`.
+
+    Fields set under an old name of :data:`RENAMED_FIELDS` are first moved to their new name
+    (:func:`rename_fields`, with a `DeprecationWarning`).
 
     Unknown keys (not in :func:`default_config`) are errors, except in the sections that the
     module owning them checks: ``model`` (tna_jax.models) and the experiment-kind sections
@@ -354,7 +415,7 @@ def validate(config: Any, *, schema: Any = None) -> Any:
       schema: the known fields (default :func:`default_config`).
 
     Returns:
-      `config`, unchanged.
+      `config` (unchanged but for renamed fields).
 
     Raises:
       ConfigError: an unknown field (with a "did you mean" hint), a value of the wrong type or
@@ -369,6 +430,7 @@ def validate(config: Any, *, schema: Any = None) -> Any:
       ...     print(err)
       config.num_seeds must be an integer >= 1 and <= 4096; got 0.
     """
+    rename_fields(config)
     schema = schema if schema is not None else default_config()
     known = flatten(schema)
     open_sections = ("model.", "federated.", "fusion.", "align.", "grid.", "layerwise.", "soup.", "cold.")
@@ -521,7 +583,7 @@ def validate_federated(config: Any) -> Any:
     _int(config, "federated.batch_size", 1, MAX_SIZE)
     _int(config, "federated.size_buckets", 1, 64)
     _float(config, "federated.prox_mu", 0.0, 1e4)
-    _float(config, "federated.mask_ratio", 0.0, 1.0)
+    _float(config, "federated.ratio", 0.0, 1.0)
     _float(config, "federated.server_learning_rate", 0.0, 1e3)
     _float(config, "federated.server_momentum", 0.0, 0.9999)
     _float(config, "federated.server_b1", 0.0, 0.9999)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from tna_jax import deprecation
 from tna_jax.data.batching import eval_indices, gather
 from tna_jax.models import Net
 from tna_jax.run_axis import loop_over_runs, run_axis_plan
@@ -23,7 +24,20 @@ from tna_jax.run_axis import loop_over_runs, run_axis_plan
 PyTree = Any
 EvalFn = Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]]
 
-__all__ = ["EvalFn", "cross_entropy", "make_eval_fn", "evaluate_runs"]
+__all__ = ["EvalFn", "Metrics", "cross_entropy", "make_eval_fn", "evaluate_runs"]
+
+
+@deprecation.legacy_item_access
+class Metrics(NamedTuple):
+    """Loss and accuracy of several models (runs, candidates, soups) on one split.
+
+    Attributes:
+      loss: (N,) mean cross-entropy per model (NumPy).
+      accuracy: (N,) fraction correct per model (NumPy).
+    """
+
+    loss: np.ndarray
+    accuracy: np.ndarray
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -49,12 +63,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def make_eval_fn(net: Net, batch_size: int = 1000) -> Callable[[PyTree, jax.Array, jax.Array], dict[str, jax.Array]]:
+def make_eval_fn(net: Net, batch_size: int = 1000) -> EvalFn:
     """``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for ONE model over a whole split.
 
     Pure and jittable: it scans over batches of at most `batch_size` examples (padding is masked
     out), so ``jax.vmap`` over models, α or pairs composes with it. This is the evaluation every
-    analysis in tna_jax uses (LMC paths, fusion, federated rounds).
+    analysis in tna_jax uses (LMC paths, fusion, federated rounds). Equal ``(net, batch_size)``
+    give the same function object, so the analyses' compiled programs (cached per `eval_fn`)
+    are reused rather than compiled again.
 
     Args:
       net: the model.
@@ -76,6 +92,13 @@ def make_eval_fn(net: Net, batch_size: int = 1000) -> Callable[[PyTree, jax.Arra
       (1.0986, 1.0)
     """
 
+    try:
+        return _cached_eval_fn(net, int(batch_size))
+    except TypeError:  # a net that cannot be hashed (a module with a list field): not cached
+        return _eval_fn_for(net, int(batch_size))
+
+
+def _eval_fn_for(net: Net, batch_size: int) -> EvalFn:
     def eval_fn(variables: PyTree, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
         n = x.shape[0]
         rows, valid = eval_indices(n, batch_size)
@@ -96,6 +119,9 @@ def make_eval_fn(net: Net, batch_size: int = 1000) -> Callable[[PyTree, jax.Arra
     return eval_fn
 
 
+_cached_eval_fn = functools.lru_cache(maxsize=64)(_eval_fn_for)
+
+
 @functools.lru_cache(maxsize=32)
 def _batched_eval(net: Net, batch_size: int, run_axis: str, mesh: Mesh | None):
     eval_fn = make_eval_fn(net, batch_size)
@@ -112,8 +138,24 @@ def _run_mesh_of(tree: PyTree) -> Mesh | None:
     return None
 
 
-def evaluate_runs(net: Net, state: Any, x: jax.Array, y: jax.Array, batch_size: int = 1000) -> dict[str, np.ndarray]:
-    """Loss and accuracy of every run on (x, y), in one call; NumPy arrays of shape (runs,).
+def _legacy_runs_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Maps the pre-0.2 ``evaluate_runs(net, state, x, y, batch_size)`` onto the new order."""
+    if len(args) >= 4 or "y" in kwargs or "x" in kwargs:
+        deprecation.warn("evaluate_runs(net, state, x, y, batch_size)",
+                         "evaluate_runs(net, state, (x, y), batch_size=...)", stacklevel=4)
+        kwargs = dict(kwargs)
+        rest = list(args[2:])
+        x = kwargs.pop("x") if "x" in kwargs else rest.pop(0)
+        y = kwargs.pop("y") if "y" in kwargs else rest.pop(0)
+        if rest:
+            kwargs["batch_size"] = rest.pop(0)
+        args = (*args[:2], (x, y))
+    return args, kwargs
+
+
+@deprecation.legacy_call(_legacy_runs_call)
+def evaluate_runs(net: Net, state: Any, data: tuple[jax.Array, jax.Array], *, batch_size: int = 1000) -> Metrics:
+    """Loss and accuracy of every run on ``data = (x, y)``, in one call.
 
     The jitted, vmapped :func:`make_eval_fn` is cached per ``(net, batch_size)``, so repeated
     evaluations (every epoch) compile once. Convolutional nets on CPU map the runs with a
@@ -123,11 +165,11 @@ def evaluate_runs(net: Net, state: Any, x: jax.Array, y: jax.Array, batch_size: 
     Args:
       net: the model.
       state: the runs' state (leading run axis).
-      x, y: one split's inputs and int labels (shared by every run).
+      data: ``(x, y)``, one split's inputs and int labels (shared by every run).
       batch_size: evaluation batch size.
 
     Returns:
-      ``{"loss": (runs,), "accuracy": (runs,)}`` as NumPy arrays.
+      :class:`Metrics` of (runs,) NumPy arrays.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -136,9 +178,10 @@ def evaluate_runs(net: Net, state: Any, x: jax.Array, y: jax.Array, batch_size: 
       >>> net = models.build({"name": "mlp", "depth": 0}, (4,), 3)
       >>> head = {"kernel": jnp.zeros((2, 4, 3)), "bias": jnp.array([[0.0, 0.0, 0.0], [0.0, 5.0, 0.0]])}
       >>> state = TrainState({"head": head}, {}, (), jnp.zeros(2, jnp.int32))  # two runs
-      >>> evaluate_runs(net, state, jnp.ones((6, 4)), jnp.zeros(6, jnp.int32))["accuracy"]
+      >>> evaluate_runs(net, state, (jnp.ones((6, 4)), jnp.zeros(6, jnp.int32))).accuracy
       array([1., 0.], dtype=float32)
     """
+    x, y = data
     variables = state.variables()
     out = _batched_eval(net, batch_size, run_axis_plan(net), _run_mesh_of(variables))(variables, x, y)
-    return {k: np.asarray(v) for k, v in out.items()}
+    return Metrics(loss=np.asarray(out["loss"]), accuracy=np.asarray(out["accuracy"]))

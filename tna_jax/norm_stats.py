@@ -57,10 +57,13 @@ def _batch_moments(net: Any, variables: PyTree, xb: jax.Array, rng: jax.Array | 
     return state.get(_MOMENTS, {})
 
 
-def reset_bn_stats(net: Any, variables: PyTree, x: jax.Array, *, batch_size: int = 500,
+def reset_bn_stats(net: Any, variables: PyTree, data: Any, *, batch_size: int = 500,
                    num_batches: int | None = None, variance: str = "population",
                    rng: jax.Array | None = None) -> PyTree:
-    """`variables` with every BatchNorm's running statistics recomputed from the inputs `x`.
+    """`variables` with every BatchNorm's running statistics recomputed from the inputs of `data`.
+
+    The one BatchNorm reset of tna_jax: :func:`with_bn_reset` (LMC paths, soups) and
+    ``tna_jax.align`` (curves, alignment comparisons) call it.
 
     The data is cut into ``B = num_batches`` (default: all full batches; the remainder of
     ``len(x) % batch_size`` examples is dropped, one batch of ``len(x)`` when ``len(x) <
@@ -87,7 +90,8 @@ def reset_bn_stats(net: Any, variables: PyTree, x: jax.Array, *, batch_size: int
     Args:
       net: the :class:`tna_jax.models.Net` (its Flax module must use ``flax.linen.BatchNorm``).
       variables: ``{"params", "batch_stats"}`` of one model (e.g. an interpolated one).
-      x: inputs to compute the statistics from (training data, as in the papers).
+      data: inputs ``x`` or a pair ``(x, y)`` (labels unused) to compute the statistics from
+        (training data, as in the papers).
       batch_size: examples per forward pass (the BatchNorm batch size, as in training).
       num_batches: use only the first this many batches (None = all full batches).
       variance: "population" or "pytorch" (see above).
@@ -97,7 +101,7 @@ def reset_bn_stats(net: Any, variables: PyTree, x: jax.Array, *, batch_size: int
       `variables` with ``batch_stats`` replaced (params unchanged).
 
     Raises:
-      ValueError: a model without ``batch_stats``, empty `x`, ``batch_size``/``num_batches`` < 1,
+      ValueError: a model without ``batch_stats``, empty data, ``batch_size``/``num_batches`` < 1,
         more batches than `x` holds, an unknown `variance`, or batch statistics that no
         ``nn.BatchNorm`` produced.
 
@@ -117,6 +121,7 @@ def reset_bn_stats(net: Any, variables: PyTree, x: jax.Array, *, batch_size: int
       >>> reset_bn_stats(net, v, x, batch_size=2, variance="pytorch")["batch_stats"]["bn"]["var"].tolist()
       [2.0]
     """
+    x = data[0] if isinstance(data, (tuple, list)) else data
     if not isinstance(variables, Mapping) or "batch_stats" not in variables:
         raise ValueError("reset_bn_stats needs variables with 'batch_stats' (a model with BatchNorm); got "
                          f"collections {sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__}.")

@@ -626,15 +626,15 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
             done = epoch + 1
             val = None
             if done % config.train.eval_every == 0 or done == epochs:
-                val = evaluate_runs(net, state, data.x_val, data.y_val, config.train.eval_batch_size) \
+                val = evaluate_runs(net, state, (data.x_val, data.y_val), batch_size=config.train.eval_batch_size) \
                     if data.x_val.shape[0] else None
             rows = []
             for i, run in enumerate(runs):
                 row = {"epoch": done, **run.describe(), "train_loss": float(sums["loss_sum"][i] / sums["steps"][i]),
                        "train_accuracy": float(sums["correct"][i] / (sums["steps"][i] * bs))}
                 if val is not None:
-                    row["val_loss"] = float(val["loss"][i])
-                    row["val_accuracy"] = float(val["accuracy"][i])
+                    row["val_loss"] = float(val.loss[i])
+                    row["val_accuracy"] = float(val.accuracy[i])
                 rows.append(row)
             metrics_log.write(rows)
             faults.point(f"epoch_end:{done}")
@@ -655,8 +655,8 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
         if checkpointer is not None:
             checkpointer.close()
     seconds = time.time() - t0
-    test = evaluate_runs(net, state, data.x_test, data.y_test, config.train.eval_batch_size)
-    val = evaluate_runs(net, state, data.x_val, data.y_val, config.train.eval_batch_size) \
+    test = evaluate_runs(net, state, (data.x_test, data.y_test), batch_size=config.train.eval_batch_size)._asdict()
+    val = evaluate_runs(net, state, (data.x_val, data.y_val), batch_size=config.train.eval_batch_size)._asdict() \
         if data.x_val.shape[0] else {"loss": np.full(len(all_runs), np.nan), "accuracy": np.full(len(all_runs), np.nan)}
     real_state = _slice_runs(state, n_real)
     mask = mask_of(real_state)

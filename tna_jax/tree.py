@@ -36,7 +36,16 @@ __all__ = [
     "tree_bytes",
     "module_order",
     "natural_key",
+    "NORM_SUFFIXES",
+    "norm_owner",
+    "norm_module",
 ]
+
+
+# A normalisation module belongs to the layer named without its suffix ("conv1_norm" normalises
+# the outputs of "conv1"): anchors group a unit's norm entries with it, layer-wise LMC moves a
+# layer with its norm, REPAIR corrects the norm's output. The one place that rule is written.
+NORM_SUFFIXES = ("_norm", "_bn", "_ln")
 
 
 def _key_str(key: Any) -> str | None:
@@ -428,3 +437,48 @@ def module_order(tree: Mapping[str, Any], weight_names: Iterable[str] = ("kernel
 
     walk(tree, "")
     return order
+
+
+def norm_owner(module: str) -> str | None:
+    """The layer a normalisation module belongs to, by name: ``<layer>_norm`` (or ``_bn``, ``_ln``).
+
+    Args:
+      module: a '/'-joined module path (``"block1/conv1_norm"``).
+
+    Returns:
+      The owning layer's path (``"block1/conv1"``), or None when `module` is not named as a norm.
+
+    Examples:
+      >>> norm_owner("block1/conv1_norm"), norm_owner("dense_0_ln"), norm_owner("dense_0"), norm_owner("_norm")
+      ('block1/conv1', 'dense_0', None, None)
+    """
+    head, _, last = module.rpartition("/")
+    for suffix in NORM_SUFFIXES:
+        if last.endswith(suffix) and len(last) > len(suffix):
+            base = last[: -len(suffix)]
+            return f"{head}/{base}" if head else base
+    return None
+
+
+def norm_module(params: Mapping[str, Any], layer: str) -> str | None:
+    """The path of `layer`'s normalisation module in `params` (the inverse of :func:`norm_owner`).
+
+    Args:
+      params: a nested params mapping.
+      layer: a '/'-joined layer path.
+
+    Returns:
+      ``layer + suffix`` for the first suffix of :data:`NORM_SUFFIXES` whose module `params`
+      holds, or None.
+
+    Examples:
+      >>> norm_module({"dense_0": {}, "dense_0_norm": {"scale": 1.0}}, "dense_0"), norm_module({"head": {}}, "head")
+      ('dense_0_norm', None)
+    """
+    for suffix in NORM_SUFFIXES:
+        node: Any = params
+        for part in f"{layer}{suffix}".split("/"):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping):
+            return f"{layer}{suffix}"
+    return None

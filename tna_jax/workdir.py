@@ -131,7 +131,8 @@ def prepare_workdir(config: Any, workdir: str) -> None:
       tna_jax.config.ConfigError: the workdir holds a run with a different config (the message
         lists the fields that differ; only fields in ``config.RESUME_SAFE_FIELDS`` may change on
         resume; a field of ``config.ADDED_FIELDS`` missing from an older ``config.json`` counts
-        as its default), or a damaged ``config.json``; ``train.epochs`` changed under a schedule that depends on the
+        as its default, and one of ``config.RENAMED_FIELDS`` stored under its old name counts as
+        the new one), or a damaged ``config.json``; ``train.epochs`` changed under a schedule that depends on the
         total number of steps (``config.EPOCH_DEPENDENT_SCHEDULES``): the steps already done were
         taken with another learning rate, so the resumed run would be neither run. Nothing is
         written then.
@@ -155,6 +156,9 @@ def prepare_workdir(config: Any, workdir: str) -> None:
             raise config_lib.ConfigError(f"{path} is damaged ({err}); move the workdir aside or delete config.json "
                              "to start afresh.") from None
         flat_old, flat_new = config_lib.flatten(old), config_lib.flatten(new)
+        for was, now in config_lib.RENAMED_FIELDS.items():  # written under a field's old name
+            if was in flat_old and now not in flat_old:
+                flat_old[now] = flat_old.pop(was)
         for field, default in config_lib.ADDED_FIELDS.items():  # written before the field existed
             if field in flat_new and field not in flat_old and field.split(".")[0] in old:
                 flat_old[field] = default

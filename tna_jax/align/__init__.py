@@ -30,7 +30,9 @@ from tna_jax.align.repair import (
     output_stats,
     repair,
     repair_points,
-    reset_batch_stats,
+)
+from tna_jax.align.repair import (
+    reset_batch_stats as reset_batch_stats,  # deprecated: norm_stats.reset_bn_stats
 )
 from tna_jax.align.spec import (
     LeafLayout,
@@ -56,7 +58,7 @@ __all__ = [
     "weight_matching", "MatchResult", "matching_objective", "ORDERS", "SOLVERS", "get_solver", "solve_assignment",
     "ste_matching", "STEResult", "merge_many", "MergeResult", "align_to_reference",
     "activation_matching", "activation_correlations",
-    "repair", "make_repair", "repair_points", "RepairPoint", "output_stats", "reset_batch_stats",
+    "repair", "make_repair", "repair_points", "RepairPoint", "output_stats",
     "Curve", "init_curve", "curve_point", "train_curve", "evaluate_curve",
     "save_permutation", "load_permutation", "save_curve", "load_curve",
 ]

@@ -37,7 +37,7 @@ import numpy as np
 
 from tna_jax.align.spec import PermutationSpec, permute_leaf
 
-__all__: list[str] = []  # internal to weight matching; documented here for readers
+__all__ = ["group_costs"]  # the rest is internal to weight matching; documented here for readers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +140,7 @@ def _matrix(x: jax.Array, axis: int) -> jax.Array:
     return jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
 
 
-def _group_costs(spec: PermutationSpec, plan: GroupPlan, part: str, a: Mapping[str, jax.Array],
+def group_costs(spec: PermutationSpec, plan: GroupPlan, part: str, a: Mapping[str, jax.Array],
                  b: Mapping[str, jax.Array], perm: Mapping[str, jax.Array]) -> Any:
     """One group's matrix: ``"const"`` or ``"var"`` (the single terms) as ``c0``, or ``"all"`` as
     ``(c0, {child: (n, d, n, d)})``."""
@@ -190,7 +190,7 @@ def build_fn(spec: PermutationSpec, plans: tuple[GroupPlan, ...], parts: tuple[s
     """Jitted ``(a, b, perm) -> tuple`` of the requested ``(plan, part)`` matrices, in one call."""
 
     def fn(a, b, perm):
-        return tuple(_group_costs(spec, plan, part, a, b, perm) for plan, part in zip(plans, parts))
+        return tuple(group_costs(spec, plan, part, a, b, perm) for plan, part in zip(plans, parts))
 
     return jax.jit(fn)
 

@@ -256,7 +256,7 @@ def evaluate_curve(eval_fn: Callable[[PyTree, jax.Array, jax.Array], dict[str, j
       chunk: evaluate at most this many t at once (:func:`tna_jax.chunking.map_points`: ``None``
         vmaps every t, ``"auto"`` sizes the chunks from the program's memory, as LMC paths do).
       bn_reset: optional ``variables -> variables`` applied to each point first (e.g.
-        ``lambda v: reset_batch_stats(net, v, x_train)`` for BatchNorm networks).
+        ``lambda v: norm_stats.reset_bn_stats(net, v, x_train)`` for BatchNorm networks).
 
     Returns:
       ``{"t", "loss", "accuracy"}`` (NumPy arrays over t) and ``avg_accuracy``, ``min_accuracy``,

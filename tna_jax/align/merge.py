@@ -28,7 +28,7 @@ from tna_jax import tree as tree_lib
 from tna_jax.align import costs as costs_lib
 from tna_jax.align.lap import Solver, get_solver, nested_value, solve_assignment, solve_nested
 from tna_jax.align.spec import Permutation, PermutationSpec, apply_permutation, identity_permutation
-from tna_jax.align.weight_matching import MatchResult, _select, weight_matching
+from tna_jax.align.weight_matching import MatchResult, select_leaves, weight_matching
 
 PyTree = Any
 
@@ -143,7 +143,7 @@ def merge_many(spec: PermutationSpec, models: Any, key: jax.Array, max_iter: int
 @functools.lru_cache(maxsize=256)
 def _batched_fn(spec: PermutationSpec, plan: costs_lib.GroupPlan):
     def one(a, b, perm):
-        return costs_lib._group_costs(spec, plan, "all", a, b, perm)
+        return costs_lib.group_costs(spec, plan, "all", a, b, perm)
 
     return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
 
@@ -188,8 +188,8 @@ def align_to_reference(spec: PermutationSpec, a: PyTree, stacked: PyTree, key: j
         raise ValueError(f"max_iter must be a positive integer; got {max_iter!r}.")
     collections = (collections,) if isinstance(collections, str) else tuple(collections)
     first = tree_lib.index(stacked, 0)
-    la = _select(spec, a, collections, "a")
-    _select(spec, first, collections, "stacked")
+    la = select_leaves(spec, a, collections, "a")
+    select_leaves(spec, first, collections, "stacked")
     lb = {name: x for name, x in tree_lib.named_leaves(stacked) if name in la}
     n = int(np.shape(next(iter(lb.values())))[0])
     solve = get_solver(solver)

@@ -24,9 +24,10 @@ normalised output is the pre-activation and the correction goes into the norm's 
 (for BatchNorm in evaluation mode and for LayerNorm alike); otherwise into the layer's kernel
 and bias.
 
-:func:`reset_batch_stats` is the simpler repair for BatchNorm networks: recompute the running
-statistics of the interpolated network on data (the statistics of θ_α are not the interpolation
-of the endpoints' statistics); it is :func:`tna_jax.norm_stats.reset_bn_stats` behind REPAIR's checks.
+The simpler repair for BatchNorm networks, recomputing the running statistics of the
+interpolated network on data (the statistics of θ_α are not the interpolation of the endpoints'
+statistics), is :func:`tna_jax.norm_stats.reset_bn_stats`; ``reset_batch_stats`` here is its
+deprecated former name.
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import norm_stats
+from tna_jax import deprecation, norm_stats
 from tna_jax import tree as tree_lib
 from tna_jax.align.derive import analyze
 
 PyTree = Any
 
-__all__ = ["RepairPoint", "repair_points", "make_repair", "repair", "reset_batch_stats", "output_stats"]
+__all__ = ["RepairPoint", "repair_points", "make_repair", "repair", "output_stats"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +110,10 @@ def repair_points(net: Any, variables: PyTree | None = None) -> list[RepairPoint
         if p is None or spec.parent[p] is not None or spec.children(p) or lay.factors[-1] != lay.shape[-1]:
             continue
         layer = name[len("params/"):-len("/kernel")]
-        norm = _get(params, f"{layer}_norm")
+        norm_name = tree_lib.norm_module(params, layer)
+        norm = None if norm_name is None else _get(params, norm_name)
         if isinstance(norm, dict) and "scale" in norm:
-            points.append(RepairPoint(layer, f"{layer}_norm", int(lay.shape[-1])))
+            points.append(RepairPoint(layer, norm_name, int(lay.shape[-1])))
         elif norm is None:
             points.append(RepairPoint(layer, layer, int(lay.shape[-1])))
     return points
@@ -290,32 +292,16 @@ def _repair_jit(net: Any, batch_size: int, eps: float):
 
 
 def reset_batch_stats(net: Any, variables: PyTree, data: Any, *, batch_size: int = 500) -> PyTree:
-    """Recomputes BatchNorm running statistics over `data` (a no-op without BatchNorm).
+    """Deprecated: use :func:`tna_jax.norm_stats.reset_bn_stats` (the one BatchNorm reset).
 
-    The same operation as :func:`tna_jax.norm_stats.reset_bn_stats` (which it calls: one training-mode
-    pass per full batch, population statistics over the batches; dropout, if any, with a fixed
-    key), with REPAIR's data checks and the identity for models without ``batch_stats``. Pure and traceable (``vmap`` it over α).
-
-    Args:
-      net: the model.
-      variables: the model's variables (e.g. an interpolated model).
-      data: inputs ``x`` or ``(x, y)`` (training data).
-      batch_size: examples per forward pass (full batches only).
-
-    Returns:
-      `variables` with ``batch_stats`` recomputed (unchanged when there are none).
+    Same numbers as ``norm_stats.reset_bn_stats(net, variables, data, batch_size=batch_size,
+    rng=jax.random.key(0))``, jitted; returns `variables` unchanged when they hold no
+    ``batch_stats``.
 
     Raises:
       ValueError: fewer than 2 examples.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> from tna_jax import models
-      >>> net = models.build({"name": "mlp", "depth": 1, "width": 4}, (3,), 2)
-      >>> v = net.init(jax.random.key(0))
-      >>> reset_batch_stats(net, v, jnp.ones((8, 3))) is v  # no BatchNorm: nothing to reset
-      True
     """
+    deprecation.warn("tna_jax.align.reset_batch_stats", "tna_jax.norm_stats.reset_bn_stats")
     if "batch_stats" not in variables:
         return variables
     x = data[0] if isinstance(data, (tuple, list)) else data

@@ -64,7 +64,8 @@ from tna_jax.align.spec import (
 
 PyTree = Any
 
-__all__ = ["weight_matching", "MatchResult", "matching_objective", "solve_assignment", "solve_nested", "ORDERS"]
+__all__ = ["weight_matching", "MatchResult", "matching_objective", "select_leaves", "solve_assignment", "solve_nested",
+           "ORDERS"]
 
 ORDERS = ("random", "classes")
 _MIN_INCREMENTAL_FLOPS = 1e7  # below this a group's matrix is cheaper to rebuild than to track
@@ -94,8 +95,22 @@ class MatchResult(NamedTuple):
     solves: int = 0
 
 
-def _select(spec: PermutationSpec, variables: PyTree, collections: tuple[str, ...], argument: str
-            ) -> dict[str, jax.Array]:
+def select_leaves(spec: PermutationSpec, variables: PyTree, collections: tuple[str, ...], argument: str
+                  ) -> dict[str, jax.Array]:
+    """The named arrays of `variables` that `spec` permutes, in `collections` (checked against the spec).
+
+    Args:
+      spec: the permutation spec.
+      variables: one model's variables.
+      collections: the top-level collections to take (``("params",)``, or with ``"batch_stats"``).
+      argument: the argument's name in error messages.
+
+    Returns:
+      ``{leaf name: array}``.
+
+    Raises:
+      ValueError: `variables` do not fit `spec` (from ``spec.check_variables``).
+    """
     spec.check_variables(variables, argument=argument)
     leaves = spec.leaves
     return {name: x for name, x in tree_lib.named_leaves(variables)
@@ -106,7 +121,7 @@ def matching_objective(spec: PermutationSpec, perm: Permutation, a: PyTree, b: P
                        collections: tuple[str, ...] = ("params",)) -> float:
     """``Σ_w ⟨A_w, P(B_w)⟩`` over the arrays of the spec in `collections` (what weight matching
     maximises)."""
-    la, lb = _select(spec, a, collections, "a"), _select(spec, b, collections, "b")
+    la, lb = select_leaves(spec, a, collections, "a"), select_leaves(spec, b, collections, "b")
     check_permutation(spec, perm)
     return float(_objective_fn(spec, tuple(sorted(la)))(la, lb, {k: jnp.asarray(v) for k, v in perm.items()}))
 
@@ -337,7 +352,7 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
     if isinstance(collections, str):
         collections = (collections,)
     collections = tuple(collections)
-    la, lb = _select(spec, a, collections, "a"), _select(spec, b, collections, "b")
+    la, lb = select_leaves(spec, a, collections, "a"), select_leaves(spec, b, collections, "b")
     if not la:
         raise ValueError(f"none of the spec's arrays is in collections {collections}; the spec has "
                          f"{sorted({p.split('/')[0] for p in spec.leaves})}.")

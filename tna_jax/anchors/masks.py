@@ -28,7 +28,7 @@ NAMED_SELECTIONS = ("first", "middle", "last")
 # Suffixes that mark a normalisation module belonging to the layer named without the suffix
 # ("conv1_norm" normalises the output channels of "conv1"), so that neuron granularity anchors
 # the norm's scale/bias entries of the same units.
-NORM_SUFFIXES = ("_norm", "_bn", "_ln")
+NORM_SUFFIXES = tree_lib.NORM_SUFFIXES
 # How masks are drawn from a key. Recorded with every checkpoint and report: a resumed run must
 # draw the masks it was started with. 1: one `jax.random.uniform` per leaf (before 2026-12-01);
 # 2: a counter-based Threefry-2x32 number per entry, counters (crc32 of the leaf or unit-group
@@ -144,12 +144,7 @@ def _parent(name: str) -> str:
 
 def _default_unit_group(name: str) -> str:
     parent = _parent(name)
-    head, _, last = parent.rpartition("/")
-    for suffix in NORM_SUFFIXES:
-        if last.endswith(suffix) and len(last) > len(suffix):
-            last = last[: -len(suffix)]
-            break
-    return f"{head}/{last}" if head else last
+    return tree_lib.norm_owner(parent) or parent
 
 
 def _named_selection(pattern: str, names: Sequence[str], layers: Sequence[str] | None, arg: str) -> np.ndarray:

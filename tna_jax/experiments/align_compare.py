@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from tna_jax import align, chunking, evaluation, lmc, models, plotting, training
+from tna_jax import align, chunking, evaluation, lmc, models, norm_stats, plotting, training
 from tna_jax import config as config_lib
 from tna_jax import data as data_lib
 from tna_jax import tree as tree_lib
@@ -180,7 +180,12 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
     spec = align.permutation_spec(net)
     eval_fn = evaluation.make_eval_fn(net, cfg.train.eval_batch_size)
     has_bn = net.has_batch_stats
-    reset = (lambda v: align.reset_batch_stats(net, v, x_stats, batch_size=sbatch)) if has_bn else None
+
+    @jax.jit
+    def reset_stats(v, x):  # dropout, if any, with a fixed key
+        return norm_stats.reset_bn_stats(net, v, x, batch_size=sbatch, rng=jax.random.key(0))
+
+    reset = (lambda v: reset_stats(v, x_stats)) if has_bn else None
 
     def path_eval(v, x, y):
         return eval_fn(v if reset is None else reset(v), x, y)
@@ -253,10 +258,10 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
     for label, _, _, _, _ in jobs:
         for method in methods:
             sel = [k for k, e in enumerate(entries) if e[0] == label and e[1] == method]
-            rows.append(_row(label, method, [table["per_pair"][k] for k in sel], [entries[k][2] for k in sel]))
-            paths[f"{label} · {method}"] = {"alpha": table["paths"]["alpha"].tolist(),
-                                            "accuracy": table["paths"]["accuracy"][sel].tolist(),
-                                            "loss": table["paths"]["loss"][sel].tolist()}
+            rows.append(_row(label, method, [table.per_pair[k] for k in sel], [entries[k][2] for k in sel]))
+            paths[f"{label} · {method}"] = {"alpha": table.paths.alpha.tolist(),
+                                            "accuracy": table.paths.accuracy[sel].tolist(),
+                                            "loss": table.paths.loss[sel].tolist()}
     lap("paths", f"evaluated {len(entries)} linear paths")
 
     # 3. REPAIR along the WM-aligned paths (one compiled program for all pairs)
@@ -269,11 +274,11 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
         per_pair, acc, loss = [], [], []
         for (i, _), b in zip(pairs, aligned["WM"]):
             out = jax.device_get(repair_path(ms[i], b, r_alphas))
-            path = {"alpha": np.asarray(r_alphas), "loss": np.asarray(out["loss"]),
-                    "accuracy": np.asarray(out["accuracy"])}
+            path = lmc.LMCPath(alpha=np.asarray(r_alphas), loss=np.asarray(out["loss"]),
+                               accuracy=np.asarray(out["accuracy"]))
             per_pair.append(lmc.barriers(path))
-            acc.append(path["accuracy"].tolist())
-            loss.append(path["loss"].tolist())
+            acc.append(path.accuracy.tolist())
+            loss.append(path.loss.tolist())
         dist = [e[2] for e in entries if e[0] == label and e[1] == "WM"]
         rows.append(_row(label, "WM + REPAIR", per_pair, dist))
         paths[f"{label} · WM + REPAIR"] = {"alpha": np.asarray(r_alphas).tolist(), "accuracy": acc, "loss": loss}
@@ -343,11 +348,11 @@ def comparison_name(arm: str, method: str) -> str:
     return method if arm == "vanilla" else f"{arm} + {method}"
 
 
-def _row(arm: str, method: str, per_pair: list[dict[str, float]], dist: list[float]) -> dict[str, Any]:
+def _row(arm: str, method: str, per_pair: list[lmc.Barriers], dist: list[float]) -> dict[str, Any]:
     row: dict[str, Any] = {"name": comparison_name(arm, method), "arm": arm, "method": method,
                            "pairs": len(per_pair)}
     for key in ("accuracy_barrier", "loss_barrier", "interp_accuracy", "avg_endpoint_accuracy", "interp_loss"):
-        row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([p[key] for p in per_pair])
+        row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([getattr(p, key) for p in per_pair])
     row["distance_mean"], row["distance_std"] = _mean_std(dist)
     return row
 

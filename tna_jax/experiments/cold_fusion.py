@@ -246,7 +246,7 @@ def cold_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
                 heads = [{"kernel": BERT_INIT(jax.random.fold_in(key, 1000 + c), (hidden, d.num_classes)),
                           "bias": jnp.zeros(d.num_classes)} for c, d in enumerate(datasets)]
                 out = fusion.cold_fusion(net, base_tx, variables["params"], heads, tasks, rounds=int(opts["rounds"]),
-                                         steps=steps, batch_size=bs, key=key, anchor_ratio=ratio,
+                                         steps=steps, batch_size=bs, key=key, ratio=ratio,
                                          refresh_mask=bool(opts["refresh_mask"]), evaluate=evaluate,
                                          mask_kwargs=mask_kwargs, round_fn=round_fn)
                 histories[label].append(out["history"])

@@ -105,7 +105,7 @@ class FedArm:
 
 def arms_from_config(config: Any) -> list[FedArm]:
     """Every algorithm x server optimizer, once per α of ``sweep_alphas`` (or the one ``alpha``)
-    and, for FedPFN/FedPNU, once per ρ of ``sweep_ratios`` (or the one ``mask_ratio``).
+    and, for FedPFN/FedPNU, once per ρ of ``sweep_ratios`` (or the one ``ratio``).
 
     Args:
       config: a config with a ``federated`` section (:func:`tna_jax.config.federated_config`).
@@ -123,7 +123,7 @@ def arms_from_config(config: Any) -> list[FedArm]:
     f = config.federated
     dirichlet = f.partition == "dirichlet"
     alphas = [float(a) for a in f.sweep_alphas] or [float(f.alpha) if dirichlet else None]
-    ratios = [float(r) for r in f.sweep_ratios] or [float(f.mask_ratio)]
+    ratios = [float(r) for r in f.sweep_ratios] or [float(f.ratio)]
     arms = []
     for alpha in alphas:
         for algorithm in f.algorithms:
@@ -260,7 +260,7 @@ def _algorithm(config: Any, net: Any, arm: FedArm, max_examples: int, mesh: Any,
     return algorithms.federated_algorithm(
         net, tx, num_clients=int(f.num_clients), max_examples=max_examples, batch_size=int(f.batch_size),
         method=arm.algorithm, local_epochs=int(f.local_epochs), local_steps=int(f.local_steps),
-        client_fraction=float(f.client_fraction), prox_mu=float(f.prox_mu), mask_ratio=float(arm.ratio or 0.0),
+        client_fraction=float(f.client_fraction), prox_mu=float(f.prox_mu), ratio=float(arm.ratio or 0.0),
         mask_options=optimizers.anchor_options(config, net), server_tx=server, bn=f.bn, mesh=mesh, unroll=unroll,
         client_sizes=client_sizes, size_buckets=int(f.size_buckets) if client_sizes is not None else 1)
 

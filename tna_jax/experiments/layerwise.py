@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tna_jax import chunking, evaluation
+from tna_jax import chunking, evaluation, lmc
 from tna_jax import config as config_lib
 from tna_jax import report as report_lib
 from tna_jax.experiments import registry
@@ -65,8 +65,6 @@ def layerwise_options(config: Any) -> tuple[tuple[str, ...], list[str] | None]:
       ...
       tna_jax.config.ConfigError: config.layerwise.modes must be a non-empty tuple of ('single', 'from_input', 'from_output'); got ('backwards',).
     """
-    from tna_jax import lmc
-
     section = config.get("layerwise") if hasattr(config, "get") else None
     section = section if section is not None else {}
     for key in section.keys():
@@ -85,7 +83,7 @@ def layerwise_options(config: Any) -> tuple[tuple[str, ...], list[str] | None]:
     return modes, (patterns or None)
 
 
-def aggregate_pairs(results: list[dict[str, Any]]) -> dict[str, Any]:
+def aggregate_pairs(results: list[lmc.LayerwiseLMC]) -> dict[str, Any]:
     """Mean ± sample std (ddof=1; None for one pair) over pairs of `tna_jax.lmc.layerwise_lmc`
     outputs (same groups).
 
@@ -97,21 +95,24 @@ def aggregate_pairs(results: list[dict[str, Any]]) -> dict[str, Any]:
       accuracy_barrier), "interp_accuracy_mean", "interp_loss_mean"}`` (lists over groups).
 
     Examples:
+      >>> import numpy as np
+      >>> group = lmc.Barriers(*[0.0] * 8)._replace(interp_accuracy=0.5, interp_loss=1.0)
       >>> def pair(acc_barriers):
-      ...     return {"groups": ["dense_0", "head"], "loss_barrier": [0.0, 0.0], "accuracy_barrier": acc_barriers,
-      ...             "per_group": [{"interp_accuracy": 0.5, "interp_loss": 1.0}] * 2}
+      ...     return lmc.LayerwiseLMC(mode="single", groups=["dense_0", "head"], members=[], paths=None,
+      ...                             per_group=[group] * 2, loss_barrier=np.zeros(2),
+      ...                             accuracy_barrier=np.array(acc_barriers))
       >>> out = aggregate_pairs([pair([0.1, 0.0]), pair([0.3, 0.02])])
       >>> out["pairs"], [round(v, 3) for v in out["accuracy_barrier_mean"]], [round(v, 4) for v in out["accuracy_barrier_std"]]
       (2, [0.2, 0.01], [0.1414, 0.0141])
     """
-    out: dict[str, Any] = {"groups": results[0]["groups"], "pairs": len(results)}
+    out: dict[str, Any] = {"groups": results[0].groups, "pairs": len(results)}
     for key in ("loss_barrier", "accuracy_barrier"):
-        vals = np.stack([r[key] for r in results])  # (pairs, groups)
+        vals = np.stack([getattr(r, key) for r in results])  # (pairs, groups)
         out[f"{key}_mean"] = vals.mean(0).tolist()
         out[f"{key}_std"] = vals.std(0, ddof=1).tolist() if len(results) >= 2 else [None] * vals.shape[1]
         out[f"{key}_per_pair"] = vals.tolist()
     for key in ("interp_accuracy", "interp_loss"):
-        vals = np.array([[g[key] for g in r["per_group"]] for r in results])
+        vals = np.array([[getattr(g, key) for g in r.per_group] for r in results])
         out[f"{key}_mean"] = vals.mean(0).tolist()
     return out
 
@@ -239,10 +240,10 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
                     for i, j in pairs:
                         a = jax.tree.map(lambda v, k=idx[i]: v[k], variables)
                         b = jax.tree.map(lambda v, k=idx[j]: v[k], variables)
-                        outs.append(lmc.layerwise_lmc(fn, a, b, groups, (x, y), alphas=alphas, mode=mode,
+                        outs.append(lmc.layerwise_lmc(fn, a, b, (x, y), groups=groups, alphas=alphas, mode=mode,
                                                       chunk=chunk, layer_order=order))
                     by_mode[mode] = aggregate_pairs(outs)
-                    by_mode[mode]["members"] = outs[0]["members"]
+                    by_mode[mode]["members"] = outs[0].members
                     by_mode[mode]["pairs_note"] = note
                 layerwise[label + suffix] = by_mode
     train_report = trained.report

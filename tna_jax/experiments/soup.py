@@ -316,8 +316,8 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
             raise training.TrainingDiverged(f"fine-tuning diverged: candidate {runs[bad][2]} (lr {lrs_c[runs[bad][2]]}) "
                                             f"of arm {arms[runs[bad][0]][0]} had loss {loss[bad]} in epoch {epoch + 1}.")
     t_ft = time.time() - t1
-    val = evaluation.evaluate_runs(net, state, dev.x_val, dev.y_val, int(config.train.eval_batch_size))
-    test = evaluation.evaluate_runs(net, state, dev.x_test, dev.y_test, int(config.train.eval_batch_size))
+    val = evaluation.evaluate_runs(net, state, (dev.x_val, dev.y_val), batch_size=int(config.train.eval_batch_size))
+    test = evaluation.evaluate_runs(net, state, (dev.x_test, dev.y_test), batch_size=int(config.train.eval_batch_size))
 
     eval_fn = evaluation.make_eval_fn(net, int(config.train.eval_batch_size))
     test_eval = jax.jit(eval_fn)
@@ -330,10 +330,10 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
             variables = {"params": cands}
             greedy = fusion.greedy_soup(eval_fn, variables, held_out)
             uniform = fusion.uniform_soup(eval_fn, variables, held_out)
-            best = int(np.argmax(val["accuracy"][idx]))
+            best = int(np.argmax(val.accuracy[idx]))
             per[label].append({
-                "repeat": s, "val_accuracy": val["accuracy"][idx].tolist(), "test_accuracy": test["accuracy"][idx].tolist(),
-                "mean_individual": float(np.mean(test["accuracy"][idx])), "best_single": float(test["accuracy"][idx][best]),
+                "repeat": s, "val_accuracy": val.accuracy[idx].tolist(), "test_accuracy": test.accuracy[idx].tolist(),
+                "mean_individual": float(np.mean(test.accuracy[idx])), "best_single": float(test.accuracy[idx][best]),
                 "best_index": best, "uniform_soup": float(test_eval(uniform.params, *test_data)["accuracy"]),
                 "uniform_soup_val": uniform.held_out_accuracy,
                 "greedy_soup": float(test_eval(greedy.params, *test_data)["accuracy"]),

@@ -89,7 +89,8 @@ def lmc_stats(eval_fn: Any, stacked: Any, x: Any, y: Any, *, pairs: list[tuple[i
 
     Returns:
       ``{"<key>_mean", "<key>_std" for key in LMC_KEYS, "per_pair": [...], "curve": {"alpha",
-      "accuracy", "loss"} (lists, pairs x alphas), "fusion": lmc.fuse's numbers without the model}``.
+      "accuracy", "loss"} (lists, pairs x alphas), "fusion": the uniform soup of all models against them
+      (``fusion.SoupResult.fusion_numbers``)}``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -101,18 +102,16 @@ def lmc_stats(eval_fn: Any, stacked: Any, x: Any, y: Any, *, pairs: list[tuple[i
       >>> stats["accuracy_barrier_mean"], stats["loss_barrier_mean"], stats["curve"]["accuracy"]
       (1.0, 0.0, [[1.0, 0.0, 1.0]])
     """
-    from tna_jax import lmc
+    from tna_jax import fusion, lmc
 
     table = lmc.pairwise_barriers(eval_fn, stacked, (x, y), pairs=pairs, alphas=alphas, chunk=chunk)
-    per_pair = table["per_pair"]
     out: dict[str, Any] = {}
     for key in LMC_KEYS:
-        out[f"{key}_mean"], out[f"{key}_std"] = mean_std([p[key] for p in per_pair])
-    out["per_pair"] = per_pair
-    out["curve"] = {"alpha": table["paths"]["alpha"].tolist(), "accuracy": table["paths"]["accuracy"].tolist(),
-                    "loss": table["paths"]["loss"].tolist()}
-    fused = lmc.fuse(eval_fn, stacked, (x, y))
-    out["fusion"] = {k: v for k, v in fused.items() if k != "fused"}
+        out[f"{key}_mean"], out[f"{key}_std"] = mean_std([getattr(p, key) for p in table.per_pair])
+    out["per_pair"] = [p._asdict() for p in table.per_pair]
+    out["curve"] = {"alpha": table.paths.alpha.tolist(), "accuracy": table.paths.accuracy.tolist(),
+                    "loss": table.paths.loss.tolist()}
+    out["fusion"] = fusion.uniform_soup(eval_fn, stacked, (x, y)).fusion_numbers()
     return out
 
 

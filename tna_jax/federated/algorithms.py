@@ -51,7 +51,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tna_jax import anchors
+from tna_jax import anchors, deprecation
 from tna_jax import tree as tree_lib
 from tna_jax.federated import client as client_lib
 from tna_jax.federated.client import ClientData, LocalResult, make_local_update
@@ -248,10 +248,21 @@ def _is_module_leafdict(node: Mapping[str, Any]) -> bool:
     return all(not isinstance(v, Mapping) for v in node.values())
 
 
+def _legacy_algorithm_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Maps the pre-0.2 keyword ``mask_ratio=`` onto ``ratio=`` (one name for ρ in the API)."""
+    if "mask_ratio" in kwargs:
+        deprecation.warn("federated_algorithm(..., mask_ratio=...)", "federated_algorithm(..., ratio=...)",
+                         stacklevel=4)
+        kwargs = dict(kwargs)
+        kwargs["ratio"] = kwargs.pop("mask_ratio")
+    return args, kwargs
+
+
+@deprecation.legacy_call(_legacy_algorithm_call)
 def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation, *, num_clients: int,
                         max_examples: int, batch_size: int, method: str = "fedavg", local_epochs: int = 1,
                         local_steps: int = 0, client_fraction: float = 1.0, prox_mu: float = 0.0,
-                        mask_ratio: float = 0.0, anchor_key: jax.Array | None = None,
+                        ratio: float = 0.0, anchor_key: jax.Array | None = None,
                         mask_options: Mapping[str, Any] | None = None,
                         server_tx: optax.GradientTransformation | None = None, bn: str = "average",
                         mesh: Mesh | None = None, unroll: int | bool = 1,
@@ -268,7 +279,8 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
       method: one of :data:`METHODS`.
       client_fraction: q in (0, 1], the fraction of clients sampled each round.
       prox_mu: FedProx's μ (used by ``"fedprox"``; must be > 0 there).
-      mask_ratio: ρ in [0, 1] for ``"fedpfn"`` / ``"fedpnu"``.
+      ratio: ρ in [0, 1] for ``"fedpfn"`` / ``"fedpnu"`` (formerly ``mask_ratio``, which still
+        works with a `DeprecationWarning`).
       anchor_key: the PRNG key of the masks (``"fedpfn"`` / ``"fedpnu"``; or give one to ``init``).
       mask_options: extra arguments of ``anchors.anchor_mask`` (granularity, include, exclude,
         layer_order).
@@ -308,13 +320,13 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
     if bn not in BN_MODES:
         raise ValueError(f"bn must be one of {BN_MODES}; got {bn!r}.")
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0 <= mask_ratio <= 1:
-        raise ValueError(f"mask_ratio must be in [0, 1]; got {mask_ratio!r}.")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise ValueError(f"ratio must be in [0, 1]; got {ratio!r}.")
     if method == "fedprox" and not prox_mu > 0:
         raise ValueError(f"fedprox needs prox_mu > 0; got {prox_mu!r}.")
     masked = method in ("fedpfn", "fedpnu")
     default_key = anchors.as_key(anchor_key, "anchor_key") if anchor_key is not None else None
-    default_ratio = float(mask_ratio)
+    default_ratio = float(ratio)
     mask_options = dict(mask_options or {})
     num_devices = mesh.devices.size if mesh is not None else 1
     m, m_pad = cohort_size(num_clients, client_fraction, num_devices)
@@ -594,7 +606,7 @@ def fed_pfn(net: Any, client_optimizer: optax.GradientTransformation, ratio: flo
       >>> state.mask["dense_0"]["kernel"].shape, state.mask["dense_0"]["kernel"].dtype
       ((4, 8), dtype('bool'))
     """
-    return federated_algorithm(net, client_optimizer, method="fedpfn", mask_ratio=ratio, anchor_key=anchor_key,
+    return federated_algorithm(net, client_optimizer, method="fedpfn", ratio=ratio, anchor_key=anchor_key,
                                **kwargs)
 
 
@@ -621,5 +633,5 @@ def fed_pnu(net: Any, client_optimizer: optax.GradientTransformation, ratio: flo
       >>> state.mask, state.anchor_key.shape, state.mask_ratio.dtype
       ((), (2,), dtype('float32'))
     """
-    return federated_algorithm(net, client_optimizer, method="fedpnu", mask_ratio=ratio, anchor_key=anchor_key,
+    return federated_algorithm(net, client_optimizer, method="fedpnu", ratio=ratio, anchor_key=anchor_key,
                                **kwargs)

@@ -1,5 +1,5 @@
-"""Fusing trained models: model soups (`tna_jax.fusion.soups`) and ColD fusion
-(`tna_jax.fusion.cold`)."""
+"""Fusing trained models: model soups (`tna_jax.fusion.soups`: `uniform_soup`, `greedy_soup`,
+typed `SoupResult`s) and ColD fusion (`tna_jax.fusion.cold`)."""
 
 from tna_jax.fusion.cold import (
     PAD_LOGIT,

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tna_jax import anchors
+from tna_jax import anchors, deprecation
 from tna_jax import tree as tree_lib
 from tna_jax.evaluation import cross_entropy
 from tna_jax.fusion.soups import num_candidates, stack_candidates
@@ -359,9 +359,19 @@ def make_cold_round(net: Any, base_tx: optax.GradientTransformation, *, steps: i
     return jax.jit(round_fn)
 
 
+def _legacy_cold_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Maps the pre-0.2 keyword ``anchor_ratio=`` onto ``ratio=`` (one name for ρ in the API)."""
+    if "anchor_ratio" in kwargs:
+        deprecation.warn("cold_fusion(..., anchor_ratio=...)", "cold_fusion(..., ratio=...)", stacklevel=4)
+        kwargs = dict(kwargs)
+        kwargs["ratio"] = kwargs.pop("anchor_ratio")
+    return args, kwargs
+
+
+@deprecation.legacy_call(_legacy_cold_call)
 def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Mapping[str, Any],
                 heads: Sequence[Any], tasks: ColdTasks, *, rounds: int, steps: int, batch_size: int,
-                key: jax.Array, anchor_ratio: float = 0.0, refresh_mask: bool = False,
+                key: jax.Array, ratio: float = 0.0, refresh_mask: bool = False,
                 head: str = "head", evaluate: Callable[[int, PyTree, PyTree, PyTree | None], dict[str, Any]] | None = None,
                 mask_kwargs: Mapping[str, Any] | None = None, round_fn: Callable[..., Any] | None = None
                 ) -> dict[str, Any]:
@@ -378,7 +388,8 @@ def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Map
       rounds, steps, batch_size: rounds, optimizer steps per round and contributor, batch size.
       key: root key: contributor c's dropout/batch key in round r is ``fold_in(fold_in(key, r), c)``
         and the anchor key is ``fold_in(key, -1 mod 2^31)``.
-      anchor_ratio: TNA-PFN mask ratio ρ over the shared body (0 = plain ColD fusion).
+      ratio: TNA-PFN mask ratio ρ over the shared body (0 = plain ColD fusion; formerly
+        ``anchor_ratio``, which still works with a `DeprecationWarning`).
       refresh_mask: draw a new anchor mask each round (False: one mask for all rounds).
       evaluate: ``evaluate(round, shared_body, heads, contributors) -> dict`` called after round 0
         (the pretrained body, ``contributors=None``) and every round; its dicts are returned.
@@ -438,7 +449,7 @@ def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Map
     losses = []
     body_mask = None
     for r in range(1, rounds + 1):
-        body_mask, masks = cold_masks(body, frozen_heads, anchor_key, anchor_ratio, r - 1, refresh=refresh_mask,
+        body_mask, masks = cold_masks(body, frozen_heads, anchor_key, ratio, r - 1, refresh=refresh_mask,
                                       head=head, **dict(mask_kwargs or {}))
         keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, r), c) for c in range(len(tasks))])
         body, stacked_heads, contributors, loss = round_fn(body, stacked_heads, body_mask, masks, tx_x, tx_y, tx_n, keys)

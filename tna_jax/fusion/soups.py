@@ -19,18 +19,18 @@ previous ones) and runs as a ``lax.scan`` inside the same jitted program.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import chunking, lmc
+from tna_jax import chunking, deprecation
 from tna_jax import tree as tree_lib
-from tna_jax.evaluation import EvalFn
+from tna_jax.evaluation import EvalFn, Metrics
+from tna_jax.lmc.paths import check_data
+from tna_jax.programs import cached_per_eval_fn
 
 PyTree = Any
 
@@ -115,7 +115,7 @@ def num_candidates(stacked: PyTree, name: str = "stacked") -> int:
 
 
 def evaluate_candidates(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array],
-                        *, chunk: int | None = None) -> dict[str, np.ndarray]:
+                        *, chunk: int | None = None) -> Metrics:
     """Loss and accuracy of each of K stacked models: one jitted ``vmap`` of `eval_fn`.
 
     Args:
@@ -126,31 +126,31 @@ def evaluate_candidates(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array,
       chunk: evaluate at most this many models at once (``lax.map`` with ``batch_size``).
 
     Returns:
-      ``{"loss": (K,), "accuracy": (K,)}`` NumPy arrays.
+      :class:`tna_jax.evaluation.Metrics` of (K,) NumPy arrays.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> def eval_fn(v, x, y):
       ...     return {"loss": jnp.mean((x * v["w"] - y) ** 2), "accuracy": jnp.mean(x * v["w"] == y)}
       >>> out = evaluate_candidates(eval_fn, {"w": jnp.array([1.0, 2.0])}, (jnp.ones(3), jnp.ones(3)))
-      >>> out["accuracy"].tolist(), out["loss"].tolist()
+      >>> out.accuracy.tolist(), out.loss.tolist()
       ([1.0, 0.0], [0.0, 1.0])
     """
-    x, y = lmc.check_data(data)
+    x, y = check_data(data)
     num_candidates(stacked)
     chunk = chunking.check_chunk(chunk)
     out = _candidates_program(eval_fn, chunk)(stacked, x, y)
-    return {k: np.asarray(v) for k, v in out.items()}
+    return Metrics(loss=np.asarray(out["loss"]), accuracy=np.asarray(out["accuracy"]))
 
 
 # One compiled program per (eval_fn, chunk), as in tna_jax.lmc: repeated soups of the same models
 # (seeds, arms, benchmark rounds) reuse it instead of tracing and compiling a fresh closure.
-@functools.lru_cache(maxsize=64)
+@cached_per_eval_fn
 def _candidates_program(eval_fn: EvalFn, chunk: int | None) -> Callable[..., Any]:
     return jax.jit(lambda s, x, y: chunking.map_points(lambda v: eval_fn(v, x, y), s, chunk))
 
 
-@functools.lru_cache(maxsize=64)
+@cached_per_eval_fn
 def _soups_program(eval_fn: EvalFn, chunk: int | None) -> Callable[..., Any]:
     def compute(stacked, w, x, y):
         return chunking.map_points(lambda row: eval_fn(tree_lib.weighted_mean(stacked, row), x, y), w, chunk)
@@ -168,8 +168,19 @@ def _check_weight_rows(weights: Any, k: int) -> jax.Array:
     return jnp.asarray(w, jnp.float32)
 
 
-def evaluate_soups(eval_fn: EvalFn, stacked: PyTree, weights: Any, data: tuple[jax.Array, jax.Array],
-                   *, chunk: int | None = None) -> dict[str, np.ndarray]:
+def _legacy_soups_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Maps the pre-0.2 ``evaluate_soups(eval_fn, stacked, weights, data)`` onto the new order."""
+    if len(args) >= 4 or (len(args) == 3 and "data" in kwargs):
+        deprecation.warn("evaluate_soups(eval_fn, stacked, weights, data)",
+                         "evaluate_soups(eval_fn, stacked, data, weights=...)", stacklevel=4)
+        kwargs = {**kwargs, "weights": args[2]}
+        args = (*args[:2], args[3] if len(args) >= 4 else kwargs.pop("data"))
+    return args, kwargs
+
+
+@deprecation.legacy_call(_legacy_soups_call)
+def evaluate_soups(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], *, weights: Any,
+                   chunk: int | None = None) -> Metrics:
     """Loss and accuracy of S soups of K stacked models, one soup per row of `weights` (S, K).
 
     Each row is normalised to sum to 1; a one-hot row is a single ingredient, a row of ones the
@@ -180,12 +191,12 @@ def evaluate_soups(eval_fn: EvalFn, stacked: PyTree, weights: Any, data: tuple[j
       eval_fn: ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one model
         (``evaluation.make_eval_fn``).
       stacked: K models' variables on a leading axis.
-      weights: (S, K) non-negative ingredient weights, one soup per row.
       data: ``(x, y)``.
+      weights: (S, K) non-negative ingredient weights, one soup per row.
       chunk: evaluate at most this many soups at once (``lax.map`` with ``batch_size``).
 
     Returns:
-      ``{"loss": (S,), "accuracy": (S,)}`` NumPy arrays.
+      :class:`tna_jax.evaluation.Metrics` of (S,) NumPy arrays.
 
     Raises:
       ValueError: weights of the wrong shape, negative, non-finite or with an all-zero row; a bad
@@ -196,20 +207,20 @@ def evaluate_soups(eval_fn: EvalFn, stacked: PyTree, weights: Any, data: tuple[j
       >>> def eval_fn(v, x, y):
       ...     return {"loss": jnp.mean((x * v["w"] - y) ** 2), "accuracy": jnp.mean(jnp.abs(x * v["w"] - y) < 0.5)}
       >>> stacked = {"w": jnp.array([0.0, 2.0])}
-      >>> out = evaluate_soups(eval_fn, stacked, [[1, 0], [1, 1], [1, 3]], (jnp.ones(3), jnp.ones(3)))
-      >>> out["loss"].tolist()  # w = 0, the uniform soup w = 1, and w = 1.5
+      >>> out = evaluate_soups(eval_fn, stacked, (jnp.ones(3), jnp.ones(3)), weights=[[1, 0], [1, 1], [1, 3]])
+      >>> out.loss.tolist()  # w = 0, the uniform soup w = 1, and w = 1.5
       [1.0, 0.0, 0.25]
-      >>> evaluate_soups(eval_fn, stacked, [[1, -1]], (jnp.ones(3), jnp.ones(3)))
+      >>> evaluate_soups(eval_fn, stacked, (jnp.ones(3), jnp.ones(3)), weights=[[1, -1]])
       Traceback (most recent call last):
       ...
       ValueError: weights rows must be finite, non-negative and not all zero; row 0 is [1.0, -1.0].
     """
-    x, y = lmc.check_data(data)
+    x, y = check_data(data)
     k = num_candidates(stacked)
     w = _check_weight_rows(weights, k)
     chunk = chunking.check_chunk(chunk)
     out = _soups_program(eval_fn, chunk)(stacked, w, x, y)
-    return {k_: np.asarray(v) for k_, v in out.items()}
+    return Metrics(loss=np.asarray(out["loss"]), accuracy=np.asarray(out["accuracy"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +228,7 @@ def evaluate_soups(eval_fn: EvalFn, stacked: PyTree, weights: Any, data: tuple[j
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class SoupResult:
+class SoupResult(NamedTuple):
     """A soup and how it was made.
 
     Attributes:
@@ -237,8 +247,8 @@ class SoupResult:
       ...                   held_out_accuracy=0.9, held_out_loss=0.3,
       ...                   individual_accuracy=np.array([0.8, 0.5, 0.85]), individual_loss=np.array([0.4, 0.9, 0.35]),
       ...                   order=np.array([2, 0, 1]), trials=[])
-      >>> soup.best_index, soup.summary()["ingredients"]
-      (2, [2, 0])
+      >>> soup.best_index, soup.summary()["ingredients"], round(soup.accuracy_barrier, 3)
+      (2, [2, 0], -0.075)
     """
 
     params: PyTree
@@ -256,6 +266,43 @@ class SoupResult:
         """The candidate with the best held-out accuracy (the greedy soup's first ingredient)."""
         return int(self.order[0])
 
+    def _weighted(self, values: np.ndarray) -> float:
+        values = np.asarray(values, np.float64)
+        w = np.asarray(self.weights, np.float64)
+        # Equal weights: the plain mean (the numbers reports have always shown for a uniform soup).
+        return float(np.mean(values) if np.all(w == w[0]) else np.sum(w * values))
+
+    @property
+    def mean_individual_accuracy(self) -> float:
+        """The soup-weighted mean of the candidates' held-out accuracies."""
+        return self._weighted(self.individual_accuracy)
+
+    @property
+    def mean_individual_loss(self) -> float:
+        """The soup-weighted mean of the candidates' held-out losses."""
+        return self._weighted(self.individual_loss)
+
+    @property
+    def accuracy_barrier(self) -> float:
+        """Mean individual accuracy minus the soup's (negative: the soup is better)."""
+        return self.mean_individual_accuracy - float(self.held_out_accuracy)
+
+    @property
+    def loss_barrier(self) -> float:
+        """The soup's loss minus the mean individual loss."""
+        return float(self.held_out_loss) - self.mean_individual_loss
+
+    def fusion_numbers(self) -> dict[str, Any]:
+        """The soup against its candidates, JSON-ready: ``{"fused_loss", "fused_accuracy",
+        "individual_loss", "individual_accuracy", "mean_individual_loss",
+        "mean_individual_accuracy", "accuracy_barrier", "loss_barrier"}`` (the "fusion" section of
+        a train report)."""
+        return {"fused_loss": float(self.held_out_loss), "fused_accuracy": float(self.held_out_accuracy),
+                "individual_loss": self.individual_loss, "individual_accuracy": self.individual_accuracy,
+                "mean_individual_loss": self.mean_individual_loss,
+                "mean_individual_accuracy": self.mean_individual_accuracy,
+                "accuracy_barrier": self.accuracy_barrier, "loss_barrier": self.loss_barrier}
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready numbers (everything but the parameters)."""
         return {"weights": self.weights.tolist(), "ingredients": list(self.ingredients),
@@ -269,23 +316,50 @@ def _order(acc: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(acc, np.float64), kind="stable")
 
 
-def uniform_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, jax.Array],
+def _legacy_soup_call(name: str) -> Callable[[tuple, dict], tuple[tuple, dict]]:
+    """Maps pre-0.2 soup calls (``held_out=``, uniform_soup's positional `weights`) onto the new ones."""
+
+    def adapt(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if "held_out" in kwargs:
+            deprecation.warn(f"{name}(..., held_out=...)", f"{name}(eval_fn, stacked, data)", stacklevel=4)
+            kwargs = dict(kwargs)
+            kwargs["data"] = kwargs.pop("held_out")
+        if name == "uniform_soup" and len(args) >= 4:
+            deprecation.warn("uniform_soup(eval_fn, stacked, data, weights)",
+                             "uniform_soup(eval_fn, stacked, data, weights=...)", stacklevel=4)
+            kwargs = {**kwargs, "weights": args[3]}
+            args = args[:3]
+        return args, kwargs
+
+    return adapt
+
+
+@cached_per_eval_fn
+def _eval_programs(eval_fn: EvalFn) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Compiled evaluation of K stacked models and of one model."""
+    return jax.jit(jax.vmap(eval_fn, in_axes=(0, None, None))), jax.jit(eval_fn)
+
+
+@deprecation.legacy_call(_legacy_soup_call("uniform_soup"))
+def uniform_soup(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], *,
                  weights: Any = None) -> SoupResult:
     """The uniform soup (1/K) Σ θ_k (or a weighted one), with its held-out metrics.
 
-    A thin wrapper of ``lmc.fuse``, which evaluates the K candidates (vmapped) and their average.
+    The K candidates are evaluated with one jitted ``vmap`` and the soup with one jitted call
+    (both compiled once per `eval_fn`).
 
     Args:
       eval_fn: evaluation of one model (``evaluation.make_eval_fn``).
       stacked: K candidates on a leading axis (see :func:`stack_candidates`).
-      held_out: ``(x, y)`` the soup is evaluated on.
+      data: ``(x, y)`` the soup is evaluated on (held-out data).
       weights: None (uniform) or (K,) non-negative weights (normalised to sum to 1).
 
     Returns:
       A :class:`SoupResult` (no ``trials``; the ingredients are the candidates with weight > 0).
 
     Raises:
-      ValueError: no candidates, bad weights or empty held-out data (from ``lmc.fuse``).
+      ValueError: no candidates, bad weights or empty data.
+      TypeError: data that is not a pair ``(x, y)``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -296,19 +370,23 @@ def uniform_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, ja
       (1.0, 1.0, [0.0, 0.0])
     """
     k = num_candidates(stacked)
-    fused = lmc.fuse(eval_fn, stacked, held_out, weights)
+    x, y = check_data(data)
+    fused = tree_lib.weighted_mean(stacked, weights)
+    many, one = _eval_programs(eval_fn)
+    ind = many(stacked, x, y)
+    f = one(fused, x, y)
     w = np.full(k, 1.0 / k) if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
-    ind_acc = np.asarray(fused["individual_accuracy"])
-    return SoupResult(params=fused["fused"], weights=w, ingredients=[int(i) for i in np.nonzero(w > 0)[0]],
-                      held_out_accuracy=fused["fused_accuracy"], held_out_loss=fused["fused_loss"],
-                      individual_accuracy=ind_acc, individual_loss=np.asarray(fused["individual_loss"]),
+    ind_acc = np.asarray(ind["accuracy"], np.float64)
+    return SoupResult(params=fused, weights=w, ingredients=[int(i) for i in np.nonzero(w > 0)[0]],
+                      held_out_accuracy=float(f["accuracy"]), held_out_loss=float(f["loss"]),
+                      individual_accuracy=ind_acc, individual_loss=np.asarray(ind["loss"], np.float64),
                       order=_order(ind_acc), trials=[])
 
 
 _weighted_mean = jax.jit(tree_lib.weighted_mean)
 
 
-@functools.lru_cache(maxsize=64)
+@cached_per_eval_fn
 def _greedy_program(eval_fn: EvalFn, chunk: int | None) -> Callable[..., Any]:
     """The whole greedy soup (candidate evaluation, sort, scan over candidates) as one program."""
 
@@ -334,7 +412,8 @@ def _greedy_program(eval_fn: EvalFn, chunk: int | None) -> Callable[..., Any]:
     return jax.jit(compute)
 
 
-def greedy_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, jax.Array],
+@deprecation.legacy_call(_legacy_soup_call("greedy_soup"))
+def greedy_soup(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array],
                 *, chunk: int | None = None) -> SoupResult:
     """Wortsman et al.'s greedy soup, chosen on `held_out`, as one jitted program.
 
@@ -350,7 +429,7 @@ def greedy_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, jax
     Args:
       eval_fn: evaluation of one model (``evaluation.make_eval_fn``).
       stacked: K candidates on a leading axis (see :func:`stack_candidates`).
-      held_out: ``(x, y)`` the soup is chosen on (a validation split, not the test split).
+      data: ``(x, y)`` the soup is chosen on (a validation split, not the test split).
       chunk: evaluate at most this many candidates at once in step 1.
 
     Returns:
@@ -368,7 +447,7 @@ def greedy_soup(eval_fn: EvalFn, stacked: PyTree, held_out: tuple[jax.Array, jax
       >>> soup.ingredients, [t["accepted"] for t in soup.trials]
       ([0, 2], [True, False])
     """
-    x, y = lmc.check_data(held_out)
+    x, y = check_data(data)
     num_candidates(stacked)
     chunk = chunking.check_chunk(chunk)
     ind, order, w, acc, loss, trials = _greedy_program(eval_fn, chunk)(stacked, x, y)

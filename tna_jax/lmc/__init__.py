@@ -1,20 +1,24 @@
 """Linear mode connectivity (LMC): paths, barriers, pairwise tables, layer-wise LMC, fusion.
 
-* `tna_jax.lmc.paths`: `interpolate`, `lmc_path`, `barriers`, `fuse`;
+* `tna_jax.lmc.paths`: `interpolate`, `lmc_path`, `barriers` (and `fuse`, deprecated: use
+  `tna_jax.fusion.uniform_soup`);
 * `tna_jax.lmc.pairs`: which seed pairs (`select_pairs`) and the pairwise table
   (`pairwise_barriers`);
 * `tna_jax.lmc.layerwise`: layer-wise LMC (Adilova et al., 2024).
 
-Every function takes an `EvalFn` (`tna_jax.evaluation`) for one model; BatchNorm statistics of
+Every function is called ``fn(eval_fn, models..., data, *, options)`` with an `EvalFn`
+(`tna_jax.evaluation`) for one model and ``data = (x, y)``, and returns a NamedTuple
+(`LMCPath`, `Barriers`, `PairwiseBarriers`, `LayerwiseLMC`). BatchNorm statistics of
 interpolated models are reset with `tna_jax.norm_stats`.
 """
 
 from typing import Any
 
-from tna_jax.lmc.layerwise import LAYERWISE_MODES, OTHER_GROUP, layer_groups, layerwise_lmc
+from tna_jax.lmc.layerwise import LAYERWISE_MODES, OTHER_GROUP, LayerwiseLMC, layer_groups, layerwise_lmc
 from tna_jax.lmc.pairs import (
     MAX_ALL_PAIRS,
     PAIR_MODES,
+    PairwiseBarriers,
     all_pairs,
     describe_pairs,
     disjoint_pairs,
@@ -24,19 +28,25 @@ from tna_jax.lmc.pairs import (
 )
 from tna_jax.lmc.paths import (
     MAX_ALPHAS,
+    Barriers,
+    LMCPath,
     barriers,
+    check_alphas,
     check_compatible,
     check_data,
     default_alphas,
-    fuse,
     interpolate,
     lmc_path,
 )
+from tna_jax.lmc.paths import (
+    fuse as fuse,  # deprecated: fusion.uniform_soup
+)
 
 __all__ = [
-    "LAYERWISE_MODES", "MAX_ALL_PAIRS", "MAX_ALPHAS", "OTHER_GROUP", "PAIR_MODES", "all_pairs", "barriers",
-    "check_compatible", "check_data", "default_alphas", "describe_pairs", "disjoint_pairs", "fuse", "interpolate",
-    "layer_groups", "layerwise_lmc", "lmc_path", "pairwise_barriers", "random_pairs", "select_pairs",
+    "LAYERWISE_MODES", "MAX_ALL_PAIRS", "MAX_ALPHAS", "OTHER_GROUP", "PAIR_MODES", "Barriers", "LMCPath",
+    "LayerwiseLMC", "PairwiseBarriers", "all_pairs", "barriers", "check_alphas", "check_compatible", "check_data",
+    "default_alphas", "describe_pairs", "disjoint_pairs", "interpolate", "layer_groups", "layerwise_lmc", "lmc_path",
+    "pairwise_barriers", "random_pairs", "select_pairs",
 ]
 
 # Names that lived in `tna_jax.lmc` before 0.2: importable from here for one release, with a warning.

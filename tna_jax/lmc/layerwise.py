@@ -5,24 +5,24 @@ interpolate the first k groups ("from_input") or the last k groups ("from_output
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import anchors
+from tna_jax import deprecation
 from tna_jax import tree as tree_lib
 from tna_jax.chunking import AUTO, Chunk, check_chunk, map_points
 from tna_jax.evaluation import EvalFn
-from tna_jax.lmc.paths import _check_alphas, barriers, check_compatible, check_data
+from tna_jax.lmc.paths import Barriers, LMCPath, barriers, check_alphas, check_compatible, check_data
+from tna_jax.programs import cached_per_eval_fn
 
 PyTree = Any
 
-__all__ = ["LAYERWISE_MODES", "OTHER_GROUP", "layer_groups", "layerwise_lmc"]
+__all__ = ["LAYERWISE_MODES", "OTHER_GROUP", "LayerwiseLMC", "layer_groups", "layerwise_lmc"]
 
 
 LAYERWISE_MODES = ("single", "from_input", "from_output")
@@ -37,6 +37,30 @@ _COLLECTIONS = ("params", "batch_stats")
 GroupSpec = str | Sequence[str]
 
 
+@deprecation.legacy_item_access
+class LayerwiseLMC(NamedTuple):
+    """Layer-wise LMC of one pair of models (:func:`layerwise_lmc`).
+
+    Attributes:
+      mode: one of :data:`LAYERWISE_MODES`.
+      groups: the G group names.
+      members: for each group, the names of the leaves it interpolates.
+      paths: an :class:`~tna_jax.lmc.paths.LMCPath` with alpha (K,) and loss, accuracy (G, K)
+        (NumPy).
+      per_group: G :class:`~tna_jax.lmc.paths.Barriers`.
+      loss_barrier: (G,) NumPy.
+      accuracy_barrier: (G,) NumPy.
+    """
+
+    mode: str
+    groups: list[str]
+    members: list[list[str]]
+    paths: LMCPath
+    per_group: list[Barriers]
+    loss_barrier: np.ndarray
+    accuracy_barrier: np.ndarray
+
+
 def _strip_collection(names: list[str], tree: PyTree) -> list[str]:
     """Leaf names without the Flax collection ("params/dense_0/kernel" -> "dense_0/kernel")."""
     if isinstance(tree, Mapping) and "params" in tree:
@@ -49,14 +73,8 @@ def _layer_of(name: str, layers: set[str]) -> str | None:
     module = name.rsplit("/", 1)[0] if "/" in name else ""
     if module in layers:
         return module
-    head, _, last = module.rpartition("/")
-    for suffix in anchors.NORM_SUFFIXES:
-        if last.endswith(suffix) and len(last) > len(suffix):
-            base = last[: -len(suffix)]
-            base = f"{head}/{base}" if head else base
-            if base in layers:
-                return base
-    return None
+    owner = tree_lib.norm_owner(module)
+    return owner if owner in layers else None
 
 
 def layer_groups(variables: PyTree, groups: Sequence[GroupSpec] | Mapping[str, GroupSpec] | None = None, *,
@@ -168,7 +186,7 @@ def _masked_lerp(a: PyTree, b: PyTree, alpha: jax.Array, select: PyTree) -> PyTr
     return jax.tree.map(one, a, b, select)
 
 
-@functools.lru_cache(maxsize=64)
+@cached_per_eval_fn
 def _layerwise_program(eval_fn: EvalFn, chunk: Chunk, jit: bool) -> Callable[..., Any]:
     def compute(a, b, masks, gi, al, x, y):
         def point(inputs):
@@ -180,10 +198,21 @@ def _layerwise_program(eval_fn: EvalFn, chunk: Chunk, jit: bool) -> Callable[...
     return jax.jit(compute) if jit else compute
 
 
-def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupSpec] | Mapping[str, GroupSpec] | None,
-                  data: tuple[jax.Array, jax.Array], *, alphas: Sequence[float] | None = None, mode: str = "single",
-                  chunk: Chunk = AUTO, layer_order: Sequence[str] | None = None,
-                  jit: bool = True) -> dict[str, Any]:
+def _legacy_layerwise_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Maps the pre-0.2 ``layerwise_lmc(eval_fn, a, b, groups, data)`` onto the new order."""
+    if len(args) >= 5 or (len(args) == 4 and "data" in kwargs):
+        deprecation.warn("layerwise_lmc(eval_fn, a, b, groups, data)",
+                         "layerwise_lmc(eval_fn, a, b, data, groups=...)", stacklevel=4)
+        kwargs = {**kwargs, "groups": args[3]}
+        args = (*args[:3], args[4] if len(args) >= 5 else kwargs.pop("data"), *args[5:])
+    return args, kwargs
+
+
+@deprecation.legacy_call(_legacy_layerwise_call)
+def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, data: tuple[jax.Array, jax.Array], *,
+                  groups: Sequence[GroupSpec] | Mapping[str, GroupSpec] | None = None,
+                  alphas: Sequence[float] | None = None, mode: str = "single", chunk: Chunk = AUTO,
+                  layer_order: Sequence[str] | None = None, jit: bool = True) -> LayerwiseLMC:
     """Layer-wise linear mode connectivity: interpolate one group of layers, keep the rest at A.
 
     For a group G with indicator 1_G over the leaves, the path is
@@ -201,14 +230,16 @@ def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupS
 
     The per-group selections are stacked into a tree of bools with a leading group axis (one
     bool per leaf and group), so all groups and all α are ONE vmapped, compiled program
-    (cached per ``(eval_fn, chunk)``: further pairs reuse it).
+    (cached per ``(eval_fn, chunk)``: further pairs reuse it). The pre-0.2 order
+    ``layerwise_lmc(eval_fn, a, b, groups, data)`` still works, with a `DeprecationWarning`.
 
     Args:
-      eval_fn: evaluation of one model (wrap it with :func:`with_bn_reset` for BatchNorm nets).
+      eval_fn: evaluation of one model (wrap it with :func:`tna_jax.norm_stats.with_bn_reset`
+        for BatchNorm nets).
       a, b: the two models' variables (same structure).
-      groups: None for one group per weight layer, or regexes / name lists
-        (see :func:`layer_groups`).
       data: ``(x, y)``.
+      groups: None (default) for one group per weight layer, or regexes / name lists
+        (see :func:`layer_groups`).
       alphas: the α grid (default 25 points in [0, 1]; values outside extrapolate).
       mode: one of :data:`LAYERWISE_MODES`.
       chunk: evaluate at most this many (group, α) points at once; None = all, ``"auto"``
@@ -216,9 +247,7 @@ def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupS
       layer_order: the weight layers from input to output (``net.layer_order()``).
 
     Returns:
-      ``{"mode", "groups": [names], "members": [[leaf names]], "paths": {"alpha" (K,),
-      "loss" (G, K), "accuracy" (G, K)}, "per_group": [barriers dicts], "loss_barrier" (G,),
-      "accuracy_barrier" (G,)}``.
+      :class:`LayerwiseLMC`.
 
     Raises:
       ValueError: different structures (naming the first mismatching path), empty data,
@@ -231,12 +260,12 @@ def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupS
       ...     return {"loss": loss, "accuracy": (loss < 0.1).astype(jnp.float32)}
       >>> a = {"l1": {"kernel": jnp.array(1.0)}, "l2": {"kernel": jnp.array(1.0)}}
       >>> b = {"l1": {"kernel": jnp.array(-1.0)}, "l2": {"kernel": jnp.array(-1.0)}}
-      >>> out = layerwise_lmc(eval_fn, a, b, None, (jnp.zeros(1), jnp.zeros(1)), alphas=[0.0, 0.5, 1.0])
-      >>> out["groups"], out["loss_barrier"].tolist()  # each layer alone: convex, no barrier
+      >>> out = layerwise_lmc(eval_fn, a, b, (jnp.zeros(1), jnp.zeros(1)), alphas=[0.0, 0.5, 1.0])
+      >>> out.groups, out.loss_barrier.tolist()  # each layer alone: convex, no barrier
       (['l1', 'l2'], [0.0, 0.0])
-      >>> full = layerwise_lmc(eval_fn, a, b, None, (jnp.zeros(1), jnp.zeros(1)), alphas=[0.0, 0.5, 1.0],
+      >>> full = layerwise_lmc(eval_fn, a, b, (jnp.zeros(1), jnp.zeros(1)), alphas=[0.0, 0.5, 1.0],
       ...                      mode="from_input")
-      >>> full["groups"][-1], full["loss_barrier"].tolist()  # both layers: the full LMC barrier
+      >>> full.groups[-1], full.loss_barrier.tolist()  # both layers: the full LMC barrier
       ('l1 .. l2', [0.0, 1.0])
     """
     if mode not in LAYERWISE_MODES:
@@ -246,7 +275,7 @@ def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupS
     x, y = check_data(data)
     chunk = check_chunk(chunk)
     check_compatible(a, b)
-    alphas_arr = _check_alphas(alphas)
+    alphas_arr = check_alphas(alphas)
     named = _cumulative(layer_groups(a, groups, layer_order=layer_order), mode)
     leaf_names = tree_lib.leaf_names(a)
     matrix = np.stack([sel for _, sel in named])  # (G, leaves)
@@ -258,13 +287,13 @@ def layerwise_lmc(eval_fn: EvalFn, a: PyTree, b: PyTree, groups: Sequence[GroupS
     out = _layerwise_program(eval_fn, chunk, bool(jit))(a, b, masks, gi, al, x, y)
     loss = np.asarray(out["loss"]).reshape(g, k)
     acc = np.asarray(out["accuracy"]).reshape(g, k)
-    per_group = [barriers({"alpha": alphas_arr, "loss": loss[i], "accuracy": acc[i]}) for i in range(g)]
-    return {
-        "mode": mode,
-        "groups": [name for name, _ in named],
-        "members": [[leaf_names[j] for j in np.flatnonzero(sel)] for _, sel in named],
-        "paths": {"alpha": np.asarray(alphas_arr), "loss": loss, "accuracy": acc},
-        "per_group": per_group,
-        "loss_barrier": np.array([p["loss_barrier"] for p in per_group]),
-        "accuracy_barrier": np.array([p["accuracy_barrier"] for p in per_group]),
-    }
+    per_group = [barriers(LMCPath(alphas_arr, loss[i], acc[i])) for i in range(g)]
+    return LayerwiseLMC(
+        mode=mode,
+        groups=[name for name, _ in named],
+        members=[[leaf_names[j] for j in np.flatnonzero(sel)] for _, sel in named],
+        paths=LMCPath(np.asarray(alphas_arr), loss, acc),
+        per_group=per_group,
+        loss_barrier=np.array([p.loss_barrier for p in per_group]),
+        accuracy_barrier=np.array([p.accuracy_barrier for p in per_group]),
+    )

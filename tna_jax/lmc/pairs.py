@@ -3,24 +3,45 @@ subset, and all of a table's paths as one vmapped program."""
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tna_jax import deprecation
 from tna_jax import tree as tree_lib
 from tna_jax.chunking import AUTO, Chunk, check_chunk, map_points
 from tna_jax.evaluation import EvalFn
-from tna_jax.lmc.paths import _check_alphas, barriers, check_data, interpolate
+from tna_jax.lmc.paths import Barriers, LMCPath, barriers, check_alphas, check_data, interpolate
+from tna_jax.programs import cached_per_eval_fn
 
 PyTree = Any
 
-__all__ = ["MAX_ALL_PAIRS", "PAIR_MODES", "all_pairs", "disjoint_pairs", "random_pairs", "select_pairs",
-           "describe_pairs", "pairwise_barriers"]
+__all__ = ["MAX_ALL_PAIRS", "PAIR_MODES", "PairwiseBarriers", "all_pairs", "disjoint_pairs", "random_pairs",
+           "select_pairs", "describe_pairs", "pairs_program", "pairwise_barriers"]
+
+
+@deprecation.legacy_item_access
+class PairwiseBarriers(NamedTuple):
+    """LMC between pairs of N models (:func:`pairwise_barriers`).
+
+    Attributes:
+      pairs: the P evaluated pairs ``[(i, j), ...]``.
+      paths: an :class:`~tna_jax.lmc.paths.LMCPath` with alpha (K,) and loss, accuracy (P, K)
+        (NumPy).
+      per_pair: P :class:`~tna_jax.lmc.paths.Barriers`, in the order of `pairs`.
+      loss_barrier: (N, N) symmetric table, 0 on the diagonal, NaN where no pair was evaluated.
+      accuracy_barrier: (N, N) likewise.
+    """
+
+    pairs: list[tuple[int, int]]
+    paths: LMCPath
+    per_pair: list[Barriers]
+    loss_barrier: np.ndarray
+    accuracy_barrier: np.ndarray
 
 
 MAX_ALL_PAIRS = 10_000_000
@@ -193,8 +214,22 @@ def describe_pairs(mode: str, num_pairs: int, n: int, seed: int = 0) -> str:
     return f"all {num_pairs} pairs (overlapping)"
 
 
-@functools.lru_cache(maxsize=64)
-def _pairs_program(eval_fn: EvalFn, chunk: Chunk, jit: bool) -> Callable[..., Any]:
+@cached_per_eval_fn
+def pairs_program(eval_fn: EvalFn, chunk: Chunk, jit: bool = True) -> Callable[..., Any]:
+    """The program :func:`pairwise_barriers` runs, cached per ``(eval_fn, chunk, jit)``:
+    ``program(stacked, ii, jj, pi, al, x, y) -> {"loss", "accuracy"}`` over the flattened
+    (pair, α) points, where point p interpolates models ``ii[pi[p]]`` and ``jj[pi[p]]`` at
+    ``al[p]``. Public for memory analysis (``program.lower(...).compile().memory_analysis()``).
+
+    Args:
+      eval_fn: evaluation of one model.
+      chunk: as in :func:`pairwise_barriers` (a checked, hashable value).
+      jit: return the jitted program (default) or the plain function.
+
+    Returns:
+      The program.
+    """
+
     def compute(stacked, ii, jj, pi, al, x, y):
         def point(inputs):
             p, alpha = inputs
@@ -210,7 +245,7 @@ def _pairs_program(eval_fn: EvalFn, chunk: Chunk, jit: bool) -> Callable[..., An
 def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], *,
                       pairs: Sequence[tuple[int, int]] | None = None,
                       alphas: Sequence[float] | None = None, chunk: Chunk = AUTO,
-                      jit: bool = True) -> dict[str, Any]:
+                      jit: bool = True) -> PairwiseBarriers:
     """LMC between pairs of N stacked models, vmapped over pairs and α.
 
     Args:
@@ -223,10 +258,8 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
         (default) as in :func:`lmc_path`.
 
     Returns:
-      ``{"pairs": [(i, j)...], "paths": {"alpha", "loss" (P, K), "accuracy" (P, K)},
-      "per_pair": [barriers dicts], "loss_barrier": (N, N), "accuracy_barrier": (N, N)}``
-      where the N×N tables are symmetric with NaN where a pair was not evaluated and 0 on the
-      diagonal.
+      :class:`PairwiseBarriers`; its N×N tables are symmetric with NaN where a pair was not
+      evaluated and 0 on the diagonal.
 
     Raises:
       ValueError: empty data, no pairs, a pair out of range, chunk < 1, a bad α grid.
@@ -239,7 +272,7 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
       ...     return {"loss": loss, "accuracy": (loss < 0.5).astype(jnp.float32)}
       >>> stacked = {"w": jnp.array([0.0, 2.0, 1.0])}
       >>> table = pairwise_barriers(eval_fn, stacked, (jnp.ones(4), jnp.ones(4)), alphas=[0.0, 0.5, 1.0])
-      >>> table["pairs"], float(table["loss_barrier"][0, 1])  # a convex loss: no barrier
+      >>> table.pairs, float(table.loss_barrier[0, 1])  # a convex loss: no barrier
       ([(0, 1), (0, 2), (1, 2)], 0.0)
     """
     x, y = check_data(data)
@@ -254,23 +287,23 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
     for i, j in pairs:
         if not (0 <= i < n and 0 <= j < n):
             raise ValueError(f"pair ({i}, {j}) is out of range for {n} models.")
-    alphas_arr = _check_alphas(alphas)
+    alphas_arr = check_alphas(alphas)
     ii = jnp.asarray([p[0] for p in pairs], jnp.int32)
     jj = jnp.asarray([p[1] for p in pairs], jnp.int32)
     k = alphas_arr.shape[0]
     # Flatten (pair, α) into one batch axis so chunking bounds the total work in flight.
     pi = jnp.repeat(jnp.arange(len(pairs), dtype=jnp.int32), k)
     al = jnp.tile(alphas_arr, len(pairs))
-    out = _pairs_program(eval_fn, chunk, bool(jit))(stacked, ii, jj, pi, al, x, y)
+    out = pairs_program(eval_fn, chunk, bool(jit))(stacked, ii, jj, pi, al, x, y)
     loss = np.asarray(out["loss"]).reshape(len(pairs), k)
     acc = np.asarray(out["accuracy"]).reshape(len(pairs), k)
-    per_pair = [barriers({"alpha": alphas_arr, "loss": loss[p], "accuracy": acc[p]}) for p in range(len(pairs))]
+    per_pair = [barriers(LMCPath(alphas_arr, loss[p], acc[p])) for p in range(len(pairs))]
     lb = np.full((n, n), np.nan)
     ab = np.full((n, n), np.nan)
     np.fill_diagonal(lb, 0.0)
     np.fill_diagonal(ab, 0.0)
     for (i, j), b in zip(pairs, per_pair):
-        lb[i, j] = lb[j, i] = b["loss_barrier"]
-        ab[i, j] = ab[j, i] = b["accuracy_barrier"]
-    return {"pairs": pairs, "paths": {"alpha": np.asarray(alphas_arr), "loss": loss, "accuracy": acc},
-            "per_pair": per_pair, "loss_barrier": lb, "accuracy_barrier": ab}
+        lb[i, j] = lb[j, i] = b.loss_barrier
+        ab[i, j] = ab[j, i] = b.accuracy_barrier
+    return PairwiseBarriers(pairs=pairs, paths=LMCPath(np.asarray(alphas_arr), loss, acc), per_pair=per_pair,
+                            loss_barrier=lb, accuracy_barrier=ab)

@@ -1,4 +1,6 @@
-"""Linear mode connectivity: interpolation paths vmapped over α, barriers, and fusion of K models.
+"""Linear mode connectivity: interpolation paths vmapped over α (`LMCPath`) and their barriers
+(`Barriers`). The fusion of K models is `tna_jax.fusion.uniform_soup` (`fuse` here is its
+deprecated former name).
 
 Definitions (as in the papers). With θ_α = (1 − α) θ_A + α θ_B,
 
@@ -14,25 +16,67 @@ still measured against the chord between the α = 0 and α = 1 points of the pat
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tna_jax import deprecation
 from tna_jax import tree as tree_lib
 from tna_jax.chunking import AUTO, Chunk, check_chunk, map_points
 from tna_jax.evaluation import EvalFn
+from tna_jax.programs import cached_per_eval_fn
 
 PyTree = Any
 
-__all__ = ["MAX_ALPHAS", "default_alphas", "check_compatible", "check_data", "interpolate", "lmc_path", "barriers",
-           "fuse"]
+__all__ = ["MAX_ALPHAS", "LMCPath", "Barriers", "default_alphas", "check_alphas", "check_compatible", "check_data",
+           "interpolate", "lmc_path", "barriers", "fuse"]
 
 
 MAX_ALPHAS = 1_000_000  # points on one path; far more than any plot needs, far less than memory
+
+
+@deprecation.legacy_item_access
+class LMCPath(NamedTuple):
+    """Loss and accuracy along interpolation paths.
+
+    Attributes:
+      alpha: (K,) the α grid.
+      loss: (K,) for one path (:func:`lmc_path`, jax arrays: it runs under transformations), or
+        (P, K) for P paths of a table (NumPy arrays).
+      accuracy: same shape as `loss`.
+    """
+
+    alpha: Any
+    loss: Any
+    accuracy: Any
+
+
+@deprecation.legacy_item_access
+class Barriers(NamedTuple):
+    """Barriers and summary numbers of one path (Python floats; see the module docstring).
+
+    Attributes:
+      loss_barrier: B_L ≥ 0.
+      accuracy_barrier: B_A ≥ 0.
+      avg_endpoint_accuracy: mean accuracy of the two endpoints.
+      interp_accuracy: accuracy at α = 0.5 (linearly interpolated off the grid).
+      avg_endpoint_loss: mean loss of the two endpoints.
+      interp_loss: loss at α = 0.5.
+      argmax_alpha_loss: the α where the loss gap is largest.
+      argmax_alpha_accuracy: the α where the accuracy gap is largest.
+    """
+
+    loss_barrier: float
+    accuracy_barrier: float
+    avg_endpoint_accuracy: float
+    interp_accuracy: float
+    avg_endpoint_loss: float
+    interp_loss: float
+    argmax_alpha_loss: float
+    argmax_alpha_accuracy: float
 
 
 def default_alphas(num: int = 25) -> np.ndarray:
@@ -115,8 +159,23 @@ def check_data(data: tuple[jax.Array, jax.Array], name: str = "data") -> tuple[j
     return x, y
 
 
-def _check_alphas(alphas: Any) -> jax.Array:
-    """The α grid as a float32 vector (default 25 points in [0, 1]); any finite values allowed."""
+def check_alphas(alphas: Any) -> jax.Array:
+    """The α grid as a float32 vector (default 25 points in [0, 1]); any finite values allowed.
+
+    Args:
+      alphas: a 1-D sequence of numbers, an array (a tracer is passed through), or None.
+
+    Returns:
+      A float32 jax vector.
+
+    Raises:
+      TypeError: not a sequence of numbers.
+      ValueError: empty, not 1-D, or not finite in float32.
+
+    Examples:
+      >>> check_alphas([0, 0.5, 1]).tolist()
+      [0.0, 0.5, 1.0]
+    """
     arr = default_alphas() if alphas is None else alphas
     if not isinstance(arr, jax.core.Tracer):
         try:
@@ -154,7 +213,7 @@ def interpolate(a: PyTree, b: PyTree, alpha: float | jax.Array) -> PyTree:
     return tree_lib.lerp(a, b, alpha)
 
 
-@functools.lru_cache(maxsize=64)
+@cached_per_eval_fn
 def _path_program(eval_fn: EvalFn, chunk: Chunk, jit: bool) -> Callable[..., Any]:
     """One compiled program per (eval_fn, chunk): repeated paths reuse it (no recompiles)."""
 
@@ -164,26 +223,44 @@ def _path_program(eval_fn: EvalFn, chunk: Chunk, jit: bool) -> Callable[..., Any
     return jax.jit(compute) if jit else compute
 
 
-def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, alphas: Sequence[float] | jax.Array | None = None,
-             data: tuple[jax.Array, jax.Array] | None = None, chunk: Chunk = AUTO, *,
-             jit: bool = True) -> dict[str, Any]:
+def _legacy_path_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Maps the pre-0.2 call ``lmc_path(eval_fn, a, b, alphas, data, chunk)`` onto the new one."""
+    if len(args) >= 5 or (len(args) == 4 and "data" in kwargs):
+        names = ("alphas", "data", "chunk")
+        moved = dict(zip(names, args[3:]))
+        clash = sorted(set(moved) & set(kwargs))
+        if clash:
+            raise TypeError(f"lmc_path got {clash[0]!r} both by position and by keyword.")
+        deprecation.warn("lmc_path(eval_fn, a, b, alphas, data)", "lmc_path(eval_fn, a, b, data, alphas=...)",
+                         stacklevel=4)
+        kwargs = {**kwargs, **moved}
+        args = (*args[:3], kwargs.pop("data"))
+    return args, kwargs
+
+
+@deprecation.legacy_call(_legacy_path_call)
+def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, data: tuple[jax.Array, jax.Array], *,
+             alphas: Sequence[float] | jax.Array | None = None, chunk: Chunk = AUTO, jit: bool = True) -> LMCPath:
     """Loss and accuracy of θ_α = (1 − α) θ_A + α θ_B for every α, vmapped over α.
+
+    The pre-0.2 order ``lmc_path(eval_fn, a, b, alphas, data)`` still works, with a
+    `DeprecationWarning`.
 
     Args:
       eval_fn: ``eval_fn(variables, x, y) -> {"loss", "accuracy"}`` for one model
-        (:func:`tna_jax.evaluation.make_eval_fn`; wrap it with :func:`with_bn_reset` to reset
-        BatchNorm statistics at every α).
+        (:func:`tna_jax.evaluation.make_eval_fn`; wrap it with
+        :func:`tna_jax.norm_stats.with_bn_reset` to reset BatchNorm statistics at every α).
       a, b: the endpoint variables (same structure).
-      alphas: the α grid; default 25 points in [0, 1]. Values outside [0, 1] extrapolate.
       data: ``(x, y)`` to evaluate on.
+      alphas: the α grid; default 25 points in [0, 1]. Values outside [0, 1] extrapolate.
       chunk: evaluate at most this many α at once (``lax.map`` with ``batch_size``: bounds
         memory, same numbers); None = all α in one vmap; ``"auto"`` (default) sizes the chunks
-        to the backend (:func:`auto_chunk`: cache-sized on CPU, memory-bounded elsewhere).
+        to the backend (:func:`tna_jax.chunking.auto_chunk`).
       jit: compile the path (cached per ``(eval_fn, chunk)``); False runs it eagerly, e.g.
         inside another transformation.
 
     Returns:
-      ``{"alpha": (K,), "loss": (K,), "accuracy": (K,)}`` as jax arrays.
+      An :class:`LMCPath` of (K,) jax arrays.
 
     Raises:
       ValueError: models of different structure (naming the first mismatching path), empty
@@ -196,8 +273,8 @@ def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, alphas: Sequence[float] | ja
       ...     loss = jnp.mean((x * v["w"] - y) ** 2)
       ...     return {"loss": loss, "accuracy": (loss < 0.5).astype(jnp.float32)}
       >>> data = (jnp.ones(4), jnp.ones(4))
-      >>> path = lmc_path(eval_fn, {"w": jnp.array(0.0)}, {"w": jnp.array(2.0)}, [0.0, 0.5, 1.0], data)
-      >>> path["loss"].tolist()
+      >>> path = lmc_path(eval_fn, {"w": jnp.array(0.0)}, {"w": jnp.array(2.0)}, data, alphas=[0.0, 0.5, 1.0])
+      >>> path.loss.tolist()
       [1.0, 0.0, 1.0]
     """
     if data is None:
@@ -207,41 +284,44 @@ def lmc_path(eval_fn: EvalFn, a: PyTree, b: PyTree, alphas: Sequence[float] | ja
     x, y = check_data(data)
     chunk = check_chunk(chunk)
     check_compatible(a, b)
-    alphas = _check_alphas(alphas)
+    alphas = check_alphas(alphas)
     out = _path_program(eval_fn, chunk, bool(jit))(a, b, alphas, x, y)
-    return {"alpha": alphas, "loss": out["loss"], "accuracy": out["accuracy"]}
+    return LMCPath(alpha=alphas, loss=out["loss"], accuracy=out["accuracy"])
 
 
-def barriers(path: dict[str, Any]) -> dict[str, float]:
+def barriers(path: LMCPath | Mapping[str, Any]) -> Barriers:
     """Barriers and summary numbers of one path (the output of :func:`lmc_path`).
 
     The path must contain α = 0 and α = 1 (the endpoints). Accuracy at α = 0.5 is read off the
     path (linearly interpolated if 0.5 is not on the grid).
 
     Args:
-      path: ``{"alpha", "loss", "accuracy"}`` vectors of one path (any order of α).
+      path: an :class:`LMCPath` (or a mapping with ``"alpha"``, ``"loss"``, ``"accuracy"``) of
+        one path, vectors in any order of α.
 
     Returns:
-      ``{"loss_barrier", "accuracy_barrier", "avg_endpoint_accuracy", "interp_accuracy",
-      "avg_endpoint_loss", "interp_loss", "argmax_alpha_loss", "argmax_alpha_accuracy"}``.
+      :class:`Barriers` (Python floats).
 
     Raises:
-      ValueError: a path without the keys "alpha", "loss", "accuracy" of one length, or
-        without the endpoints.
+      ValueError: a path without alpha, loss and accuracy vectors of one length, or without
+        the endpoints.
 
     Examples:
-      >>> path = {"alpha": [0.0, 0.5, 1.0], "loss": [0.2, 1.0, 0.4], "accuracy": [0.9, 0.5, 0.7]}
-      >>> b = barriers(path)
-      >>> round(b["loss_barrier"], 3), round(b["accuracy_barrier"], 3), round(b["interp_accuracy"], 3)
+      >>> b = barriers(LMCPath(alpha=[0.0, 0.5, 1.0], loss=[0.2, 1.0, 0.4], accuracy=[0.9, 0.5, 0.7]))
+      >>> round(b.loss_barrier, 3), round(b.accuracy_barrier, 3), round(b.interp_accuracy, 3)
       (0.7, 0.3, 0.5)
     """
-    if not isinstance(path, dict) or any(k not in path for k in ("alpha", "loss", "accuracy")):
-        raise ValueError("path must be a dict with 'alpha', 'loss' and 'accuracy' (the output of lmc_path); got "
-                         f"{sorted(path) if isinstance(path, dict) else type(path).__name__}.")
+    if isinstance(path, LMCPath):
+        fields = (path.alpha, path.loss, path.accuracy)
+    elif isinstance(path, Mapping) and all(k in path for k in ("alpha", "loss", "accuracy")):
+        fields = (path["alpha"], path["loss"], path["accuracy"])
+    else:
+        raise ValueError("path must be an LMCPath (the output of lmc_path) or a mapping with 'alpha', 'loss' and "
+                         f"'accuracy'; got {sorted(path) if isinstance(path, Mapping) else type(path).__name__}.")
     try:
-        alpha, loss, acc = (np.asarray(path[k], np.float64) for k in ("alpha", "loss", "accuracy"))
+        alpha, loss, acc = (np.asarray(f, np.float64) for f in fields)
     except (TypeError, ValueError):
-        raise ValueError("path['alpha'], path['loss'] and path['accuracy'] must be numeric arrays.") from None
+        raise ValueError("path alpha, loss and accuracy must be numeric arrays.") from None
     if alpha.ndim != 1 or loss.shape != alpha.shape or acc.shape != alpha.shape:
         raise ValueError(f"path arrays must be 1-D of one length; got alpha {alpha.shape}, loss {loss.shape}, "
                          f"accuracy {acc.shape}.")
@@ -254,79 +334,28 @@ def barriers(path: dict[str, Any]) -> dict[str, float]:
     loss_gap = loss - ((1 - alpha) * la + alpha * lb)
     acc_gap = ((1 - alpha) * aa + alpha * ab) - acc
     order = np.argsort(alpha)
-    return {
-        "loss_barrier": float(max(loss_gap.max(), 0.0)),
-        "accuracy_barrier": float(max(acc_gap.max(), 0.0)),
-        "avg_endpoint_accuracy": float((aa + ab) / 2),
-        "interp_accuracy": float(np.interp(0.5, alpha[order], acc[order])),
-        "avg_endpoint_loss": float((la + lb) / 2),
-        "interp_loss": float(np.interp(0.5, alpha[order], loss[order])),
-        "argmax_alpha_loss": float(alpha[int(np.argmax(loss_gap))]),
-        "argmax_alpha_accuracy": float(alpha[int(np.argmax(acc_gap))]),
-    }
-
-
-@functools.lru_cache(maxsize=64)
-def _eval_programs(eval_fn: EvalFn) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """Compiled evaluation of K stacked models and of one model, cached per eval_fn."""
-    return jax.jit(jax.vmap(eval_fn, in_axes=(0, None, None))), jax.jit(eval_fn)
+    return Barriers(
+        loss_barrier=float(max(loss_gap.max(), 0.0)),
+        accuracy_barrier=float(max(acc_gap.max(), 0.0)),
+        avg_endpoint_accuracy=float((aa + ab) / 2),
+        interp_accuracy=float(np.interp(0.5, alpha[order], acc[order])),
+        avg_endpoint_loss=float((la + lb) / 2),
+        interp_loss=float(np.interp(0.5, alpha[order], loss[order])),
+        argmax_alpha_loss=float(alpha[int(np.argmax(loss_gap))]),
+        argmax_alpha_accuracy=float(alpha[int(np.argmax(acc_gap))]),
+    )
 
 
 def fuse(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], weights: Any = None
          ) -> dict[str, Any]:
-    """Multi-model fusion: the (weighted) average of K models against their individual metrics.
+    """Deprecated: :func:`tna_jax.fusion.uniform_soup` computes the same soup, typed.
 
-    Args:
-      eval_fn: evaluation of one model (``evaluation.make_eval_fn``).
-      stacked: K models' variables on a leading axis.
-      data: ``(x, y)`` to evaluate on.
-      weights: None (uniform) or K non-negative weights.
-
-    Returns:
-      ``{"fused": variables, "fused_loss", "fused_accuracy", "individual_loss" (K,),
-      "individual_accuracy" (K,), "mean_individual_loss", "mean_individual_accuracy",
-      "accuracy_barrier" (mean individual − fused), "loss_barrier" (fused − mean individual)}``.
-
-    Raises:
-      ValueError: empty data; weights of the wrong length, negative or all zero.
-      TypeError: data that is not a pair ``(x, y)``.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> def eval_fn(v, x, y):
-      ...     loss = jnp.mean((x * v["w"] - y) ** 2)
-      ...     return {"loss": loss, "accuracy": (loss < 0.5).astype(jnp.float32)}
-      >>> out = fuse(eval_fn, {"w": jnp.array([0.0, 2.0])}, (jnp.ones(4), jnp.ones(4)))
-      >>> float(out["fused"]["w"]), out["fused_accuracy"], out["mean_individual_accuracy"]
-      (1.0, 1.0, 0.0)
+    Returns the pre-0.2 dict ``{"fused", "fused_loss", "fused_accuracy", "individual_loss",
+    "individual_accuracy", "mean_individual_loss", "mean_individual_accuracy",
+    "accuracy_barrier", "loss_barrier"}`` built from the soup, with a `DeprecationWarning`.
     """
-    x, y = check_data(data)
-    fused = tree_lib.weighted_mean(stacked, weights)
-    many, one = _eval_programs(eval_fn)
-    ind = many(stacked, x, y)
-    f = one(fused, x, y)
-    ind_acc = np.asarray(ind["accuracy"], np.float64)
-    ind_loss = np.asarray(ind["loss"], np.float64)
-    w = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
-    mean_acc = float(np.mean(ind_acc) if w is None else np.sum(w * ind_acc))
-    mean_loss = float(np.mean(ind_loss) if w is None else np.sum(w * ind_loss))
-    return {
-        "fused": fused,
-        "fused_loss": float(f["loss"]), "fused_accuracy": float(f["accuracy"]),
-        "individual_loss": ind_loss, "individual_accuracy": ind_acc,
-        "mean_individual_loss": mean_loss, "mean_individual_accuracy": mean_acc,
-        "accuracy_barrier": mean_acc - float(f["accuracy"]),
-        "loss_barrier": float(f["loss"]) - mean_loss,
-    }
+    deprecation.warn("tna_jax.lmc.fuse", "tna_jax.fusion.uniform_soup(eval_fn, stacked, data, weights=...)")
+    from tna_jax.fusion import soups  # fusion builds on lmc: imported when used
 
-
-# ---------------------------------------------------------------------------------------------
-# Layer-wise LMC (Adilova et al., 2024).
-# ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
-# BatchNorm statistics reset (REPAIR / git-re-basin's "reset_bn_stats").
-# ---------------------------------------------------------------------------------------------
-
-
+    soup = soups.uniform_soup(eval_fn, stacked, data, weights=weights)
+    return {"fused": soup.params, **soup.fusion_numbers()}
