@@ -142,8 +142,20 @@ def _matrix(x: jax.Array, axis: int) -> jax.Array:
 
 def group_costs(spec: PermutationSpec, plan: GroupPlan, part: str, a: Mapping[str, jax.Array],
                  b: Mapping[str, jax.Array], perm: Mapping[str, jax.Array]) -> Any:
-    """One group's matrix: ``"const"`` or ``"var"`` (the single terms) as ``c0``, or ``"all"`` as
-    ``(c0, {child: (n, d, n, d)})``."""
+    """The cost matrix of one group of permutations solved together.
+
+    Args:
+      spec: the permutation spec.
+      plan: the group's plan (its size, constant, single and pair terms).
+      part: ``"const"`` (terms that never change), ``"var"`` (terms that depend on the other
+        permutations) or ``"all"``.
+      a, b: the two models' parameters by path.
+      perm: the current permutations by name.
+
+    Returns:
+      ``c0``, the ``(n, n)`` float32 matrix of the single terms, for ``"const"`` and ``"var"``;
+      ``(c0, {child: (n, d, n, d)})`` with the per-child terms of rank-m updates for ``"all"``.
+    """
     leaves, parent = spec.leaves, spec.parent
     n = plan.size
     c0 = jnp.zeros((n, n), jnp.float32)

@@ -353,6 +353,15 @@ def fuse(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], we
     Returns the pre-0.2 dict ``{"fused", "fused_loss", "fused_accuracy", "individual_loss",
     "individual_accuracy", "mean_individual_loss", "mean_individual_accuracy",
     "accuracy_barrier", "loss_barrier"}`` built from the soup, with a `DeprecationWarning`.
+
+    Args:
+      eval_fn: the evaluation of one model.
+      stacked: the K models stacked on a leading axis.
+      data: ``(x, y)``.
+      weights: per-model weights (None: uniform).
+
+    Returns:
+      The dict above.
     """
     deprecation.warn("tna_jax.lmc.fuse", "tna_jax.fusion.uniform_soup(eval_fn, stacked, data, weights=...)")
     from tna_jax.fusion import soups  # fusion builds on lmc: imported when used
