@@ -90,3 +90,14 @@ def write_json(name: str, payload: dict[str, Any], out_dir: str | None = None) -
     os.replace(tmp, path)
     print(f"wrote {path}")
     return path
+
+
+def import_torch() -> Any:
+    """PyTorch for the comparisons, or ImportError when it is absent or switched off with
+    ``TNA_JAX_BENCH_TORCH=0`` (CI's quick guard: its environment has torch for the tests, but the
+    PyTorch comparisons are measured at full size only, on an idle machine)."""
+    if os.environ.get("TNA_JAX_BENCH_TORCH", "1") == "0":
+        raise ImportError("PyTorch comparisons are switched off (TNA_JAX_BENCH_TORCH=0)")
+    import torch
+
+    return torch

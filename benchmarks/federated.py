@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.common import print_table, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import import_torch, print_table, time_interleaved, write_json  # noqa: E402
 from tna_jax import data as data_lib  # noqa: E402
 from tna_jax import models  # noqa: E402
 from tna_jax import sharding as sharding_lib
@@ -87,7 +87,7 @@ def loop_round(net, packed, num_clients: int, mesh, *, size_buckets: int):
 
 def torch_round_fn(x, y, parts, width: int, depth: int, num_classes: int, epochs: int = 1):
     """A PyTorch FedAvg round: every client trains a copy of the global MLP on its own data."""
-    import torch
+    torch = import_torch()
 
     # One thread: on a shared machine PyTorch's spinning worker threads otherwise dominate its time
     # (measured here: 56 s for a round with 2 threads under load); the model is too small to gain from more.

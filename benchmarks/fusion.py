@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import print_table, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import import_torch, print_table, time_interleaved, write_json  # noqa: E402
 from tna_jax import evaluation, fusion, models  # noqa: E402
 from tna_jax import tree as tree_lib  # noqa: E402
 
@@ -92,7 +92,7 @@ def minilm_variants(batch: int, seq_len: int):
         return forward(variables, ids_j)
 
     try:
-        import torch
+        torch = import_torch()
         from sentence_transformers import SentenceTransformer
     except ImportError as err:
         return {"ours": ours}, f"torch / sentence-transformers not installed ({err.name}): PyTorch side skipped"

@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import print_table, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import import_torch, print_table, time_interleaved, write_json  # noqa: E402
 from tna_jax import chunking, evaluation, lmc, models  # noqa: E402
 from tna_jax import tree as tree_lib  # noqa: E402
 
@@ -65,7 +65,7 @@ def memory(eval_fn, stacked, pairs, alphas, x, y, chunk):
 
 def torch_loop_fn(models_list, pairs, alphas, x, y):
     """PyTorch reference: interpolate the state dicts, evaluate, for every pair and α."""
-    import torch
+    torch = import_torch()
 
     torch.set_num_threads(os.cpu_count() or 1)
 

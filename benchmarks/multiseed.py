@@ -29,7 +29,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import print_table, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import import_torch, print_table, time_interleaved, write_json  # noqa: E402
 from benchmarks.harness import Trainer, matmul_peak_gflops, train_flops_per_example  # noqa: E402
 from tna_jax import data as data_lib  # noqa: E402
 from tna_jax import evaluation, models  # noqa: E402
@@ -95,7 +95,7 @@ class PythonLoopTrainer:
 
 def torch_epoch_fn(dataset, num_seeds: int):
     """A plain PyTorch loop: for each seed, an epoch of SGD-momentum over shuffled batches."""
-    import torch
+    torch = import_torch()
 
     torch.set_num_threads(os.cpu_count() or 1)
     d = data_lib.to_device(dataset)

@@ -35,7 +35,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import print_table, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import import_torch, print_table, time_interleaved, write_json  # noqa: E402
 from benchmarks.harness import Trainer, matmul_peak_gflops, train_flops_per_example  # noqa: E402
 from tna_jax import data as data_lib  # noqa: E402
 from tna_jax.config import default_config  # noqa: E402
@@ -64,7 +64,7 @@ def make_config(num_seeds: int, seed: int = 0, run_axis: str = "auto"):
 
 def torch_epoch_fn(dataset: data_lib.Dataset, num_seeds: int):
     """One epoch of SGD-momentum for `num_seeds` PyTorch ResNet-20s, one after another."""
-    import torch
+    torch = import_torch()
     from torch import nn
 
     torch.set_num_threads(os.cpu_count() or 1)
