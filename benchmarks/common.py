@@ -97,7 +97,7 @@ def import_torch() -> Any:
     ``TNA_JAX_BENCH_TORCH=0`` (CI's quick guard: its environment has torch for the tests, but the
     PyTorch comparisons are measured at full size only, on an idle machine)."""
     if os.environ.get("TNA_JAX_BENCH_TORCH", "1") == "0":
-        raise ImportError("PyTorch comparisons are switched off (TNA_JAX_BENCH_TORCH=0)")
+        raise ImportError("PyTorch comparisons are switched off (TNA_JAX_BENCH_TORCH=0)", name="torch")
     import torch
 
     return torch
