@@ -45,7 +45,7 @@ STEPS_PER_EPOCH = 6  # 432 training examples / batch 64
 
 
 def command(workdir, devices=1):
-    return [sys.executable, "train.py", *ARGS, f"--cpu_devices={devices}", f"--workdir={workdir}"]
+    return [sys.executable, "tests/train_with_faults.py", *ARGS, f"--cpu_devices={devices}", f"--workdir={workdir}"]
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +368,7 @@ FED_ARGS = ["--config=configs/fed_mnist1d.py", "--config.num_seeds=2", "--config
 
 
 def fed_command(workdir):
-    return [sys.executable, "train.py", *FED_ARGS, "--cpu_devices=1", f"--workdir={workdir}"]
+    return [sys.executable, "tests/train_with_faults.py", *FED_ARGS, "--cpu_devices=1", f"--workdir={workdir}"]
 
 
 def fed_schedule(seed=3):
