@@ -120,13 +120,16 @@ class Loop:
         processes' (under ``jax.distributed`` a signal to one stops all); default: as is.
 
     Examples:
-      A loop of 3 iterations that checkpoints every 2 (here the "checkpoint" is a list):
+      A loop of 3 iterations that checkpoints every 2 (and after the last):
 
-      >>> saved = []
-      >>> with Loop(3, checkpoint_every=2, hooks=[]) as loop:
+      >>> import tempfile, jax.numpy as jnp
+      >>> from tna_jax.checkpoint import Checkpointer
+      >>> ckpt = Checkpointer(tempfile.mkdtemp(), keep=5)
+      >>> with Loop(3, checkpoint_every=2, checkpointer=ckpt, hooks=[]) as loop:
       ...     for i in loop.iterations():
-      ...         loop.end_iteration(i + 1, lambda: saved.append(i + 1))
-      >>> saved
+      ...         w = jnp.full(2, i + 1.0)  # the iteration's work
+      ...         loop.end_iteration(i + 1, lambda d=i + 1, w=w: ckpt.save(d, {"w": w}))
+      >>> Checkpointer(ckpt.directory).steps()
       [2, 3]
     """
 

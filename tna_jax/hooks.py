@@ -30,6 +30,9 @@ def installed(hooks: Sequence[Hook]) -> Iterator[None]:
     Args:
       hooks: callables ``hook(point, directory)``.
 
+    Returns:
+      A context manager; the previous hooks are back when it exits.
+
     Examples:
       >>> seen = []
       >>> with installed([lambda point, directory: seen.append(point)]):
@@ -46,7 +49,11 @@ def installed(hooks: Sequence[Hook]) -> Iterator[None]:
 
 
 def active() -> tuple[Hook, ...]:
-    """The hooks :func:`installed` put in place (empty outside it)."""
+    """The hooks in place.
+
+    Returns:
+      The hooks :func:`installed` put in place (an empty tuple outside it).
+    """
     return _ACTIVE.get()
 
 
