@@ -187,3 +187,52 @@ def test_resume_rewrites_the_tensorboard_points_a_kill_lost_and_keeps_two_checkp
     assert len(points) == len(set(points)) == 12
     assert sorted(points) == metrics_points(tmp_path, "vanilla", 0)
     assert sorted(int(s) for s in os.listdir(steps_dir) if s.isdigit()) == [12, 18]
+
+
+# ---------------------------------------------------------------------------------------------
+# A new experiment kind needs no loop scaffolding of its own.
+# ---------------------------------------------------------------------------------------------
+
+
+def toy_kind(config, workdir):
+    """Linear regression by SGD: the kind's own code is the step and its rows; checkpoints,
+    resume, signals, metrics and hooks come from the harness."""
+    x = jax.random.normal(jax.random.key(0), (64, 3))
+    y = x @ jnp.array([1.0, -2.0, 0.5])
+    tx = optax.sgd(0.1)
+    params = {"w": jnp.zeros(3)}
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")) if workdir else None
+    resumed = harness.resume(ckpt, {"params": params, "opt": tx.init(params)}, lambda meta: meta["epoch"])
+    state, start = (resumed[0], resumed[1]["epoch"]) if resumed else ({"params": params, "opt": tx.init(params)}, 0)
+    metrics = logs.MetricsLog(workdir, [{"run": 0, "arm": "toy", "seed": 0}], start, tensorboard=False)
+    step = jax.jit(lambda s: gradient_step(lambda p: jnp.mean((x @ p["w"] - y) ** 2), tx, s["params"], s["opt"]))
+    epochs = int(config.train.epochs)
+    with harness.Loop(epochs, start=start, checkpointer=ckpt, metrics=metrics) as loop:
+        for epoch in loop.iterations():
+            loss, params, opt = step(state)
+            state = {"params": params, "opt": opt}
+            loop.log([{"epoch": epoch + 1, "run": 0, "arm": "toy", "seed": 0, "train_loss": float(loss)}])
+            loop.point(f"epoch_end:{epoch + 1}")
+            loop.end_iteration(epoch + 1, lambda e=epoch + 1, s=state: ckpt.save(e, s, meta={"epoch": e}))
+    return {"w": np.asarray(state["params"]["w"]).tolist(), "resumed_from": start}
+
+
+def test_a_toy_kind_on_the_harness_resumes_after_a_sigterm_bit_identical(tmp_path):
+    from tna_jax import runner
+    from tna_jax.experiments import registry
+
+    registry.register("test_toy_harness")(toy_kind)
+    c = tiny_config(kind="test_toy_harness", train__epochs=5)
+    straight = runner.run(c, str(tmp_path / "straight"))
+
+    def term(point, directory):
+        if point == "epoch_end:2":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with hooks.installed([term]), pytest.raises(harness.Preempted, match="after epoch 2 of 5"):
+        runner.run(c, str(tmp_path / "stopped"))
+    resumed = runner.run(c, str(tmp_path / "stopped"))
+    assert resumed["resumed_from"] == 2 and resumed["w"] == straight["w"]
+    assert abs(straight["w"][0] - 1.0) < 0.5  # it learns
+    rows = logs.read_metrics(str(tmp_path / "stopped" / "metrics.jsonl"))
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
