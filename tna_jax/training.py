@@ -483,21 +483,9 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
                                   abstract_state)
     check_fits_in_memory(abstract_state, devices, len(all_runs))
 
-    checkpointer = None
-    start_epoch, start_step, partial = 0, 0, None
-    state = None
-    if workdir:
-        scheme = anchors.MASK_SCHEME if any(a.ratio > 0 for a in arms) else None
-        checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
-                                             mask_scheme=scheme)
-        resumed = resume(checkpointer, abstract_state,
-                         lambda meta: int(meta["epoch"]) * spe + int(meta.get("step_in_epoch", 0)))
-        if resumed is not None:
-            state, meta = resumed
-            start_epoch, start_step = int(meta["epoch"]), int(meta.get("step_in_epoch", 0))
-            partial = meta.get("partial_sums")
-            where = f"epoch {start_epoch}" + (f", step {start_step} of epoch {start_epoch + 1}" if start_step else "")
-            log(f"resuming from the checkpoint of {where} in {checkpointer.directory}")
+    checkpointer, state, meta = _open_checkpoints(workdir, config, arms, abstract_state, spe, log)
+    start_epoch, start_step = int(meta.get("epoch", 0)), int(meta.get("step_in_epoch", 0))
+    partial = meta.get("partial_sums")
     metrics_log = logs.MetricsLog(workdir, [r.describe() for r in runs], start_epoch,
                                   tensorboard=config.train.tensorboard)
     if state is None:
@@ -570,6 +558,26 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
     return TrainResult(state=real_state, runs=list(runs), history=metrics_log.rows,
                        test={k: v[:n_real] for k, v in test.items()}, val={k: v[:n_real] for k, v in val.items()},
                        mask=mask, seconds=seconds, resumed_from=start_epoch)
+
+
+def _open_checkpoints(workdir: str | None, config: Any, arms: Sequence[Arm], abstract_state: TrainState, spe: int,
+                      log: Callable[[str], None]) -> tuple[Any, TrainState | None, dict[str, Any]]:
+    """The workdir's checkpointer, and the state and metadata of its latest good checkpoint
+    (``(None, None, {})`` without a workdir; state None and ``{}`` for a fresh run)."""
+    if not workdir:
+        return None, None, {}
+    scheme = anchors.MASK_SCHEME if any(a.ratio > 0 for a in arms) else None
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+                                         mask_scheme=scheme)
+    resumed = resume(checkpointer, abstract_state,
+                     lambda meta: int(meta["epoch"]) * spe + int(meta.get("step_in_epoch", 0)))
+    if resumed is None:
+        return checkpointer, None, {}
+    state, meta = resumed
+    epoch, step = int(meta["epoch"]), int(meta.get("step_in_epoch", 0))
+    where = f"epoch {epoch}" + (f", step {step} of epoch {epoch + 1}" if step else "")
+    log(f"resuming from the checkpoint of {where} in {checkpointer.directory}")
+    return checkpointer, state, meta
 
 
 def _check_finite(loop: Loop, m: ChunkMetrics, runs: Sequence[Run], epoch: int, spe: int, lr: float) -> None:
