@@ -5,7 +5,7 @@ It drives any command that trains through tna_jax's fault points and checkpoints
 train.py --config configs/x.py --workdir W [--config.a=b]`` for every experiment kind. Each
 :class:`Kill` is one interruption of one process:
 
-* ``point``: the process SIGKILLs itself at that fault point (``tna_jax.faults``; e.g.
+* ``point``: the process SIGKILLs itself at that fault point (``tests/fault_hooks.py``, armed in ``tests/train_with_faults.py``; e.g.
   ``"after_save:2"``, ``"during_save:1"`` with ``files`` temporary checkpoint files written,
   ``"write:report.json"`` between an atomic write and its rename);
 * ``term``: it sends itself SIGTERM at that point (a preemption notice: it must checkpoint and exit
@@ -21,7 +21,7 @@ checkpoint step passes ``verify`` (default: its metadata reads), and it lists th
 kill left (proof that it landed mid-write; they must be gone at the end).
 
 To point it at another kind (e.g. the federated one), pass its command and its own kill points
-(the names its loop gives ``faults.point``/``faults.during``, e.g. ``"round_end:3"``), and a
+(the names its loop gives its hook points, e.g. ``"round_end:3"``), and a
 ``verify`` that restores a step with the kind's abstract state; :func:`fingerprint` works as is for
 any kind that checkpoints with ``tna_jax.checkpoint.Checkpointer`` into ``<workdir>/checkpoints``
 and writes ``report.json`` / ``report.md`` / ``metrics.jsonl``.

@@ -24,6 +24,7 @@ from crash_harness import (
     ForkLauncher,
     Kill,
     base_env,
+    checkpoint_steps,
     crash_chain,
     cut_metrics_line,
     differences,
@@ -45,7 +46,7 @@ STEPS_PER_EPOCH = 6  # 432 training examples / batch 64
 
 
 def command(workdir, devices=1):
-    return [sys.executable, "train.py", *ARGS, f"--cpu_devices={devices}", f"--workdir={workdir}"]
+    return [sys.executable, "tests/train_with_faults.py", *ARGS, f"--cpu_devices={devices}", f"--workdir={workdir}"]
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +369,7 @@ FED_ARGS = ["--config=configs/fed_mnist1d.py", "--config.num_seeds=2", "--config
 
 
 def fed_command(workdir):
-    return [sys.executable, "train.py", *FED_ARGS, "--cpu_devices=1", f"--workdir={workdir}"]
+    return [sys.executable, "tests/train_with_faults.py", *FED_ARGS, "--cpu_devices=1", f"--workdir={workdir}"]
 
 
 def fed_schedule(seed=3):
@@ -435,3 +436,25 @@ def test_federated_crash_chain_resumes_bit_identical(tmp_path, launcher, reliabi
     assert [r["round"] for r in lines] == [r for r in (2, 4, 6) for _ in range(4)]
     assert "final − FedAvg" in open(os.path.join(workdir, "report.md")).read()
     assert os.path.exists(os.path.join(workdir, "accuracy_vs_round.png"))
+
+
+def test_kill_chain_leaves_tensorboard_complete_and_at_most_keep_checkpoints(tmp_path, launcher):
+    """Issue 21: after kill -9 chains the TensorBoard event files hold exactly the points of
+    metrics.jsonl (lost buffered points rewritten on resume, none twice), and no more checkpoint
+    steps remain than ``train.keep_checkpoints`` (2)."""
+    from test_harness import metrics_points, tensorboard_points
+
+    workdir = str(tmp_path / "run")
+    args = [a.replace("tensorboard=False", "tensorboard=True") for a in ARGS]
+    cmd = [sys.executable, "tests/train_with_faults.py", *args, "--cpu_devices=1", f"--workdir={workdir}"]
+    kills = [Kill(point="epoch_end:1"), Kill(point="epoch_end:2"), Kill(point="during_save:3", files=2),
+             Kill(point="write:report.json")]
+    attempts = crash_chain(cmd, workdir, kills, cwd=ROOT, env=launcher.env, launcher=launcher, log=print)
+    assert [a.outcome for a in attempts] == ["killed at point"] * 4 + ["finished"], attempts[-1].tail
+    assert [a.resumed_from for a in attempts[1:]] == [None, "epoch 1", "epoch 2", "epoch 3"]
+    for arm in ("vanilla", "TNA-PFN_0.4"):
+        for seed in (0, 1):
+            points = tensorboard_points(os.path.join(workdir, "tensorboard", arm, f"seed_{seed}"))
+            assert len(points) == len(set(points)) == 3 * 4  # 3 epochs x 4 scalars, no duplicates
+            assert sorted(points) == metrics_points(workdir, arm.replace("_", " "), seed)
+    assert len(checkpoint_steps(workdir)) == 2

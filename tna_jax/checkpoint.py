@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tna_jax import faults
+from tna_jax import hooks
 from tna_jax import tree as tree_lib
 
 __all__ = ["write_json", "write_text", "read_json", "json_ready", "dumps", "tree_digest", "Checkpointer",
@@ -164,7 +164,7 @@ def write_text(path: str, text: str) -> str:
             os.fchmod(f.fileno(), 0o644)
             f.flush()
             os.fsync(f.fileno())
-        faults.point(f"write:{os.path.basename(path)}")
+        hooks.fire(f"write:{os.path.basename(path)}", directory)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -314,6 +314,7 @@ class Checkpointer:
             raise ValueError(f"keep must be a positive integer (steps to keep); got {keep!r}.")
 
         self._ocp = ocp
+        self.keep = keep
         self.mask_scheme = mask_scheme
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
@@ -493,6 +494,17 @@ class Checkpointer:
         for s in self.steps():
             if s > step:
                 self._manager.delete(s)
+
+    def prune(self) -> list[int]:
+        """Deletes the oldest steps beyond `keep`; returns them.
+
+        Orbax deletes old steps after it finalises a new one: a process killed in between leaves
+        one step too many, which the run that resumes removes here.
+        """
+        extra = self.steps()[:-self.keep]
+        for s in extra:
+            self._manager.delete(s)
+        return extra
 
     def close(self) -> None:
         self._manager.close()

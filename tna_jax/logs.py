@@ -4,12 +4,15 @@
 of epoch e, lines of later epochs (written before a crash) are dropped, a line cut by the crash
 included, and the file is rewritten atomically. TensorBoard gets one run directory per arm and
 seed (``tensorboard/<arm>/seed_<s>``), written through tensorboardX, so the usual ``tensorboard
---logdir <workdir>/tensorboard`` compares seeds and ratios; on resume, events from the lost
-epochs are purged with TensorBoard's own ``purge_step``.
+--logdir <workdir>/tensorboard`` compares seeds and ratios. TensorBoard is a view of
+``metrics.jsonl``: the event files are flushed at every checkpoint (:meth:`MetricsLog.flush`), and
+when a run starts or resumes they are rewritten from ``metrics.jsonl``, so that points a crash
+kept from reaching them (tensorboardX buffers up to 30 s) come back and lost epochs leave none.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -98,16 +101,30 @@ class MetricsLog:
                 return
             for r in runs:
                 logdir = os.path.join(workdir, "tensorboard", _safe(str(r["arm"])), f"seed_{r['seed']}")
-                self._writers[r["run"]] = SummaryWriter(logdir, purge_step=resume_epoch + 1 if resume_epoch else None,
-                                                        flush_secs=30)
+                # Rewritten from metrics.jsonl (the source of truth): a crash may have kept any
+                # number of buffered points from the old files, and left points of lost epochs.
+                for old in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+                    os.remove(old)
+                self._writers[r["run"]] = SummaryWriter(logdir, flush_secs=30)
+            self._add_scalars(self.rows)
+            self.flush()
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Appends rows (one per run of an epoch) and makes them durable."""
+        """Appends rows (one per run of an epoch) and makes them durable (TensorBoard's copy
+        at the next :meth:`flush`)."""
         self.rows.extend(rows)
         if self._file is not None:
             self._file.write("".join(ckpt_lib.dumps(r) + "\n" for r in rows))
             self._file.flush()
             os.fsync(self._file.fileno())
+        self._add_scalars(rows)
+
+    def flush(self) -> None:
+        """Writes TensorBoard's buffered points to its event files (called at every checkpoint)."""
+        for w in self._writers.values():
+            w.flush()
+
+    def _add_scalars(self, rows: Sequence[dict[str, Any]]) -> None:
         for r in rows:
             writer = self._writers.get(r["run"])
             if writer is None:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -33,17 +31,19 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tna_jax import anchors, faults, logs
+from tna_jax import anchors, logs
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import tree as tree_lib
 from tna_jax.data import DeviceData
 from tna_jax.data.batching import epoch_indices, gather, steps_per_epoch
 from tna_jax.evaluation import cross_entropy, evaluate_runs
+from tna_jax.harness import Loop, Preempted, StopSignal, TrainingDiverged, resume
 from tna_jax.models import Net
 from tna_jax.optimizers import make_optimizer, make_transform
 from tna_jax.run_axis import RUN_AXES, RunGroups, loop_group_size, loop_over_runs, loop_plan, resolve_run_axis
 from tna_jax.runs import Arm, Run, RunKeys, arms_from_config, make_run_keys, make_runs, padded_runs
 from tna_jax.sharding import check_fits_in_memory, replicate, run_mesh, shard_runs
+from tna_jax.steps import gradient_step
 
 PyTree = Any
 
@@ -77,59 +77,6 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'tna_jax.training' has no attribute {name!r}")
 
-
-
-class TrainingDiverged(RuntimeError):
-    """A run produced a non-finite loss; training stopped and the last good checkpoint stays."""
-
-
-class Preempted(RuntimeError):
-    """SIGTERM (or SIGINT) arrived; a checkpoint was saved at the next step boundary."""
-
-
-class StopSignal:
-    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint and stop cleanly.
-
-    Installed only in the main thread (Python's rule for signal handlers); :meth:`restore` puts
-    the previous handlers back. Every long loop of tna_jax (``fit``, federated rounds) polls
-    ``signal`` at its step or round boundary, saves a checkpoint and raises :class:`Preempted`.
-
-    Attributes:
-      signal: the signal number received, or None.
-
-    Examples:
-      >>> import os, signal
-      >>> stop = StopSignal()
-      >>> os.kill(os.getpid(), signal.SIGTERM)  # recorded, not fatal
-      >>> stop.signal == signal.SIGTERM
-      True
-      >>> stop.restore()
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C means: stop now
-        self.signal = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def message(self, epoch: int, step: int, steps_per_epoch: int, checkpointer: Any) -> str:
-        name = signal.Signals(self.signal).name if self.signal is not None else "signal"
-        where = f"after epoch {epoch}" if not step else f"at step {step} of {steps_per_epoch} in epoch {epoch + 1}"
-        saved = f"checkpoint saved in {checkpointer.directory}" if checkpointer is not None else "no workdir, nothing saved"
-        return f"stopped by {name} {where}; {saved}. Rerun the same command to resume."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,9 +320,8 @@ def make_train_epoch(net: Net, tx: optax.GradientTransformation, *, num_train: i
                 loss = cross_entropy(logits, y, label_smoothing).mean()
                 return loss, (logits, new_model_state)
 
-            (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            (loss, (logits, new_model_state)), params, opt_state = gradient_step(
+                loss_fn, tx, state.params, state.opt_state, has_aux=True)
             model_state = {**state.model_state, **new_model_state}
             correct = jnp.sum(jnp.argmax(logits, -1) == y)
             first_bad = (bad_step < 0) & ~jnp.isfinite(loss)
@@ -450,7 +396,8 @@ def _slice_runs(tree: PyTree, n: int) -> PyTree:
 def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
         augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
         devices: Sequence[Any] | None = None, log: Callable[[str], None] = print,
-        on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+        on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+        hooks: Sequence[Any] | None = None) -> TrainResult:
     """Trains every run of `config` on `dataset` and returns a :class:`TrainResult`.
 
     An epoch is one jitted call, or several of ``train.steps_per_call`` steps each (the
@@ -472,6 +419,8 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
       devices: the devices the run axis is sharded over (default ``jax.devices()``).
       log: where the one-line summaries go.
       on_epoch: optional ``on_epoch(epoch, {"rows": [...]})`` called after every epoch.
+      hooks: callables ``hook(point, directory)`` called at the loop's named points
+        (:mod:`tna_jax.hooks`; None: those installed with ``tna_jax.hooks.installed``).
 
     Returns:
       A :class:`TrainResult` (state, runs, per-epoch history, final test/validation metrics,
@@ -534,20 +483,9 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
                                   abstract_state)
     check_fits_in_memory(abstract_state, devices, len(all_runs))
 
-    checkpointer = None
-    start_epoch, start_step, partial = 0, 0, None
-    state = None
-    if workdir:
-        scheme = anchors.MASK_SCHEME if any(a.ratio > 0 for a in arms) else None
-        checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
-                                             mask_scheme=scheme)
-        if checkpointer.latest_step() is not None:
-            state, _, meta = checkpointer.restore(abstract_state)
-            start_epoch, start_step = int(meta["epoch"]), int(meta.get("step_in_epoch", 0))
-            partial = meta.get("partial_sums")
-            checkpointer.delete_after(start_epoch * spe + start_step)
-            where = f"epoch {start_epoch}" + (f", step {start_step} of epoch {start_epoch + 1}" if start_step else "")
-            log(f"resuming from the checkpoint of {where} in {checkpointer.directory}")
+    checkpointer, state, meta = _open_checkpoints(workdir, config, arms, abstract_state, spe, log)
+    start_epoch, start_step = int(meta.get("epoch", 0)), int(meta.get("step_in_epoch", 0))
+    partial = meta.get("partial_sums")
     metrics_log = logs.MetricsLog(workdir, [r.describe() for r in runs], start_epoch,
                                   tensorboard=config.train.tensorboard)
     if state is None:
@@ -567,43 +505,19 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
         return chunk_fns[num_steps]
 
     def save(epoch: int, step_in_epoch: int = 0, sums: dict[str, np.ndarray] | None = None) -> None:
-        if checkpointer is None:
-            return
-        point = f"{epoch}" if not step_in_epoch else f"{epoch}.{step_in_epoch}"
-        faults.point(f"before_save:{point}")
         mask = mask_of(state)
         meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": spe,
                 "runs": [r.describe() for r in runs], "num_padded_runs": len(all_runs) - n_real}
         if sums is not None:
             meta["partial_sums"] = {k: v.tolist() for k, v in sums.items()}
-        with faults.during(f"during_save:{point}", checkpointer.directory):
-            checkpointer.save(epoch * spe + step_in_epoch, state, extras=None if mask is None else {"mask": mask},
-                              meta=meta)
-        faults.point(f"after_save:{point}")
+        checkpointer.save(epoch * spe + step_in_epoch, state, extras=None if mask is None else {"mask": mask}, meta=meta)
 
-    def diverged(m: Any, epoch: int) -> None:
-        bad = [i for i in range(n_real) if m.first_nonfinite_step[i] >= 0]
-        if not bad:
-            return
-        i = bad[0]
-        run = runs[i]
-        raise TrainingDiverged(
-            f"training diverged: run {i} ({run.arm.label}, seed {run.seed}) had loss "
-            f"{float(m.nonfinite_loss[i])} at epoch {epoch + 1}, step {int(m.first_nonfinite_step[i]) + 1} "
-            f"of {spe}" + (f" ({len(bad)} runs diverged)" if len(bad) > 1 else "")
-            + f". Lower config.optimizer.learning_rate (now {config.optimizer.learning_rate})"
-            + (f"; the last good checkpoint in {checkpointer.directory} is kept." if checkpointer else "."))
-
-    bar = None
-    if config.train.progress and epochs > start_epoch:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=epochs, initial=start_epoch, desc=f"{len(runs)} runs", unit="epoch", dynamic_ncols=True)
     setup_seconds = time.time() - t_setup
     t0 = time.time()
-    stop = StopSignal()
-    try:
-        for epoch in range(start_epoch, epochs):
+    with Loop(epochs, start=start_epoch, unit="epoch", checkpointer=checkpointer,
+              checkpoint_every=config.train.checkpoint_every, metrics=metrics_log,
+              progress=config.train.progress, desc=f"{len(runs)} runs", hooks=hooks) as loop:
+        for epoch in loop.iterations():
             step_in_epoch = start_step if epoch == start_epoch else 0
             if epoch == start_epoch and partial:
                 sums = {k: np.asarray(v, np.float64) for k, v in partial.items()}
@@ -614,46 +528,25 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
                 state, m = train_chunk(n)(state, keys.data, keys.dropout, epoch, step_in_epoch,
                                           data.x_train, data.y_train)
                 m = jax.device_get(m)
-                diverged(m, epoch)
-                sums["loss_sum"] += m.loss_sum
-                sums["correct"] += m.correct
-                sums["steps"] += m.steps
+                _check_finite(loop, m, runs, epoch, spe, config.optimizer.learning_rate)
+                for k in sums:
+                    sums[k] += getattr(m, k)
                 step_in_epoch += n
-                faults.point(f"chunk_end:{epoch}.{step_in_epoch}")
-                if stop.signal is not None and step_in_epoch < spe:
-                    save(epoch, step_in_epoch, sums)
-                    raise Preempted(stop.message(epoch, step_in_epoch, spe, checkpointer))
+                loop.point(f"chunk_end:{epoch}.{step_in_epoch}")
+                if loop.stop_requested and step_in_epoch < spe:
+                    loop.save(f"{epoch}.{step_in_epoch}", lambda e=epoch, s=step_in_epoch, t=sums: save(e, s, t))
+                    raise loop.preempted(f"at step {step_in_epoch} of {spe} in epoch {epoch + 1}")
             done = epoch + 1
             val = None
-            if done % config.train.eval_every == 0 or done == epochs:
-                val = evaluate_runs(net, state, (data.x_val, data.y_val), batch_size=config.train.eval_batch_size) \
-                    if data.x_val.shape[0] else None
-            rows = []
-            for i, run in enumerate(runs):
-                row = {"epoch": done, **run.describe(), "train_loss": float(sums["loss_sum"][i] / sums["steps"][i]),
-                       "train_accuracy": float(sums["correct"][i] / (sums["steps"][i] * bs))}
-                if val is not None:
-                    row["val_loss"] = float(val.loss[i])
-                    row["val_accuracy"] = float(val.accuracy[i])
-                rows.append(row)
-            metrics_log.write(rows)
-            faults.point(f"epoch_end:{done}")
+            if (done % config.train.eval_every == 0 or done == epochs) and data.x_val.shape[0]:
+                val = evaluate_runs(net, state, (data.x_val, data.y_val), batch_size=config.train.eval_batch_size)
+            rows = _epoch_rows(runs, done, sums, bs, val)
+            loop.log(rows)
+            loop.point(f"epoch_end:{done}")
             if on_epoch is not None:
                 on_epoch(done, {"rows": rows})
-            if done % config.train.checkpoint_every == 0 or done == epochs or stop.signal is not None:
-                save(done)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(_postfix(rows, arms, val is not None), refresh=False)
-            if stop.signal is not None and done < epochs:
-                raise Preempted(stop.message(done, 0, spe, checkpointer))
-    finally:
-        stop.restore()
-        if bar is not None:
-            bar.close()
-        metrics_log.close()
-        if checkpointer is not None:
-            checkpointer.close()
+            loop.end_iteration(done, lambda d=done: save(d), postfix=_postfix(rows, arms, val is not None),
+                               where=f"after epoch {done}")
     seconds = time.time() - t0
     test = evaluate_runs(net, state, (data.x_test, data.y_test), batch_size=config.train.eval_batch_size)._asdict()
     val = evaluate_runs(net, state, (data.x_val, data.y_val), batch_size=config.train.eval_batch_size)._asdict() \
@@ -665,6 +558,52 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
     return TrainResult(state=real_state, runs=list(runs), history=metrics_log.rows,
                        test={k: v[:n_real] for k, v in test.items()}, val={k: v[:n_real] for k, v in val.items()},
                        mask=mask, seconds=seconds, resumed_from=start_epoch)
+
+
+def _open_checkpoints(workdir: str | None, config: Any, arms: Sequence[Arm], abstract_state: TrainState, spe: int,
+                      log: Callable[[str], None]) -> tuple[Any, TrainState | None, dict[str, Any]]:
+    """The workdir's checkpointer, and the state and metadata of its latest good checkpoint
+    (``(None, None, {})`` without a workdir; state None and ``{}`` for a fresh run)."""
+    if not workdir:
+        return None, None, {}
+    scheme = anchors.MASK_SCHEME if any(a.ratio > 0 for a in arms) else None
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+                                         mask_scheme=scheme)
+    resumed = resume(checkpointer, abstract_state,
+                     lambda meta: int(meta["epoch"]) * spe + int(meta.get("step_in_epoch", 0)))
+    if resumed is None:
+        return checkpointer, None, {}
+    state, meta = resumed
+    epoch, step = int(meta["epoch"]), int(meta.get("step_in_epoch", 0))
+    where = f"epoch {epoch}" + (f", step {step} of epoch {epoch + 1}" if step else "")
+    log(f"resuming from the checkpoint of {where} in {checkpointer.directory}")
+    return checkpointer, state, meta
+
+
+def _check_finite(loop: Loop, m: ChunkMetrics, runs: Sequence[Run], epoch: int, spe: int, lr: float) -> None:
+    """Raises the loop's `TrainingDiverged` naming the first run whose loss became NaN/inf."""
+    bad = [i for i in range(len(runs)) if m.first_nonfinite_step[i] >= 0]
+    if not bad:
+        return
+    i = bad[0]
+    raise loop.diverged(
+        f"training diverged: run {i} ({runs[i].arm.label}, seed {runs[i].seed}) had loss "
+        f"{float(m.nonfinite_loss[i])} at epoch {epoch + 1}, step {int(m.first_nonfinite_step[i]) + 1} of {spe}"
+        + (f" ({len(bad)} runs diverged)" if len(bad) > 1 else "") + f". Lower config.optimizer.learning_rate (now {lr})")
+
+
+def _epoch_rows(runs: Sequence[Run], done: int, sums: dict[str, np.ndarray], batch_size: int,
+                val: Any) -> list[dict[str, Any]]:
+    """One metrics row per real run of epoch `done` (means of the epoch's sums)."""
+    rows = []
+    for i, run in enumerate(runs):
+        row = {"epoch": done, **run.describe(), "train_loss": float(sums["loss_sum"][i] / sums["steps"][i]),
+               "train_accuracy": float(sums["correct"][i] / (sums["steps"][i] * batch_size))}
+        if val is not None:
+            row["val_loss"] = float(val.loss[i])
+            row["val_accuracy"] = float(val.accuracy[i])
+        rows.append(row)
+    return rows
 
 
 def _postfix(rows: list[dict[str, Any]], arms: Sequence[Arm], has_val: bool) -> dict[str, str]:

@@ -33,6 +33,7 @@ import optax
 from tna_jax import chunking
 from tna_jax import tree as tree_lib
 from tna_jax.data.batching import epoch_indices, gather, steps_per_epoch
+from tna_jax.steps import gradient_step
 from tna_jax.training import cross_entropy, loop_plan
 
 PyTree = Any
@@ -147,10 +148,9 @@ def _chunk_fn(net: Any, n: int, batch_size: int, num_t: int, tx: optax.GradientT
             params, opt_state, total = carry
             i, idx = inputs
             ts = jax.random.uniform(jax.random.fold_in(t_key, i), (num_t,))
-            loss, grads = jax.value_and_grad(loss_fn)(params, curve, gather(x, idx), gather(y, idx), ts,
-                                                      jax.random.fold_in(k, i))
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state, total + loss), None
+            loss, params, opt_state = gradient_step(loss_fn, tx, params, opt_state, curve, gather(x, idx),
+                                                    gather(y, idx), ts, jax.random.fold_in(k, i))
+            return (params, opt_state, total + loss), None
 
         (params, opt_state, total), _ = jax.lax.scan(step, (params, opt_state, jnp.zeros(())),
                                                      (start + jnp.arange(steps), rows), unroll=unroll)

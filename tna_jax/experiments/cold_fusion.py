@@ -248,7 +248,8 @@ def cold_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
                 out = fusion.cold_fusion(net, base_tx, variables["params"], heads, tasks, rounds=int(opts["rounds"]),
                                          steps=steps, batch_size=bs, key=key, ratio=ratio,
                                          refresh_mask=bool(opts["refresh_mask"]), evaluate=evaluate,
-                                         mask_kwargs=mask_kwargs, round_fn=round_fn)
+                                         mask_kwargs=mask_kwargs, round_fn=round_fn,
+                                         progress=bool(config.train.progress))
                 histories[label].append(out["history"])
                 losses[label].append([np.asarray(v).tolist() for v in out["losses"]])
                 last = out["history"][-1]["fused"]

@@ -37,7 +37,6 @@ import dataclasses
 import importlib.util
 import os
 import re
-import signal
 import time
 from typing import Any
 
@@ -45,7 +44,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from tna_jax import anchors, evaluation, faults, logs, optimizers, runner, training
+from tna_jax import anchors, evaluation, harness, logs, optimizers, runner
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
 from tna_jax import report as report_lib
@@ -367,6 +366,29 @@ def _plots(config: Any, workdir: str, report: dict[str, Any], arms: list[FedArm]
     return files
 
 
+def _round_rows(loop: harness.Loop, arms: list[Any], states: dict[str, Any], round_metrics: dict[str, Any],
+                done: int, config: Any, evaluate: Any, x_eval: Any, y_eval: Any, split: str) -> list[dict[str, Any]]:
+    """The metrics rows of round `done` (one per arm and seed); raises the loop's
+    `TrainingDiverged` at a non-finite client loss."""
+    from tna_jax.federated import driver
+
+    rows = []
+    seeds = int(config.num_seeds)
+    for i, a in enumerate(arms):
+        m = driver.to_host({k: round_metrics[a.slug][k] for k in ("train_loss", "train_accuracy")})
+        bad = np.flatnonzero(~np.isfinite(m["train_loss"]))
+        if bad.size:
+            raise loop.diverged(f"federated training diverged: arm {a.label!r}, seed {int(bad[0])} had client loss "
+                                f"{float(m['train_loss'][bad[0]])} in round {done}. Lower "
+                                f"config.optimizer.learning_rate (now {config.optimizer.learning_rate})")
+        ev = driver.to_host(evaluate(states[a.slug].params, states[a.slug].model_state, x_eval, y_eval))
+        for s in range(seeds):
+            rows.append({"epoch": done, "round": done, "run": i * seeds + s, "arm": a.label, "seed": s,
+                         "train_loss": float(m["train_loss"][s]), "train_accuracy": float(m["train_accuracy"][s]),
+                         f"{split}_loss": float(ev["loss"][s]), f"{split}_accuracy": float(ev["accuracy"][s])})
+    return rows
+
+
 @registry.register("federated")
 def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     """Trains every arm of ``config.federated`` for ``rounds`` rounds and reports accuracy per round.
@@ -475,11 +497,12 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         scheme = anchors.MASK_SCHEME if any(a.ratio for a in arms) else None
         checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
                                              mask_scheme=scheme)
-        if checkpointer.latest_step() is not None:
-            target = {a.slug: driver.abstract_states(algs[a.slug], net, keys, mesh, float(a.ratio or 0.0)) for a in arms}
-            states, _, meta = checkpointer.restore(target)
+        target = {a.slug: driver.abstract_states(algs[a.slug], net, keys, mesh, float(a.ratio or 0.0)) for a in arms} \
+            if checkpointer.latest_step() is not None else None
+        resumed = harness.resume(checkpointer, target, lambda meta: int(meta["round"]))
+        if resumed is not None:
+            states, meta = resumed
             start_round = int(meta["round"])
-            checkpointer.delete_after(start_round)
             if primary:
                 print(f"resuming from the checkpoint of round {start_round} in {checkpointer.directory}")
     if states is None:
@@ -497,73 +520,33 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     rounds = int(f.rounds)
 
     def save(done: int) -> None:
-        if checkpointer is None:
-            return
-        faults.point(f"before_save:{done}")
-        with faults.during(f"during_save:{done}", checkpointer.directory):
-            checkpointer.save(done, states, meta={"round": done, "arms": [a.label for a in arms]})
-        faults.point(f"after_save:{done}")
+        checkpointer.save(done, states, meta={"round": done, "arms": [a.label for a in arms]})
 
-    bar = None
-    if config.train.progress and rounds > start_round and primary:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=rounds, initial=start_round, desc=f"{len(arms)} arms x {config.num_seeds} seeds",
-                   unit="round", dynamic_ncols=True)
     t_train = time.time()
-    # SIGTERM/SIGINT (a preemption notice) is honoured at the next round boundary: checkpoint, stop.
-    stop = training.StopSignal()
-    try:
-        for r in range(start_round, rounds):
+    # A signal to one process (a preemption notice) stops them all at the same round boundary.
+    agree = (lambda stopping: bool(multihost_utils.process_allgather(np.int32(stopping)).any())) \
+        if jax.process_count() > 1 else None
+    with harness.Loop(rounds, start=start_round, unit="round", checkpointer=checkpointer,
+                      checkpoint_every=f.checkpoint_every, metrics=metrics_log,
+                      progress=bool(config.train.progress) and primary,
+                      desc=f"{len(arms)} arms x {config.num_seeds} seeds", agree=agree) as loop:
+        for r in loop.iterations():
             round_metrics = {}
             rk = driver.replicated(driver.round_keys(keys, r), mesh)
             for a in arms:
                 states[a.slug], m = round_fns[a.slug](states[a.slug], placed[a.alpha], rk)
                 round_metrics[a.slug] = m
             done = r + 1
+            postfix = None
             if done % f.eval_every == 0 or done == rounds:
-                rows = []
-                for i, a in enumerate(arms):
-                    m = driver.to_host({k: round_metrics[a.slug][k] for k in ("train_loss", "train_accuracy")})
-                    bad = np.flatnonzero(~np.isfinite(m["train_loss"]))
-                    if bad.size:
-                        raise training.TrainingDiverged(
-                            f"federated training diverged: arm {a.label!r}, seed {int(bad[0])} had client loss "
-                            f"{float(m['train_loss'][bad[0]])} in round {done}. Lower config.optimizer.learning_rate "
-                            f"(now {config.optimizer.learning_rate})" + (f"; the checkpoints in {checkpointer.directory} "
-                                                                          "are kept." if checkpointer else "."))
-                    ev = driver.to_host(evaluate(states[a.slug].params, states[a.slug].model_state, x_eval, y_eval))
-                    for s in range(int(config.num_seeds)):
-                        rows.append({"epoch": done, "round": done, "run": i * int(config.num_seeds) + s, "arm": a.label,
-                                     "seed": s, "train_loss": float(m["train_loss"][s]),
-                                     "train_accuracy": float(m["train_accuracy"][s]),
-                                     f"{split}_loss": float(ev["loss"][s]), f"{split}_accuracy": float(ev["accuracy"][s])})
-                metrics_log.write(rows)
-                if bar is not None:
-                    means = {}
-                    for row in rows:
-                        means.setdefault(row["arm"], []).append(row[f"{split}_accuracy"])
-                    bar.set_postfix({k[:14]: f"{np.mean(v):.3f}" for k, v in list(means.items())[:4]}, refresh=False)
-            faults.point(f"round_end:{done}")
-            stopping = stop.signal is not None
-            if jax.process_count() > 1:  # a signal to one process stops them all at the same round
-                stopping = bool(multihost_utils.process_allgather(np.int32(stopping)).any())
-            if done % f.checkpoint_every == 0 or done == rounds or stopping:
-                save(done)
-            if bar is not None:
-                bar.update(1)
-            if stopping and done < rounds:
-                name = signal.Signals(stop.signal).name if stop.signal is not None else "a signal to another process"
-                saved = f"checkpoint saved in {checkpointer.directory}" if checkpointer else "no workdir, nothing saved"
-                raise training.Preempted(f"stopped by {name} after round {done} of {rounds}; {saved}. "
-                                         "Rerun the same command to resume.")
-    finally:
-        stop.restore()
-        if bar is not None:
-            bar.close()
-        metrics_log.close()
-        if checkpointer is not None:
-            checkpointer.close()
+                rows = _round_rows(loop, arms, states, round_metrics, done, config, evaluate, x_eval, y_eval, split)
+                loop.log(rows)
+                means: dict[str, list[float]] = {}
+                for row in rows:
+                    means.setdefault(row["arm"], []).append(row[f"{split}_accuracy"])
+                postfix = {k[:14]: f"{np.mean(v):.3f}" for k, v in list(means.items())[:4]}
+            loop.point(f"round_end:{done}")
+            loop.end_iteration(done, lambda d=done: save(d), postfix=postfix)
     train_seconds = time.time() - t_train
 
     final = {}

@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 from tna_jax import anchors
+from tna_jax.steps import gradient_step
 from tna_jax.training import cross_entropy
 
 PyTree = Any
@@ -387,9 +388,8 @@ def make_local_update(net: Any, tx: optax.GradientTransformation, *, batch_size:
                     total = loss + 0.5 * prox_mu * sq
                 return total, (loss, logits, new_state)
 
-            (_, (loss, logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, new_opt = client_tx.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
+            (_, (loss, logits, new_state)), new_params, new_opt = gradient_step(
+                loss_fn, client_tx, params, opt_state, has_aux=True)
             active = t < num_steps
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)  # noqa: E731
             params = keep(new_params, params)

@@ -30,6 +30,8 @@ from tna_jax import anchors, deprecation
 from tna_jax import tree as tree_lib
 from tna_jax.evaluation import cross_entropy
 from tna_jax.fusion.soups import num_candidates, stack_candidates
+from tna_jax.harness import Loop
+from tna_jax.steps import gradient_step
 
 PyTree = Any
 
@@ -341,9 +343,8 @@ def make_cold_round(net: Any, base_tx: optax.GradientTransformation, *, steps: i
                                       rng=jax.random.fold_in(k, 1))
                 return cross_entropy(logits, jnp.take(y, idx, axis=0)).mean()
 
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
+            loss, params, opt_state = gradient_step(loss_fn, tx, params, opt_state)
+            return (params, opt_state), loss
 
         (params, _), losses = jax.lax.scan(step, (params, opt_state), jnp.arange(steps))
         return params, losses.mean()
@@ -373,8 +374,8 @@ def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Map
                 heads: Sequence[Any], tasks: ColdTasks, *, rounds: int, steps: int, batch_size: int,
                 key: jax.Array, ratio: float = 0.0, refresh_mask: bool = False,
                 head: str = "head", evaluate: Callable[[int, PyTree, PyTree, PyTree | None], dict[str, Any]] | None = None,
-                mask_kwargs: Mapping[str, Any] | None = None, round_fn: Callable[..., Any] | None = None
-                ) -> dict[str, Any]:
+                mask_kwargs: Mapping[str, Any] | None = None, round_fn: Callable[..., Any] | None = None,
+                progress: bool = False, hooks: Sequence[Any] | None = None) -> dict[str, Any]:
     """ColD fusion of ``len(tasks)`` contributors for `rounds` rounds, optionally with TNA-PFN.
 
     Args:
@@ -397,6 +398,9 @@ def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Map
       round_fn: a round program from :func:`make_cold_round` with the same `net`, `steps`,
         `batch_size` and `head`, to share one compilation between calls (arms, seeds); default:
         a new one (compiled on first use).
+      progress: show a progress bar over the rounds.
+      hooks: callables ``hook(point, directory)`` called at ``round_end:<r>``
+        (:class:`tna_jax.harness.Loop`; None: those installed with ``tna_jax.hooks.installed``).
 
     Returns:
       ``{"shared": body, "heads": stacked padded heads, "history": [evaluate dicts],
@@ -405,8 +409,9 @@ def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Map
     Raises:
       ValueError: `rounds` not a non-negative integer; as many heads as tasks; a head whose class
         count differs from its task's; and the errors of :func:`pad_head` and :func:`cold_masks`.
-      FloatingPointError: a contributor's training loss became NaN/inf (the message names the
-        round and the task).
+      tna_jax.harness.TrainingDiverged: a contributor's training loss became NaN/inf (the message
+        names the round and the task).
+      tna_jax.harness.Preempted: SIGTERM/SIGINT arrived; the rounds stop at the next round boundary.
 
     Examples:
       Zero rounds evaluate the pretrained body with the padded heads and compile nothing
@@ -448,16 +453,20 @@ def cold_fusion(net: Any, base_tx: optax.GradientTransformation, pretrained: Map
     history = [evaluate(0, body, stacked_heads, None)] if evaluate is not None else []
     losses = []
     body_mask = None
-    for r in range(1, rounds + 1):
-        body_mask, masks = cold_masks(body, frozen_heads, anchor_key, ratio, r - 1, refresh=refresh_mask,
-                                      head=head, **dict(mask_kwargs or {}))
-        keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, r), c) for c in range(len(tasks))])
-        body, stacked_heads, contributors, loss = round_fn(body, stacked_heads, body_mask, masks, tx_x, tx_y, tx_n, keys)
-        losses.append(np.asarray(loss))
-        if not np.isfinite(losses[-1]).all():
-            bad = int(np.argmax(~np.isfinite(losses[-1])))
-            raise FloatingPointError(f"ColD fusion diverged in round {r}: contributor {bad} ({tasks.names[bad]!r}) "
-                                     f"had training loss {losses[-1][bad]}; lower the learning rate.")
-        if evaluate is not None:
-            history.append(evaluate(r, body, stacked_heads, contributors))
+    with Loop(rounds, unit="round", progress=progress, desc="ColD fusion", hooks=hooks) as loop:
+        for r in (i + 1 for i in loop.iterations()):
+            body_mask, masks = cold_masks(body, frozen_heads, anchor_key, ratio, r - 1, refresh=refresh_mask,
+                                          head=head, **dict(mask_kwargs or {}))
+            keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, r), c) for c in range(len(tasks))])
+            body, stacked_heads, contributors, loss = round_fn(body, stacked_heads, body_mask, masks, tx_x, tx_y, tx_n,
+                                                               keys)
+            losses.append(np.asarray(loss))
+            if not np.isfinite(losses[-1]).all():
+                bad = int(np.argmax(~np.isfinite(losses[-1])))
+                raise loop.diverged(f"ColD fusion diverged in round {r}: contributor {bad} ({tasks.names[bad]!r}) "
+                                    f"had training loss {losses[-1][bad]}; lower the learning rate")
+            if evaluate is not None:
+                history.append(evaluate(r, body, stacked_heads, contributors))
+            loop.point(f"round_end:{r}")
+            loop.end_iteration(r, lambda: None)
     return {"shared": body, "heads": stacked_heads, "history": history, "losses": losses, "anchor_mask": body_mask}
