@@ -120,6 +120,42 @@ def _config_file_line(err: BaseException, path: str) -> int | None:
     return line
 
 
+def _load_config(path: str):
+    """``get_config()`` of a config file, as ml_collections' flag loads it (``file.py:arg`` passes
+    ``arg``); None when it cannot be loaded (the flag's own parsing then says why)."""
+    import importlib.util
+
+    file, _, arg = path.partition(":")
+    try:
+        spec = importlib.util.spec_from_file_location("tna_jax_config_preview", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    except Exception:
+        return None
+
+
+def _checked_overrides(argv: list[str], path: str) -> list[str]:
+    """`argv` with every ``--config.<field>=...`` checked against the config file's fields
+    (`tna_jax.config.check_override`): an unknown field is one line naming it and the closest one,
+    and an old name of a renamed field is rewritten to the new one."""
+    overrides = [i for i, a in enumerate(argv) if re.match(r"^--?(no)?config\.", a)]
+    config = _load_config(path) if overrides else None
+    if config is None:
+        return argv
+    out = list(argv)
+    for i in overrides:
+        flag, eq, value = argv[i].partition("=")
+        dashes, negated, name = re.match(r"^(--?)(no)?config\.(.+)$", flag).groups()
+        if negated and name not in config_lib.flatten(config):  # --noconfig.x: a bool set to False
+            name = f"no{name}" if f"no{name}" in config_lib.flatten(config) else name
+        field = config_lib.check_override(config, name)
+        out[i] = f"{dashes}{negated or ''}config.{field}{eq}{value}"
+        if out[i] != argv[i] and argv[i] in sys.argv:  # ml_collections reads its overrides from sys.argv
+            sys.argv[sys.argv.index(argv[i])] = out[i]
+    return out
+
+
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
     """absl's flags parser for train.py: loads ``--config``, applies the overrides and validates
     the config (:func:`tna_jax.config.validate`), so that every mistake stops the program before
@@ -133,6 +169,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
     """
     path = _config_arg(argv)
     try:
+        argv = _checked_overrides(argv, path)
         rest = flag_values(argv)
         config = flag_values["config"].value
         if config is not None:

@@ -63,7 +63,9 @@ CASES = {
     "tfds dataset not prepared": (["--config.data.source=tfds:mnist", "--config.data.data_dir={tmp}/tfds"],
                                   r"config.data.source='tfds:mnist': tfds dataset 'mnist' is not prepared in "
                                   r".*tfds build mnist"),
-    "misspelled field": (["--config.anchor.ratoi=0.3"], r"no field 'ratoi'"),
+    "misspelled field": (["--config.anchor.ratoi=0.3"], r"--config.anchor.ratoi: config.anchor.ratoi is not a field "
+                                                        r"of this config \(did you mean 'anchor.ratio'\?\)"),
+    "wrong type": (["--config.train.epochs=many"], r"--config.train.epochs=many: invalid literal for int"),
     "bad ratio": (["--config.anchor.ratio=1.5"], r"config.anchor.ratio must be a number in \[0.0, 1.0\]; got 1.5"),
 }
 
@@ -202,3 +204,11 @@ def test_a_full_disk_prints_one_line_and_loses_nothing(tmp_path):
         assert len(report["runs"]) == 4 and all(0 <= r["test_accuracy"] <= 1 for r in report["runs"])
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_an_old_field_name_on_the_command_line_sets_the_new_one(monkeypatch, capsys):
+    with pytest.warns(DeprecationWarning, match=r"--config.federated.mask_ratio is now --config.federated.ratio"):
+        code, out, _ = main_in_process(["--config=configs/fed_mnist1d.py", "--config.federated.mask_ratio=0.3",
+                                        "--print_config"], monkeypatch, capsys)
+    assert code == 0
+    assert json.loads(out)["federated"]["ratio"] == 0.3 and "mask_ratio" not in json.loads(out)["federated"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-__all__ = ["default_config", "federated_config", "validate", "validate_federated", "ConfigError", "get", "flatten",
+__all__ = ["default_config", "federated_config", "validate", "validate_federated", "ConfigError", "get", "flatten", "check_override",
            "rename_fields", "RENAMED_FIELDS", "RESUME_SAFE_FIELDS", "ADDED_FIELDS", "EPOCH_DEPENDENT_SCHEDULES", "check_relative_path", "PATH_SUFFIXES",
            "PAIR_MODES", "INIT_SCHEMES"]
 
@@ -346,6 +346,46 @@ def check_relative_path(field: str, value: Any) -> str:
     if "\0" in value or os.path.isabs(value) or value.startswith(("~", "\\")) or ".." in parts:
         _fail(field, value, allowed)
     return value
+
+
+def check_override(config: Any, name: str) -> str:
+    """The field a command-line override ``--config.<name>=...`` sets, checked against `config`.
+
+    Args:
+      config: the config the overrides apply to (as its file's ``get_config`` returns it).
+      name: the dotted field name after ``config.``.
+
+    Returns:
+      The field to set: `name`, or its new name when `name` is an old one of
+      :data:`RENAMED_FIELDS` (with a `DeprecationWarning`).
+
+    Raises:
+      ConfigError: the config has no such field (the message suggests the closest one).
+
+    Examples:
+      >>> c = default_config()
+      >>> check_override(c, "train.epochs")
+      'train.epochs'
+      >>> check_override(c, "train.epoch")
+      Traceback (most recent call last):
+      ...
+      tna_jax.config.ConfigError: config.train.epoch is not a field of this config (did you mean 'train.epochs'?).
+    """
+    if name in RENAMED_FIELDS:
+        import warnings
+
+        warnings.warn(f"--config.{name} is now --config.{RENAMED_FIELDS[name]}; the old name goes in the next "
+                      "release.", DeprecationWarning, stacklevel=2)
+        name = RENAMED_FIELDS[name]
+    node = config
+    for part in name.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            known = list(flatten(config))
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config.{name} is not a field of this config{hint}.")
+        node = node[part]
+    return name
 
 
 def rename_fields(config: Any) -> Any:
