@@ -165,11 +165,11 @@ def run_axis_plan(net: Net, backend: str | None = None) -> str:
     """``"loop"`` on CPU for a network with overlapping convolutions, else ``"vmap"`` (see
     :func:`make_train_epoch`).
 
-    Measured on this 2-core CPU (``benchmarks/resnet20.py``): 4 ResNet-20 seeds vmapped train
-    about 10x slower than looped in one program. A convolution whose kernel equals its stride
-    (a ViT's patch embedding) is a matmul in disguise and vmaps well: looping a small ViT's 12
-    fine-tuning runs took 43 s against 9 s vmapped (compilation of 12 copies). On GPU and TPU,
-    vmap is the fast path.
+    On CPU, vmapped ResNet-20 seeds train several times slower than looped in one program
+    (``benchmarks/resnet20.py`` measures it; BENCHMARKS.md has the numbers). A convolution whose
+    kernel equals its stride (a ViT's patch embedding) is a matmul in disguise and vmaps well, so
+    a ViT is vmapped: looping its runs would mostly compile copies. On GPU and TPU, vmap is the
+    fast path.
 
     Args:
       net: the model.

@@ -175,8 +175,7 @@ def train_curve(net: Any, curve: Curve, data: tuple[jax.Array, jax.Array], *, ke
       num_t: values of t ~ U[0, 1] per step, all on the same batch; the loss is their mean.
       t_chunk: how many of them are evaluated at once (``jax.vmap``; chunks one after the other
         when fewer than `num_t`). ``"auto"``: all at once on accelerators, one at a time on CPU,
-        where XLA's batched matmuls (every t has its own weights) cost about twice a loop
-        (measured: an MNIST-1D MLP 40-256-256-256-10, 4 t, 2.2 s vs 1.2 s of CPU time per epoch).
+        where XLA's batched matmuls (every t has its own weights) cost about twice a loop.
       steps_per_call: steps per jitted call, as ``train.steps_per_call`` (0 = automatic, see
         :func:`tna_jax.run_axis.loop_plan`: the whole epoch in one scan, or for convolutional
         nets on CPU short fully unrolled chunks). 1 compiles one step only: the fastest start
