@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from tna_jax import distributed
 from tna_jax.data.batching import eval_indices, gather
 from tna_jax.models import Net
 from tna_jax.run_axis import loop_over_runs, run_axis_plan
@@ -141,4 +142,4 @@ def evaluate_runs(net: Net, state: Any, x: jax.Array, y: jax.Array, batch_size: 
     """
     variables = state.variables()
     out = _batched_eval(net, batch_size, run_axis_plan(net), _run_mesh_of(variables))(variables, x, y)
-    return {k: np.asarray(v) for k, v in out.items()}
+    return distributed.to_host(dict(out))  # gathered from every process's devices

@@ -66,8 +66,9 @@ def run(config: Any, workdir: str | None = None) -> dict[str, Any]:
 
 
 # Kinds whose programs span several processes (jax.distributed): the federated rounds split the
-# clients across processes. The other kinds shard over the devices of one process.
-MULTIPROCESS_KINDS = ("federated",)
+# clients across processes; the others split the run axis (arms x seeds) over every process's
+# devices (tna_jax.distributed). A kind not listed runs in one process only.
+MULTIPROCESS_KINDS = ("federated", "train")
 
 
 def is_primary() -> bool:

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tna_jax import anchors, faults, logs
+from tna_jax import anchors, distributed, faults, logs
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import tree as tree_lib
 from tna_jax.data import DeviceData
@@ -126,7 +126,7 @@ class StopSignal:
         self._previous = {}
 
     def message(self, epoch: int, step: int, steps_per_epoch: int, checkpointer: Any) -> str:
-        name = signal.Signals(self.signal).name if self.signal is not None else "signal"
+        name = signal.Signals(self.signal).name if self.signal is not None else "a signal to another process"
         where = f"after epoch {epoch}" if not step else f"at step {step} of {steps_per_epoch} in epoch {epoch + 1}"
         saved = f"checkpoint saved in {checkpointer.directory}" if checkpointer is not None else "no workdir, nothing saved"
         return f"stopped by {name} {where}; {saved}. Rerun the same command to resume."
@@ -548,7 +548,11 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
             checkpointer.delete_after(start_epoch * spe + start_step)
             where = f"epoch {start_epoch}" + (f", step {start_step} of epoch {start_epoch + 1}" if start_step else "")
             log(f"resuming from the checkpoint of {where} in {checkpointer.directory}")
-    metrics_log = logs.MetricsLog(workdir, [r.describe() for r in runs], start_epoch,
+    # Several processes: process 0 writes the metrics and logs; all take part in the checkpoints.
+    primary = distributed.is_primary()
+    if not primary:
+        log = _silent
+    metrics_log = logs.MetricsLog(workdir if primary else None, [r.describe() for r in runs], start_epoch,
                                   tensorboard=config.train.tensorboard)
     if state is None:
         state = init_fn(keys)
@@ -595,13 +599,14 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
             + (f"; the last good checkpoint in {checkpointer.directory} is kept." if checkpointer else "."))
 
     bar = None
-    if config.train.progress and epochs > start_epoch:
+    if config.train.progress and epochs > start_epoch and primary:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=epochs, initial=start_epoch, desc=f"{len(runs)} runs", unit="epoch", dynamic_ncols=True)
     setup_seconds = time.time() - t_setup
     t0 = time.time()
     stop = StopSignal()
+    stopping = False
     try:
         for epoch in range(start_epoch, epochs):
             step_in_epoch = start_step if epoch == start_epoch else 0
@@ -613,14 +618,16 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
                 n = min(chunk, spe - step_in_epoch)
                 state, m = train_chunk(n)(state, keys.data, keys.dropout, epoch, step_in_epoch,
                                           data.x_train, data.y_train)
-                m = jax.device_get(m)
+                m = distributed.to_host(m)  # the runs of every process
                 diverged(m, epoch)
                 sums["loss_sum"] += m.loss_sum
                 sums["correct"] += m.correct
                 sums["steps"] += m.steps
                 step_in_epoch += n
                 faults.point(f"chunk_end:{epoch}.{step_in_epoch}")
-                if stop.signal is not None and step_in_epoch < spe:
+                # A signal to one process stops every process at the same step boundary.
+                stopping = distributed.any_process(stop.signal is not None)
+                if stopping and step_in_epoch < spe:
                     save(epoch, step_in_epoch, sums)
                     raise Preempted(stop.message(epoch, step_in_epoch, spe, checkpointer))
             done = epoch + 1
@@ -640,12 +647,12 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
             faults.point(f"epoch_end:{done}")
             if on_epoch is not None:
                 on_epoch(done, {"rows": rows})
-            if done % config.train.checkpoint_every == 0 or done == epochs or stop.signal is not None:
+            if done % config.train.checkpoint_every == 0 or done == epochs or stopping:
                 save(done)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(_postfix(rows, arms, val is not None), refresh=False)
-            if stop.signal is not None and done < epochs:
+            if stopping and done < epochs:
                 raise Preempted(stop.message(done, 0, spe, checkpointer))
     finally:
         stop.restore()
@@ -665,6 +672,10 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
     return TrainResult(state=real_state, runs=list(runs), history=metrics_log.rows,
                        test={k: v[:n_real] for k, v in test.items()}, val={k: v[:n_real] for k, v in val.items()},
                        mask=mask, seconds=seconds, resumed_from=start_epoch)
+
+
+def _silent(message: str) -> None:
+    """The log of a process other than process 0 (which alone prints)."""
 
 
 def _postfix(rows: list[dict[str, Any]], arms: Sequence[Arm], has_val: bool) -> dict[str, str]:
