@@ -93,3 +93,51 @@ def test_quickstart_over_two_processes_equals_one_process_and_resumes_on_another
     run_train_py([*QUICK, "--config.train.epochs=3"], one, nproc=1, devices_per_process=4)
     assert report(two)["training"]["resumed_from"] == 2
     assert_same_train_report(report(two), report(one))
+
+
+PAIRS_CODE = """
+import json, sys
+import jax
+pid, nproc, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if nproc > 1:
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
+import numpy as np
+from tna_jax import data, distributed, evaluation, lmc, models, sharding
+from tna_jax.lmc import pairs as pairs_lib
+ds = data.load({"source": "mnist1d", "num_samples": 400})
+net = models.build({"name": "mlp", "depth": 1, "width": 16}, ds.input_shape, ds.num_classes)
+stacked = jax.vmap(net.init)(jax.random.split(jax.random.key(0), 4))  # 4 models, one per device
+stacked = sharding.shard_runs(jax.tree.map(np.asarray, stacked), sharding.run_mesh())
+x, y = np.asarray(ds.x_test, np.float32), np.asarray(ds.y_test)
+table = lmc.pairwise_barriers(evaluation.make_eval_fn(net), stacked, (x, y), alphas=np.linspace(0, 1, 3), chunk=2)
+print(json.dumps({"sharded_programs": pairs_lib._sharded_pairs_program.cache_info().currsize,
+                  "spans": not jax.tree.leaves(stacked)[0].is_fully_addressable,
+                  "signal_anywhere": distributed.any_process(pid == 1),
+                  "loss": table["paths"]["loss"].tolist(), "acc": table["paths"]["accuracy"].tolist()}))
+"""
+
+
+def run_code(code, nproc, devices_per_process):
+    """`code` in `nproc` processes of `devices_per_process` CPU devices; each one's last JSON line."""
+    port = str(free_port())
+    proc_env = {**env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i), str(nproc), port], cwd=ROOT, env=proc_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(nproc)]
+    return [json.loads([line for line in out.splitlines() if line.startswith("{")][-1]) for out in finish(procs)]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_pairwise_table_is_split_over_every_process_and_equals_one_process():
+    """The (pair, α) points of an LMC table over models spread on 2 processes are evaluated on
+    the global mesh (the sharded program is used) and give the numbers of one process."""
+    two = run_code(PAIRS_CODE, nproc=2, devices_per_process=2)
+    (one,) = run_code(PAIRS_CODE, nproc=1, devices_per_process=4)
+    assert [o["spans"] for o in two] == [True, True] and one["spans"] is False
+    assert [o["sharded_programs"] for o in two] == [1, 1] and one["sharded_programs"] == 0
+    assert [o["signal_anywhere"] for o in two] == [True, True]  # process 1's flag reaches process 0
+    assert np.shape(one["loss"]) == (6, 3)  # 4 models: 6 pairs x 3 alphas
+    for o in two:
+        assert o["acc"] == two[0]["acc"]
+        np.testing.assert_allclose(o["loss"], one["loss"], rtol=1e-5)
+        np.testing.assert_allclose(o["acc"], one["acc"], atol=1e-6)
