@@ -19,7 +19,8 @@ from jax.sharding import Sharding
 
 PyTree = Any
 
-__all__ = ["is_primary", "is_multiprocess", "global_array", "place", "to_host", "any_process", "sync"]
+__all__ = ["is_primary", "is_multiprocess", "global_array", "place", "to_host", "any_process", "primary_says",
+           "sync"]
 
 
 def is_primary() -> bool:
@@ -137,6 +138,27 @@ def any_process(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+
+
+def primary_says(flag: bool) -> bool:
+    """Process 0's `flag`, in every process (a collective), for decisions that read files (a
+    finished report to reuse) and must be the same everywhere. One process: `flag` itself.
+
+    Args:
+      flag: this process's value (only process 0's counts).
+
+    Returns:
+      Process 0's value.
+
+    Examples:
+      >>> primary_says(True)
+      True
+    """
+    if not is_multiprocess():
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
 
 
 def sync(name: str) -> None:
