@@ -6,6 +6,7 @@ These are the commands of docs/howto/multihost.md ("Two processes on one machine
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,14 +31,15 @@ def env():
     return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
 
 
-def start_processes(args, workdir, nproc, devices_per_process=2):
-    """``train.py <args>`` as `nproc` processes (one coordinator on 127.0.0.1); the Popen objects."""
+def start_processes(args, workdir, nproc, devices_per_process=2, process_env=None):
+    """``train.py <args>`` as `nproc` processes (one coordinator on 127.0.0.1); the Popen objects.
+    `process_env` maps a process index to extra environment variables (fault injection)."""
     cmd = [sys.executable, *args, f"--workdir={workdir}", f"--cpu_devices={devices_per_process}"]
     if nproc == 1:
         return [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
     cmd += [f"--coordinator=127.0.0.1:{free_port()}", f"--num_processes={nproc}"]
-    return [subprocess.Popen([*cmd, f"--process_id={i}"], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for i in range(nproc)]
+    return [subprocess.Popen([*cmd, f"--process_id={i}"], cwd=ROOT, env={**env(), **(process_env or {}).get(i, {})},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(nproc)]
 
 
 def finish(procs, expect=0):
@@ -95,6 +97,32 @@ def test_quickstart_over_two_processes_equals_one_process_and_resumes_on_another
     assert_same_train_report(report(two), report(one))
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigterm_to_one_process_stops_both_and_kill_9_then_resume_on_one_process(tmp_path):
+    """SIGTERM to process 1 alone (after epoch 1) stops both processes at the same step boundary
+    with a checkpoint (exit 143); a rerun then loses process 1 to SIGKILL after the epoch-3
+    checkpoint, and process 0 is killed too (as a scheduler does); one process with the same 4
+    devices resumes, taking over the stale lock, and ends where an uninterrupted run ends."""
+    work, ref = tmp_path / "work", tmp_path / "ref"
+    args = [*QUICK, "--config.train.epochs=4"]
+    stopped = start_processes(args, work, nproc=2, process_env={1: {"TNA_JAX_TERM_AT": "epoch_end:1"}})
+    outs = finish(stopped, expect=143)
+    assert "stopped by a signal to another process after epoch 2" in outs[0]
+    assert "stopped by SIGTERM after epoch 2" in outs[1]
+    assert len(open(work / "metrics.jsonl").readlines()) == 2 * 4  # both epochs, written once
+    killed = start_processes(args, work, nproc=2, process_env={1: {"TNA_JAX_KILL_AT": "after_save:3"}})
+    killed[1].wait(timeout=600)
+    assert killed[1].returncode == -9
+    killed[0].send_signal(signal.SIGKILL)  # the scheduler ends what is left of the job
+    killed[0].wait(timeout=60)
+    (resumed,) = run_train_py(args, work, nproc=1, devices_per_process=4)
+    assert "took over the lock" in resumed and "resuming from the checkpoint of epoch 3" in resumed
+    run_train_py(args, ref, nproc=1, devices_per_process=4)
+    assert report(work)["training"]["resumed_from"] == 3
+    assert_same_train_report(report(work), report(ref))
+
+
 PAIRS_CODE = """
 import json, sys
 import jax
@@ -141,3 +169,84 @@ def test_pairwise_table_is_split_over_every_process_and_equals_one_process():
         assert o["acc"] == two[0]["acc"]
         np.testing.assert_allclose(o["loss"], one["loss"], rtol=1e-5)
         np.testing.assert_allclose(o["acc"], one["acc"], atol=1e-6)
+
+
+# The other kinds, each with the small config of its in-process test, as 2 processes x 2 devices
+# and as 1 process x 4 devices (runner.run, what train.py calls); the numbers each report is read
+# for must agree.
+KIND_CODE = """
+import json, sys
+import jax
+pid, nproc, port, kind, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+if nproc > 1:
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
+sys.path.insert(0, "tests")
+import ml_collections
+from util import tiny_config
+from tna_jax import runner
+if kind in ("grid", "layerwise"):
+    c = tiny_config(kind=kind, train__epochs=1, data__num_samples=300, analysis__num_alphas=3, train__tensorboard=False)
+    c.sweep.anchor_ratios = (0.0, 0.5)
+    c.grid = ml_collections.ConfigDict({"variants": {"1_mlp": {"label": "MLP", "axis": "width", "x": 8,
+                                                               "set": {"model": {"name": "mlp", "width": 8}}}}})
+    c.layerwise = ml_collections.ConfigDict({"modes": ("single", "from_input")})
+elif kind == "align_compare":
+    from configs.align_compare import get_config
+    c = get_config()
+    c.num_seeds = 2
+    c.align.tasks = {"mlp": {"data": {"source": "digits", "num_train": 300}, "model": {"name": "mlp", "depth": 1, "width": 16},
+                             "train": {"epochs": 2, "steps_per_call": 2}}}
+    c.align.update({"curve_kind": "polychain", "curve_epochs": 1, "curve_pairs": 1, "stats_examples": 100,
+                    "stats_batch": 50, "repair_alphas": 3, "ste_steps": 3})
+    c.analysis.num_alphas = 5
+    c.train.eval_batch_size = 256
+elif kind == "soup":
+    from configs.soup_vit import get_config
+    c = get_config()
+    c.num_seeds = 2
+    c.model.depth, c.model.dim, c.model.mlp_dim = 1, 16, 32
+    c.soup.update({"pretrain_epochs": 2, "finetune_epochs": 1, "candidates": 3})
+elif kind == "cold_fusion":
+    from configs.cold_minilm import get_config
+    c = get_config()
+    c.num_seeds = 1
+    c.train.batch_size, c.train.eval_batch_size = 8, 16
+    c.cold.update({"num_layers": 1, "seq_len": 12, "rounds": 1, "steps": 2, "max_train": 32, "max_eval": 16})
+c.analysis.plots = False
+r = runner.run(c, workdir)
+if kind == "grid":
+    numbers = [[row["test_accuracy_mean"], row["accuracy_barrier_mean"], row["loss_barrier_mean"]] for row in r["rows"]]
+elif kind == "layerwise":
+    numbers = [r["layerwise"][arm][mode]["loss_barrier_mean"] for arm in r["layerwise"] for mode in r["modes"]]
+elif kind == "align_compare":
+    numbers = [[row["accuracy_barrier_mean"], row["loss_barrier_mean"]] for row in r["tasks"]["mlp"]["rows"]]
+elif kind == "soup":
+    numbers = [[row["uniform_soup"], row["greedy_soup"], *row["test_accuracy"]] for arm in ("vanilla", "TNA-PFN")
+               for row in r["per_repeat"][arm]]
+else:
+    numbers = [[h["fused"]["mean"] for h in r["history"][arm][0]] for arm in ("vanilla", "TNA-PFN")]
+print(json.dumps({"processes": jax.process_count(), "numbers": numbers}))
+"""
+
+
+def run_kind(kind, workdir, nproc, devices_per_process):
+    port = str(free_port())
+    proc_env = {**env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+    procs = [subprocess.Popen([sys.executable, "-c", KIND_CODE, str(i), str(nproc), port, kind, str(workdir)], cwd=ROOT,
+                              env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(nproc)]
+    return [json.loads([line for line in out.splitlines() if line.startswith("{")][-1]) for out in finish(procs)]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("kind", ["grid", "layerwise", "align_compare", "soup", "cold_fusion"])
+def test_kind_over_two_processes_equals_one_process(kind, tmp_path):
+    two = run_kind(kind, tmp_path / "two", nproc=2, devices_per_process=2)
+    (one,) = run_kind(kind, tmp_path / "one", nproc=1, devices_per_process=4)
+    assert [o["processes"] for o in two] == [2, 2] and one["processes"] == 1
+    assert two[0]["numbers"] == two[1]["numbers"]  # every process returns the same report
+    assert np.isfinite(np.asarray(one["numbers"], np.float64)).all()
+    np.testing.assert_allclose(np.asarray(two[0]["numbers"], np.float64), np.asarray(one["numbers"], np.float64),
+                               atol=2e-3)
+    assert (tmp_path / "two" / "report.json").exists() and open(tmp_path / "two" / ".lock").read() == ""
