@@ -103,7 +103,7 @@ def test_sigterm_to_one_process_stops_both_and_kill_9_then_resume_on_one_process
     """SIGTERM to process 1 alone (after epoch 1) stops both processes at the same step boundary
     with a checkpoint (exit 143); a rerun then loses process 1 to SIGKILL after the epoch-3
     checkpoint, and process 0 is killed too (as a scheduler does); one process with the same 4
-    devices resumes, taking over the stale lock, and ends where an uninterrupted run ends."""
+    devices resumes and ends where an uninterrupted run ends."""
     work, ref = tmp_path / "work", tmp_path / "ref"
     args = [*QUICK, "--config.train.epochs=4"]
     stopped = start_processes(args, work, nproc=2, process_env={1: {"TNA_JAX_TERM_AT": "epoch_end:1"}})
@@ -117,7 +117,7 @@ def test_sigterm_to_one_process_stops_both_and_kill_9_then_resume_on_one_process
     killed[0].send_signal(signal.SIGKILL)  # the scheduler ends what is left of the job
     killed[0].wait(timeout=60)
     (resumed,) = run_train_py(args, work, nproc=1, devices_per_process=4)
-    assert "took over the lock" in resumed and "resuming from the checkpoint of epoch 3" in resumed
+    assert "resuming from the checkpoint of epoch 3" in resumed
     run_train_py(args, ref, nproc=1, devices_per_process=4)
     assert report(work)["training"]["resumed_from"] == 3
     assert_same_train_report(report(work), report(ref))
