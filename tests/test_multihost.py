@@ -250,3 +250,17 @@ def test_kind_over_two_processes_equals_one_process(kind, tmp_path):
     np.testing.assert_allclose(np.asarray(two[0]["numbers"], np.float64), np.asarray(one["numbers"], np.float64),
                                atol=2e-3)
     assert (tmp_path / "two" / "report.json").exists() and open(tmp_path / "two" / ".lock").read() == ""
+
+
+def test_coordinator_auto_lets_jax_find_the_cluster(monkeypatch):
+    """``--coordinator=auto`` (TPU pods, SLURM) calls ``jax.distributed.initialize()`` with no
+    arguments, so JAX reads the cluster from the environment."""
+    import jax
+
+    import train
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    train.initialize_distributed("auto", None, None)
+    train.initialize_distributed("10.0.0.1:1234", 2, 1)
+    assert calls == [((), {}), ((), {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1})]
