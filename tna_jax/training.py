@@ -647,6 +647,7 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
             faults.point(f"epoch_end:{done}")
             if on_epoch is not None:
                 on_epoch(done, {"rows": rows})
+            stopping = distributed.any_process(stop.signal is not None)  # also one that came during the epoch's end
             if done % config.train.checkpoint_every == 0 or done == epochs or stopping:
                 save(done)
             if bar is not None:
