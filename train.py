@@ -7,11 +7,12 @@ On a CPU-only machine the CPU is split into one JAX device per core (``--cpu_dev
 seeds, which are sharded over devices, train in parallel on all cores; GPUs and TPUs are used
 as they are.
 
-Several processes or hosts (``kind="federated"``: the clients are split across processes): start
-the same command once per process with ``--coordinator=HOST:PORT --num_processes=N
---process_id=I`` (``--coordinator=auto`` on TPU pods and SLURM, where JAX finds them itself).
-Every process reads the same ``--workdir`` (a shared filesystem on several hosts); process 0
-locks it and writes the metrics and the report, all of them write the orbax checkpoints.
+Several processes or hosts (every kind: the run axis, or a federated run's clients, is split
+over every process's devices): start the same command once per process with
+``--coordinator=HOST:PORT --num_processes=N --process_id=I`` (``--coordinator=auto`` on TPU pods
+and SLURM, where JAX finds them itself). Every process reads the same ``--workdir`` (a shared
+filesystem on several hosts); process 0 locks it and writes the metrics and the report, all of
+them write the orbax checkpoints. docs/howto/multihost.md has the commands.
 
 Config fields: ``--print_config`` prints every field with its value (after the overrides) as
 JSON and exits; ``--config.<field>=<value>`` sets one (a misspelled field is named with the

@@ -22,7 +22,7 @@ PACKAGE = os.path.join(ROOT, "tna_jax")
 # one. docs/architecture.md shows the same table; `tna_jax/__init__.py` (the facade) is above all.
 LAYERS = {
     "foundations": ["tree", "trace", "chunking", "config", "hooks", "plotting", "runs", "sharding", "deprecation",
-                    "programs", "steps"],
+                    "programs", "steps", "distributed"],
     "data, models and files": ["data", "data.*", "models", "models.*", "checkpoint", "logs", "report", "workdir",
                                "preflight", "pretrained"],
     "anchors and evaluation": ["anchors", "anchors.*", "evaluation", "run_axis", "norm_stats", "optimizers"],

@@ -489,6 +489,7 @@ def test_bad_multiprocess_flags_name_the_flag(flags_, message):
 
 def test_kinds_that_run_in_one_process_refuse_several(monkeypatch, tmp_path):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(runner, "MULTIPROCESS_KINDS", ("federated",))
     with pytest.raises(ConfigError, match=r"config.kind='train' runs in one process; 2 processes were started "
                                           r"\(jax.distributed\). Kinds that span processes: \['federated'\]"):
         runner.run(tiny_config(), str(tmp_path))

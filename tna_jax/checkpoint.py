@@ -28,6 +28,7 @@ import numpy as np
 
 from tna_jax import hooks
 from tna_jax import tree as tree_lib
+from tna_jax.distributed import to_host
 
 __all__ = ["write_json", "write_text", "read_json", "json_ready", "dumps", "tree_digest", "Checkpointer",
            "CheckpointError", "remove_stale_temporaries"]
@@ -249,7 +250,7 @@ def tree_digest(tree: Any) -> str:
     """
     h = hashlib.sha256()
     for name, leaf in tree_lib.named_leaves(tree):
-        arr = np.asarray(jax.device_get(leaf))
+        arr = np.asarray(to_host(leaf))  # the whole array, also when other processes hold parts
         h.update(name.encode())
         h.update(str(arr.shape).encode())
         h.update(str(arr.dtype).encode())

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from tna_jax import deprecation
+from tna_jax import deprecation, distributed
 from tna_jax.data.batching import eval_indices, gather
 from tna_jax.models import Net
 from tna_jax.run_axis import loop_over_runs, run_axis_plan
@@ -184,4 +184,5 @@ def evaluate_runs(net: Net, state: Any, data: tuple[jax.Array, jax.Array], *, ba
     x, y = data
     variables = state.variables()
     out = _batched_eval(net, batch_size, run_axis_plan(net), _run_mesh_of(variables))(variables, x, y)
+    out = distributed.to_host(dict(out))  # gathered from every process's devices
     return Metrics(loss=np.asarray(out["loss"]), accuracy=np.asarray(out["accuracy"]))

@@ -125,7 +125,8 @@ def write_report(workdir: str, config: Any, report: dict[str, Any],
     atomically before any plot is drawn, so a plotting failure (a missing font, a full disk)
     still leaves a complete report; when ``config.analysis.plots`` is on, ``plots()`` draws the
     figures and returns their paths, whose file names are recorded in ``report["plots"]`` and
-    ``report.json`` is written again.
+    ``report.json`` is written again. Under ``jax.distributed`` only process 0 writes (the others
+    return `report` as it is).
 
     Args:
       workdir: the run directory.
@@ -147,6 +148,10 @@ def write_report(workdir: str, config: Any, report: dict[str, Any],
       >>> json.load(open(os.path.join(workdir, "report.json")))["plots"], sorted(os.listdir(workdir))
       (['bars.png'], ['bars.png', 'report.json', 'report.md'])
     """
+    from tna_jax import distributed
+
+    if not distributed.is_primary():  # under jax.distributed, process 0 writes the files
+        return report
     json_path = os.path.join(workdir, "report.json")
     ckpt_lib.write_json(json_path, report)
     ckpt_lib.write_text(os.path.join(workdir, "report.md"), f"# {config.name}\n\n{report['markdown']}\n")

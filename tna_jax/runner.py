@@ -4,6 +4,7 @@ process 0 the one that writes it. Holds no algorithm of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -97,8 +98,9 @@ def _undo_fresh_start(workdir: str, created: bool) -> None:
 
 
 # Kinds whose programs span several processes (jax.distributed): the federated rounds split the
-# clients across processes. The other kinds shard over the devices of one process.
-MULTIPROCESS_KINDS = ("federated",)
+# clients across processes; the others split the run axis (arms x seeds) over every process's
+# devices (tna_jax.distributed). A kind not listed runs in one process only.
+MULTIPROCESS_KINDS = ("federated", "train", "grid", "layerwise", "align_compare", "soup", "cold_fusion")
 
 
 def is_primary() -> bool:
@@ -121,7 +123,8 @@ def _run_multiprocess(config: Any, kind: str, workdir: str | None) -> dict[str, 
             f"config.kind={kind!r} runs in one process; {jax.process_count()} processes were started "
             f"(jax.distributed). Kinds that span processes: {list(MULTIPROCESS_KINDS)}.")
     if workdir is None:
-        return KINDS[kind](config, None)
+        with _quiet_unless_primary():
+            return KINDS[kind](config, None)
     workdir = os.path.abspath(workdir)
     lock, error = None, None
     if is_primary():
@@ -140,7 +143,19 @@ def _run_multiprocess(config: Any, kind: str, workdir: str | None) -> dict[str, 
         raise WorkdirBusy(f"process 0 could not prepare workdir {workdir} (its error says why); "
                           f"process {jax.process_index()} stops too.")
     try:
-        return KINDS[kind](config, workdir)
+        with _quiet_unless_primary():
+            return KINDS[kind](config, workdir)
     finally:
         if lock is not None:
             lock.release()
+
+
+@contextlib.contextmanager
+def _quiet_unless_primary():
+    """Process 0 prints the tables and progress lines; the other processes' stdout is dropped (their
+    errors still reach stderr), so a multi-process run prints each table once."""
+    if is_primary():
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield

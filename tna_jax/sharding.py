@@ -21,7 +21,8 @@ def run_mesh(devices: Sequence[Any] | None = None) -> Mesh:
     """A 1-D mesh named "runs" over `devices` (default: all devices).
 
     Args:
-      devices: the devices (default ``jax.devices()``).
+      devices: the devices (default ``jax.devices()``: under ``jax.distributed``, every
+        process's devices, so the run axis is split over all of them).
 
     Returns:
       A ``jax.sharding.Mesh`` with one axis, ``"runs"``.
@@ -41,7 +42,9 @@ def shard_runs(tree: PyTree, mesh: Mesh) -> PyTree:
 
     Args:
       tree: a pytree whose leaves have the run axis first (its length a multiple of the mesh size).
-      mesh: the mesh (:func:`run_mesh`).
+      mesh: the mesh (:func:`run_mesh`); under ``jax.distributed`` it may span every process's
+        devices, and each process then supplies only its own devices' runs
+        (:func:`tna_jax.distributed.place`).
 
     Returns:
       The tree placed with ``NamedSharding(mesh, PartitionSpec("runs"))``.
@@ -52,7 +55,9 @@ def shard_runs(tree: PyTree, mesh: Mesh) -> PyTree:
       >>> tuple(x.sharding.spec)
       ('runs',)
     """
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec("runs")))
+    from tna_jax.distributed import place
+
+    return place(tree, NamedSharding(mesh, PartitionSpec("runs")))
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -65,7 +70,9 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     Returns:
       The tree, replicated.
     """
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    from tna_jax.distributed import place
+
+    return place(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def device_memory_bytes(devices: Sequence[Any]) -> int | None:
@@ -105,7 +112,8 @@ def check_fits_in_memory(abstract_state: PyTree, devices: Sequence[Any], num_run
 
     Args:
       abstract_state: the state's shapes and dtypes (`jax.eval_shape`).
-      devices: the devices it will be sharded over.
+      devices: the devices it will be sharded over (under ``jax.distributed``, this process's
+        share of the state is checked against this process's devices).
       num_runs: the runs it holds (for the message).
 
     Raises:
@@ -120,6 +128,10 @@ def check_fits_in_memory(abstract_state: PyTree, devices: Sequence[Any], num_run
       ValueError: the training state of 1 runs needs 65536.0 GiB ...
     """
     need = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in jax.tree.leaves(abstract_state))
+    # Under jax.distributed each process holds (and can query) only its own devices' share.
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    if len(local) < len(devices):
+        need, devices = need * len(local) // max(1, len(devices)), local
     have = device_memory_bytes(devices)
     if have is not None and need > have:
         raise ValueError(f"the training state of {num_runs} runs needs {need / 2**30:.1f} GiB (parameters and "

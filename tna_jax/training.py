@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tna_jax import anchors, logs
+from tna_jax import anchors, distributed, logs
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import tree as tree_lib
 from tna_jax.data import DeviceData
@@ -486,7 +486,11 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
     checkpointer, state, meta = _open_checkpoints(workdir, config, arms, abstract_state, spe, log)
     start_epoch, start_step = int(meta.get("epoch", 0)), int(meta.get("step_in_epoch", 0))
     partial = meta.get("partial_sums")
-    metrics_log = logs.MetricsLog(workdir, [r.describe() for r in runs], start_epoch,
+    # Several processes: process 0 writes the metrics and logs; all take part in the checkpoints.
+    primary = distributed.is_primary()
+    if not primary:
+        log = _silent
+    metrics_log = logs.MetricsLog(workdir if primary else None, [r.describe() for r in runs], start_epoch,
                                   tensorboard=config.train.tensorboard)
     if state is None:
         state = init_fn(keys)
@@ -516,7 +520,8 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
     t0 = time.time()
     with Loop(epochs, start=start_epoch, unit="epoch", checkpointer=checkpointer,
               checkpoint_every=config.train.checkpoint_every, metrics=metrics_log,
-              progress=config.train.progress, desc=f"{len(runs)} runs", hooks=hooks) as loop:
+              progress=config.train.progress and primary, desc=f"{len(runs)} runs", hooks=hooks,
+              agree=distributed.any_process) as loop:
         for epoch in loop.iterations():
             step_in_epoch = start_step if epoch == start_epoch else 0
             if epoch == start_epoch and partial:
@@ -527,13 +532,14 @@ def fit(config: Any, net: Net, dataset: Any, *, workdir: str | None = None,
                 n = min(chunk, spe - step_in_epoch)
                 state, m = train_chunk(n)(state, keys.data, keys.dropout, epoch, step_in_epoch,
                                           data.x_train, data.y_train)
-                m = jax.device_get(m)
+                m = distributed.to_host(m)  # the runs of every process
                 _check_finite(loop, m, runs, epoch, spe, config.optimizer.learning_rate)
                 for k in sums:
                     sums[k] += getattr(m, k)
                 step_in_epoch += n
                 loop.point(f"chunk_end:{epoch}.{step_in_epoch}")
-                if loop.stop_requested and step_in_epoch < spe:
+                # A signal to one process stops every process at the same step boundary.
+                if distributed.any_process(loop.stop_requested) and step_in_epoch < spe:
                     loop.save(f"{epoch}.{step_in_epoch}", lambda e=epoch, s=step_in_epoch, t=sums: save(e, s, t))
                     raise loop.preempted(f"at step {step_in_epoch} of {spe} in epoch {epoch + 1}")
             done = epoch + 1
@@ -604,6 +610,10 @@ def _epoch_rows(runs: Sequence[Run], done: int, sums: dict[str, np.ndarray], bat
             row["val_accuracy"] = float(val.accuracy[i])
         rows.append(row)
     return rows
+
+
+def _silent(message: str) -> None:
+    """The log of a process other than process 0 (which alone prints)."""
 
 
 def _postfix(rows: list[dict[str, Any]], arms: Sequence[Arm], has_val: bool) -> dict[str, str]:

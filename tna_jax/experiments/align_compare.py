@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from tna_jax import align, chunking, evaluation, lmc, models, norm_stats, plotting, training
+from tna_jax import align, chunking, distributed, evaluation, lmc, models, norm_stats, plotting, training
 from tna_jax import config as config_lib
 from tna_jax import data as data_lib
 from tna_jax import tree as tree_lib
@@ -167,7 +167,7 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
         from tna_jax.data.augment import augment_images
 
         augment = augment_images
-    if workdir:
+    if workdir and distributed.is_primary():  # under jax.distributed, process 0 writes the files
         prepare_workdir(cfg, workdir)
     result = training.fit(cfg, net, dataset, workdir=workdir, augment=augment, log=log)
     t_train = time.time() - t0

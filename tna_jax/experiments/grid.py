@@ -37,6 +37,7 @@ import numpy as np
 
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
+from tna_jax import distributed
 from tna_jax import report as report_lib
 from tna_jax import workdir as workdir_lib
 from tna_jax.experiments import registry
@@ -286,8 +287,13 @@ def grid_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         print(f"== grid variant {name} ({sub.model.name}) ==")
         subdir = workdir_lib.workdir_path(workdir, f"variants/{name}", f"grid.variants.{name}") if workdir else None
         report = _load_finished(sub, subdir) if subdir else None
+        # Several processes: all train a variant or all reuse it, as process 0 finds it.
+        if not distributed.primary_says(report is not None):
+            report = None
+        elif report is None:
+            report = _load_finished(sub, subdir)
         if report is None:
-            if subdir:
+            if subdir and distributed.is_primary():
                 workdir_lib.prepare_workdir(sub, subdir)
             report = train_kind.train_experiment(sub, subdir)
         else:

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tna_jax import chunking, evaluation, norm_stats
+from tna_jax import chunking, distributed, evaluation, norm_stats
 from tna_jax import config as config_lib
 from tna_jax.experiments.registry import register
 from tna_jax.report import count_compiles, markdown_table, mean_std, pm, write_report
@@ -375,7 +375,7 @@ def train_and_analyse(config: Any, workdir: str | None, *, lmc: bool | None = No
                  "num_classes": dataset.num_classes},
         "model": {"name": net.name, "params": net.param_count(), "batch_norm": net.has_batch_stats,
                   "init": net.init_scheme},
-        "devices": {"backend": jax.default_backend(), "count": jax.device_count()},
+        "devices": {"backend": jax.default_backend(), "count": jax.device_count(), "processes": jax.process_count()},
         "anchor_values": anchor_values_note(config),
         "statistics": {"std": "sample standard deviation (ddof=1) over seeds or seed pairs",
                        "pairs": config.analysis.get("pairs", "all"), "max_pairs": int(config.analysis.max_pairs),
@@ -390,7 +390,8 @@ def train_and_analyse(config: Any, workdir: str | None, *, lmc: bool | None = No
     if result.mask is not None:
         from tna_jax import anchors
 
-        report["mask"] = {r.arm.label: anchors.mask_summary(jax.tree.map(lambda m, i=r.index: m[i], result.mask))["overall"]
+        report["mask"] = {r.arm.label: anchors.mask_summary(distributed.to_host(
+                              jax.tree.map(lambda m, i=r.index: m[i], result.mask)))["overall"]
                           for r in result.runs if r.seed == 0}
         report["anchor"] = anchor_report(config, result)
     device_data = data_lib.to_device(dataset, normalize=config.data.normalize)
@@ -415,7 +416,7 @@ def anchor_report(config: Any, result: Any) -> dict[str, Any]:
     """
     from tna_jax import anchors
 
-    held = np.asarray(jax.vmap(anchors.verify)(result.state.params, result.state.opt_state))
+    held = distributed.to_host(jax.vmap(anchors.verify)(result.state.params, result.state.opt_state))
     arms: dict[str, bool] = {}
     for run in result.runs:
         if run.arm.ratio > 0:
@@ -543,7 +544,8 @@ def train_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     trained = train_and_analyse(config, workdir)
     report = trained.report
     report["markdown"] = markdown_summary(report)
-    print(report["markdown"])
-    if workdir:
-        write_train_outputs(config, workdir, trained)
+    if distributed.is_primary():  # under jax.distributed, process 0 prints and writes
+        print(report["markdown"])
+        if workdir:
+            write_train_outputs(config, workdir, trained)
     return report

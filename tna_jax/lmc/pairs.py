@@ -242,6 +242,23 @@ def pairs_program(eval_fn: EvalFn, chunk: Chunk, jit: bool = True) -> Callable[.
     return jax.jit(compute) if jit else compute
 
 
+@cached_per_eval_fn
+def _sharded_pairs_program(eval_fn: EvalFn, chunk: Chunk, mesh: Any) -> Callable[..., Any]:
+    """:func:`pairs_program` with the (pair, α) points split over `mesh`'s ``"runs"`` axis: each
+    device evaluates its own block of points (the models and data replicated to it inside the
+    program), so the table is computed by every process's devices, not gathered to one host."""
+    from jax.sharding import PartitionSpec as P
+
+    compute = pairs_program(eval_fn, chunk, False)
+    sharded = jax.shard_map(compute, mesh=mesh, in_specs=(P(), P(), P(), P("runs"), P("runs"), P(), P()),
+                            out_specs=P("runs"), check_vma=False)
+    return jax.jit(sharded)
+
+
+def _spans_processes(tree: PyTree) -> bool:
+    return any(isinstance(leaf, jax.Array) and not leaf.is_fully_addressable for leaf in jax.tree.leaves(tree))
+
+
 def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, jax.Array], *,
                       pairs: Sequence[tuple[int, int]] | None = None,
                       alphas: Sequence[float] | None = None, chunk: Chunk = AUTO,
@@ -256,6 +273,9 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
       alphas: the α grid (default 25 points in [0, 1]).
       chunk: evaluate at most this many (pair, α) points at once; None = all, ``"auto"``
         (default) as in :func:`lmc_path`.
+      jit: compile the table as one program (False: trace it into the caller's). When `stacked`
+        spans several processes' devices (``jax.distributed``), the points are split over every
+        device of every process and only the (pairs × α) numbers are gathered.
 
     Returns:
       :class:`PairwiseBarriers`; its N×N tables are symmetric with NaN where a pair was not
@@ -294,7 +314,25 @@ def pairwise_barriers(eval_fn: EvalFn, stacked: PyTree, data: tuple[jax.Array, j
     # Flatten (pair, α) into one batch axis so chunking bounds the total work in flight.
     pi = jnp.repeat(jnp.arange(len(pairs), dtype=jnp.int32), k)
     al = jnp.tile(alphas_arr, len(pairs))
-    out = pairs_program(eval_fn, chunk, bool(jit))(stacked, ii, jj, pi, al, x, y)
+    if jit and _spans_processes(stacked):
+        # Under jax.distributed (models spread over every process's devices): the points are
+        # split over the global mesh, padded to a multiple of its size; padding is dropped.
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from tna_jax import distributed
+        from tna_jax.sharding import run_mesh
+
+        mesh = run_mesh()
+        pad = -len(pi) % mesh.size
+        points = NamedSharding(mesh, PartitionSpec("runs"))
+        everywhere = NamedSharding(mesh, PartitionSpec())
+        pi_g = distributed.global_array(np.pad(np.asarray(pi), (0, pad)), points)
+        al_g = distributed.global_array(np.pad(np.asarray(al), (0, pad)), points)
+        ii, jj, x, y = (distributed.global_array(a, everywhere) for a in (ii, jj, x, y))
+        out = _sharded_pairs_program(eval_fn, chunk, mesh)(stacked, ii, jj, pi_g, al_g, x, y)
+        out = {key: distributed.to_host(out[key])[:len(pi)] for key in ("loss", "accuracy")}
+    else:
+        out = pairs_program(eval_fn, chunk, bool(jit))(stacked, ii, jj, pi, al, x, y)
     loss = np.asarray(out["loss"]).reshape(len(pairs), k)
     acc = np.asarray(out["accuracy"]).reshape(len(pairs), k)
     per_pair = [barriers(LMCPath(alphas_arr, loss[p], acc[p])) for p in range(len(pairs))]

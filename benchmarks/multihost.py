@@ -1,0 +1,88 @@
+"""Scaling over processes (jax.distributed), simulated on one machine: the same sweep as 1, 2 and
+4 local processes of ``train.py`` (one CPU device each, a coordinator on 127.0.0.1).
+
+Each process brings one device, as a host brings its accelerators, so the figure to read is
+``runs_per_s_per_process``: how much of its own throughput a process keeps when the run axis is
+split over more processes (the rest goes to collectives, the per-call metric gather and the
+barrier tables' gather). Wall time is the slowest process's, set-up and compilation excluded
+(the ``training.seconds`` of the report).
+
+    python benchmarks/multihost.py [--quick] [--out DIR]
+
+On a machine with fewer cores than processes the processes share cores and the per-process rate
+falls for that reason alone: run it where every process has a core of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.common import print_table, write_json  # noqa: E402
+
+PROCESSES = (1, 2, 4)
+
+
+def sweep_args(quick: bool) -> list[str]:
+    """A ratio sweep of the quickstart: 4 arms x 4 seeds (16 runs, a multiple of 4 processes)."""
+    epochs = 2 if quick else 10
+    return ["train.py", "--config=configs/quickstart.py", "--config.num_seeds=4",
+            "--config.sweep.anchor_ratios=(0.0,0.2,0.4,0.6)", f"--config.train.epochs={epochs}",
+            "--config.train.progress=False", "--config.train.tensorboard=False", "--config.analysis.plots=False",
+            "--config.analysis.lmc=False"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(nproc: int, quick: bool) -> dict:
+    """The sweep as `nproc` processes of one CPU device each; its report."""
+    workdir = tempfile.mkdtemp(prefix=f"multihost_{nproc}_")
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, *sweep_args(quick), f"--workdir={workdir}", "--cpu_devices=1"]
+    if nproc > 1:
+        cmd += [f"--coordinator=127.0.0.1:{free_port()}", f"--num_processes={nproc}"]
+        cmds = [[*cmd, f"--process_id={i}"] for i in range(nproc)]
+    else:
+        cmds = [cmd]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"{nproc} processes: exit {p.returncode}: {err[-2000:]}")
+    with open(os.path.join(workdir, "report.json")) as f:
+        return json.load(f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 epochs instead of 10")
+    parser.add_argument("--out", default=None, help="directory for multihost.json (default benchmarks/results)")
+    args = parser.parse_args()
+    rows = []
+    for nproc in PROCESSES:
+        report = run_processes(nproc, args.quick)
+        runs, seconds = report["training"]["runs"], report["training"]["seconds"]
+        epochs = report["training"]["epochs"]
+        rows.append({"processes": nproc, "devices": report["devices"]["count"], "runs": runs, "epochs": epochs,
+                     "train_seconds": round(seconds, 2), "runs_per_s": round(runs * epochs / seconds, 3),
+                     "runs_per_s_per_process": round(runs * epochs / seconds / nproc, 3)})
+    print_table(rows, list(rows[0]))
+    print("runs/s counts run-epochs per second of training wall time (set-up and compilation excluded).")
+    write_json("multihost", {"rows": rows, "quick": args.quick}, args.out)
+
+
+if __name__ == "__main__":
+    main()
