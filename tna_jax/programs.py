@@ -67,4 +67,5 @@ def cached_per_eval_fn(build: Callable[..., Callable[..., Any]]) -> Callable[...
             per_fn[options] = build(call, *options)
         return per_fn[options]
 
+    get.cache_size = lambda: sum(len(programs) for programs in cache.values())  # programs held now
     return get
