@@ -296,9 +296,11 @@ def _event_loop_closed(err: BaseException | None) -> bool:
 
 def _quiet_unraisablehook(hook):
     """``sys.unraisablehook`` without the "Event loop is closed" tracebacks that the native
-    threads of orbax's writer print while a failed save unwinds; --verbose keeps them."""
+    threads of orbax's writer print while a failed save unwinds, nor a Ctrl-C that Python could
+    not raise (it landed in a garbage-collection callback: `_interrupt`'s timer leaves with one
+    line instead); --verbose keeps them."""
     def quiet(unraisable):
-        if not _event_loop_closed(unraisable.exc_value):
+        if not (_event_loop_closed(unraisable.exc_value) or isinstance(unraisable.exc_value, KeyboardInterrupt)):
             hook(unraisable)
 
     return quiet

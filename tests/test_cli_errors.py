@@ -27,6 +27,7 @@ def main_in_process(argv, monkeypatch, capsys):
     full = ["train.py", *argv]
     monkeypatch.setattr(sys, "argv", full)  # ml_collections reads the overrides from sys.argv
     monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # main() wraps it: restore after
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # main() sets the CPU device count
     monkeypatch.chdir(ROOT)
     sys.modules.pop("config_config", None)  # ml_collections reuses this module name per process
     fresh = train.flags.FlagValues()

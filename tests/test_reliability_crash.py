@@ -290,12 +290,12 @@ def test_second_run_on_a_busy_workdir_fails_at_once_naming_the_holder(tmp_path, 
     finally:
         os.kill(first.pid, signal.SIGCONT)
     first_out, _ = first.communicate(timeout=300)
-    busy = second[0] == 1 and f"is in use by pid {first.pid} on" in second[2] and "Traceback" not in second[2]
+    busy = second[0] == 2 and f"is in use by pid {first.pid} on" in second[2] and "Traceback" not in second[2]
     same = first.returncode == 0 and differences(reference[1], fingerprint(workdir)) == []
     reliability.record("concurrency.second_run", category="concurrency",
                        fault="a second train.py started on a workdir a live run holds",
                        tried=1, survived=int(busy and same),
-                       check="the second exits 1 at once with one line naming the holder's pid and host; the "
+                       check="the second exits 2 at once with one line naming the holder's pid and host; the "
                              "first run is unaffected and ends bit-identical to the reference")
     assert busy, second[2]
     assert "train.py: error: workdir" in second[2]

@@ -13,7 +13,7 @@ import numpy as np
 
 from tna_jax import config as config_lib
 from tna_jax import preflight
-from tna_jax.experiments.registry import KINDS, find, load_all
+from tna_jax.experiments.registry import find, load_all
 from tna_jax.workdir import WorkdirBusy, WorkdirLock, prepare_workdir
 
 __all__ = ["run", "is_primary", "MULTIPROCESS_KINDS"]
@@ -54,15 +54,16 @@ def run(config: Any, workdir: str | None = None) -> dict[str, Any]:
     """
     config_lib.validate(config)
     kind = config.get("kind", "train") if hasattr(config, "get") else "train"
-    if find(kind) is None:
+    kind_fn = find(kind)
+    if kind_fn is None:
         raise config_lib.ConfigError(f"config.kind must be one of {sorted(load_all())}; got {kind!r}.")
     preflight.check_config(config)
     if workdir is not None:
         preflight.check_workdir(workdir)
     if jax.process_count() > 1:
-        return _run_multiprocess(config, kind, workdir)
+        return _run_multiprocess(config, kind, kind_fn, workdir)
     if workdir is None:
-        return KINDS[kind](config, None)
+        return kind_fn(config, None)
     workdir = os.path.abspath(workdir)
     created = preflight.make_workdir(workdir)
     fresh = False
@@ -74,7 +75,7 @@ def run(config: Any, workdir: str | None = None) -> dict[str, Any]:
                       f"{h.get('started')}), which ended without releasing it; resuming from its checkpoints.")
             fresh = not os.path.exists(os.path.join(workdir, "config.json"))
             prepare_workdir(config, workdir)
-            return KINDS[kind](config, workdir)
+            return kind_fn(config, workdir)
     except BaseException:
         if fresh:
             _undo_fresh_start(workdir, created)
@@ -112,7 +113,7 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def _run_multiprocess(config: Any, kind: str, workdir: str | None) -> dict[str, Any]:
+def _run_multiprocess(config: Any, kind: str, kind_fn: Any, workdir: str | None) -> dict[str, Any]:
     """:func:`run` under ``jax.distributed``: every process runs the same program; process 0 holds
     the workdir lock and writes ``config.json``, metrics and reports, all processes take part in
     the orbax checkpoints (one shared directory, as orbax expects on several hosts)."""
@@ -124,7 +125,7 @@ def _run_multiprocess(config: Any, kind: str, workdir: str | None) -> dict[str, 
             f"(jax.distributed). Kinds that span processes: {list(MULTIPROCESS_KINDS)}.")
     if workdir is None:
         with _quiet_unless_primary():
-            return KINDS[kind](config, None)
+            return kind_fn(config, None)
     workdir = os.path.abspath(workdir)
     lock, error = None, None
     if is_primary():
@@ -144,7 +145,7 @@ def _run_multiprocess(config: Any, kind: str, workdir: str | None) -> dict[str, 
                           f"process {jax.process_index()} stops too.")
     try:
         with _quiet_unless_primary():
-            return KINDS[kind](config, workdir)
+            return kind_fn(config, workdir)
     finally:
         if lock is not None:
             lock.release()
