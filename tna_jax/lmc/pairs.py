@@ -249,7 +249,9 @@ def _sharded_pairs_program(eval_fn: EvalFn, chunk: Chunk, mesh: Any) -> Callable
     program), so the table is computed by every process's devices, not gathered to one host."""
     from jax.sharding import PartitionSpec as P
 
-    compute = pairs_program(eval_fn, chunk, False)
+    # The unjitted program built here, not fetched from pairs_program's cache: `eval_fn` is this
+    # cache's weak stand-in, which that cache would hold only weakly in turn.
+    compute = pairs_program.__wrapped__(eval_fn, chunk, False)
     sharded = jax.shard_map(compute, mesh=mesh, in_specs=(P(), P(), P(), P("runs"), P("runs"), P(), P()),
                             out_specs=P("runs"), check_vma=False)
     return jax.jit(sharded)
