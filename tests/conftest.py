@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 # no per-example deadline. "ci" keeps the suite inside CI's time budget; "thorough" is for
 # local runs with HYPOTHESIS_PROFILE=thorough.
 settings.register_profile(
-    "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+    "ci", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 settings.register_profile("thorough", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

@@ -34,6 +34,8 @@ def env():
 def start_processes(args, workdir, nproc, devices_per_process=2, process_env=None):
     """``train.py <args>`` as `nproc` processes (one coordinator on 127.0.0.1); the Popen objects.
     `process_env` maps a process index to extra environment variables (fault injection)."""
+    if process_env:  # the fault hooks are armed by the test-only entry point (tests/fault_hooks.py)
+        args = ["tests/train_with_faults.py" if a == "train.py" else a for a in args]
     cmd = [sys.executable, *args, f"--workdir={workdir}", f"--cpu_devices={devices_per_process}"]
     if nproc == 1:
         return [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
@@ -178,77 +180,85 @@ def test_pairwise_table_is_split_over_every_process_and_equals_one_process():
 KIND_CODE = """
 import json, sys
 import jax
-pid, nproc, port, kind, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+pid, nproc, port, kinds, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4].split(","), sys.argv[5]
 if nproc > 1:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
 sys.path.insert(0, "tests")
 import ml_collections
 from util import tiny_config
 from tna_jax import runner
-if kind in ("grid", "layerwise"):
-    c = tiny_config(kind=kind, train__epochs=1, data__num_samples=300, analysis__num_alphas=3, train__tensorboard=False)
-    c.sweep.anchor_ratios = (0.0, 0.5)
-    c.grid = ml_collections.ConfigDict({"variants": {"1_mlp": {"label": "MLP", "axis": "width", "x": 8,
-                                                               "set": {"model": {"name": "mlp", "width": 8}}}}})
-    c.layerwise = ml_collections.ConfigDict({"modes": ("single", "from_input")})
-elif kind == "align_compare":
-    from configs.align_compare import get_config
-    c = get_config()
-    c.num_seeds = 2
-    c.align.tasks = {"mlp": {"data": {"source": "digits", "num_train": 300}, "model": {"name": "mlp", "depth": 1, "width": 16},
-                             "train": {"epochs": 2, "steps_per_call": 2}}}
-    c.align.update({"curve_kind": "polychain", "curve_epochs": 1, "curve_pairs": 1, "stats_examples": 100,
-                    "stats_batch": 50, "repair_alphas": 3, "ste_steps": 3})
-    c.analysis.num_alphas = 5
-    c.train.eval_batch_size = 256
-elif kind == "soup":
-    from configs.soup_vit import get_config
-    c = get_config()
-    c.num_seeds = 2
-    c.model.depth, c.model.dim, c.model.mlp_dim = 1, 16, 32
-    c.soup.update({"pretrain_epochs": 2, "finetune_epochs": 1, "candidates": 3})
-elif kind == "cold_fusion":
-    from configs.cold_minilm import get_config
-    c = get_config()
-    c.num_seeds = 1
-    c.train.batch_size, c.train.eval_batch_size = 8, 16
-    c.cold.update({"num_layers": 1, "seq_len": 12, "rounds": 1, "steps": 2, "max_train": 32, "max_eval": 16})
-c.analysis.plots = False
-r = runner.run(c, workdir)
-if kind == "grid":
-    numbers = [[row["test_accuracy_mean"], row["accuracy_barrier_mean"], row["loss_barrier_mean"]] for row in r["rows"]]
-elif kind == "layerwise":
-    numbers = [r["layerwise"][arm][mode]["loss_barrier_mean"] for arm in r["layerwise"] for mode in r["modes"]]
-elif kind == "align_compare":
-    numbers = [[row["accuracy_barrier_mean"], row["loss_barrier_mean"]] for row in r["tasks"]["mlp"]["rows"]]
-elif kind == "soup":
-    numbers = [[row["uniform_soup"], row["greedy_soup"], *row["test_accuracy"]] for arm in ("vanilla", "TNA-PFN")
-               for row in r["per_repeat"][arm]]
-else:
-    numbers = [[h["fused"]["mean"] for h in r["history"][arm][0]] for arm in ("vanilla", "TNA-PFN")]
-print(json.dumps({"processes": jax.process_count(), "numbers": numbers}))
+out = {}
+for kind in kinds:
+  workdir = f"{root}/{kind}"
+  if kind in ("grid", "layerwise"):
+      c = tiny_config(kind=kind, train__epochs=1, data__num_samples=300, analysis__num_alphas=3, train__tensorboard=False)
+      c.sweep.anchor_ratios = (0.0, 0.5)
+      c.grid = ml_collections.ConfigDict({"variants": {"1_mlp": {"label": "MLP", "axis": "width", "x": 8,
+                                                                 "set": {"model": {"name": "mlp", "width": 8}}}}})
+      c.layerwise = ml_collections.ConfigDict({"modes": ("single", "from_input")})
+  elif kind == "align_compare":
+      from configs.align_compare import get_config
+      c = get_config()
+      c.num_seeds = 2
+      c.align.tasks = {"mlp": {"data": {"source": "digits", "num_train": 300}, "model": {"name": "mlp", "depth": 1, "width": 16},
+                               "train": {"epochs": 2, "steps_per_call": 2}}}
+      c.align.update({"curve_kind": "polychain", "curve_epochs": 1, "curve_pairs": 1, "stats_examples": 100,
+                      "stats_batch": 50, "repair_alphas": 3, "ste_steps": 3})
+      c.analysis.num_alphas = 5
+      c.train.eval_batch_size = 256
+  elif kind == "soup":
+      from configs.soup_vit import get_config
+      c = get_config()
+      c.num_seeds = 2
+      c.model.depth, c.model.dim, c.model.mlp_dim = 1, 16, 32
+      c.soup.update({"pretrain_epochs": 2, "finetune_epochs": 1, "candidates": 3})
+  elif kind == "cold_fusion":
+      from configs.cold_minilm import get_config
+      c = get_config()
+      c.num_seeds = 1
+      c.train.batch_size, c.train.eval_batch_size = 8, 16
+      c.cold.update({"num_layers": 1, "seq_len": 12, "rounds": 1, "steps": 2, "max_train": 32, "max_eval": 16})
+  c.analysis.plots = False
+  r = runner.run(c, workdir)
+  if kind == "grid":
+      numbers = [[row["test_accuracy_mean"], row["accuracy_barrier_mean"], row["loss_barrier_mean"]] for row in r["rows"]]
+  elif kind == "layerwise":
+      numbers = [r["layerwise"][arm][mode]["loss_barrier_mean"] for arm in r["layerwise"] for mode in r["modes"]]
+  elif kind == "align_compare":
+      numbers = [[row["accuracy_barrier_mean"], row["loss_barrier_mean"]] for row in r["tasks"]["mlp"]["rows"]]
+  elif kind == "soup":
+      numbers = [[row["uniform_soup"], row["greedy_soup"], *row["test_accuracy"]] for arm in ("vanilla", "TNA-PFN")
+                 for row in r["per_repeat"][arm]]
+  else:
+      numbers = [[h["fused"]["mean"] for h in r["history"][arm][0]] for arm in ("vanilla", "TNA-PFN")]
+  out[kind] = numbers
+print(json.dumps({"processes": jax.process_count(), "numbers": out}))
 """
 
 
-def run_kind(kind, workdir, nproc, devices_per_process):
+def run_kinds(kinds, root, nproc, devices_per_process):
     port = str(free_port())
     proc_env = {**env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
-    procs = [subprocess.Popen([sys.executable, "-c", KIND_CODE, str(i), str(nproc), port, kind, str(workdir)], cwd=ROOT,
-                              env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", KIND_CODE, str(i), str(nproc), port, ",".join(kinds), str(root)],
+                              cwd=ROOT, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(nproc)]
     return [json.loads([line for line in out.splitlines() if line.startswith("{")][-1]) for out in finish(procs)]
 
 
+KINDS = ["grid", "layerwise", "align_compare", "soup", "cold_fusion"]
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("kind", ["grid", "layerwise", "align_compare", "soup", "cold_fusion"])
-def test_kind_runs_over_two_processes(kind, tmp_path):
-    two = run_kind(kind, tmp_path / "two", nproc=2, devices_per_process=2)
+def test_every_kind_runs_over_two_processes(tmp_path):
+    """The five kinds one after another in one pair of processes (one start-up for all)."""
+    two = run_kinds(KINDS, tmp_path, nproc=2, devices_per_process=2)
     assert [o["processes"] for o in two] == [2, 2]
-    assert two[0]["numbers"] == two[1]["numbers"]  # every process returns the same report
-    assert np.asarray(two[0]["numbers"], np.float64).size > 0
-    assert np.isfinite(np.asarray(two[0]["numbers"], np.float64)).all()
-    assert (tmp_path / "two" / "report.json").exists() and open(tmp_path / "two" / ".lock").read() == ""
+    for kind in KINDS:
+        assert two[0]["numbers"][kind] == two[1]["numbers"][kind], kind  # every process returns the same report
+        numbers = np.asarray(two[0]["numbers"][kind], np.float64)
+        assert numbers.size > 0 and np.isfinite(numbers).all(), kind
+        assert (tmp_path / kind / "report.json").exists() and open(tmp_path / kind / ".lock").read() == "", kind
 
 
 def test_coordinator_auto_lets_jax_find_the_cluster(monkeypatch):
