@@ -5,14 +5,13 @@ epoch honoured, the checkpoint keep-limit after a kill."""
 import os
 import shutil
 import signal
-import struct
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from util import tiny_config
+from util import tensorboard_events, tiny_config
 
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import data, harness, hooks, logs, models, training
@@ -30,21 +29,7 @@ def build(config, dataset):
 
 def tensorboard_points(logdir):
     """Every scalar event of a run's event files, as (tag, step) pairs (duplicates kept)."""
-    from tensorboardX.proto import event_pb2
-
-    points = []
-    for name in sorted(os.listdir(logdir)):
-        with open(os.path.join(logdir, name), "rb") as f:
-            buf = f.read()
-        pos = 0
-        while pos + 12 <= len(buf):
-            (length,) = struct.unpack("<Q", buf[pos:pos + 8])
-            if pos + 12 + length + 4 > len(buf):
-                break  # a record cut by a kill
-            event = event_pb2.Event.FromString(buf[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            points += [(v.tag, event.step) for v in event.summary.value]
-    return points
+    return [(tag, step) for tag, step, _ in tensorboard_events(logdir)]
 
 
 def metrics_points(workdir, arm, seed):

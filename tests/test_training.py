@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from util import ROOT, run_python, tiny_config
+from util import ROOT, run_python, tensorboard_events, tiny_config
 
 from tna_jax import anchors, data, evaluation, models, optimizers, runner, training
 from tna_jax import checkpoint as ckpt_lib
@@ -509,22 +509,10 @@ def test_four_devices_match_one_device():
 
 
 def read_tensorboard_scalars(logdir):
-    """Scalars from tensorboardX event files (TFRecord framing: length, crc, data, crc)."""
-    import struct
-
-    from tensorboardX.proto import event_pb2
-
+    """``{tag: {step: value}}`` of a run's tensorboardX event files."""
     out = {}
-    for name in sorted(os.listdir(logdir)):
-        with open(os.path.join(logdir, name), "rb") as f:
-            buf = f.read()
-        pos = 0
-        while pos + 12 <= len(buf):
-            (length,) = struct.unpack("<Q", buf[pos:pos + 8])
-            event = event_pb2.Event.FromString(buf[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            for v in event.summary.value:
-                out.setdefault(v.tag, {})[event.step] = v.simple_value
+    for tag, step, value in tensorboard_events(logdir):
+        out.setdefault(tag, {})[step] = value
     return out
 
 

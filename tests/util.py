@@ -1,6 +1,7 @@
 """Small configs and helpers shared by the tests."""
 
 import os
+import struct
 import subprocess
 import sys
 
@@ -40,3 +41,23 @@ def run_python(code: str, env: dict | None = None, timeout: int = 300) -> subpro
     full_env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def tensorboard_events(logdir):
+    """Every scalar of a run's tensorboardX event files as ``(tag, step, value)``, in file order,
+    duplicates kept (TFRecord framing: length, crc, data, crc; a record cut by a kill ends a file)."""
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for name in sorted(os.listdir(logdir)):
+        with open(os.path.join(logdir, name), "rb") as f:
+            buf = f.read()
+        pos = 0
+        while pos + 12 <= len(buf):
+            (length,) = struct.unpack("<Q", buf[pos:pos + 8])
+            if pos + 12 + length + 4 > len(buf):
+                break
+            event = event_pb2.Event.FromString(buf[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            events += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return events
