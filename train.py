@@ -148,8 +148,6 @@ def _checked_overrides(argv: list[str], path: str) -> list[str]:
     for i in overrides:
         flag, eq, value = argv[i].partition("=")
         dashes, negated, name = re.match(r"^(--?)(no)?config\.(.+)$", flag).groups()
-        if negated and name not in config_lib.flatten(config):  # --noconfig.x: a bool set to False
-            name = f"no{name}" if f"no{name}" in config_lib.flatten(config) else name
         field = config_lib.check_override(config, name)
         out[i] = f"{dashes}{negated or ''}config.{field}{eq}{value}"
         if out[i] != argv[i] and argv[i] in sys.argv:  # ml_collections reads its overrides from sys.argv

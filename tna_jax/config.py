@@ -377,14 +377,12 @@ def check_override(config: Any, name: str) -> str:
         warnings.warn(f"--config.{name} is now --config.{RENAMED_FIELDS[name]}; the old name goes in the next "
                       "release.", DeprecationWarning, stacklevel=2)
         name = RENAMED_FIELDS[name]
-    node = config
-    for part in name.split("."):
-        if not hasattr(node, "keys") or part not in node:
-            known = list(flatten(config))
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"config.{name} is not a field of this config{hint}.")
-        node = node[part]
+    try:
+        get(config, name)
+    except (KeyError, TypeError, AttributeError):
+        close = difflib.get_close_matches(name, list(flatten(config)), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"config.{name} is not a field of this config{hint}.") from None
     return name
 
 

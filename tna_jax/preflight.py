@@ -27,12 +27,11 @@ class WorkdirError(OSError):
 
 
 def _field(config: Any, dotted: str) -> Any:
-    node = config
-    for part in dotted.split("."):
-        if node is None:
-            return None
-        node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
-    return node
+    """`tna_jax.config.get`, or None for a field the config does not have (kinds differ)."""
+    try:
+        return config_lib.get(config, dotted)
+    except (KeyError, TypeError, AttributeError):
+        return None
 
 
 def check_config(config: Any) -> None:
