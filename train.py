@@ -34,12 +34,14 @@ import signal
 import sys
 import threading
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT
+
 
 def _interrupted_while_starting(signum, frame):
     # Ctrl-C while Python imports JAX and friends (seconds): nothing is written yet, so leave at
     # once with one line rather than a traceback through the import machinery.
     sys.stderr.write("train.py: interrupted (Ctrl-C) while starting; nothing was written.\n")
-    os._exit(130)
+    os._exit(INTERRUPTED_EXIT)
 
 
 if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -84,7 +86,6 @@ define_flags()
 USER_ERRORS = (config_lib.ConfigError, data.DataError, ckpt_lib.CheckpointError, workdir_lib.WorkdirBusy,
                preflight.WorkdirError, training.TrainingDiverged)
 USER_ERROR_EXIT = 2  # as argparse and absl's usage errors: the command, not the program, must change
-INTERRUPTED_EXIT = 130  # 128 + SIGINT
 
 
 def _config_arg(argv: list[str]) -> str:
