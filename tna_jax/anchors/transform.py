@@ -329,27 +329,20 @@ def fixed_anchor_mask(
 
             m, digest = jax.lax.cond(refresh, redraw, lambda: (m, digest))
 
-        def held(u, a):
-            return None if u is None else jnp.where(a, jnp.zeros((), u.dtype), u)
+        def anchored(u, a, p, v):
+            if u is None:
+                return None
+            zero = jnp.zeros((), u.dtype)
+            if v is None:
+                return jnp.where(a, zero, u)
+            move = (v - p).astype(u.dtype)
+            if refresh_every is not None:  # values hold the first anchor set only
+                move = jnp.where(state.count < refresh_every, move, zero)
+            return jnp.where(a, move, u)
 
-        def moved(u, a, p, v):
-            return None if u is None else jnp.where(a, (v - p).astype(u.dtype), u)
-
-        def hold_all():
-            return jax.tree.map(held, updates, m, is_leaf=lambda x: x is None)
-
-        if state.values is None:
-            new_updates = hold_all()
-        else:
-            def move_all():
-                return jax.tree.map(moved, updates, m, params, state.values, is_leaf=lambda x: x is None)
-
-            # The first update brings the anchored entries within one rounding of the values and
-            # the second makes them equal bit for bit (v - θ is then exact); from there on the move
-            # is exactly zero, so the cheaper held branch gives the same result without reading the
-            # params or the values. Values hold the first anchor set only (refresh freezes the next).
-            moving_steps = 2 if refresh_every is None else min(2, refresh_every)
-            new_updates = jax.lax.cond(state.count < moving_steps, move_all, hold_all)
+        vals = state.values if state.values is not None else jax.tree.map(lambda _: None, m)
+        ps = params if params is not None else jax.tree.map(lambda _: None, m)
+        new_updates = jax.tree.map(anchored, updates, m, ps, vals, is_leaf=lambda x: x is None)
         count = optax.safe_int32_increment(state.count)
         return new_updates, state._replace(count=count, mask=m, digest=digest)
 
