@@ -9,8 +9,10 @@ barrier tables' gather). Wall time is the slowest process's, set-up and compilat
 
     python benchmarks/multihost.py [--quick] [--out DIR]
 
-On a machine with fewer cores than processes the processes share cores and the per-process rate
-falls for that reason alone: run it where every process has a core of its own.
+Each process is pinned to one core (``taskset``; process ``i`` on core ``i mod cores``), the single
+process too, so that a process stands for a host of fixed compute. ``efficiency`` is the per-process
+rate over the single process's rate (1.0: perfect scaling). With more processes than cores the
+processes share cores (``oversubscribed``) and their rate falls for that reason alone.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -56,6 +59,9 @@ def run_processes(nproc: int, quick: bool) -> dict:
         cmds = [[*cmd, f"--process_id={i}"] for i in range(nproc)]
     else:
         cmds = [cmd]
+    if shutil.which("taskset"):
+        cores = os.cpu_count() or 1
+        cmds = [["taskset", "-c", str(i % cores), *c] for i, c in enumerate(cmds)]
     procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for c in cmds]
     for p in procs:
@@ -78,7 +84,10 @@ def main() -> None:
         epochs = report["training"]["epochs"]
         rows.append({"processes": nproc, "devices": report["devices"]["count"], "runs": runs, "epochs": epochs,
                      "train_seconds": round(seconds, 2), "runs_per_s": round(runs * epochs / seconds, 3),
-                     "runs_per_s_per_process": round(runs * epochs / seconds / nproc, 3)})
+                     "runs_per_s_per_process": round(runs * epochs / seconds / nproc, 3),
+                     "oversubscribed": nproc > (os.cpu_count() or 1)})
+    for row in rows:
+        row["efficiency"] = round(row["runs_per_s_per_process"] / rows[0]["runs_per_s_per_process"], 3)
     print_table(rows, list(rows[0]))
     print("runs/s counts run-epochs per second of training wall time (set-up and compilation excluded).")
     write_json("multihost", {"rows": rows, "quick": args.quick}, args.out)
