@@ -117,7 +117,7 @@ def plot_lmc_paths(curves: dict[str, dict[str, Any]], path: str, title: str = "L
       True
     """
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     for label, c in curves.items():
         alpha = np.asarray(c["alpha"])
         for ax, key in zip(axes, ("accuracy", "loss")):
@@ -166,7 +166,8 @@ def plot_ratio_sweep(rows: Sequence[dict[str, Any]], path: str, methods: Sequenc
     """
     plt = _plt()
     present = [m for m in methods if any(r["method"] == m for r in rows)] or list(methods[:1])
-    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.8), squeeze=False,
+                             layout="constrained")
     for ax, method in zip(axes[0], present):
         sel = sorted([r for r in rows if r["method"] in (method, "none")], key=lambda r: r["ratio"])
         ratio = np.array([r["ratio"] for r in sel])
