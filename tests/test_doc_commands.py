@@ -16,6 +16,7 @@ The README's quickstart is run for real, exactly as written, by tests/test_quick
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -106,6 +107,10 @@ def _check_static(c: Command) -> str | None:
         return _check_pip(c)
     if program == "python":
         if c.argv[1:3] == ("-m", "pytest"):
+            paths = [a for a in c.argv[3:] if a.startswith("tests/")]
+            if paths:  # a part of the suite: the files must exist
+                missing = [p for p in paths if not glob.glob(os.path.join(ROOT, p.split("::")[0]))]
+                return f"no test files {missing}" if missing else None
             readme = _readme_test_command().split("&& ", 1)[1]
             return None if c.text() == readme else f"differs from the README's test command {readme!r}"
         script = os.path.join(ROOT, c.argv[1])
@@ -123,7 +128,7 @@ def test_every_command_names_what_exists():
 
 DRIVER = r"""
 import contextlib, io, json, os, runpy, sys, traceback
-root, jobs = sys.argv[1], json.load(open(sys.argv[2]))
+root, jobs, out_path = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3]
 import train
 results = []
 for job in jobs:
@@ -150,7 +155,8 @@ for job in jobs:
             traceback.print_exc()
             code = 1
     results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
-json.dump(results, open(sys.argv[3], "w"))
+with open(out_path, "w") as f:
+    json.dump(results, f)
 """
 
 
@@ -175,6 +181,16 @@ def _script_job(c: Command) -> tuple[list[str], list[str]]:
     return [c.argv[1], "--help"], given
 
 
+# Commands with one mistake each, and what their error must name.
+WRONG = [
+    (["train.py", "--config=configs/quickstart.py", "--config.train.epochz=3"], "config.train.epochz"),
+    (["train.py", "--config=configs/no_such.py"], "configs/no_such.py"),
+    (["train.py", "--config=configs/quickstart.py", "--workdir=gs://bucket/run"], "--workdir=gs://bucket/run: a URL"),
+    (["train.py", "--config=configs/quickstart.py", "--config.anchor.include=dense_9"], "selects no parameter"),
+    (["train.py", "--config=configs/quickstart.py", "--config.train.epochs=-1"], "config.train.epochs"),
+]
+
+
 @pytest.fixture(scope="module")
 def dry_runs(tmp_path_factory):
     """Every train.py command (dry run) and every script's ``--help``, in one process from an
@@ -196,27 +212,21 @@ def dry_runs(tmp_path_factory):
             jobs.append({"train": False, "argv": argv})
             flags.append(given)
     jobs += [{"train": True, "argv": [*argv, "--dry_run"]} for argv, _ in WRONG]
-    (tmp / "jobs.json").write_text(json.dumps(jobs))
+    unique = list(dict.fromkeys(json.dumps(j, sort_keys=True) for j in jobs))  # many pages repeat a command
+    (tmp / "jobs.json").write_text("[" + ",".join(unique) + "]")
     run_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", DRIVER, ROOT, str(tmp / "jobs.json"), str(tmp / "results.json")],
                           cwd=cwd, env=run_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp / "results.json").read_text())
+    by_job = dict(zip(unique, json.loads((tmp / "results.json").read_text())))
+    results = [by_job[json.dumps(j, sort_keys=True)] for j in jobs]
     return {"tmp": tmp, "cwd": cwd, "commands": commands, "jobs": jobs, "flags": flags, "results": results}
-
-
-# Commands with one mistake each, and what their error must name.
-WRONG = [
-    (["train.py", "--config=configs/quickstart.py", "--config.train.epochz=3"], "config.train.epochz"),
-    (["train.py", "--config=configs/no_such.py"], "configs/no_such.py"),
-    (["train.py", "--config=configs/quickstart.py", "--workdir=gs://bucket/run"], "--workdir=gs://bucket/run: a URL"),
-    (["train.py", "--config=configs/quickstart.py", "--config.anchor.include=dense_9"], "selects no parameter"),
-]
 
 
 # The one failure a dry run may end with in the tests: a tfds dataset that is not prepared (or
 # tensorflow-datasets not installed). The config and its overrides passed to get there.
+MAX_PARAMETERS = 100_000_000  # the largest model of the configs is a few million
 UNPREPARED = re.compile(r"config\.data\.source='tfds:\w+': .*(is not prepared in|needs tensorflow-datasets|"
                         r"tensorflow-datasets is not installed)")
 
@@ -237,6 +247,11 @@ def test_every_train_command_passes_a_dry_run(dry_runs):
             ok = r["code"] == 0 and r["stdout"].rstrip().endswith("dry run: nothing was trained or written.")
         if not ok:
             failed.append(f"{c.where()}: `{c.text()}` failed its dry run (exit {r['code']}): {last or r['stdout'][-500:]}")
+        # A model no machine here could hold is a mistake too (a CNN given an MLP's width once had 3.5e9).
+        huge = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+) parameters", r["stdout"])
+                if int(n.replace(",", "")) > MAX_PARAMETERS]
+        if huge:
+            failed.append(f"{c.where()}: `{c.text()}` builds a model of {huge[0]:,} parameters")
     assert checked >= 30
     assert not failed, "\n".join(failed)
     # Nothing was written: the working directory holds only the link, the stand-in dirs do not exist.

@@ -65,6 +65,7 @@ def _describe(label: str, cfg: Any) -> str:
     from tna_jax.experiments.train import load_problem
 
     prefix = f"{label}: " if label else ""
+    preflight.check_config(cfg)  # a variant or task may name its own model and data
     source = str(cfg.data.source)
     if source.startswith("tfds:"):  # preflight found it prepared; reading it is the run's work
         return f"{prefix}model {cfg.model.name} on {source} (prepared; not read by a dry run)"
