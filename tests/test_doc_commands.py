@@ -188,7 +188,22 @@ WRONG = [
     (["train.py", "--config=configs/quickstart.py", "--workdir=gs://bucket/run"], "--workdir=gs://bucket/run: a URL"),
     (["train.py", "--config=configs/quickstart.py", "--config.anchor.include=dense_9"], "selects no parameter"),
     (["train.py", "--config=configs/quickstart.py", "--config.train.epochs=-1"], "config.train.epochs"),
+    # ../held: a workdir with checkpoints of the quickstart at another learning rate (made below).
+    (["train.py", "--config=configs/quickstart.py", "--workdir=../held"],
+     "holds a run with a different config: optimizer.learning_rate (was 0.01, now 0.05)"),
 ]
+
+
+def held_workdir(path):
+    """A workdir holding a run of the quickstart at learning rate 0.01 (config.json, a checkpoint)."""
+    from configs.quickstart import get_config
+    from tna_jax import checkpoint as ckpt_lib
+    from tna_jax import workdir as workdir_lib
+
+    config = get_config()
+    config.optimizer.learning_rate = 0.01
+    os.makedirs(path / "checkpoints" / "5")
+    ckpt_lib.write_json(str(path / "config.json"), workdir_lib.config_dict(config))
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +214,7 @@ def dry_runs(tmp_path_factory):
     cwd = tmp / "cwd"
     cwd.mkdir()
     os.symlink(os.path.join(ROOT, "configs"), cwd / "configs")
+    held_workdir(tmp / "held")
     env = {name: str(tmp / name.lower()) for name in VARIABLES}
     commands = [c for c in COMMANDS if c.argv[0] == "python" and c.argv[1] != "-m"
                 and not (c.inline and _is_train(c) and flag_value(c.argv, "--config") is None)]  # a mention
@@ -256,7 +272,7 @@ def test_every_train_command_passes_a_dry_run(dry_runs):
     assert not failed, "\n".join(failed)
     # Nothing was written: the working directory holds only the link, the stand-in dirs do not exist.
     assert os.listdir(dry_runs["cwd"]) == ["configs"]
-    assert sorted(os.listdir(dry_runs["tmp"])) == ["cwd", "jobs.json", "results.json"]
+    assert sorted(os.listdir(dry_runs["tmp"])) == ["cwd", "held", "jobs.json", "results.json"]
 
 
 def test_every_script_command_has_the_flags_it_is_given(dry_runs):
@@ -281,3 +297,6 @@ def test_a_wrong_command_fails_its_dry_run_in_one_line_naming_the_mistake(dry_ru
     for (argv, named), r in zip(WRONG, results):
         assert r["code"] == 2 and named in r["stderr"], (argv, r["stderr"][-2000:])
         assert "Traceback" not in r["stderr"] and len(r["stderr"].strip().splitlines()) <= 2, r["stderr"]
+    held = dry_runs["tmp"] / "held"
+    assert sorted(os.listdir(held)) == ["checkpoints", "config.json"]  # checked, not touched
+    assert '"learning_rate": 0.01' in (held / "config.json").read_text()
