@@ -18,6 +18,11 @@ Config fields: ``--print_config`` prints every field with its value (after the o
 JSON and exits; ``--config.<field>=<value>`` sets one (a misspelled field is named with the
 closest match). ``python train.py --config configs/quickstart.py --print_config`` lists them all.
 
+Checking a command: ``--dry_run`` makes every check a run makes before it trains (config and
+overrides, model, data source and prepared data, anchor patterns, the workdir and its
+``config.json``), builds the model abstractly (``jax.eval_shape``), prints what would run and
+exits without training or writing anything.
+
 Errors: a bad flag, config field, model or data source, an unprepared dataset, a workdir that
 is a file, read-only or holds another config, a full disk or a diverged run print one line on
 stderr naming the field, file or value, and exit 2; nothing in the workdir is overwritten, and
@@ -52,7 +57,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from tna_jax import checkpoint as ckpt_lib  # noqa: E402
 from tna_jax import config as config_lib  # noqa: E402
-from tna_jax import data, preflight, runner, training  # noqa: E402
+from tna_jax import data, dry_run, preflight, runner, training  # noqa: E402
 from tna_jax import workdir as workdir_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -75,6 +80,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                          flag_values=flag_values)
     flags.DEFINE_bool("print_config", False, "Print every config field with its value (after the overrides) as JSON "
                       "and exit; --workdir is not needed then.", flag_values=flag_values)
+    flags.DEFINE_bool("dry_run", False, "Check everything a run checks before training (config, overrides, model, data, "
+                      "anchors, workdir; the model built abstractly) and exit without training or writing; "
+                      "--workdir is optional then.", flag_values=flag_values)
     flags.DEFINE_bool("verbose", False, "Print the traceback of an error, not only its one-line message.",
                       flag_values=flag_values)
     flags.mark_flags_as_required(["config"], flag_values=flag_values)
@@ -233,21 +241,18 @@ def configure_cpu_devices(setting: str) -> None:
     os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_force_host_platform_device_count={count}".strip()
 
 
-def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """``jax.distributed.initialize`` from the flags (nothing without ``--coordinator``).
+def check_distributed_flags(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Checks the several-process flags without starting anything (``--dry_run`` too).
 
     Raises:
       absl.app.UsageError: ``--num_processes``/``--process_id`` without ``--coordinator``, a
         coordinator that is not ``host:port``, or a process id outside ``[0, num_processes)``.
     """
-    import jax
-
     if not coordinator:
         if num_processes is not None or process_id is not None:
             raise app.UsageError("--num_processes and --process_id need --coordinator=HOST:PORT (or 'auto').")
         return
     if coordinator == "auto":
-        jax.distributed.initialize()
         return
     if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", coordinator):
         raise app.UsageError(f"--coordinator must be HOST:PORT or 'auto'; got {coordinator!r}.")
@@ -256,6 +261,22 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
     if process_id is None or not 0 <= process_id < num_processes:
         raise app.UsageError(f"--process_id must be in [0, {num_processes}) (--num_processes={num_processes}); "
                              f"got {process_id!r}.")
+
+
+def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """``jax.distributed.initialize`` from the flags (nothing without ``--coordinator``).
+
+    Raises:
+      absl.app.UsageError: as :func:`check_distributed_flags`.
+    """
+    import jax
+
+    check_distributed_flags(coordinator, num_processes, process_id)
+    if not coordinator:
+        return
+    if coordinator == "auto":
+        jax.distributed.initialize()
+        return
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
 
 
@@ -334,6 +355,9 @@ def main(argv):
     if FLAGS.print_config:
         print(ckpt_lib.dumps(workdir_lib.config_dict(FLAGS.config), indent=2))
         return
+    if FLAGS.dry_run:
+        _dry_run()
+        return
     if FLAGS.workdir is None:
         _fail("error: --workdir is required (the directory for config.json, metrics, checkpoints and the "
               "report; rerunning on the same workdir resumes).", USER_ERROR_EXIT)
@@ -364,6 +388,19 @@ def main(argv):
         if full is None:
             raise  # a bug: the traceback is what the report needs
         _out_of_space(full, err)
+
+
+def _dry_run() -> None:
+    """``--dry_run``: the flags, then `tna_jax.dry_run.dry_run`; one line per finding, or one error line."""
+    configure_cpu_devices(FLAGS.cpu_devices)  # checks the value; JAX has not started its backends
+    check_distributed_flags(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    try:
+        lines = dry_run.dry_run(FLAGS.config, FLAGS.workdir)
+    except USER_ERRORS as err:
+        _fail(f"error: {err}", USER_ERROR_EXIT, err)
+    for line in lines:
+        print(f"dry run: {line}")
+    print("dry run: nothing was trained or written.")
 
 
 def _out_of_space(full: OSError, err: BaseException) -> None:

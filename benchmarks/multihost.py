@@ -72,11 +72,18 @@ def run_processes(nproc: int, quick: bool) -> dict:
         return json.load(f)
 
 
-def main() -> None:
+def scaling_ratios(rows: list[dict]) -> dict[str, float]:
+    """``per_process_rate_<n>_over_1``: each row's run-epochs/s per process over the one-process row's
+    (1.0: a process loses nothing to the others; run_all.py tabulates these)."""
+    base = rows[0]["runs_per_s_per_process"]
+    return {f"per_process_rate_{r['processes']}_over_1": round(r["runs_per_s_per_process"] / base, 3) for r in rows[1:]}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 epochs instead of 10")
     parser.add_argument("--out", default=None, help="directory for multihost.json (default benchmarks/results)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = []
     for nproc in PROCESSES:
         report = run_processes(nproc, args.quick)
@@ -88,9 +95,13 @@ def main() -> None:
                      "oversubscribed": nproc > (os.cpu_count() or 1)})
     for row in rows:
         row["efficiency"] = round(row["runs_per_s_per_process"] / rows[0]["runs_per_s_per_process"], 3)
-    print_table(rows, list(rows[0]))
-    print("runs/s counts run-epochs per second of training wall time (set-up and compilation excluded).")
-    write_json("multihost", {"rows": rows, "quick": args.quick}, args.out)
+    table = print_table(rows, list(rows[0]))
+    note = ("runs/s counts run-epochs per second of training wall time (set-up and compilation excluded); "
+            "each process pinned to one core; efficiency = per-process rate / the one-process rate")
+    print(note)
+    ratios = scaling_ratios(rows)
+    write_json("multihost", {"rows": rows, "ratios": ratios, "table": table, "note": note, "quick": args.quick},
+               args.out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ LAYERS = {
     "anchors and evaluation": ["anchors", "anchors.*", "evaluation", "run_axis", "norm_stats", "optimizers"],
     "training": ["training", "harness"],
     "analysis": ["lmc", "lmc.*", "align", "align.*", "fusion", "fusion.*", "federated", "federated.*"],
-    "experiments": ["experiments", "experiments.*", "runner", "experiment"],
+    "experiments": ["experiments", "experiments.*", "runner", "experiment", "dry_run"],
 }
 # The longest a library module may be. Above it a module holds more than one concern; split it
 # (docs/architecture.md, "Modules"). An exception names its file and the most lines it may have.

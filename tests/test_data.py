@@ -299,7 +299,7 @@ def test_an_unprepared_dataset_fails_fast_without_network_and_says_how_to_prepar
 
 
 def test_the_tf_data_reader_reads_tfrecord_images_and_mock_data(tmp_path):
-    pytest.importorskip("tensorflow")  # the tfds extra; CI's test extra has tfds without TensorFlow
+    pytest.importorskip("tensorflow")  # in test-full (CI, the README) and tfds; not in the plain test extra
     TinyImageDataset(data_dir=str(tmp_path)).download_and_prepare()  # TFRecord, tfds's default
     ds = data.load(tfds_cfg("tiny_image_dataset", tmp_path).data)
     assert ds.info["reader"] == "tf_data"

@@ -1,11 +1,14 @@
 """Every experiment kind over several processes (jax.distributed): ``train.py`` started once per
 process on 127.0.0.1, each process with 2 CPU devices, against one process with all 4 devices.
 
-These are the commands of docs/howto/multihost.md ("Two processes on one machine").
+The commands are read from docs/howto/multihost.md ("Two processes on one machine"): its
+``train.py`` commands and the overrides it says the tests add; only the workdir and the port
+change (test_the_commands_run_are_the_pages checks that, fast).
 """
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,12 +16,29 @@ import sys
 
 import numpy as np
 import pytest
+from doc_commands import flag_value, page_commands
 from util import ROOT
 
-# The quickstart (configs/quickstart.py), sized to train in seconds: 2 arms x 2 seeds.
-QUICK = ["train.py", "--config=configs/quickstart.py", "--config.num_seeds=2", "--config.data.num_samples=800",
-         "--config.model.width=32", "--config.train.checkpoint_every=1", "--config.train.progress=False",
-         "--config.train.tensorboard=False", "--config.analysis.plots=False", "--config.analysis.num_alphas=5"]
+PAGE = "docs/howto/multihost.md"
+
+
+def page_local_commands():
+    """The page's "Two processes on one machine" commands: (the processes' argvs, the one-process argv)."""
+    first = [c for c in page_commands(PAGE) if c.argv[:2] == ("python", "train.py") and not c.inline][:3]
+    return [c.argv[1:] for c in first[:2]], first[2].argv[1:], first
+
+
+def page_shrink():
+    """The overrides the page says the tests add (they shrink the quickstart to seconds)."""
+    with open(os.path.join(ROOT, PAGE)) as f:
+        return re.search(r"`(--config\.num_seeds=[^`]+)`", f.read()).group(1).split()
+
+
+TWO, ONE, _ = page_local_commands()
+SHRINK = page_shrink()
+# The quickstart as the page runs it (its --config), shrunk as the page says; each test sets the epochs.
+QUICK = ["train.py", next(a for a in TWO[0] if a.startswith("--config=")),
+         *(a for a in SHRINK if not a.startswith("--config.train.epochs="))]
 
 
 def free_port():
@@ -31,17 +51,23 @@ def env():
     return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
 
 
+def process_commands(args, workdir, nproc, devices_per_process=2, port=None):
+    """The argv of each of `nproc` processes running ``train.py <args>`` (one coordinator on 127.0.0.1)."""
+    cmd = [*args, f"--workdir={workdir}", f"--cpu_devices={devices_per_process}"]
+    if nproc == 1:
+        return [cmd]
+    cmd += [f"--coordinator=127.0.0.1:{port or free_port()}", f"--num_processes={nproc}"]
+    return [[*cmd, f"--process_id={i}"] for i in range(nproc)]
+
+
 def start_processes(args, workdir, nproc, devices_per_process=2, process_env=None):
-    """``train.py <args>`` as `nproc` processes (one coordinator on 127.0.0.1); the Popen objects.
-    `process_env` maps a process index to extra environment variables (fault injection)."""
+    """:func:`process_commands` started; the Popen objects. `process_env` maps a process index to
+    extra environment variables (fault injection)."""
     if process_env:  # the fault hooks are armed by the test-only entry point (tests/fault_hooks.py)
         args = ["tests/train_with_faults.py" if a == "train.py" else a for a in args]
-    cmd = [sys.executable, *args, f"--workdir={workdir}", f"--cpu_devices={devices_per_process}"]
-    if nproc == 1:
-        return [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-    cmd += [f"--coordinator=127.0.0.1:{free_port()}", f"--num_processes={nproc}"]
-    return [subprocess.Popen([*cmd, f"--process_id={i}"], cwd=ROOT, env={**env(), **(process_env or {}).get(i, {})},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(nproc)]
+    return [subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env={**env(), **(process_env or {}).get(i, {})},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i, cmd in enumerate(process_commands(args, workdir, nproc, devices_per_process))]
 
 
 def finish(procs, expect=0):
@@ -72,6 +98,24 @@ def assert_same_train_report(a, b, atol=2e-3):
             np.testing.assert_allclose(a["lmc"][arm][key], b["lmc"][arm][key], atol=atol, err_msg=f"{arm} {key}")
 
 
+def test_the_commands_run_are_the_pages():
+    """What the first test below starts is the page's commands with the workdir and port changed
+    and the page's overrides added: the same flags, the same values."""
+    two, one, commands = page_local_commands()
+    assert [c.background for c in commands] == [True, False, False]  # process 0 in the background
+    port = flag_value(two[0], "--coordinator").rsplit(":", 1)[1]
+    devices = int(flag_value(two[0], "--cpu_devices"))
+    assert int(flag_value(one, "--cpu_devices")) == len(two) * devices  # the same global mesh
+
+    def page(argv, workdir):
+        return sorted([*(f"--workdir={workdir}" if a.startswith("--workdir=") else a for a in argv), *SHRINK])
+
+    run_two = process_commands([*QUICK, "--config.train.epochs=2"], "W2", len(two), devices, port=port)
+    assert [sorted(c) for c in run_two] == [page(argv, "W2") for argv in two]
+    (run_one,) = process_commands([*QUICK, "--config.train.epochs=2"], "W1", 1, len(two) * devices)
+    assert sorted(run_one) == page(one, "W1")
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_quickstart_over_two_processes_equals_one_process_and_resumes_on_another_count(tmp_path):
@@ -79,9 +123,11 @@ def test_quickstart_over_two_processes_equals_one_process_and_resumes_on_another
     process 0 alone prints and writes the report and metrics, both write the checkpoints; a
     rerun with more epochs as 1 process resumes from the 2-process checkpoint."""
     two, one = tmp_path / "two", tmp_path / "one"
-    outs = run_train_py([*QUICK, "--config.train.epochs=2"], two, nproc=2)
+    outs = run_train_py([*QUICK, "--config.train.epochs=2"], two, nproc=len(TWO),
+                        devices_per_process=int(flag_value(TWO[0], "--cpu_devices")))
     assert "| vanilla |" in outs[0] and "| vanilla |" not in outs[1]  # process 0 prints the table
-    run_train_py([*QUICK, "--config.train.epochs=2"], one, nproc=1, devices_per_process=4)
+    run_train_py([*QUICK, "--config.train.epochs=2"], one, nproc=1,
+                 devices_per_process=int(flag_value(ONE, "--cpu_devices")))
     a, b = report(two), report(one)
     assert a["devices"] == {"backend": "cpu", "count": 4, "processes": 2}
     assert b["devices"] == {"backend": "cpu", "count": 4, "processes": 1}

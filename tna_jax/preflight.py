@@ -98,7 +98,7 @@ def check_workdir(workdir: str) -> None:
       workdir: the run directory (absolute or relative).
 
     Raises:
-      WorkdirError: `workdir` (or a directory above it) is a file, or the nearest existing
+      WorkdirError: `workdir` is a URL (``gs://...``), or it (or a directory above it) is a file, or the nearest existing
         directory is not writable.
 
     Examples:
@@ -111,6 +111,10 @@ def check_workdir(workdir: str) -> None:
       ...
       tna_jax.preflight.WorkdirError: --workdir=.../taken/run: .../taken is a file, not a directory; choose another --workdir.
     """
+    if "://" in str(workdir):  # os.makedirs would make a local "gs:" directory of it
+        raise WorkdirError(f"--workdir={workdir}: a URL; the workdir is written with plain file operations (lock, "
+                           "metrics, reports), so give a local or mounted path (a shared filesystem, a GCSFuse "
+                           "mount).")
     path = os.path.abspath(workdir)
     probe = path
     while not os.path.exists(probe):

@@ -19,7 +19,7 @@ from typing import Any
 from tna_jax import checkpoint as ckpt_lib
 from tna_jax import config as config_lib
 
-__all__ = ["WorkdirBusy", "WorkdirLock", "config_dict", "prepare_workdir", "workdir_path"]
+__all__ = ["WorkdirBusy", "WorkdirLock", "config_dict", "prepare_workdir", "check_resume", "workdir_path"]
 
 
 class WorkdirBusy(RuntimeError):
@@ -147,40 +147,60 @@ def prepare_workdir(config: Any, workdir: str) -> None:
     """
     os.makedirs(workdir, exist_ok=True)
     ckpt_lib.remove_stale_temporaries(workdir)  # left by a writer killed before its rename
+    check_resume(config, workdir)
+    ckpt_lib.write_json(os.path.join(workdir, "config.json"), config_dict(config))
+
+
+def check_resume(config: Any, workdir: str) -> None:
+    """Checks `config` against the ``config.json`` of `workdir` (nothing to check when there is
+    none), reading only: the checks of :func:`prepare_workdir`, for ``train.py --dry_run``.
+
+    Args:
+      config: the run's config.
+      workdir: the run directory (it need not exist).
+
+    Raises:
+      tna_jax.config.ConfigError: as :func:`prepare_workdir`.
+
+    Examples:
+      >>> import tempfile
+      >>> from tna_jax.config import default_config
+      >>> check_resume(default_config(), tempfile.mkdtemp())  # a fresh workdir: nothing to check
+    """
     path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
     new = config_dict(config)
-    if os.path.exists(path):
-        try:
-            old = ckpt_lib.read_json(path)
-        except ValueError as err:
-            raise config_lib.ConfigError(f"{path} is damaged ({err}); move the workdir aside or delete config.json "
-                             "to start afresh.") from None
-        flat_old, flat_new = config_lib.flatten(old), config_lib.flatten(new)
-        for was, now in config_lib.RENAMED_FIELDS.items():  # written under a field's old name
-            if was in flat_old and now not in flat_old:
-                flat_old[now] = flat_old.pop(was)
-        for field, default in config_lib.ADDED_FIELDS.items():  # written before the field existed
-            if field in flat_new and field not in flat_old and field.split(".")[0] in old:
-                flat_old[field] = default
-        differ = sorted(k for k in set(flat_old) | set(flat_new)
-                        if flat_old.get(k) != flat_new.get(k)
-                        and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in config_lib.RESUME_SAFE_FIELDS))
-        has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-            n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
-        schedule = flat_new.get("optimizer.schedule")
-        if has_ckpt and flat_old.get("train.epochs") != flat_new.get("train.epochs") \
-                and schedule in config_lib.EPOCH_DEPENDENT_SCHEDULES and new.get("kind", "train") != "federated":
-            raise config_lib.ConfigError(
-                f"config.train.epochs changed from {flat_old.get('train.epochs')} to {flat_new.get('train.epochs')} "
-                f"on resuming workdir {workdir}, but config.optimizer.schedule={schedule!r} decays over the total "
-                "number of steps, so the resumed run would differ from a fresh run of either length; start a "
-                "fresh --workdir, or train with optimizer.schedule='constant' to extend runs.")
-        if differ and has_ckpt:
-            shown = ", ".join(f"{k} (was {flat_old.get(k)!r}, now {flat_new.get(k)!r})" for k in differ[:6])
-            raise config_lib.ConfigError(f"workdir {workdir} holds a run with a different config: {shown}"
-                             + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
-                             + ". Use another --workdir, or the same config to resume.")
-    ckpt_lib.write_json(path, new)
+    try:
+        old = ckpt_lib.read_json(path)
+    except ValueError as err:
+        raise config_lib.ConfigError(f"{path} is damaged ({err}); move the workdir aside or delete config.json "
+                         "to start afresh.") from None
+    flat_old, flat_new = config_lib.flatten(old), config_lib.flatten(new)
+    for was, now in config_lib.RENAMED_FIELDS.items():  # written under a field's old name
+        if was in flat_old and now not in flat_old:
+            flat_old[now] = flat_old.pop(was)
+    for field, default in config_lib.ADDED_FIELDS.items():  # written before the field existed
+        if field in flat_new and field not in flat_old and field.split(".")[0] in old:
+            flat_old[field] = default
+    differ = sorted(k for k in set(flat_old) | set(flat_new)
+                    if flat_old.get(k) != flat_new.get(k)
+                    and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in config_lib.RESUME_SAFE_FIELDS))
+    has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+        n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
+    schedule = flat_new.get("optimizer.schedule")
+    if has_ckpt and flat_old.get("train.epochs") != flat_new.get("train.epochs") \
+            and schedule in config_lib.EPOCH_DEPENDENT_SCHEDULES and new.get("kind", "train") != "federated":
+        raise config_lib.ConfigError(
+            f"config.train.epochs changed from {flat_old.get('train.epochs')} to {flat_new.get('train.epochs')} "
+            f"on resuming workdir {workdir}, but config.optimizer.schedule={schedule!r} decays over the total "
+            "number of steps, so the resumed run would differ from a fresh run of either length; start a "
+            "fresh --workdir, or train with optimizer.schedule='constant' to extend runs.")
+    if differ and has_ckpt:
+        shown = ", ".join(f"{k} (was {flat_old.get(k)!r}, now {flat_new.get(k)!r})" for k in differ[:6])
+        raise config_lib.ConfigError(f"workdir {workdir} holds a run with a different config: {shown}"
+                         + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+                         + ". Use another --workdir, or the same config to resume.")
 
 
 def workdir_path(workdir: str, relative: str, field: str) -> str:
