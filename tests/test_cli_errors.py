@@ -183,7 +183,7 @@ def test_a_full_disk_prints_one_line_and_loses_nothing(tmp_path):
     have); then more space and the same command finishes the run."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True,
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(disk)], capture_output=True,
                              text=True)
     assert mounted.returncode == 0, f"this test mounts a small tmpfs and needs root: {mounted.stderr}"
     try:
