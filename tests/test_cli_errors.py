@@ -180,7 +180,9 @@ def test_ctrl_c_while_starting_and_while_preparing_prints_one_line(tmp_path):
 @pytest.mark.multiprocess
 def test_a_full_disk_prints_one_line_and_loses_nothing(tmp_path):
     """A tmpfs too small for the first checkpoint (mounting needs root, as CI and this machine
-    have); then more space and the same command finishes the run."""
+    have); then more space and the same command finishes the run. 100 KB holds config.json, the
+    lock and the metrics but not the first checkpoint (~270 KB for this config); at 300 KB the
+    whole run fitted on some machines."""
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(disk)], capture_output=True,
