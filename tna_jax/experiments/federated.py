@@ -420,7 +420,7 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
       >>> federated_experiment(c, None)
       Traceback (most recent call last):
       ...
-      tna_jax.config.ConfigError: config.optimizer.schedule must be 'constant' for kind='federated' (the clients' optimizer is reset every round); got 'cosine'.
+      tna_jax.config.schema.ConfigError: config.optimizer.schedule must be 'constant' for kind='federated' (the clients' optimizer is reset every round); got 'cosine'.
     """
     from tna_jax import data as data_lib
     from tna_jax.federated import client, driver, partition
