@@ -29,7 +29,7 @@ LAYERS = {
     "data, models and files": ["data", "data.*", "models", "models.*", "checkpoint", "logs", "report", "workdir",
                                "preflight", "pretrained"],
     "anchors and evaluation": ["anchors", "anchors.*", "evaluation", "run_axis", "norm_stats", "optimizers"],
-    "training": ["training", "harness"],
+    "training": ["training", "epoch", "harness"],
     "analysis": ["lmc", "lmc.*", "align", "align.*", "fusion", "fusion.*", "federated", "federated.*"],
     "experiments": ["experiments", "experiments.*", "runner", "experiment"],
 }
