@@ -24,8 +24,8 @@ PACKAGE = os.path.join(ROOT, "tna_jax")
 # Lowest first. A module may import modules of its own layer or of a lower one, never of a higher
 # one. docs/architecture.md shows the same table; `tna_jax/__init__.py` (the facade) is above all.
 LAYERS = {
-    "foundations": ["tree", "trace", "chunking", "config", "config.*", "hooks", "plotting", "runs", "sharding", "deprecation",
-                    "programs", "steps", "distributed"],
+    "foundations": ["tree", "trace", "chunking", "config", "config.*", "hooks", "plotting", "runs", "sharding",
+                    "deprecation", "programs", "steps", "distributed"],
     "data, models and files": ["data", "data.*", "models", "models.*", "checkpoint", "logs", "report", "workdir",
                                "preflight", "pretrained"],
     "anchors and evaluation": ["anchors", "anchors.*", "evaluation", "run_axis", "norm_stats", "optimizers"],

@@ -206,6 +206,7 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
 
     ``jax.jit(alg.apply)(state, clients, key)`` then runs a round (``tests/test_federated.py``
     checks that the anchored entries never move, on any client or on the server).
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
     if bn not in BN_MODES:
