@@ -3,9 +3,10 @@
 The round's clients are averaged, weighted by their sizes (FedAvg):
 :math:`\\bar\\theta = \\sum_c n_c \\theta_c / \\sum_c n_c`. Without a server optimizer
 :math:`\\theta^{r+1} = \\bar\\theta`; with one (an optax transform) it is applied to the
-pseudo-gradient :math:`\\Delta = \\theta^r - \\bar\\theta`, :math:`\\theta^{r+1} = \\theta^r +
-\\mathrm{tx}(\\Delta)`. Masked (anchored) entries get a zero pseudo-gradient and are copied from
-:math:`\\theta^r` after the step. With FedBN (``bn="local"``) every client keeps its own
+pseudo-gradient :math:`\\Delta = \\theta^r - \\bar\\theta`,
+:math:`\\theta^{r+1} = \\theta^r + \\mathrm{tx}(\\Delta)`.
+Masked (anchored) entries get a zero pseudo-gradient and are copied from :math:`\\theta^r`
+after the step. With FedBN (``bn="local"``) every client keeps its own
 BatchNorm parameters and statistics; the global model's are their size-weighted mean.
 `tna_jax.federated.algorithms` builds the rounds that end here.
 """
