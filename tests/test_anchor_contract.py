@@ -254,7 +254,7 @@ def test_optax_wrappers_compose_with_shared_values():
 def test_threefry_in_jnp_equals_the_library_word_for_word():
     k = jax.random.randint(jax.random.key(0), (2,), 0, 2**31 - 1).astype(jnp.uint32)
     counters = jax.random.randint(jax.random.key(1), (2, 4096), 0, 2**31 - 1).astype(jnp.uint32)
-    ours = anchors.masks._threefry_first_word(k[0], k[1], counters[0], counters[1])
+    ours = anchors.masks.threefry_first_word(k[0], k[1], counters[0], counters[1])
     theirs = jax.extend.random.threefry_2x32(k, counters.reshape(-1))[:4096]
     assert bool(jnp.all(ours == theirs))
 

@@ -114,7 +114,7 @@ def check_anchor_options(config: Any, net: Net) -> None:
       >>> check_anchor_options(c, net)
       Traceback (most recent call last):
       ...
-      tna_jax.config.ConfigError: config.anchor.include pattern 'dense_O' selects no parameter; the paths are: dense_0/bias, dense_0/kernel, head/bias, head/kernel.
+      tna_jax.config.schema.ConfigError: config.anchor.include pattern 'dense_O' selects no parameter; the paths are: dense_0/bias, dense_0/kernel, head/bias, head/kernel.
     """
     import jax
 

@@ -33,8 +33,9 @@ import optax
 from tna_jax import chunking
 from tna_jax import tree as tree_lib
 from tna_jax.data.batching import epoch_indices, gather, steps_per_epoch
+from tna_jax.evaluation import cross_entropy
+from tna_jax.run_axis import loop_plan
 from tna_jax.steps import gradient_step
-from tna_jax.training import cross_entropy, loop_plan
 
 PyTree = Any
 

@@ -31,7 +31,7 @@ from tna_jax.align.derive import permutation_spec
 from tna_jax.align.lap import Solver
 from tna_jax.align.spec import Permutation, PermutationSpec, apply_permutation, check_permutation
 from tna_jax.align.weight_matching import weight_matching
-from tna_jax.training import cross_entropy
+from tna_jax.evaluation import cross_entropy
 
 PyTree = Any
 

@@ -52,15 +52,34 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# Argument checks (shared by every public function here).
+# Argument checks (shared by every public function here and by `tna_jax.anchors.transform`;
+# public names for the package, not in `__all__`).
 # --------------------------------------------------------------------------------------------
 
 
-def _is_concrete(x: Any) -> bool:
+def is_concrete(x: Any) -> bool:
+    """Whether `x` is a value rather than a tracer (checks that read values skip tracers).
+
+    Args:
+      x: anything.
+
+    Returns:
+      False for a `jax.core.Tracer`, True otherwise.
+    """
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_ratio(ratio: Any, name: str = "ratio") -> None:
+def check_ratio(ratio: Any, name: str = "ratio") -> None:
+    """Checks an anchored fraction: a real scalar in [0, 1] (a traced one passes unchecked).
+
+    Args:
+      ratio: the value to check.
+      name: how to call the argument in an error.
+
+    Raises:
+      TypeError: not a real number.
+      ValueError: an array that is not a scalar, or a value outside [0, 1] (NaN included).
+    """
     if isinstance(ratio, bool) or not (
         isinstance(ratio, numbers.Real) or isinstance(ratio, (np.ndarray, jax.Array))
     ):
@@ -68,7 +87,7 @@ def _check_ratio(ratio: Any, name: str = "ratio") -> None:
     if isinstance(ratio, (np.ndarray, jax.Array)):
         if np.ndim(ratio) != 0:
             raise ValueError(f"{name} must be a scalar in [0, 1]; got an array of shape {np.shape(ratio)}.")
-        if not _is_concrete(ratio):
+        if not is_concrete(ratio):
             return  # traced (vmap over ratios, inject_hyperparams): checked by the caller's caller
         ratio = float(ratio)
     if not (0.0 <= float(ratio) <= 1.0):  # also rejects NaN
@@ -142,7 +161,16 @@ def _parent(name: str) -> str:
     return name.rsplit("/", 1)[0] if "/" in name else ""
 
 
-def _default_unit_group(name: str) -> str:
+def default_unit_group(name: str) -> str:
+    """The unit group of a leaf for neuron granularity: its module, with a normalisation module
+    counted as the layer it normalises (`conv1_norm/scale` is in group `conv1`).
+
+    Args:
+      name: the leaf's '/'-joined path.
+
+    Returns:
+      The group's name.
+    """
     parent = _parent(name)
     return tree_lib.norm_owner(parent) or parent
 
@@ -206,15 +234,34 @@ def _selection(
     return selected
 
 
-def _check_layer_order(layer_order: Any) -> None:
+def check_layer_order(layer_order: Any) -> None:
+    """Checks a `layer_order` argument: None or a list of module paths.
+
+    Args:
+      layer_order: the value to check.
+
+    Raises:
+      TypeError: anything else (a bare string included).
+    """
     if layer_order is not None and (isinstance(layer_order, str) or not isinstance(layer_order, (list, tuple))
                                     or not all(isinstance(n, str) for n in layer_order)):
         raise TypeError(f"layer_order must be a list of module paths (strings); got {_short(layer_order)}.")
 
 
-def _eligible(params: PyTree, include: Any, exclude: Any, layer_order: Sequence[str] | None) -> np.ndarray:
-    """Which leaves may hold anchors: `include` minus `exclude` (one bool per leaf)."""
-    _check_layer_order(layer_order)
+def eligible_leaves(params: PyTree, include: Any, exclude: Any, layer_order: Sequence[str] | None) -> np.ndarray:
+    """Which leaves may hold anchors: `include` minus `exclude`.
+
+    Args:
+      params: the parameter tree.
+      include, exclude, layer_order: as in `anchor_mask`.
+
+    Returns:
+      One bool per leaf, in `jax.tree.leaves` order.
+
+    Raises:
+      TypeError, ValueError: a bad pattern or layer order (as `anchor_mask`).
+    """
+    check_layer_order(layer_order)
     names = tree_lib.leaf_names(params)
     layers = list(layer_order) if layer_order is not None else None
     eligible = np.ones(len(names), dtype=bool)
@@ -228,13 +275,14 @@ def _eligible(params: PyTree, include: Any, exclude: Any, layer_order: Sequence[
 
 
 # --------------------------------------------------------------------------------------------
-# Drawing masks.
+# Drawing masks (`threefry_first_word`, `threefry_keypair` and `draw_mask` serve
+# `tna_jax.anchors.transform` too).
 # --------------------------------------------------------------------------------------------
 
 _THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
 
-def _threefry_first_word(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array) -> jax.Array:
+def threefry_first_word(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array) -> jax.Array:
     """The first output word of Threefry-2x32 (20 rounds; Salmon et al. 2011) for counters
     (x0, x1), elementwise.
 
@@ -257,7 +305,7 @@ def _threefry_first_word(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Ar
     return x0
 
 
-def _keypair(key: jax.Array) -> jax.Array:
+def threefry_keypair(key: jax.Array) -> jax.Array:
     """The Threefry key (2 x uint32) of any PRNG key: its own words for Threefry keys, the
     words of wider keys (e.g. `rbg`) hashed down pairwise."""
     words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
@@ -271,13 +319,13 @@ def _uniform(keypair: jax.Array, draw: str, shape: tuple[int, ...]) -> jax.Array
     """u_j = 2^-24 floor(Threefry(keypair; crc32(draw), j) / 2^8) for the row-major index j."""
     size = int(np.prod(shape, dtype=np.int64))
     index = jax.lax.iota(jnp.uint32, size).reshape(shape) if shape else jnp.zeros((), jnp.uint32)
-    bits = _threefry_first_word(keypair[0], keypair[1], jnp.uint32(_stable_hash(draw)), index)
+    bits = threefry_first_word(keypair[0], keypair[1], jnp.uint32(_stable_hash(draw)), index)
     # The top 24 bits as a float32 in [0, 1): exact, so u < ratio holds for every entry at
     # ratio 1 and for none at ratio 0, and masks are nested in the ratio.
     return jax.lax.shift_right_logical(bits, jnp.uint32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
-def _draw(params: PyTree, keypair: jax.Array, ratio: Any, eligible: Sequence[Any], granularity: str,
+def draw_mask(params: PyTree, keypair: jax.Array, ratio: Any, eligible: Sequence[Any], granularity: str,
           group_of: Callable[[str], str]) -> PyTree:
     """The mask of `params`: per leaf, `u < ratio` where the leaf is eligible (a Python bool:
     ineligible leaves are not drawn at all; a traced bool: drawn, then and-ed)."""
@@ -301,7 +349,7 @@ def _draw(params: PyTree, keypair: jax.Array, ratio: Any, eligible: Sequence[Any
 def _draw_placed(key: jax.Array, ratio: Any, layout: tuple[Any, ...]) -> PyTree:
     treedef, leaves, eligible, granularity, group_of = layout
     shapes = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, jnp.float32) for shape, _ in leaves])
-    mask = _draw(shapes, _keypair(key), ratio, eligible, granularity, group_of)
+    mask = draw_mask(shapes, threefry_keypair(key), ratio, eligible, granularity, group_of)
     if all(sharding is None for _, sharding in leaves):
         return mask
     shardings = jax.tree.unflatten(treedef, [sharding for _, sharding in leaves])
@@ -371,7 +419,7 @@ def anchor_mask(
       0.4
     """
     ratio, key = _ratio_then_key(ratio, key, "anchor_mask")
-    _check_ratio(ratio)
+    check_ratio(ratio)
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}.")
     key = as_key(key)
@@ -381,11 +429,11 @@ def anchor_mask(
     if unit_groups is not None and not callable(unit_groups):
         raise TypeError(f"unit_groups must be a function from a leaf name to a group name; got "
                         f"{type(unit_groups).__name__}.")
-    eligible = tuple(bool(e) for e in _eligible(params, include, exclude, layer_order))
-    group_of = unit_groups or _default_unit_group
+    eligible = tuple(bool(e) for e in eligible_leaves(params, include, exclude, layer_order))
+    group_of = unit_groups or default_unit_group
     leaves, treedef = jax.tree.flatten(params)
-    if not all(isinstance(x, jax.Array) and _is_concrete(x) for x in leaves) or not leaves:
-        return _draw(params, _keypair(key), ratio, eligible, granularity, group_of)
+    if not all(isinstance(x, jax.Array) and is_concrete(x) for x in leaves) or not leaves:
+        return draw_mask(params, threefry_keypair(key), ratio, eligible, granularity, group_of)
     # Placed arrays, eager call: one compiled program (cached on the tree's layout), its output
     # placed like the params.
     # Arrays on one device get a mask placed as JAX places new arrays (so a jitted consumer sees

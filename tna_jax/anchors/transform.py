@@ -19,18 +19,18 @@ import optax
 from tna_jax import tree as tree_lib
 from tna_jax.anchors.masks import (
     GRANULARITIES,
-    _check_layer_order,
-    _check_ratio,
-    _default_unit_group,
-    _draw,
-    _eligible,
-    _is_concrete,
-    _keypair,
-    _threefry_first_word,
     anchor_mask,
     as_key,
+    check_layer_order,
     check_mask,
+    check_ratio,
+    default_unit_group,
+    draw_mask,
+    eligible_leaves,
+    is_concrete,
     mask_summary,
+    threefry_first_word,
+    threefry_keypair,
 )
 
 PyTree = Any
@@ -78,10 +78,10 @@ def _leaf_digest(x: jax.Array, m: jax.Array) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{width}"))
     if width > 32:
         words = jax.lax.bitcast_convert_type(bits, jnp.uint32)  # a trailing axis of two words
-        bits = _threefry_first_word(jnp.uint32(1), jnp.uint32(2), words[..., 0], words[..., 1])
+        bits = threefry_first_word(jnp.uint32(1), jnp.uint32(2), words[..., 0], words[..., 1])
     bits = bits.astype(jnp.uint32)
     index = jax.lax.iota(jnp.uint32, max(x.size, 1)).reshape(x.shape) if x.shape else jnp.uint32(0)
-    h = _threefry_first_word(jnp.uint32(0x7A6E), jnp.uint32(0x6A61), bits, index)
+    h = threefry_first_word(jnp.uint32(0x7A6E), jnp.uint32(0x6A61), bits, index)
     return jnp.sum(jnp.where(m, h, jnp.uint32(0)), dtype=jnp.uint32)
 
 
@@ -260,6 +260,24 @@ def fixed_anchor_mask(
       >>> bool((params["w"][anchored] == 0.0).all()), bool(verify(params, state))
       (True, True)
     """
+    keypair = _checked_keypair(ratio, key, mask, refresh_every, granularity)
+    check_layer_order(layer_order)
+    group_of = unit_groups or default_unit_group
+
+    def init_fn(params: PyTree) -> FixedAnchorMaskState:
+        return _init_state(params, keypair, ratio, values, mask, refresh_every,
+                           {"granularity": granularity, "include": include, "exclude": exclude,
+                            "layer_order": layer_order, "unit_groups": unit_groups})
+
+    def update_fn(updates: PyTree, state: FixedAnchorMaskState, params: PyTree | None = None):
+        return _update(updates, state, params, refresh_every, granularity, group_of)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _checked_keypair(ratio: Any, key: Any, mask: PyTree | None, refresh_every: Any, granularity: str) -> jax.Array:
+    """The Threefry key pair of `fixed_anchor_mask`'s arguments (zeros with a precomputed mask),
+    after checking that they go together."""
     if mask is not None:
         if ratio is not None or key is not None:
             raise ValueError("fixed_anchor_mask takes either mask= or (ratio, key), not both; "
@@ -272,82 +290,104 @@ def fixed_anchor_mask(
         if ratio is None or key is None:
             raise ValueError("fixed_anchor_mask needs ratio and key (or a precomputed mask=); "
                              f"got ratio={ratio!r}, key={'given' if key is not None else None}.")
-        _check_ratio(ratio)
+        check_ratio(ratio)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}.")
-        keypair = _keypair(as_key(key))
+        keypair = threefry_keypair(as_key(key))
     if refresh_every is not None:
         if isinstance(refresh_every, bool) or not isinstance(refresh_every, numbers.Integral) or refresh_every < 1:
             raise ValueError(f"refresh_every must be a positive integer or None; got {refresh_every!r}.")
-    _check_layer_order(layer_order)
-    group_of = unit_groups or _default_unit_group
+    return keypair
 
-    def init_fn(params: PyTree) -> FixedAnchorMaskState:
-        eligible = _eligible(params, include, exclude, layer_order)
-        if mask is not None:
-            check_mask(params, mask)
-            # Copies: the state may be donated to a jitted step, which must not delete the
-            # caller's arrays.
-            m = jax.tree.map(lambda x: jnp.array(x, dtype=bool, copy=True), mask)
-            r = jnp.asarray(mask_summary(m)["overall"] if _all_concrete(m) else 0.0, jnp.float32)
-        else:
-            k = jax.random.wrap_key_data(keypair)
-            if refresh_every is not None:  # period 0 of fold_in(key, t // refresh_every)
-                k = jax.random.fold_in(k, 0)
-            m = anchor_mask(params, ratio, k, granularity=granularity,
-                            include=include, exclude=exclude, layer_order=layer_order, unit_groups=unit_groups)
-            r = jnp.asarray(ratio, jnp.float32)
-        v = None
-        if values is not None:
-            tree_lib.check_same_structure(params, values, names=("params", "values"))
-            v = jax.tree.map(lambda p, a: jnp.array(a, dtype=jnp.asarray(p).dtype, copy=True), params, values)
-        # The digest must see the very arrays the state holds: without the barrier XLA may
-        # recompute a fused producer (e.g. an init's normal draws) inside the digest's reduction,
-        # where another fusion can round its last bit differently.
-        held, m = jax.lax.optimization_barrier((params if v is None else v, m))
-        if v is not None:
-            v = held
-        treedef = jax.tree.structure(params)
-        return FixedAnchorMaskState(
-            count=jnp.zeros([], jnp.int32), mask=m, key=jnp.array(keypair, copy=True), ratio=r,
-            eligible=jax.tree.unflatten(treedef, [jnp.asarray(e) for e in eligible]),
-            values=v, digest=_digest(held, m))
 
-    def update_fn(updates: PyTree, state: FixedAnchorMaskState, params: PyTree | None = None):
-        if params is None and (state.values is not None or refresh_every is not None):
-            raise ValueError("fixed_anchor_mask with values= or refresh_every needs the params: call "
-                             "tx.update(grads, state, params).")
-        m, digest = state.mask, state.digest
-        if refresh_every is not None:
-            refresh = (state.count % refresh_every == 0) & (state.count > 0)
+def _init_state(params: PyTree, keypair: jax.Array, ratio: Any, values: PyTree | None, mask: PyTree | None,
+                refresh_every: int | None, mask_options: dict[str, Any]) -> FixedAnchorMaskState:
+    """`fixed_anchor_mask`'s `init`: the mask (given, or drawn from the key pair), the values in
+    the params' dtypes, and the checksum of what the anchored entries must hold."""
+    eligible = eligible_leaves(params, mask_options["include"], mask_options["exclude"],
+                               mask_options["layer_order"])
+    if mask is not None:
+        check_mask(params, mask)
+        # Copies: the state may be donated to a jitted step, which must not delete the
+        # caller's arrays.
+        m = jax.tree.map(lambda x: jnp.array(x, dtype=bool, copy=True), mask)
+        r = jnp.asarray(mask_summary(m)["overall"] if _all_concrete(m) else 0.0, jnp.float32)
+    else:
+        k = jax.random.wrap_key_data(keypair)
+        if refresh_every is not None:  # period 0 of fold_in(key, t // refresh_every)
+            k = jax.random.fold_in(k, 0)
+        m = anchor_mask(params, ratio, k, **mask_options)
+        r = jnp.asarray(ratio, jnp.float32)
+    v = None
+    if values is not None:
+        tree_lib.check_same_structure(params, values, names=("params", "values"))
+        v = jax.tree.map(lambda p, a: jnp.array(a, dtype=jnp.asarray(p).dtype, copy=True), params, values)
+    # The digest must see the very arrays the state holds: without the barrier XLA may
+    # recompute a fused producer (e.g. an init's normal draws) inside the digest's reduction,
+    # where another fusion can round its last bit differently.
+    held, m = jax.lax.optimization_barrier((params if v is None else v, m))
+    if v is not None:
+        v = held
+    treedef = jax.tree.structure(params)
+    return FixedAnchorMaskState(
+        count=jnp.zeros([], jnp.int32), mask=m, key=jnp.array(keypair, copy=True), ratio=r,
+        eligible=jax.tree.unflatten(treedef, [jnp.asarray(e) for e in eligible]),
+        values=v, digest=_digest(held, m))
 
-            def redraw():
-                k = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count // refresh_every)
-                new = _draw(updates, _keypair(k), state.ratio, jax.tree.leaves(state.eligible), granularity,
-                            group_of)
-                return new, _digest(params, new)
 
-            m, digest = jax.lax.cond(refresh, redraw, lambda: (m, digest))
+def _update(updates: PyTree, state: FixedAnchorMaskState, params: PyTree | None, refresh_every: int | None,
+            granularity: str, group_of: Callable[[str], str]) -> tuple[PyTree, FixedAnchorMaskState]:
+    """`fixed_anchor_mask`'s `update`: refresh the mask when due, then hold (or move) the
+    anchored entries."""
+    if params is None and (state.values is not None or refresh_every is not None):
+        raise ValueError("fixed_anchor_mask with values= or refresh_every needs the params: call "
+                         "tx.update(grads, state, params).")
+    m, digest = state.mask, state.digest
+    if refresh_every is not None:
+        m, digest = _refreshed(updates, state, params, refresh_every, granularity, group_of)
+    new_updates = _anchored_updates(updates, state, params, m, refresh_every)
+    count = optax.safe_int32_increment(state.count)
+    return new_updates, state._replace(count=count, mask=m, digest=digest)
 
-        def anchored(u, a, p, v):
-            if u is None:
-                return None
-            zero = jnp.zeros((), u.dtype)
-            if v is None:
-                return jnp.where(a, zero, u)
-            move = (v - p).astype(u.dtype)
-            if refresh_every is not None:  # values hold the first anchor set only
-                move = jnp.where(state.count < refresh_every, move, zero)
-            return jnp.where(a, move, u)
 
-        vals = state.values if state.values is not None else jax.tree.map(lambda _: None, m)
-        ps = params if params is not None else jax.tree.map(lambda _: None, m)
-        new_updates = jax.tree.map(anchored, updates, m, ps, vals, is_leaf=lambda x: x is None)
-        count = optax.safe_int32_increment(state.count)
-        return new_updates, state._replace(count=count, mask=m, digest=digest)
+def _refreshed(updates: PyTree, state: FixedAnchorMaskState, params: PyTree, refresh_every: int, granularity: str,
+               group_of: Callable[[str], str]) -> tuple[PyTree, PyTree]:
+    """The mask and checksum of this update: a new draw from ``fold_in(key, count //
+    refresh_every)`` at the start of every period after the first, else the state's."""
+    m, digest = state.mask, state.digest
+    refresh = (state.count % refresh_every == 0) & (state.count > 0)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    def redraw():
+        k = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count // refresh_every)
+        new = draw_mask(updates, threefry_keypair(k), state.ratio, jax.tree.leaves(state.eligible), granularity,
+                        group_of)
+        return new, _digest(params, new)
+
+    return jax.lax.cond(refresh, redraw, lambda: (m, digest))
+
+
+def _anchored_updates(updates: PyTree, state: FixedAnchorMaskState, params: PyTree | None, m: PyTree,
+                      refresh_every: int | None) -> PyTree:
+    """The updates with the anchored entries (mask `m`) zeroed, or, with values, moved to them."""
+
+    def anchored(u, a, p, v):
+        if u is None:
+            return None
+        zero = jnp.zeros((), u.dtype)
+        if v is None:
+            return jnp.where(a, zero, u)
+        move = (v - p).astype(u.dtype)
+        if refresh_every is not None:  # values hold the first anchor set only
+            move = jnp.where(state.count < refresh_every, move, zero)
+        return jnp.where(a, move, u)
+
+    # The move is read at every update although it is exactly zero from the second one on: a
+    # lax.cond that skips it costs far more than reading the values, because XLA cannot fuse the
+    # optimizer's update across a conditional (see BENCHMARKS.md, anchor_overhead).
+    vals = state.values if state.values is not None else jax.tree.map(lambda _: None, m)
+    ps = params if params is not None else jax.tree.map(lambda _: None, m)
+    return jax.tree.map(anchored, updates, m, ps, vals, is_leaf=lambda x: x is None)
 
 
 def _all_concrete(tree: PyTree) -> bool:
-    return all(_is_concrete(x) for x in jax.tree.leaves(tree))
+    return all(is_concrete(x) for x in jax.tree.leaves(tree))

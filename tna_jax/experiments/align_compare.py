@@ -28,7 +28,7 @@ import copy
 import math
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +160,75 @@ def _rel_distance(a: Any, b: Any) -> float:
 
 def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> dict[str, Any]:
     t0, cpu0 = time.time(), time.process_time()
+    t, t_train = _train_task(name, cfg, opts, workdir, log)
+    log(f"[{name}] {t.net.name} on {t.dataset.name}: {len(t.spec)} permutations; trained in {t_train:.0f}s")
+    phases = _Phases(name, log, {"train": t_train})
+    arms, jobs, iters = _match_pairs(t)
+    phases.lap("matching", f"matched {sum(len(j[2]) for j in jobs)} pairs (WM, AM{', STE' if opts.ste_steps else ''})")
+    methods = [m for m in PATH_METHODS if m != "STE" or opts.ste_steps]
+    rows, paths, entries = _linear_paths(t, jobs, methods)
+    phases.lap("paths", f"evaluated {len(entries)} linear paths")
+    _repair_paths(t, jobs, entries, rows, paths)
+    rows.sort(key=lambda r: ([j[0] for j in jobs].index(r["arm"]), METHODS.index(r["method"])))
+    phases.lap("repair", "REPAIRed the WM-aligned paths")
+    soups = _soups(t.net, t.spec, jobs, t.key, t.path_eval, (t.x_eval, t.y_eval)) if opts.merge else []
+    if opts.merge:
+        phases.lap("merge", f"merged {len(soups)} arms (MergeMany)")
+    curve_rows, curve_plots = _curve_rows(t, jobs, arms)
+    phases.lap("curves", f"trained and evaluated {2 * len(curve_rows)} curves")
+    return {
+        "task": name, "data": {"name": t.dataset.name, "sizes": t.dataset.sizes()},
+        "model": {"name": t.net.name, "params": t.net.param_count(), "batch_norm": t.net.has_batch_stats,
+                  "config": config_lib.flatten(cfg.model.to_dict())},
+        "spec": {"permutations": len(t.spec), "sizes": dict(t.spec.sizes), "describe": t.spec.describe()},
+        "arms": training.summarize(t.result), "rows": rows, "wm_iterations": iters, "soups": soups,
+        "curves": _curve_summary(curve_rows), "curve_pairs": curve_rows, "paths": paths,
+        "curve_paths": curve_plots,
+        "seconds": {**phases.seconds, "total": time.time() - t0, "cpu": time.process_time() - cpu0},
+        "settings": {"epochs": cfg.train.epochs, "num_seeds": cfg.num_seeds, "anchor_ratio": cfg.anchor.ratio,
+                     "split": cfg.analysis.split},
+    }
+
+
+class _Task(NamedTuple):
+    """A task's trained runs and what every phase of its comparison reads."""
+
+    cfg: Any
+    opts: Any
+    net: Any
+    dataset: Any
+    result: Any  # training.TrainResult
+    data: Any  # the dataset on the devices
+    x_eval: Any
+    y_eval: Any
+    x_stats: Any  # training examples for statistics (activation matching, BatchNorm reset, REPAIR)
+    n_stats: int
+    stats_batch: int
+    spec: Any  # the permutation spec of the model
+    eval_fn: Any
+    reset: Any  # resets BatchNorm statistics on x_stats, or None without BatchNorm
+    path_eval: Any  # eval_fn after the reset
+    key: jax.Array
+    chunk: int
+
+
+class _Phases:
+    """Times the phases of a task and logs each as it ends."""
+
+    def __init__(self, name: str, log: Any, seconds: dict[str, float]):
+        self.name, self.log, self.seconds = name, log, seconds
+        self.start = time.time()
+
+    def lap(self, phase: str, what: str) -> None:
+        self.seconds[phase] = time.time() - self.start
+        self.start = time.time()
+        self.log(f"[{self.name}] {what} in {self.seconds[phase]:.0f}s")
+
+
+def _train_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> tuple[_Task, float]:
+    """Trains the task's runs (``training.fit``) and prepares its evaluation; returns the task and
+    the seconds training took."""
+    t0 = time.time()
     dataset = data_lib.load(cfg.data)
     net = models.build(cfg.model, dataset.input_shape, dataset.num_classes)
     augment = None
@@ -172,48 +241,44 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
     result = training.fit(cfg, net, dataset, workdir=workdir, augment=augment, log=log)
     t_train = time.time() - t0
     data = data_lib.to_device(dataset, normalize=cfg.data.normalize)
-    n_train = int(data.x_train.shape[0])
     x_eval, y_eval = data.split(cfg.analysis.split)
     n_stats = min(int(opts.stats_examples), int(data.x_train.shape[0]))
     x_stats = data.x_train[:n_stats]
     sbatch = min(int(opts.stats_batch), n_stats)
-    spec = align.permutation_spec(net)
     eval_fn = evaluation.make_eval_fn(net, cfg.train.eval_batch_size)
-    has_bn = net.has_batch_stats
 
     @jax.jit
     def reset_stats(v, x):  # dropout, if any, with a fixed key
         return norm_stats.reset_bn_stats(net, v, x, batch_size=sbatch, rng=jax.random.key(0))
 
-    reset = (lambda v: reset_stats(v, x_stats)) if has_bn else None
+    reset = (lambda v: reset_stats(v, x_stats)) if net.has_batch_stats else None
 
     def path_eval(v, x, y):
         return eval_fn(v if reset is None else reset(v), x, y)
 
-    alphas = lmc.default_alphas(cfg.analysis.num_alphas)
-    r_alphas = jnp.asarray(lmc.default_alphas(opts.repair_alphas), jnp.float32)
-    chunk = int(opts.chunk) or chunking.AUTO
-    key = jax.random.key(cfg.seed)
-    log(f"[{name}] {net.name} on {dataset.name}: {len(spec)} permutations; trained in {t_train:.0f}s")
-    seconds = {"train": t_train}
-    t_phase = time.time()
-
-    def lap(phase: str, what: str) -> None:
-        nonlocal t_phase
-        seconds[phase] = time.time() - t_phase
-        t_phase = time.time()
-        log(f"[{name}] {what} in {seconds[phase]:.0f}s")
+    task = _Task(cfg=cfg, opts=opts, net=net, dataset=dataset, result=result, data=data, x_eval=x_eval,
+                 y_eval=y_eval, x_stats=x_stats, n_stats=n_stats, stats_batch=sbatch,
+                 spec=align.permutation_spec(net), eval_fn=eval_fn, reset=reset, path_eval=path_eval,
+                 key=jax.random.key(cfg.seed), chunk=int(opts.chunk) or chunking.AUTO)
+    return task, t_train
 
 
-    # 1. alignments of every pair within every arm
+def _match_pairs(t: _Task) -> tuple[dict[int, list[int]], list[tuple], list[dict[str, Any]]]:
+    """Phase 1: every selected pair of seeds within every arm, aligned by weight matching (WM),
+    activation matching (AM) and, with ``ste_steps``, the straight-through estimator (STE).
+
+    Returns ``(run indices per arm, jobs, WM iteration records)``; a job is ``(arm label, arm
+    index, pairs, models, {method: [aligned second model per pair]})``."""
+    cfg, opts, spec, key = t.cfg, t.opts, t.spec, t.key
+    n_train = int(t.data.x_train.shape[0])
     arms: dict[int, list[int]] = {}
-    for r in result.runs:
+    for r in t.result.runs:
         arms.setdefault(r.arm_index, []).append(r.index)
-    jobs = []  # (arm label, arm index, pairs, models, {method: [aligned b per pair]}, wm info)
+    jobs = []
     iters = []
     for arm_index, idx in arms.items():
-        label = result.runs[idx[0]].arm.label
-        ms = [result.state.variables(i) for i in idx]
+        label = t.result.runs[idx[0]].arm.label
+        ms = [t.result.state.variables(i) for i in idx]
         pairs = lmc.select_pairs(len(idx), cfg.analysis.pairs, int(opts.max_pairs), int(cfg.analysis.pairs_seed))
         pairs_note = lmc.describe_pairs(cfg.analysis.pairs, len(pairs), len(idx), int(cfg.analysis.pairs_seed))
         if not pairs:
@@ -221,39 +286,45 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
         aligned: dict[str, list[Any]] = {"none": [ms[j] for _, j in pairs], "WM": [], "AM": [], "STE": []}
         wm_info = []
         for p, (i, j) in enumerate(pairs):
-            t = time.time()
+            tm = time.time()
             res = align.weight_matching(spec, ms[i], ms[j], jax.random.fold_in(key, 1000 * arm_index + p),
                                         max_iter=opts.wm_max_iter)
             wm_info.append({"pair": [idx[i], idx[j]], "iterations": res.iterations, "converged": res.converged,
-                            "seconds": time.time() - t, "objective_start": res.objective[0],
+                            "seconds": time.time() - tm, "objective_start": res.objective[0],
                             "objective_end": res.objective[-1]})
             aligned["WM"].append(align.apply_permutation(spec, res.perm, ms[j]))
-            perm = align.activation_matching(net, ms[i], ms[j], x_stats, batch_size=sbatch).perm
+            perm = align.activation_matching(t.net, ms[i], ms[j], t.x_stats, batch_size=t.stats_batch).perm
             aligned["AM"].append(align.apply_permutation(spec, perm, ms[j]))
             if opts.ste_steps:
-                ste = align.ste_matching(net, ms[i], ms[j], (data.x_train, data.y_train), spec=spec, init=res.perm,
-                                         key=jax.random.fold_in(key, 5000 + 1000 * arm_index + p),
+                ste = align.ste_matching(t.net, ms[i], ms[j], (t.data.x_train, t.data.y_train), spec=spec,
+                                         init=res.perm, key=jax.random.fold_in(key, 5000 + 1000 * arm_index + p),
                                          steps=int(opts.ste_steps), batch_size=min(int(opts.ste_batch), n_train),
                                          optimizer=optax.adam(float(opts.ste_lr)))
                 aligned["STE"].append(align.apply_permutation(spec, ste.perm, ms[j]))
         it_mean, it_std = _mean_std([w["iterations"] for w in wm_info])
-        iters.append({"arm": label, "pairs": len(pairs), "pairs_note": pairs_note, "iterations_mean": it_mean, "iterations_std": it_std,
-                      "iterations": [w["iterations"] for w in wm_info],
+        iters.append({"arm": label, "pairs": len(pairs), "pairs_note": pairs_note, "iterations_mean": it_mean,
+                      "iterations_std": it_std, "iterations": [w["iterations"] for w in wm_info],
                       "converged": sum(w["converged"] for w in wm_info),
                       "seconds_mean": _mean_std([w["seconds"] for w in wm_info])[0], "per_pair": wm_info})
         jobs.append((label, arm_index, pairs, ms, aligned))
-    lap("matching", f"matched {sum(len(j[2]) for j in jobs)} pairs (WM, AM{', STE' if opts.ste_steps else ''})")
-    methods = [m for m in PATH_METHODS if m != "STE" or opts.ste_steps]
+    return arms, jobs, iters
 
-    # 2. every (arm, method, pair) path in one vmapped, chunked evaluation
+
+def _linear_paths(t: _Task, jobs: list[tuple], methods: list[str]
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any], list[tuple[str, str, float]]]:
+    """Phase 2: every (arm, method, pair) linear path in one vmapped, chunked evaluation.
+
+    Returns ``(barrier rows, paths for the plots, (arm, method, distance) per path)``."""
+    alphas = lmc.default_alphas(t.cfg.analysis.num_alphas)
     entries, stack = [], []
     for label, _, pairs, ms, aligned in jobs:
         for method in methods:
             for (i, _), b in zip(pairs, aligned[method]):
                 entries.append((label, method, _rel_distance(ms[i], b)))
                 stack += [ms[i], b]
-    table = lmc.pairwise_barriers(path_eval, tree_lib.stack(stack), (x_eval, y_eval),
-                                  pairs=[(2 * k, 2 * k + 1) for k in range(len(entries))], alphas=alphas, chunk=chunk)
+    table = lmc.pairwise_barriers(t.path_eval, tree_lib.stack(stack), (t.x_eval, t.y_eval),
+                                  pairs=[(2 * k, 2 * k + 1) for k in range(len(entries))], alphas=alphas,
+                                  chunk=t.chunk)
     rows, paths = [], {}
     for label, _, _, _, _ in jobs:
         for method in methods:
@@ -262,9 +333,16 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
             paths[f"{label} · {method}"] = {"alpha": table.paths.alpha.tolist(),
                                             "accuracy": table.paths.accuracy[sel].tolist(),
                                             "loss": table.paths.loss[sel].tolist()}
-    lap("paths", f"evaluated {len(entries)} linear paths")
+    return rows, paths, entries
 
-    # 3. REPAIR along the WM-aligned paths (one compiled program for all pairs)
+
+def _repair_paths(t: _Task, jobs: list[tuple], entries: list[tuple[str, str, float]], rows: list[dict[str, Any]],
+                  paths: dict[str, Any]) -> None:
+    """Phase 3: REPAIR along the WM-aligned paths (one compiled program for all pairs); adds a
+    "WM + REPAIR" row and path per arm to `rows` and `paths`."""
+    r_alphas = jnp.asarray(lmc.default_alphas(t.opts.repair_alphas), jnp.float32)
+    net, x_stats, n_stats, eval_fn, x_eval, y_eval = t.net, t.x_stats, t.n_stats, t.eval_fn, t.x_eval, t.y_eval
+
     @jax.jit
     def repair_path(a, b, al):
         fn = align.make_repair(net, a, b, x_stats, batch_size=n_stats)  # one batch: one pass per α
@@ -282,34 +360,24 @@ def _run_task(name: str, cfg: Any, opts: Any, workdir: str | None, log: Any) -> 
         dist = [e[2] for e in entries if e[0] == label and e[1] == "WM"]
         rows.append(_row(label, "WM + REPAIR", per_pair, dist))
         paths[f"{label} · WM + REPAIR"] = {"alpha": np.asarray(r_alphas).tolist(), "accuracy": acc, "loss": loss}
-    rows.sort(key=lambda r: ([j[0] for j in jobs].index(r["arm"]), METHODS.index(r["method"])))
-    lap("repair", "REPAIRed the WM-aligned paths")
-    soups = _soups(net, spec, jobs, key, path_eval, (x_eval, y_eval)) if opts.merge else []
-    if opts.merge:
-        lap("merge", f"merged {len(soups)} arms (MergeMany)")
 
-    # 4. curves between raw and WM-aligned endpoints
+
+def _curve_rows(t: _Task, jobs: list[tuple], arms: dict[int, list[int]]
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Phase 4: Bezier or poly-chain curves trained between the raw and the WM-aligned endpoints
+    of the first ``curve_pairs`` pairs of each arm; returns their rows and plot series."""
+    opts = t.opts
     curve_rows: list[dict[str, Any]] = []
     curve_plots: dict[str, Any] = {}
     tx = optax.adam(float(opts.curve_lr))
     for label, arm_index, pairs, ms, aligned in jobs:
         for p, (i, j) in enumerate(pairs[: opts.curve_pairs]):
-            curve_rows.append(_curves(net, cfg, eval_fn, opts, tx, label, (arms[arm_index][i], arms[arm_index][j]),
-                                      ms[i], {"none": ms[j], "WM": aligned["WM"][p]}, data, (x_eval, y_eval),
-                                      reset, jax.random.fold_in(key, 7919 + 100 * arm_index + p), curve_plots,
-                                      chunk))
-    lap("curves", f"trained and evaluated {2 * len(curve_rows)} curves")
-    return {
-        "task": name, "data": {"name": dataset.name, "sizes": dataset.sizes()},
-        "model": {"name": net.name, "params": net.param_count(), "batch_norm": has_bn,
-                  "config": config_lib.flatten(cfg.model.to_dict())},
-        "spec": {"permutations": len(spec), "sizes": dict(spec.sizes), "describe": spec.describe()},
-        "arms": training.summarize(result), "rows": rows, "wm_iterations": iters, "soups": soups,
-        "curves": _curve_summary(curve_rows), "curve_pairs": curve_rows, "paths": paths,
-        "curve_paths": curve_plots, "seconds": {**seconds, "total": time.time() - t0, "cpu": time.process_time() - cpu0},
-        "settings": {"epochs": cfg.train.epochs, "num_seeds": cfg.num_seeds, "anchor_ratio": cfg.anchor.ratio,
-                     "split": cfg.analysis.split},
-    }
+            curve_rows.append(_curves(t.net, t.cfg, t.eval_fn, opts, tx, label,
+                                      (arms[arm_index][i], arms[arm_index][j]), ms[i],
+                                      {"none": ms[j], "WM": aligned["WM"][p]}, t.data, (t.x_eval, t.y_eval),
+                                      t.reset, jax.random.fold_in(t.key, 7919 + 100 * arm_index + p), curve_plots,
+                                      t.chunk))
+    return curve_rows, curve_plots
 
 
 def _soups(net, spec, jobs, key, path_eval, eval_data) -> list[dict[str, Any]]:

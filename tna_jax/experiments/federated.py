@@ -38,7 +38,7 @@ import importlib.util
 import os
 import re
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -50,13 +50,11 @@ from tna_jax import config as config_lib
 from tna_jax import report as report_lib
 from tna_jax import run_axis as run_axis_lib
 from tna_jax import sharding as sharding_lib
-from tna_jax.experiments import registry
+from tna_jax.experiments import federated_report, registry
 from tna_jax.experiments import train as train_kind
+from tna_jax.experiments.federated_report import NAMES
 
 __all__ = ["FedArm", "arms_from_config", "require_data", "federated_experiment", "make_clients", "partition_seed_of"]
-
-NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedpfn": "FedPFN", "fedpnu": "FedPNU",
-         "none": "", "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,108 +262,6 @@ def _algorithm(config: Any, net: Any, arm: FedArm, max_examples: int, mesh: Any,
         client_sizes=client_sizes, size_buckets=int(f.size_buckets) if client_sizes is not None else 1)
 
 
-def _rows_by_arm(rows: list[dict[str, Any]], split: str) -> dict[str, dict[int, list[tuple[int, float]]]]:
-    out: dict[str, dict[int, list[tuple[int, float]]]] = {}
-    for r in rows:
-        if f"{split}_accuracy" in r:
-            out.setdefault(r["arm"], {}).setdefault(r["seed"], []).append((r["round"], r[f"{split}_accuracy"]))
-    return out
-
-
-def _summaries(arms: list[FedArm], final: dict[str, np.ndarray], curves: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for arm in arms:
-        acc = final[arm.slug]
-        base = next((a for a in arms if a.algorithm == "fedavg" and a.server == arm.server and a.alpha == arm.alpha),
-                    None)
-        row = {"arm": arm.label, "algorithm": arm.algorithm, "server": arm.server, "alpha": arm.alpha,
-               "ratio": arm.ratio, "seeds": int(acc.size), "final_accuracy": acc.tolist()}
-        row["final_accuracy_mean"], row["final_accuracy_std"] = report_lib.mean_std(acc)
-        curve = curves.get(arm.label)
-        if curve is not None and len(curve["rounds"]):
-            ys = np.asarray(curve["accuracy"])  # (seeds, evals)
-            tail = ys[:, -min(5, ys.shape[1]):].mean(1)
-            row["last5_accuracy_mean"], row["last5_accuracy_std"] = report_lib.mean_std(tail)
-            row["best_accuracy_mean"] = float(ys.max(1).mean())
-        if base is not None and base is not arm:
-            diff = acc - final[base.slug]
-            row["vs_fedavg"] = base.label
-            row["diff_mean"], row["diff_std"] = report_lib.mean_std(diff)
-            row["seeds_better"] = int((diff > 0).sum())
-        rows.append(row)
-    return rows
-
-
-def _markdown(report: dict[str, Any]) -> str:
-    rows = []
-    for r in report["arms"]:
-        rows.append({"arm": r["arm"], "seeds": r["seeds"],
-                     "final": report_lib.pm(r["final_accuracy_mean"], r["final_accuracy_std"]),
-                     "last5": report_lib.pm(r.get("last5_accuracy_mean"), r.get("last5_accuracy_std")),
-                     "best": report_lib.pm(r.get("best_accuracy_mean"), 0.0).split(" ±")[0],
-                     "diff": (report_lib.pm(r["diff_mean"], r["diff_std"]) + f" ({r['seeds_better']}/{r['seeds']} seeds)")
-                     if "diff_mean" in r else "—"})
-    f = report["federation"]
-    split = ("a new split of the clients for every seed" if f.get("partition_draw") == "per_seed"
-             else "one split of the clients shared by every seed")
-    head = (f"{f['num_clients']} clients ({f['partition']}" + (f", α={f['alpha']}" if f["partition"] == "dirichlet" else "")
-            + f"; {split}), {f['cohort'][0]} of them per round, {f['local_epochs']} local epoch(s) of batch "
-            f"{f['batch_size']}, {f['rounds']} rounds; {report['model']['name']} on {report['data']['name']}. "
-            f"Accuracy of the global model on the {report['eval_split']} split, mean ± sample std over "
-            f"{report['training']['seeds']} seeds.")
-    table = report_lib.markdown_table(rows, [("arm", "arm"), ("seeds", "seeds"), ("final", "final acc %"),
-                                          ("last5", "mean of last 5 evals %"), ("best", "best acc %"),
-                                          ("diff", "final − FedAvg (same server opt, paired) pp")])
-    return head + "\n\n" + table
-
-
-def _plots(config: Any, workdir: str, report: dict[str, Any], arms: list[FedArm]) -> list[str]:
-    from tna_jax import plotting
-
-    files = []
-    alphas = list(dict.fromkeys(a.alpha for a in arms))
-    split = ("a new client split per seed" if report["federation"].get("partition_draw") == "per_seed"
-             else "one client split shared by every seed")
-    caption = f"Lines: mean, bands: ± sample std over {config.num_seeds} seeds; {split}."
-    for alpha in alphas:
-        series = {}
-        for arm in arms:
-            curve = report["curves"].get(arm.label)
-            if arm.alpha == alpha and curve and len(curve["rounds"]):
-                series[arm.label] = {"x": curve["rounds"], "y": curve["accuracy"]}
-        suffix = "" if len(alphas) == 1 else f"_alpha_{alpha:g}"
-        where = "" if alpha is None else f", Dirichlet α={alpha:g}"
-        files.append(plotting.plot_curves(series, os.path.join(workdir, f"accuracy_vs_round{suffix}.png"),
-                                          xlabel="round", ylabel=f"{report['eval_split']} accuracy (global model)",
-                                          title=f"{config.name}: {config.federated.num_clients} clients{where}",
-                                          caption=caption))
-    if len(config.federated.sweep_ratios):
-        series = {}
-        for r in report["arms"]:
-            if r["algorithm"] in ("fedpfn", "fedpnu"):
-                key = (f"α={r['alpha']:g} " if r["alpha"] is not None and len(alphas) > 1 else "") + \
-                    NAMES[r["algorithm"]] + (f" + {NAMES[r['server']]}" if r["server"] != "none" else "")
-                s = series.setdefault(key, {"x": [], "y": [], "std": []})
-                s["x"].append(r["ratio"])
-                s["y"].append(r["final_accuracy_mean"])
-                s["std"].append(r["final_accuracy_std"])
-        for r in report["arms"]:
-            if r["algorithm"] == "fedavg":
-                for key, s in series.items():
-                    same_alpha = len(alphas) == 1 or key.startswith(f"α={r['alpha']:g} ")
-                    same_server = (r["server"] == "none") == ("+" not in key) and \
-                        (r["server"] == "none" or key.endswith(NAMES[r["server"]]))
-                    if same_alpha and same_server:  # ρ = 0 is FedAvg
-                        s["x"].insert(0, 0.0)
-                        s["y"].insert(0, r["final_accuracy_mean"])
-                        s["std"].insert(0, r["final_accuracy_std"])
-        if series:
-            files.append(plotting.plot_curves(series, os.path.join(workdir, "sweep_ratio.png"), xlabel="mask ratio ρ",
-                                              ylabel="final accuracy", title=f"{config.name}: accuracy vs ρ (ρ=0: FedAvg)",
-                                              caption=caption))
-    return files
-
-
 def _round_rows(loop: harness.Loop, arms: list[Any], states: dict[str, Any], round_metrics: dict[str, Any],
                 done: int, config: Any, evaluate: Any, x_eval: Any, y_eval: Any, split: str) -> list[dict[str, Any]]:
     """The metrics rows of round `done` (one per arm and seed); raises the loop's
@@ -420,15 +316,63 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
       >>> federated_experiment(c, None)
       Traceback (most recent call last):
       ...
-      tna_jax.config.ConfigError: config.optimizer.schedule must be 'constant' for kind='federated' (the clients' optimizer is reset every round); got 'cosine'.
+      tna_jax.config.schema.ConfigError: config.optimizer.schedule must be 'constant' for kind='federated' (the clients' optimizer is reset every round); got 'cosine'.
     """
-    from tna_jax import data as data_lib
-    from tna_jax.federated import client, driver, partition
-
     _check(config)
     require_data(config)
     primary = runner.is_primary()
     t0 = time.time()
+    fed = _prepare(config)
+    checkpointer, states, start_round = _resume_or_init(config, workdir, fed, primary)
+    runs = [{"run": i * int(config.num_seeds) + s, "arm": a.label, "seed": s} for i, a in enumerate(fed.arms)
+            for s in range(int(config.num_seeds))]
+    # Several processes: process 0 writes the metrics and the report; every process takes part
+    # in the checkpoints (orbax's multi-host protocol) and holds the same global model.
+    metrics_log = logs.MetricsLog(workdir if primary else None, runs, start_round, tensorboard=config.train.tensorboard)
+    t_train = time.time()
+    states = _train_rounds(config, fed, states, checkpointer, metrics_log, start_round, primary)
+    report = _report(config, fed, states, metrics_log.rows, time.time() - t_train, start_round, t0)
+    if primary:
+        print(report["markdown"])
+    if workdir and primary:
+        report_lib.write_report(workdir, config, report,
+                                plots=lambda: federated_report.plots(config, workdir, report, fed.arms))
+    return report
+
+
+class _Federation(NamedTuple):
+    """What the rounds of `federated_experiment` run on, prepared (and checked) before any training."""
+
+    arms: list[FedArm]
+    dataset: Any
+    net: Any
+    split: str  # the evaluation split
+    mesh: Any
+    per_seed: bool  # federated.partition_per_seed: the clients carry a seed axis
+    bucketed: bool  # clients train in size buckets (one program per α then)
+    federation: dict[str, Any]  # the report's record of every partition
+    programs: dict[tuple[str, str, Any], Any]  # the algorithms, one per program key (`_program_key`)
+    algs: dict[str, Any]  # each arm's (by slug) algorithm
+    placed: dict[Any, Any]  # the clients of each α, on the devices
+    keys: Any  # the seeds' keys (federated.driver.seed_keys)
+    evaluate: Any  # the jitted evaluation of the global models
+    x_eval: Any
+    y_eval: Any
+
+
+def _program_key(arm: FedArm, bucketed: bool) -> tuple[str, str, Any]:
+    """Arms with the same key share one compiled program: every α (and seed) is padded to the same
+    client size and ρ is a traced value; size buckets depend on the clients' sizes, so with them
+    every α gets its own program."""
+    return arm.algorithm, arm.server, arm.alpha if bucketed else None
+
+
+def _prepare(config: Any) -> _Federation:
+    """Loads the data and model, draws and packs the clients, builds the algorithms and places
+    the clients and the evaluation split on the devices."""
+    from tna_jax import data as data_lib
+    from tna_jax.federated import driver
+
     f = config.federated
     arms = arms_from_config(config)
     dataset, net, _ = train_kind.load_problem(config)
@@ -441,9 +385,32 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
                                      f"(data.val_fraction={config.data.val_fraction}).")
     mesh = sharding_lib.run_mesh()
     num_devices = mesh.devices.size
-
     # Every input is checked (partitions included) before anything is compiled or trained.
     per_seed = bool(f.get("partition_per_seed", False))
+    partitions, federation = _partitions(config, arms, y_train, dataset.num_classes, per_seed)
+    n_max = max(max(len(p) for p in parts) for parts in partitions.values())
+    clients, seed_clients = _pack(partitions, x_train, y_train, n_max, num_devices, per_seed)
+    keys = driver.seed_keys(int(config.seed), int(config.num_seeds), share_mask=bool(config.anchor.share_mask))
+    bucketed = int(f.size_buckets) > 1 and float(f.client_fraction) == 1.0 and not int(f.local_steps) and not per_seed
+    programs = _programs(config, net, arms, clients, n_max, mesh, bucketed)
+    _record_buckets(config, federation, clients, bucketed, num_devices)
+    placed = {alpha: driver.place_clients(packed, mesh, seed_axis=per_seed)
+              for alpha, packed in (seed_clients if per_seed else clients).items()}
+    evaluate = driver.evaluate_program(evaluation.make_eval_fn(net, int(config.train.eval_batch_size)), mesh)
+    return _Federation(
+        arms=arms, dataset=dataset, net=net, split=split, mesh=mesh, per_seed=per_seed, bucketed=bucketed,
+        federation=federation, programs=programs, algs={a.slug: programs[_program_key(a, bucketed)] for a in arms},
+        placed=placed, keys=keys, evaluate=evaluate, x_eval=driver.replicated(np.asarray(x_eval), mesh),
+        y_eval=driver.replicated(np.asarray(y_eval), mesh))
+
+
+def _partitions(config: Any, arms: list[FedArm], y_train: np.ndarray, num_classes: int,
+                per_seed: bool) -> tuple[dict[tuple[Any, Any], list[np.ndarray]], dict[str, Any]]:
+    """The clients of every α (and, with a split per seed, every seed) and the report's record
+    of them (sizes, partition seed, label histogram)."""
+    from tna_jax.federated import partition
+
+    f = config.federated
     draws = list(range(int(config.num_seeds))) if per_seed else [None]
     partitions, federation = {}, {}
     for alpha in dict.fromkeys(a.alpha for a in arms):
@@ -454,10 +421,16 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
             federation[str(alpha) if s is None else f"{alpha}/seed_{s}"] = {
                 "sizes": sizes, "max_size": max(sizes), "min_size": min(sizes),
                 "partition_seed": partition_seed_of(int(f.partition_seed), s),
-                "labels": partition.label_histogram(y_train, parts, dataset.num_classes).tolist()}
-    # Every α (and seed) is padded to the same client size and ρ is a traced value, so arms that
-    # differ only in α or ρ share one compiled program (one per algorithm and server optimizer).
-    n_max = max(max(len(p) for p in parts) for parts in partitions.values())
+                "labels": partition.label_histogram(y_train, parts, num_classes).tolist()}
+    return partitions, federation
+
+
+def _pack(partitions: dict[tuple[Any, Any], list[np.ndarray]], x_train: np.ndarray, y_train: np.ndarray,
+          n_max: int, num_devices: int, per_seed: bool) -> tuple[dict[Any, Any], dict[Any, Any]]:
+    """The clients packed per α, every α (and seed) padded to the same client size `n_max`, and,
+    with a split per seed, stacked on a leading seed axis (``(shared, per seed)``; one is empty)."""
+    from tna_jax.federated import client
+
     packs: dict[Any, Any] = {}
     for (alpha, s), parts in partitions.items():
         packed = client.pack_clients(x_train, y_train, parts, multiple=num_devices)
@@ -465,40 +438,55 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         packs[alpha, s] = client.ClientData(np.pad(packed.x, [(0, 0), (0, pad)] + [(0, 0)] * (packed.x.ndim - 2)),
                                             np.pad(packed.y, [(0, 0), (0, pad)]), packed.n)
     clients = {alpha: packs[alpha, None] for alpha, s in packs if s is None}
+    draws = list(dict.fromkeys(s for _, s in packs))
     seed_clients = {alpha: client.ClientData(*(np.stack([getattr(packs[alpha, s], k) for s in draws])
                                                for k in ("x", "y", "n")))
                     for alpha in dict.fromkeys(a for a, _ in packs)} if per_seed else {}
+    return clients, seed_clients
+
+
+def _programs(config: Any, net: Any, arms: list[FedArm], clients: dict[Any, Any], n_max: int, mesh: Any,
+              bucketed: bool) -> dict[tuple[str, str, Any], Any]:
+    """One algorithm per program key (`_program_key`), its local steps unrolled as
+    ``train.unroll`` says (0: fully for convolutional nets on CPU)."""
+    f = config.federated
     conv = run_axis_lib.uses_convolutions(net)
     unroll: Any = max(1, int(config.train.unroll)) if int(config.train.unroll) else \
         (True if conv and jax.default_backend() == "cpu" else 1)
-    keys = driver.seed_keys(int(config.seed), int(config.num_seeds), share_mask=bool(config.anchor.share_mask))
-    # Size buckets depend on the clients' sizes, so with them every α gets its own program (and
-    # with a split per seed, whose sizes differ between seeds, there are none).
-    bucketed = int(f.size_buckets) > 1 and float(f.client_fraction) == 1.0 and not int(f.local_steps) and not per_seed
-    program_of = lambda a: (a.algorithm, a.server, a.alpha if bucketed else None)  # noqa: E731
     programs: dict[tuple[str, str, Any], Any] = {}
     for a in arms:
-        if program_of(a) not in programs:
+        if _program_key(a, bucketed) not in programs:
             sizes = clients[a.alpha].n[:int(f.num_clients)] if bucketed else None
-            programs[program_of(a)] = _algorithm(config, net, a, n_max, mesh, unroll, sizes)
-    algs = {a.slug: programs[program_of(a)] for a in arms}
-    for alpha, packed in clients.items():  # recorded in the report: which clients trained together
+            programs[_program_key(a, bucketed)] = _algorithm(config, net, a, n_max, mesh, unroll, sizes)
+    return programs
+
+
+def _record_buckets(config: Any, federation: dict[str, Any], clients: dict[Any, Any], bucketed: bool,
+                    num_devices: int) -> None:
+    """Records in the report which clients of each α trained together (their size buckets)."""
+    from tna_jax.federated import client
+
+    f = config.federated
+    for alpha, packed in clients.items():
         sizes = packed.n[:int(f.num_clients)]
         federation[str(alpha)]["buckets"] = [b.tolist() for b in client.size_buckets(
             sizes, batch_size=int(f.batch_size), local_epochs=int(f.local_epochs),
             max_buckets=int(f.size_buckets) if bucketed else 1, multiple=num_devices)]
-    placed = {alpha: driver.place_clients(packed, mesh, seed_axis=per_seed)
-              for alpha, packed in (seed_clients if per_seed else clients).items()}
 
-    checkpointer = None
-    start_round = 0
-    states: dict[str, Any] | None = None
+
+def _resume_or_init(config: Any, workdir: str | None, fed: _Federation,
+                    primary: bool) -> tuple[Any, dict[str, Any], int]:
+    """``(checkpointer, every arm's server states, the round to start from)``: from the workdir's
+    last good checkpoint, or round 0 (no checkpointer without a workdir)."""
+    from tna_jax.federated import driver
+
+    checkpointer, start_round, states = None, 0, None
     if workdir:
-        scheme = anchors.MASK_SCHEME if any(a.ratio for a in arms) else None
+        scheme = anchors.MASK_SCHEME if any(a.ratio for a in fed.arms) else None
         checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
                                              mask_scheme=scheme)
-        target = {a.slug: driver.abstract_states(algs[a.slug], net, keys, mesh, float(a.ratio or 0.0)) for a in arms} \
-            if checkpointer.latest_step() is not None else None
+        target = {a.slug: driver.abstract_states(fed.algs[a.slug], fed.net, fed.keys, fed.mesh, float(a.ratio or 0.0))
+                  for a in fed.arms} if checkpointer.latest_step() is not None else None
         resumed = harness.resume(checkpointer, target, lambda meta: int(meta["round"]))
         if resumed is not None:
             states, meta = resumed
@@ -506,78 +494,82 @@ def federated_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
             if primary:
                 print(f"resuming from the checkpoint of round {start_round} in {checkpointer.directory}")
     if states is None:
-        inits = {key: driver.make_init(alg, net, mesh) for key, alg in programs.items()}
-        states = {a.slug: inits[program_of(a)](keys, float(a.ratio or 0.0)) for a in arms}
-    runs = [{"run": i * int(config.num_seeds) + s, "arm": a.label, "seed": s} for i, a in enumerate(arms)
-            for s in range(int(config.num_seeds))]
-    # Several processes: process 0 writes the metrics and the report; every process takes part
-    # in the checkpoints (orbax's multi-host protocol) and holds the same global model.
-    metrics_log = logs.MetricsLog(workdir if primary else None, runs, start_round, tensorboard=config.train.tensorboard)
-    shared_rounds = {key: driver.make_rounds(alg, mesh, per_seed_clients=per_seed) for key, alg in programs.items()}
-    round_fns = {a.slug: shared_rounds[program_of(a)] for a in arms}
-    evaluate = driver.evaluate_program(evaluation.make_eval_fn(net, int(config.train.eval_batch_size)), mesh)
-    x_eval, y_eval = driver.replicated(np.asarray(x_eval), mesh), driver.replicated(np.asarray(y_eval), mesh)
+        inits = {key: driver.make_init(alg, fed.net, fed.mesh) for key, alg in fed.programs.items()}
+        states = {a.slug: inits[_program_key(a, fed.bucketed)](fed.keys, float(a.ratio or 0.0)) for a in fed.arms}
+    return checkpointer, states, start_round
+
+
+def _train_rounds(config: Any, fed: _Federation, states: dict[str, Any], checkpointer: Any, metrics_log: Any,
+                  start_round: int, primary: bool) -> dict[str, Any]:
+    """Advances every arm one round at a time (in lockstep) to ``federated.rounds``: metrics on the
+    evaluation cadence, checkpoints, stop signals agreed between processes. Returns the states."""
+    from tna_jax.federated import driver
+
+    f = config.federated
+    shared_rounds = {key: driver.make_rounds(alg, fed.mesh, per_seed_clients=fed.per_seed)
+                     for key, alg in fed.programs.items()}
+    round_fns = {a.slug: shared_rounds[_program_key(a, fed.bucketed)] for a in fed.arms}
     rounds = int(f.rounds)
 
     def save(done: int) -> None:
-        checkpointer.save(done, states, meta={"round": done, "arms": [a.label for a in arms]})
+        checkpointer.save(done, states, meta={"round": done, "arms": [a.label for a in fed.arms]})
 
-    t_train = time.time()
     # A signal to one process (a preemption notice) stops them all at the same round boundary.
     agree = (lambda stopping: bool(multihost_utils.process_allgather(np.int32(stopping)).any())) \
         if jax.process_count() > 1 else None
     with harness.Loop(rounds, start=start_round, unit="round", checkpointer=checkpointer,
                       checkpoint_every=f.checkpoint_every, metrics=metrics_log,
                       progress=bool(config.train.progress) and primary,
-                      desc=f"{len(arms)} arms x {config.num_seeds} seeds", agree=agree) as loop:
+                      desc=f"{len(fed.arms)} arms x {config.num_seeds} seeds", agree=agree) as loop:
         for r in loop.iterations():
             round_metrics = {}
-            rk = driver.replicated(driver.round_keys(keys, r), mesh)
-            for a in arms:
-                states[a.slug], m = round_fns[a.slug](states[a.slug], placed[a.alpha], rk)
+            rk = driver.replicated(driver.round_keys(fed.keys, r), fed.mesh)
+            for a in fed.arms:
+                states[a.slug], m = round_fns[a.slug](states[a.slug], fed.placed[a.alpha], rk)
                 round_metrics[a.slug] = m
             done = r + 1
             postfix = None
             if done % f.eval_every == 0 or done == rounds:
-                rows = _round_rows(loop, arms, states, round_metrics, done, config, evaluate, x_eval, y_eval, split)
+                rows = _round_rows(loop, fed.arms, states, round_metrics, done, config, fed.evaluate, fed.x_eval,
+                                   fed.y_eval, fed.split)
                 loop.log(rows)
                 means: dict[str, list[float]] = {}
                 for row in rows:
-                    means.setdefault(row["arm"], []).append(row[f"{split}_accuracy"])
+                    means.setdefault(row["arm"], []).append(row[f"{fed.split}_accuracy"])
                 postfix = {k[:14]: f"{np.mean(v):.3f}" for k, v in list(means.items())[:4]}
             loop.point(f"round_end:{done}")
             loop.end_iteration(done, lambda d=done: save(d), postfix=postfix)
-    train_seconds = time.time() - t_train
+    return states
 
+
+def _report(config: Any, fed: _Federation, states: dict[str, Any], rows: list[dict[str, Any]], train_seconds: float,
+            start_round: int, t0: float) -> dict[str, Any]:
+    """The report: the final accuracy of every arm's global models, the curves, the summaries
+    and the federation's record (with its Markdown)."""
+    from tna_jax.federated import driver
+
+    f = config.federated
     final = {}
-    for a in arms:
-        ev = driver.to_host(evaluate(states[a.slug].params, states[a.slug].model_state, x_eval, y_eval))
+    for a in fed.arms:
+        ev = driver.to_host(fed.evaluate(states[a.slug].params, states[a.slug].model_state, fed.x_eval, fed.y_eval))
         final[a.slug] = np.asarray(ev["accuracy"], np.float64)
-    by_arm = _rows_by_arm(metrics_log.rows, split)
-    curves = {}
-    for a in arms:
-        seeds = by_arm.get(a.label, {})
-        if seeds:
-            rounds_seen = [rd for rd, _ in seeds[0]]
-            curves[a.label] = {"rounds": rounds_seen, "accuracy": [[acc for _, acc in seeds[s]] for s in sorted(seeds)]}
+    curves = federated_report.curves(fed.arms, rows, fed.split)
+    dataset, net = fed.dataset, fed.net
     report: dict[str, Any] = {
-        "name": config.name, "kind": "federated", "eval_split": split,
+        "name": config.name, "kind": "federated", "eval_split": fed.split,
         "data": {"name": dataset.name, "sizes": dataset.sizes(), "num_classes": dataset.num_classes},
         "model": {"name": net.name, "params": net.param_count(), "batch_norm": net.has_batch_stats},
         "devices": {"backend": jax.default_backend(), "count": jax.device_count(), "processes": jax.process_count()},
         "federation": {"num_clients": int(f.num_clients), "partition": f.partition, "alpha": float(f.alpha),
-                       "partition_draw": "per_seed" if per_seed else "shared", "partition_seed": int(f.partition_seed),
-                       "client_fraction": float(f.client_fraction), "cohort": list(next(iter(algs.values())).cohort),
-                       "local_epochs": int(f.local_epochs), "local_steps": int(f.local_steps),
-                       "batch_size": int(f.batch_size), "rounds": rounds, "bn": f.bn, "clients": federation},
-        "arms": _summaries(arms, final, curves),
+                       "partition_draw": "per_seed" if fed.per_seed else "shared",
+                       "partition_seed": int(f.partition_seed), "client_fraction": float(f.client_fraction),
+                       "cohort": list(next(iter(fed.algs.values())).cohort), "local_epochs": int(f.local_epochs),
+                       "local_steps": int(f.local_steps), "batch_size": int(f.batch_size), "rounds": int(f.rounds),
+                       "bn": f.bn, "clients": fed.federation},
+        "arms": federated_report.summaries(fed.arms, final, curves),
         "curves": curves,
         "training": {"seconds": train_seconds, "resumed_from": start_round, "seeds": int(config.num_seeds)},
         "seconds_total": time.time() - t0,
     }
-    report["markdown"] = _markdown(report)
-    if primary:
-        print(report["markdown"])
-    if workdir and primary:
-        report_lib.write_report(workdir, config, report, plots=lambda: _plots(config, workdir, report, arms))
+    report["markdown"] = federated_report.markdown(report)
     return report

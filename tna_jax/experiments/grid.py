@@ -94,7 +94,7 @@ def variant_configs(config: Any) -> list[tuple[str, dict[str, Any], ml_collectio
       >>> variant_configs(c)
       Traceback (most recent call last):
       ...
-      tna_jax.config.ConfigError: config.grid.variants.depth_1.colour is not a known field; allowed: ('axis', 'x', 'label', 'set').
+      tna_jax.config.schema.ConfigError: config.grid.variants.depth_1.colour is not a known field; allowed: ('axis', 'x', 'label', 'set').
     """
     grid = config.get("grid") if hasattr(config, "get") else None
     if grid is None or "variants" not in grid:
@@ -275,7 +275,7 @@ def grid_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
       >>> grid_experiment(c, None)
       Traceback (most recent call last):
       ...
-      tna_jax.config.ConfigError: config.grid.variants must hold at least one variant for kind='grid'; got none.
+      tna_jax.config.schema.ConfigError: config.grid.variants must hold at least one variant for kind='grid'; got none.
     """
     import time
 

@@ -63,7 +63,7 @@ def layerwise_options(config: Any) -> tuple[tuple[str, ...], list[str] | None]:
       >>> layerwise_options(c)
       Traceback (most recent call last):
       ...
-      tna_jax.config.ConfigError: config.layerwise.modes must be a non-empty tuple of ('single', 'from_input', 'from_output'); got ('backwards',).
+      tna_jax.config.schema.ConfigError: config.layerwise.modes must be a non-empty tuple of ('single', 'from_input', 'from_output'); got ('backwards',).
     """
     section = config.get("layerwise") if hasattr(config, "get") else None
     section = section if section is not None else {}
@@ -203,7 +203,7 @@ def layerwise_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
       >>> layerwise_experiment(c, None)
       Traceback (most recent call last):
       ...
-      tna_jax.config.ConfigError: config.num_seeds must be >= 2 for kind='layerwise' (pairs of seeds); got 1.
+      tna_jax.config.schema.ConfigError: config.num_seeds must be >= 2 for kind='layerwise' (pairs of seeds); got 1.
     """
     from tna_jax import lmc
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -248,7 +248,7 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
       True
     """
     from tna_jax import data as data_lib
-    from tna_jax import fusion, models, training
+    from tna_jax import models
 
     opts = soup_options(config)
     t0 = time.time()
@@ -263,42 +263,96 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
     pre_params, pre_info = pretrain(config, pre_net, pre_data, workdir, int(opts["pretrain_epochs"]))
     t_pre = time.time() - t0
 
-    # Runs: arm-major, then repeat, then candidate.
+    cands = _candidates(config, opts)
+    dev = data_lib.to_device(ft_data, normalize=config.data.normalize)
+    epochs = int(opts["finetune_epochs"])
+    state, total, t_ft = _finetune(config, net, pre_params, cands, dev, epochs)
+    per = _soup_rows(config, net, cands, state, dev)
+    summary = _summary(per)
+    report: dict[str, Any] = {
+        "name": config.name, "kind": "soup", "options": {kk: list(v) if isinstance(v, tuple) else v for kk, v in opts.items()},
+        "model": {"name": net.name, "params": net.param_count()},
+        "pretrain": {"name": pre_data.name, "sizes": pre_data.sizes(), **pre_info,
+                     "checkpoint": os.path.join(workdir, "pretrained") if workdir else None},
+        "finetune": {"name": ft_data.name, "sizes": ft_data.sizes(), "epochs": epochs, "steps": total},
+        "candidates": cands.k, "repeats": cands.repeats, "arms": dict(cands.arms),
+        "hyperparameters": [{"learning_rate": cands.lrs[i], "weight_decay": cands.wds[i]} for i in range(cands.k)],
+        "per_repeat": per, "summary": summary,
+        "seconds": {"pretrain": t_pre, "finetune": t_ft, "total": time.time() - t0},
+    }
+    report["markdown"] = _markdown(report)
+    print(report["markdown"])
+    if workdir:
+        report_lib.write_report(workdir, config, report, plots=lambda: [_plot(config, workdir, summary)])
+    return report
+
+
+class _Candidates(NamedTuple):
+    """The fine-tuned models: one run per (arm, repeat, candidate), arm-major, then repeat."""
+
+    arms: list[tuple[str, float]]  # (label, anchor ratio)
+    repeats: int
+    k: int  # candidates per soup
+    lrs: list[float]  # each candidate's learning rate and weight decay
+    wds: list[float]
+    runs: list[tuple[int, int, int]]  # (arm, repeat, candidate) of each run
+
+
+def _candidates(config: Any, opts: dict[str, Any]) -> _Candidates:
+    """The runs: every arm x repeat x candidate, candidate i with the i-th hyperparameters (cycled)."""
     arms, repeats, k = _arms(config), int(config.num_seeds), int(opts["candidates"])
     lrs_c = [opts["learning_rates"][i % len(opts["learning_rates"])] for i in range(k)]
     wds_c = [opts["weight_decays"][i % len(opts["weight_decays"])] for i in range(k)]
     runs = [(a, s, i) for a in range(len(arms)) for s in range(repeats) for i in range(k)]
-    n = len(runs)
+    return _Candidates(arms, repeats, k, lrs_c, wds_c, runs)
+
+
+def _finetune(config: Any, net: Any, pre_params: Any, cands: _Candidates, dev: Any,
+              epochs: int) -> tuple[Any, int, float]:
+    """Fine-tunes every candidate from the pretrained body and one new head, all runs in one
+    vmapped program; returns ``(state, total steps, seconds of training)``."""
+    from tna_jax import training
+    from tna_jax.data.batching import steps_per_epoch
+
+    n = len(cands.runs)
     root = jax.random.key(int(config.seed))
     head = net.init(jax.random.fold_in(root, 1))["params"]["head"]  # one new head for every candidate
     body = {kk: v for kk, v in pre_params.items() if kk != "head"}
     params0 = {**body, "head": head}
     stacked = jax.tree.map(lambda p: jnp.broadcast_to(p, (n, *np.shape(p))), params0)
-
-    dev = data_lib.to_device(ft_data, normalize=config.data.normalize)
-    num_train, bs = int(dev.x_train.shape[0]), int(config.train.batch_size)
-    from tna_jax.data.batching import steps_per_epoch
-
-    spe = steps_per_epoch(num_train, bs)
-    epochs = int(opts["finetune_epochs"])
+    spe = steps_per_epoch(int(dev.x_train.shape[0]), int(config.train.batch_size))
     mask_opts = optimizers.anchor_options(config, net)
     anchor_key = jax.random.fold_in(root, 2)
-    lr = jnp.asarray([lrs_c[i] for _, _, i in runs], jnp.float32)
-    wd = jnp.asarray([wds_c[i] for _, _, i in runs], jnp.float32)
-    ratio = jnp.asarray([arms[a][1] for a, _, _ in runs], jnp.float32)
+    lr = jnp.asarray([cands.lrs[i] for _, _, i in cands.runs], jnp.float32)
+    wd = jnp.asarray([cands.wds[i] for _, _, i in cands.runs], jnp.float32)
+    ratio = jnp.asarray([cands.arms[a][1] for a, _, _ in cands.runs], jnp.float32)
     total = spe * epochs
     opt_state = jax.jit(jax.vmap(lambda p, lr, wd, r: _finetune_tx(lr, wd, r, anchor_key, total, mask_opts).init(p)))(
         stacked, lr, wd, ratio)
     state = training.TrainState(stacked, {}, opt_state, jnp.zeros(n, jnp.int32))
     # Same candidate seed in every arm: paired runs (same batch order and dropout).
-    seed_of = [s * k + i for _, s, i in runs]
+    seed_of = [s * cands.k + i for _, s, i in cands.runs]
     data_keys = jnp.stack([jax.random.key_data(jax.random.fold_in(jax.random.fold_in(root, 3), q)) for q in seed_of])
     drop_keys = jnp.stack([jax.random.key_data(jax.random.fold_in(jax.random.fold_in(root, 4), q)) for q in seed_of])
     update_tx = _finetune_tx(1.0, 0.0, 0.0, anchor_key, total, mask_opts)  # update reads lr, wd, mask from the state
+    t1 = time.time()
+    state = _finetune_epochs(config, net, update_tx, state, (data_keys, drop_keys), dev, epochs, cands)
+    return state, total, time.time() - t1
+
+
+def _finetune_epochs(config: Any, net: Any, update_tx: optax.GradientTransformation, state: Any,
+                     keys: tuple[jax.Array, jax.Array], dev: Any, epochs: int, cands: _Candidates) -> Any:
+    """The fine-tuning epochs, each in chunks of jitted steps; raises TrainingDiverged naming the
+    first candidate whose loss became NaN/inf."""
+    from tna_jax import training
+    from tna_jax.data.batching import steps_per_epoch
+
+    data_keys, drop_keys = keys
+    num_train, bs = int(dev.x_train.shape[0]), int(config.train.batch_size)
+    spe = steps_per_epoch(num_train, bs)
     run_axis = run_axis_lib.resolve_run_axis(config, net)
     chunk, unroll = run_axis_lib.loop_plan(net, spe, int(config.train.steps_per_call), int(config.train.unroll),
-                                       runs_per_device=n if run_axis == "loop" else 1)
-    t1 = time.time()
+                                           runs_per_device=len(cands.runs) if run_axis == "loop" else 1)
     fns: dict[int, Any] = {}
     for epoch in range(epochs):
         done = 0
@@ -313,21 +367,28 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
         loss = np.asarray(metrics.loss_sum) / np.asarray(metrics.steps)
         if not np.isfinite(loss).all():
             bad = int(np.argmax(~np.isfinite(loss)))
-            raise training.TrainingDiverged(f"fine-tuning diverged: candidate {runs[bad][2]} (lr {lrs_c[runs[bad][2]]}) "
-                                            f"of arm {arms[runs[bad][0]][0]} had loss {loss[bad]} in epoch {epoch + 1}.")
-    t_ft = time.time() - t1
+            arm, _, candidate = cands.runs[bad]
+            raise training.TrainingDiverged(f"fine-tuning diverged: candidate {candidate} (lr {cands.lrs[candidate]}) "
+                                            f"of arm {cands.arms[arm][0]} had loss {loss[bad]} in epoch {epoch + 1}.")
+    return state
+
+
+def _soup_rows(config: Any, net: Any, cands: _Candidates, state: Any, dev: Any) -> dict[str, list[dict[str, Any]]]:
+    """Per arm and repeat: every candidate's validation and test accuracy, the best single model
+    (chosen on validation) and the uniform and greedy soups of the K candidates."""
+    from tna_jax import fusion
+
     val = evaluation.evaluate_runs(net, state, (dev.x_val, dev.y_val), batch_size=int(config.train.eval_batch_size))
     test = evaluation.evaluate_runs(net, state, (dev.x_test, dev.y_test), batch_size=int(config.train.eval_batch_size))
-
     eval_fn = evaluation.make_eval_fn(net, int(config.train.eval_batch_size))
     test_eval = jax.jit(eval_fn)
     held_out, test_data = (dev.x_val, dev.y_val), (dev.x_test, dev.y_test)
-    per: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in arms}
-    for a, (label, _) in enumerate(arms):
-        for s in range(repeats):
-            idx = np.asarray([q for q, (aa, ss, _) in enumerate(runs) if aa == a and ss == s])
-            cands = jax.tree.map(lambda p, idx=idx: p[idx], state.params)
-            variables = {"params": cands}
+    per: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in cands.arms}
+    for a, (label, _) in enumerate(cands.arms):
+        for s in range(cands.repeats):
+            idx = np.asarray([q for q, (aa, ss, _) in enumerate(cands.runs) if aa == a and ss == s])
+            cands_params = jax.tree.map(lambda p, idx=idx: p[idx], state.params)
+            variables = {"params": cands_params}
             greedy = fusion.greedy_soup(eval_fn, variables, held_out)
             uniform = fusion.uniform_soup(eval_fn, variables, held_out)
             best = int(np.argmax(val.accuracy[idx]))
@@ -339,27 +400,17 @@ def soup_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
                 "greedy_soup": float(test_eval(greedy.params, *test_data)["accuracy"]),
                 "greedy_soup_val": greedy.held_out_accuracy, "greedy_ingredients": greedy.ingredients,
                 "greedy_trials": greedy.trials})
+    return per
+
+
+def _summary(per: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per arm: mean and sample std over the repeats of every method and of the greedy soup's size."""
     summary = {}
     for label, rows in per.items():
         summary[label] = {m: dict(zip(("mean", "std"), report_lib.mean_std([r[m] for r in rows]))) for m in METHODS}
         summary[label]["greedy_ingredients"] = dict(zip(("mean", "std"), report_lib.mean_std(
             [len(r["greedy_ingredients"]) for r in rows])))
-    report: dict[str, Any] = {
-        "name": config.name, "kind": "soup", "options": {kk: list(v) if isinstance(v, tuple) else v for kk, v in opts.items()},
-        "model": {"name": net.name, "params": net.param_count()},
-        "pretrain": {"name": pre_data.name, "sizes": pre_data.sizes(), **pre_info,
-                     "checkpoint": os.path.join(workdir, "pretrained") if workdir else None},
-        "finetune": {"name": ft_data.name, "sizes": ft_data.sizes(), "epochs": epochs, "steps": total},
-        "candidates": k, "repeats": repeats, "arms": dict(arms),
-        "hyperparameters": [{"learning_rate": lrs_c[i], "weight_decay": wds_c[i]} for i in range(k)],
-        "per_repeat": per, "summary": summary,
-        "seconds": {"pretrain": t_pre, "finetune": t_ft, "total": time.time() - t0},
-    }
-    report["markdown"] = _markdown(report)
-    print(report["markdown"])
-    if workdir:
-        report_lib.write_report(workdir, config, report, plots=lambda: [_plot(config, workdir, summary)])
-    return report
+    return summary
 
 
 def _plot(config: Any, workdir: str, summary: dict[str, Any]) -> str:

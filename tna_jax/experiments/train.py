@@ -310,7 +310,7 @@ def load_problem(config: Any) -> tuple[Any, Any, Any]:
       >>> load_problem(c)
       Traceback (most recent call last):
       ...
-      tna_jax.config.ConfigError: config.data.augment='crop_flip' needs images; synthetic has features.
+      tna_jax.config.schema.ConfigError: config.data.augment='crop_flip' needs images; synthetic has features.
     """
     from tna_jax import data as data_lib
     from tna_jax import models
@@ -359,7 +359,7 @@ def train_and_analyse(config: Any, workdir: str | None, *, lmc: bool | None = No
       >>> train_and_analyse(c, None)
       Traceback (most recent call last):
       ...
-      tna_jax.config.ConfigError: config.data.augment='crop_flip' needs images; synthetic has features.
+      tna_jax.config.schema.ConfigError: config.data.augment='crop_flip' needs images; synthetic has features.
     """
     from tna_jax import data as data_lib
     from tna_jax import training
@@ -539,7 +539,7 @@ def train_experiment(config: Any, workdir: str | None) -> dict[str, Any]:
       >>> train_experiment(c, None)
       Traceback (most recent call last):
       ...
-      tna_jax.config.ConfigError: config.data.augment='crop_flip' needs images; synthetic has features.
+      tna_jax.config.schema.ConfigError: config.data.augment='crop_flip' needs images; synthetic has features.
     """
     trained = train_and_analyse(config, workdir)
     report = trained.report

@@ -4,6 +4,7 @@ and server optimizers (FedAvgM, FedAdam, FedYogi), with the client axis sharded 
 * :mod:`tna_jax.federated.partition` — IID, Dirichlet(α) label skew and pathological shards;
 * :mod:`tna_jax.federated.client` — padded client data and one client's local training;
 * :mod:`tna_jax.federated.algorithms` — ``init`` / ``apply`` pairs in the style of fedjax;
+* :mod:`tna_jax.federated.server` — the server state, server optimizers, aggregation and FedBN;
 * :mod:`tna_jax.federated.driver` — rounds for several seeds at once, sharding, processes, checkpoints.
 """
 

@@ -37,6 +37,9 @@ BatchNorm (``bn=``): ``"average"`` averages the running statistics like the para
 ``"local"`` is FedBN (Li et al., 2021): every client keeps its own BatchNorm parameters and
 statistics across rounds (``ServerState.client_bn``), only the rest is averaged; the global
 model's BatchNorm entries (used only to evaluate it) are the size-weighted mean over all clients.
+
+The server's side (the state, the optimizer, aggregation and FedBN) is
+:mod:`tna_jax.federated.server`; its names are exported here too.
 """
 
 from __future__ import annotations
@@ -52,55 +55,27 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tna_jax import anchors, deprecation
-from tna_jax import tree as tree_lib
 from tna_jax.federated import client as client_lib
 from tna_jax.federated.client import ClientData, LocalResult, make_local_update
+from tna_jax.federated.server import (
+    SERVER_OPTIMIZERS,
+    ServerState,
+    aggregate,
+    anchors_fraction,
+    bn_modules,
+    merge_bn,
+    server_optimizer,
+    split_bn,
+)
 
 PyTree = Any
 
 __all__ = ["METHODS", "SERVER_OPTIMIZERS", "BN_MODES", "ServerState", "FederatedAlgorithm", "server_optimizer",
-           "federated_algorithm", "fed_avg", "fed_prox", "fed_pfn", "fed_pnu", "cohort_size", "bn_modules"]
+           "federated_algorithm", "fed_avg", "fed_prox", "fed_pfn", "fed_pnu", "cohort_size", "bn_modules",
+           "anchors_fraction"]
 
 METHODS = ("fedavg", "fedprox", "fedpfn", "fedpnu")
-SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
 BN_MODES = ("average", "local")
-
-
-class ServerState(NamedTuple):
-    """The server's state between rounds.
-
-    Attributes:
-      params: the global model's parameters :math:`\\theta^r`.
-      model_state: its non-parameter collections (``{"batch_stats": ...}`` or ``{}``).
-      opt_state: the server optimizer's state (``()`` without one).
-      round: rounds done, r (int32).
-      mask: FedPFN's fixed anchor mask (True = anchored), or ``()`` for the other methods.
-      client_bn: FedBN's per-client BatchNorm ``{"params": ..., "batch_stats": ...}`` with a
-        leading client axis, or ``()``.
-      anchor_key: raw uint32 data of the anchor key (FedPFN / FedPNU), or ``()``.
-      mask_ratio: ρ of FedPFN / FedPNU (float32; a traced value, so arms that differ only in ρ
-        share one compiled program), or ``()``.
-
-    Examples:
-      >>> import jax, optax
-      >>> from tna_jax import models
-      >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (4,), 2)
-      >>> params = jax.eval_shape(net.init, jax.random.key(0))["params"]
-      >>> alg = fed_avg(net, optax.sgd(0.1), num_clients=2, max_examples=4, batch_size=2,
-      ...               server_tx=server_optimizer("fedavgm"))
-      >>> state = jax.eval_shape(alg.init, params)  # shapes only
-      >>> state.round.shape, state.mask, state.params["dense_0"]["kernel"].shape
-      ((), (), (4, 8))
-    """
-
-    params: PyTree
-    model_state: PyTree
-    opt_state: PyTree
-    round: jax.Array
-    mask: PyTree
-    client_bn: PyTree
-    anchor_key: Any
-    mask_ratio: Any
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -135,45 +110,6 @@ class FederatedAlgorithm(NamedTuple):
     cohort: tuple[int, int]
 
 
-def server_optimizer(name: str, learning_rate: float | None = None, *, momentum: float = 0.9, b1: float = 0.9,
-                     b2: float = 0.99, eps: float = 1e-3) -> optax.GradientTransformation | None:
-    """The server optimizer on the pseudo-gradient: None for ``"none"`` (plain averaging), or
-
-    * ``"fedavgm"``: ``optax.sgd(lr, momentum)`` (default lr 1.0; Hsu et al., 2019);
-    * ``"fedadam"``: ``optax.adam(lr, b1, b2, eps)`` (default lr 0.01, ε = τ = 1e-3 as in Reddi et al.);
-    * ``"fedyogi"``: ``optax.yogi(lr, b1, b2, eps)`` (default lr 0.01).
-
-    Args:
-      name: one of :data:`SERVER_OPTIMIZERS`.
-      learning_rate: the server learning rate (None: the default above).
-      momentum: FedAvgM's momentum in [0, 1).
-      b1, b2, eps: FedAdam's / FedYogi's moment decays and ε (τ).
-
-    Returns:
-      An optax transform for ``federated_algorithm(server_tx=...)``, or None for ``"none"``.
-
-    Raises:
-      ValueError: an unknown name (listing :data:`SERVER_OPTIMIZERS`) or a learning rate <= 0.
-
-    Examples:
-      >>> server_optimizer("none") is None, type(server_optimizer("fedadam")).__name__
-      (True, 'GradientTransformationExtraArgs')
-    """
-    if name not in SERVER_OPTIMIZERS:
-        raise ValueError(f"server optimizer must be one of {SERVER_OPTIMIZERS}; got {name!r}.")
-    if name == "none":
-        return None
-    lr = (1.0 if name == "fedavgm" else 0.01) if learning_rate is None else float(learning_rate)
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"server learning_rate must be a finite number > 0; got {learning_rate!r}.")
-    if name == "fedavgm":
-        if not 0 <= momentum < 1:
-            raise ValueError(f"server momentum must be in [0, 1); got {momentum!r}.")
-        return optax.sgd(lr, momentum=momentum or None)
-    if name == "fedadam":
-        return optax.adam(lr, b1=b1, b2=b2, eps=eps)
-    return optax.yogi(lr, b1=b1, b2=b2, eps=eps)
-
 
 def cohort_size(num_clients: int, fraction: float, num_devices: int = 1) -> tuple[int, int]:
     """``(m, m')``: clients per round :math:`m = \\max(1, \\lceil qK \\rceil)` and m padded up to a
@@ -201,51 +137,6 @@ def cohort_size(num_clients: int, fraction: float, num_devices: int = 1) -> tupl
     m = max(1, math.ceil(fraction * num_clients - 1e-9))
     return m, -(-m // num_devices) * num_devices
 
-
-def bn_modules(model_state: PyTree) -> set[str]:
-    """Module paths that hold BatchNorm statistics (``batch_stats``), e.g. ``{"conv1_norm"}``.
-
-    Args:
-      model_state: a model's non-parameter collections (``{}`` for nets without BatchNorm).
-
-    Returns:
-      The set of module paths (``"stage0_block0/conv1_norm"``), empty without BatchNorm.
-
-    Examples:
-      >>> bn_modules({"batch_stats": {"conv1_norm": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}})
-      {'conv1_norm'}
-    """
-    stats = model_state.get("batch_stats", {}) if isinstance(model_state, Mapping) else {}
-    return {name.rsplit("/", 1)[0] for name in tree_lib.leaf_names(stats)}
-
-
-def _split_bn(params: PyTree, modules: set[str]) -> PyTree:
-    """The BatchNorm part of a params dict (the modules in `modules`), as a nested dict."""
-
-    def walk(node: Any, prefix: str) -> Any:
-        out = {}
-        for k, v in node.items():
-            path = f"{prefix}/{k}" if prefix else str(k)
-            if path in modules:
-                out[k] = v
-            elif isinstance(v, Mapping):
-                sub = walk(v, path)
-                if sub:
-                    out[k] = sub
-        return out
-
-    return walk(params, "")
-
-
-def _merge_bn(params: PyTree, bn_params: PyTree) -> PyTree:
-    out = dict(params)
-    for k, v in bn_params.items():
-        out[k] = _merge_bn(params[k], v) if isinstance(v, Mapping) and not _is_module_leafdict(v) else v
-    return out
-
-
-def _is_module_leafdict(node: Mapping[str, Any]) -> bool:
-    return all(not isinstance(v, Mapping) for v in node.values())
 
 
 def _legacy_algorithm_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -324,171 +215,189 @@ def federated_algorithm(net: Any, client_optimizer: optax.GradientTransformation
         raise ValueError(f"ratio must be in [0, 1]; got {ratio!r}.")
     if method == "fedprox" and not prox_mu > 0:
         raise ValueError(f"fedprox needs prox_mu > 0; got {prox_mu!r}.")
-    masked = method in ("fedpfn", "fedpnu")
     default_key = anchors.as_key(anchor_key, "anchor_key") if anchor_key is not None else None
-    default_ratio = float(ratio)
-    mask_options = dict(mask_options or {})
     num_devices = mesh.devices.size if mesh is not None else 1
     m, m_pad = cohort_size(num_clients, client_fraction, num_devices)
+    mu = float(prox_mu) if method == "fedprox" else 0.0
     local_update = make_local_update(net, client_optimizer, batch_size=batch_size, max_examples=max_examples,
-                                     local_epochs=local_epochs, local_steps=local_steps,
-                                     prox_mu=float(prox_mu) if method == "fedprox" else 0.0, unroll=unroll)
+                                     local_epochs=local_epochs, local_steps=local_steps, prox_mu=mu, unroll=unroll)
     buckets = _bucket_plan(client_sizes, size_buckets, num_clients=num_clients, max_examples=max_examples,
                            batch_size=batch_size, local_epochs=local_epochs, multiple=num_devices,
                            full_cohort=m == num_clients and not local_steps)
     bucket_updates = [make_local_update(net, client_optimizer, batch_size=batch_size, max_examples=rows,
-                                        local_epochs=local_epochs, prox_mu=float(prox_mu) if method == "fedprox" else 0.0,
-                                        unroll=unroll, order_examples=max_examples) for _, rows in buckets]
-    bucket_sizes = np.asarray(client_sizes, np.int64) if buckets else None
-    local_bn = bn == "local"
-    clients_spec = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])) if mesh is not None else None
-
-    def on_clients(tree: PyTree) -> PyTree:
-        if clients_spec is None:
-            return tree
-        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, clients_spec), tree)
-
-    def draw_mask(params: PyTree, key_data: jax.Array, round_index: Any, ratio: Any) -> PyTree:
-        key = jax.random.wrap_key_data(key_data)
-        return anchors.anchor_mask(params, ratio, jax.random.fold_in(key, round_index), **mask_options)
+                                        local_epochs=local_epochs, prox_mu=mu, unroll=unroll,
+                                        order_examples=max_examples) for _, rows in buckets]
+    plan = _Round(
+        method=method, num_clients=num_clients, cohort=m, padded=m_pad, local_update=local_update,
+        buckets=buckets, bucket_updates=bucket_updates,
+        bucket_sizes=np.asarray(client_sizes, np.int64) if buckets else None, local_bn=bn == "local",
+        server_tx=server_tx, mask_options=dict(mask_options or {}),
+        clients_spec=NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])) if mesh is not None else None,
+        default_key=default_key,
+        default_ratio=float(ratio))
 
     def init(params: PyTree, model_state: PyTree | None = None, anchor_key: jax.Array | None = None,
              mask_ratio: Any = None) -> ServerState:
-        model_state = dict(model_state or {})
-        opt_state = server_tx.init(params) if server_tx is not None else ()
-        key_data: Any = ()
-        if masked:
-            if anchor_key is None and default_key is None:
-                raise ValueError(f"method {method!r} needs anchor_key (the PRNG key of the shared mask).")
-            if anchor_key is None:
-                key_data = jax.random.key_data(default_key)
-            elif jnp.issubdtype(anchor_key.dtype, jnp.uint32):
-                key_data = jnp.asarray(anchor_key)
-            else:
-                key_data = jax.random.key_data(anchor_key)
-        ratio: Any = ()
-        if masked:
-            ratio = jnp.asarray(default_ratio if mask_ratio is None else mask_ratio, jnp.float32)
-        mask = anchors.anchor_mask(params, ratio, jax.random.wrap_key_data(key_data), **mask_options) \
-            if method == "fedpfn" else ()
-        client_bn: PyTree = ()
-        if local_bn:
-            modules = bn_modules(model_state)
-            if not modules:
-                raise ValueError("bn='local' (FedBN) needs a model with BatchNorm statistics; this one has none.")
-            local = {"params": _split_bn(params, modules), "batch_stats": model_state["batch_stats"]}
-            client_bn = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients, *np.shape(a))), local)
-        return ServerState(params, model_state, opt_state, jnp.zeros((), jnp.int32), mask, client_bn, key_data, ratio)
-
-    def sample(key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        if m == num_clients:
-            idx = jnp.arange(m, dtype=jnp.int32)
-        else:
-            idx = jnp.sort(jax.random.choice(jax.random.fold_in(key, 0), num_clients, (m,), replace=False))
-            idx = idx.astype(jnp.int32)
-        valid = jnp.arange(m_pad) < m
-        return jnp.concatenate([idx, jnp.full((m_pad - m,), num_clients, jnp.int32)]), valid
+        return _init_server(plan, params, model_state, anchor_key, mask_ratio)
 
     def apply(state: ServerState, clients: ClientData, key: jax.Array) -> tuple[ServerState, dict[str, jax.Array]]:
-        key = anchors.as_key(key, "key") if not isinstance(key, jax.core.Tracer) else key
-        if jnp.issubdtype(key.dtype, jnp.uint32):
-            key = jax.random.wrap_key_data(key)
-        idx, valid = sample(key)
-        train_key = jax.random.fold_in(key, 1)
-        if method == "fedpfn":
-            mask = state.mask
-        elif method == "fedpnu":
-            mask = draw_mask(state.params, state.anchor_key, state.round, state.mask_ratio)
-        else:
-            mask = None
-
-        def train(update: Callable[..., LocalResult], rows: jax.Array, row_valid: jax.Array,
-                  length: int | None) -> tuple[LocalResult, jax.Array]:
-            """Trains the clients `rows` (num_clients marks a padding row) on their first `length` rows."""
-            safe = jnp.minimum(rows, num_clients - 1)
-            if length is None and m_pad == m == clients.num_rows:  # every client, in order: no gather
-                x, y, n = clients.x, clients.y, clients.n
-            else:
-                cx, cy = (clients.x, clients.y) if length is None else (clients.x[:, :length], clients.y[:, :length])
-                x, y = jnp.take(cx, safe, axis=0), jnp.take(cy, safe, axis=0)
-                n = jnp.where(row_valid, jnp.take(clients.n, safe), 0)
-            keys = jax.vmap(lambda c: jax.random.fold_in(train_key, c))(safe)
-            x, y, n, keys = on_clients((x, y, n, keys))
-            if local_bn:
-                local = jax.tree.map(lambda a: jnp.take(a, safe, axis=0), state.client_bn)
-                start = jax.vmap(lambda b: _merge_bn(state.params, b))(local["params"])
-                start_state = {**state.model_state, "batch_stats": local["batch_stats"]}
-                start, start_state = on_clients((start, start_state))
-                axes = (0, 0, None, None, 0, 0, 0, 0)
-            else:
-                start, start_state = state.params, state.model_state
-                axes = (None, None, None, None, 0, 0, 0, 0)
-            return jax.vmap(update, in_axes=axes)(start, start_state, state.params, mask, x, y, n, keys), n
-
-        if not buckets:
-            out, n = train(local_update, idx, valid, None)
-            return aggregate(state, out, idx, n, mask, clients.n[:num_clients])
-        if not isinstance(clients.n, jax.core.Tracer) and not np.array_equal(np.asarray(clients.n)[:num_clients],
-                                                                               bucket_sizes):
-            raise ValueError("size_buckets: clients.n differs from the client_sizes the algorithm was built with; "
-                             "build it with the sizes of the data it trains on.")
-        # Size buckets: each trains on its own, then the rows go back to the one-cohort layout
-        # (client c in row c, padding rows after), so the average sums in the same order.
-        outs, positions, offset = [], np.zeros(m_pad, np.int64), 0
-        for (members, rows), update in zip(buckets, bucket_updates):
-            out, _ = train(update, jnp.asarray(members, jnp.int32), jnp.asarray(members < num_clients), rows)
-            outs.append(out)
-            real = members < num_clients
-            positions[members[real]] = offset + np.flatnonzero(real)
-            offset += len(members)
-        out = jax.tree.map(lambda *a: jnp.take(jnp.concatenate(a), jnp.asarray(positions), axis=0), *outs)
-        out = out._replace(loss=jnp.where(valid, out.loss, 0.0), accuracy=jnp.where(valid, out.accuracy, 0.0),
-                           steps=jnp.where(valid, out.steps, 0))
-        n = jnp.where(valid, jnp.take(clients.n, jnp.minimum(idx, num_clients - 1)), 0)
-        return aggregate(state, on_clients(out), idx, n, mask, clients.n[:num_clients])
-
-    def aggregate(state: ServerState, out: LocalResult, idx: jax.Array, n: jax.Array, mask: PyTree | None,
-                  all_sizes: jax.Array) -> tuple[ServerState, dict[str, jax.Array]]:
-        weights = n.astype(jnp.float32)
-        mean = tree_lib.weighted_mean(out.params, weights)
-        old = state.params
-        if mask is not None:
-            mean = jax.tree.map(lambda msk, o, a: jnp.where(msk, o, a), mask, old, mean)
-        if server_tx is None:
-            new_params, opt_state = mean, state.opt_state
-        else:
-            delta = jax.tree.map(lambda o, a: o - a, old, mean)
-            updates, opt_state = server_tx.update(delta, state.opt_state, old)
-            new_params = optax.apply_updates(old, updates)
-        if mask is not None:
-            new_params = jax.tree.map(lambda msk, o, a: jnp.where(msk, o, a), mask, old, new_params)
-        model_state = state.model_state
-        client_bn = state.client_bn
-        if model_state and not local_bn:
-            model_state = {**model_state, **tree_lib.weighted_mean(out.model_state, weights)}
-        if local_bn:
-            modules = bn_modules(state.model_state)
-            local = {"params": _split_bn(out.params, modules), "batch_stats": out.model_state["batch_stats"]}
-            client_bn = jax.tree.map(lambda all_, new: all_.at[idx].set(new, mode="drop"), client_bn, local)
-            # The global model's BatchNorm (used only to evaluate it): the size-weighted mean over all clients.
-            avg = tree_lib.weighted_mean(client_bn, all_sizes.astype(jnp.float32))
-            new_params = _merge_bn(new_params, avg["params"])
-            model_state = {**model_state, "batch_stats": avg["batch_stats"]}
-        total = jnp.maximum(jnp.sum(weights), 1.0)
-        metrics = {
-            "train_loss": jnp.sum(out.loss * weights) / total,
-            "train_accuracy": jnp.sum(out.accuracy * weights) / total,
-            "client_loss": out.loss,
-            "clients": idx,
-            "steps": out.steps,
-            "update_norm": optax.tree.norm(jax.tree.map(lambda a, b: a - b, new_params, old)),
-        }
-        if mask is not None:
-            metrics["masked_fraction"] = anchors_fraction(mask)
-        return ServerState(new_params, model_state, opt_state, state.round + 1, state.mask, client_bn,
-                           state.anchor_key, state.mask_ratio), metrics
+        return _round(plan, state, clients, key)
 
     return FederatedAlgorithm(init, apply, local_update, (m, m_pad))
+
+
+class _Round(NamedTuple):
+    """What a round of a `federated_algorithm` reads besides the state, the clients and the key:
+    fixed when the algorithm is built."""
+
+    method: str
+    num_clients: int  # K, the real clients
+    cohort: int  # m, the clients of a round
+    padded: int  # m', m padded to the devices
+    local_update: Callable[..., LocalResult]
+    buckets: list[tuple[np.ndarray, int]]  # size buckets: (client rows, rows kept); [] for one cohort
+    bucket_updates: list[Callable[..., LocalResult]]
+    bucket_sizes: np.ndarray | None  # the client sizes the buckets were planned for
+    local_bn: bool  # FedBN
+    server_tx: optax.GradientTransformation | None
+    mask_options: dict[str, Any]
+    clients_spec: NamedSharding | None  # the client axis's sharding, or None
+    default_key: jax.Array | None
+    default_ratio: float
+
+    @property
+    def masked(self) -> bool:
+        return self.method in ("fedpfn", "fedpnu")
+
+
+def _on_clients(plan: _Round, tree: PyTree) -> PyTree:
+    """`tree` with its client axis constrained to the clients' sharding."""
+    if plan.clients_spec is None:
+        return tree
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, plan.clients_spec), tree)
+
+
+def _init_server(plan: _Round, params: PyTree, model_state: PyTree | None, anchor_key: jax.Array | None,
+                 mask_ratio: Any) -> ServerState:
+    """The round-0 server state: the server optimizer's state, FedPFN's mask, the anchor key and
+    ρ (FedPFN / FedPNU; the arguments override the algorithm's), FedBN's per-client statistics."""
+    model_state = dict(model_state or {})
+    opt_state = plan.server_tx.init(params) if plan.server_tx is not None else ()
+    key_data: Any = ()
+    if plan.masked:
+        if anchor_key is None and plan.default_key is None:
+            raise ValueError(f"method {plan.method!r} needs anchor_key (the PRNG key of the shared mask).")
+        if anchor_key is None:
+            key_data = jax.random.key_data(plan.default_key)
+        elif jnp.issubdtype(anchor_key.dtype, jnp.uint32):
+            key_data = jnp.asarray(anchor_key)
+        else:
+            key_data = jax.random.key_data(anchor_key)
+    ratio: Any = ()
+    if plan.masked:
+        ratio = jnp.asarray(plan.default_ratio if mask_ratio is None else mask_ratio, jnp.float32)
+    mask = anchors.anchor_mask(params, ratio, jax.random.wrap_key_data(key_data), **plan.mask_options) \
+        if plan.method == "fedpfn" else ()
+    client_bn: PyTree = ()
+    if plan.local_bn:
+        modules = bn_modules(model_state)
+        if not modules:
+            raise ValueError("bn='local' (FedBN) needs a model with BatchNorm statistics; this one has none.")
+        local = {"params": split_bn(params, modules), "batch_stats": model_state["batch_stats"]}
+        client_bn = jax.tree.map(lambda a: jnp.broadcast_to(a, (plan.num_clients, *np.shape(a))), local)
+    return ServerState(params, model_state, opt_state, jnp.zeros((), jnp.int32), mask, client_bn, key_data, ratio)
+
+
+def _sample(plan: _Round, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The round's client ids, padded to m' with K (a padding row), and which rows are real."""
+    m, m_pad, num_clients = plan.cohort, plan.padded, plan.num_clients
+    if m == num_clients:
+        idx = jnp.arange(m, dtype=jnp.int32)
+    else:
+        idx = jnp.sort(jax.random.choice(jax.random.fold_in(key, 0), num_clients, (m,), replace=False))
+        idx = idx.astype(jnp.int32)
+    valid = jnp.arange(m_pad) < m
+    return jnp.concatenate([idx, jnp.full((m_pad - m,), num_clients, jnp.int32)]), valid
+
+
+def _round_mask(plan: _Round, state: ServerState) -> PyTree | None:
+    """The round's anchor mask: FedPFN's fixed one, FedPNU's ``fold_in(anchor_key, round)``, or None."""
+    if plan.method == "fedpfn":
+        return state.mask
+    if plan.method == "fedpnu":
+        key = jax.random.wrap_key_data(state.anchor_key)
+        return anchors.anchor_mask(state.params, state.mask_ratio, jax.random.fold_in(key, state.round),
+                                   **plan.mask_options)
+    return None
+
+
+def _round(plan: _Round, state: ServerState, clients: ClientData,
+           key: jax.Array) -> tuple[ServerState, dict[str, jax.Array]]:
+    """One round: sample the cohort, train it (in one padded cohort or in size buckets),
+    aggregate on the server."""
+    key = anchors.as_key(key, "key") if not isinstance(key, jax.core.Tracer) else key
+    if jnp.issubdtype(key.dtype, jnp.uint32):
+        key = jax.random.wrap_key_data(key)
+    idx, valid = _sample(plan, key)
+    train_key = jax.random.fold_in(key, 1)
+    mask = _round_mask(plan, state)
+    if not plan.buckets:
+        out, n = _train_cohort(plan, state, clients, plan.local_update, idx, valid, None, mask, train_key)
+    else:
+        out, n = _train_buckets(plan, state, clients, idx, valid, mask, train_key)
+    return aggregate(state, out, idx, n, mask, clients.n[:plan.num_clients], server_tx=plan.server_tx,
+                     local_bn=plan.local_bn)
+
+
+def _train_cohort(plan: _Round, state: ServerState, clients: ClientData, update: Callable[..., LocalResult],
+                  rows: jax.Array, row_valid: jax.Array, length: int | None, mask: PyTree | None,
+                  train_key: jax.Array) -> tuple[LocalResult, jax.Array]:
+    """Trains the clients `rows` (K marks a padding row) on their first `length` rows, all in one
+    vmap from the global model (FedBN: from each client's own BatchNorm entries)."""
+    num_clients = plan.num_clients
+    safe = jnp.minimum(rows, num_clients - 1)
+    if length is None and plan.padded == plan.cohort == clients.num_rows:  # every client, in order: no gather
+        x, y, n = clients.x, clients.y, clients.n
+    else:
+        cx, cy = (clients.x, clients.y) if length is None else (clients.x[:, :length], clients.y[:, :length])
+        x, y = jnp.take(cx, safe, axis=0), jnp.take(cy, safe, axis=0)
+        n = jnp.where(row_valid, jnp.take(clients.n, safe), 0)
+    keys = jax.vmap(lambda c: jax.random.fold_in(train_key, c))(safe)
+    x, y, n, keys = _on_clients(plan, (x, y, n, keys))
+    if plan.local_bn:
+        local = jax.tree.map(lambda a: jnp.take(a, safe, axis=0), state.client_bn)
+        start = jax.vmap(lambda b: merge_bn(state.params, b))(local["params"])
+        start_state = {**state.model_state, "batch_stats": local["batch_stats"]}
+        start, start_state = _on_clients(plan, (start, start_state))
+        axes = (0, 0, None, None, 0, 0, 0, 0)
+    else:
+        start, start_state = state.params, state.model_state
+        axes = (None, None, None, None, 0, 0, 0, 0)
+    return jax.vmap(update, in_axes=axes)(start, start_state, state.params, mask, x, y, n, keys), n
+
+
+def _train_buckets(plan: _Round, state: ServerState, clients: ClientData, idx: jax.Array, valid: jax.Array,
+                   mask: PyTree | None, train_key: jax.Array) -> tuple[LocalResult, jax.Array]:
+    """Trains every client in its size bucket (each its own vmap), then puts the rows back in the
+    one-cohort layout (client c in row c, padding rows after), so the average sums in the same order."""
+    num_clients = plan.num_clients
+    if not isinstance(clients.n, jax.core.Tracer) and not np.array_equal(np.asarray(clients.n)[:num_clients],
+                                                                           plan.bucket_sizes):
+        raise ValueError("size_buckets: clients.n differs from the client_sizes the algorithm was built with; "
+                         "build it with the sizes of the data it trains on.")
+    outs, positions, offset = [], np.zeros(plan.padded, np.int64), 0
+    for (members, rows), update in zip(plan.buckets, plan.bucket_updates):
+        out, _ = _train_cohort(plan, state, clients, update, jnp.asarray(members, jnp.int32),
+                               jnp.asarray(members < num_clients), rows, mask, train_key)
+        outs.append(out)
+        real = members < num_clients
+        positions[members[real]] = offset + np.flatnonzero(real)
+        offset += len(members)
+    out = jax.tree.map(lambda *a: jnp.take(jnp.concatenate(a), jnp.asarray(positions), axis=0), *outs)
+    out = out._replace(loss=jnp.where(valid, out.loss, 0.0), accuracy=jnp.where(valid, out.accuracy, 0.0),
+                       steps=jnp.where(valid, out.steps, 0))
+    n = jnp.where(valid, jnp.take(clients.n, jnp.minimum(idx, num_clients - 1)), 0)
+    return _on_clients(plan, out), n
 
 
 def _bucket_plan(client_sizes: Sequence[int] | None, size_buckets: int, *, num_clients: int, max_examples: int,
@@ -518,16 +427,6 @@ def _bucket_plan(client_sizes: Sequence[int] | None, size_buckets: int, *, num_c
     return plan
 
 
-def anchors_fraction(mask: PyTree) -> jax.Array:
-    """Fraction of entries that `mask` anchors (jittable).
-
-    Examples:
-      >>> float(anchors_fraction({"a": jnp.array([True, False]), "b": jnp.array([True, True])}))
-      0.75
-    """
-    leaves = jax.tree.leaves(mask)
-    total = sum(int(np.size(m)) for m in leaves)
-    return sum(jnp.sum(m) for m in leaves) / max(total, 1)
 
 
 def fed_avg(net: Any, client_optimizer: optax.GradientTransformation, **kwargs: Any) -> FederatedAlgorithm:

@@ -46,8 +46,8 @@ import numpy as np
 import optax
 
 from tna_jax import anchors
+from tna_jax.evaluation import cross_entropy
 from tna_jax.steps import gradient_step
-from tna_jax.training import cross_entropy
 
 PyTree = Any
 

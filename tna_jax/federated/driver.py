@@ -106,7 +106,7 @@ def client_rows_of_process(num_rows: int, mesh: Mesh, process: int | None = None
       The sorted row indices (int64) that `process` must supply to :func:`place_clients`.
 
     Examples:
-      >>> from tna_jax.training import run_mesh
+      >>> from tna_jax.sharding import run_mesh
       >>> client_rows_of_process(4, run_mesh()).tolist()
       [0, 1, 2, 3]
     """
@@ -140,7 +140,7 @@ def place_clients(clients: ClientData, mesh: Mesh, *, seed_axis: bool = False) -
       ValueError: rows not a multiple of the devices.
 
     Examples:
-      >>> from tna_jax.training import run_mesh
+      >>> from tna_jax.sharding import run_mesh
       >>> d = ClientData(np.zeros((2, 3, 1)), np.zeros((2, 3), np.int32), np.array([3, 1]))
       >>> place_clients(d, run_mesh()).n.tolist()
       [3, 1]
@@ -169,7 +169,7 @@ def replicated(tree: PyTree, mesh: Mesh) -> PyTree:
       The tree as fully replicated ``jax.Array`` leaves.
 
     Examples:
-      >>> from tna_jax.training import run_mesh
+      >>> from tna_jax.sharding import run_mesh
       >>> replicated({"w": np.ones(3)}, run_mesh())["w"].sharding.is_fully_replicated
       True
     """
@@ -209,7 +209,7 @@ def make_init(alg: FederatedAlgorithm, net: Any, mesh: Mesh):
       >>> from tna_jax import models
       >>> from tna_jax.report import count_compiles
       >>> from tna_jax.federated.algorithms import fed_pfn
-      >>> from tna_jax.training import run_mesh
+      >>> from tna_jax.sharding import run_mesh
       >>> net = models.build({"name": "mlp", "depth": 0}, (3,), 2)
       >>> alg = fed_pfn(net, optax.sgd(0.1), 0.4, jax.random.key(0), num_clients=2, max_examples=4, batch_size=2)
       >>> init = make_init(alg, net, run_mesh())
@@ -248,7 +248,7 @@ def init_states(alg: FederatedAlgorithm, net: Any, keys: SeedKeys, mesh: Mesh, m
       >>> import optax
       >>> from tna_jax import models
       >>> from tna_jax.federated.algorithms import fed_avg
-      >>> from tna_jax.training import run_mesh
+      >>> from tna_jax.sharding import run_mesh
       >>> net = models.build({"name": "mlp", "depth": 0}, (3,), 2)
       >>> alg = fed_avg(net, optax.sgd(0.1), num_clients=2, max_examples=4, batch_size=2)
       >>> states = init_states(alg, net, seed_keys(0, 2), run_mesh())
@@ -274,7 +274,7 @@ def abstract_states(alg: FederatedAlgorithm, net: Any, keys: SeedKeys, mesh: Mes
       >>> import optax
       >>> from tna_jax import models
       >>> from tna_jax.federated.algorithms import fed_avg
-      >>> from tna_jax.training import run_mesh
+      >>> from tna_jax.sharding import run_mesh
       >>> net = models.build({"name": "mlp", "depth": 1, "width": 8}, (3,), 2)
       >>> alg = fed_avg(net, optax.sgd(0.1), num_clients=2, max_examples=4, batch_size=2)
       >>> target = abstract_states(alg, net, seed_keys(0, 4), run_mesh())
@@ -306,7 +306,7 @@ def make_rounds(alg: FederatedAlgorithm, mesh: Mesh, *, donate: bool = True, per
       >>> from tna_jax import models
       >>> from tna_jax.federated.algorithms import fed_avg
       >>> from tna_jax.federated.client import pack_clients
-      >>> from tna_jax.training import run_mesh
+      >>> from tna_jax.sharding import run_mesh
       >>> net = models.build({"name": "mlp", "depth": 0}, (3,), 2)
       >>> alg = fed_avg(net, optax.sgd(0.1), num_clients=2, max_examples=4, batch_size=2)
       >>> keys, mesh = seed_keys(0, 3), run_mesh()
