@@ -17,7 +17,7 @@ Tasks:
 * ``cifar10`` (only when ``<tfds data dir>/cifar10`` exists; the data dir is ``$TFDS_DATA_DIR``
   or ``~/tensorflow_datasets``): ResNet-20 (width 1, BatchNorm, crop + flip) for 50 epochs,
   hours on a CPU, minutes on an accelerator. Nothing is downloaded at run time; prepare it on a
-  machine with network (``pip install "tna_jax[tfds]" && tfds build cifar10``), copy the
+  machine with network (``pip install -e ".[tfds]" && tfds build cifar10``), copy the
   directory over, then ``--config.align.run=cifar10``.
 
 The two default tasks take about 10 minutes of CPU time together (2 cores; more wall time when

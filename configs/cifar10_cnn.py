@@ -1,7 +1,7 @@
 """CIFAR-10 with the federated-CIFAR CNN, 4 seeds, TNA-PFN ρ = 0.4 and plain training (the paper's Figure 5 setting).
 
 Needs CIFAR-10 prepared for tensorflow-datasets (nothing is downloaded at run time): on a machine
-with network, `pip install "tna_jax[tfds]" && tfds build cifar10 --data_dir ~/tensorflow_datasets`,
+with network, `pip install -e ".[tfds]" && tfds build cifar10 --data_dir ~/tensorflow_datasets`,
 then copy that directory to this machine and pass it:
 
     python train.py --config configs/cifar10_cnn.py --workdir runs/cifar10_cnn \\

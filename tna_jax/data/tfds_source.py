@@ -46,7 +46,7 @@ def _import_tfds() -> Any:
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:
-        raise ImportError("data.source='tfds:...' needs tensorflow-datasets: pip install \"tna_jax[tfds]\" "
+        raise ImportError("data.source='tfds:...' needs tensorflow-datasets: pip install -e \".[tfds]\" "
                           f"(import failed: {err}).") from None
     return tfds
 
@@ -76,7 +76,7 @@ def prepare_hint(name: str, data_dir: str) -> str:
       (True, True)
     """
     base = name.split(":")[0]
-    return (f"On a machine with network: pip install \"tna_jax[tfds]\" && tfds build {base} --data_dir "
+    return (f"On a machine with network: pip install -e \".[tfds]\" && tfds build {base} --data_dir "
             f"~/tensorflow_datasets (add --file_format=array_record to read it without TensorFlow); then copy "
             f"~/tensorflow_datasets here and pass --config.data.data_dir=/path/to/tensorflow_datasets "
             f"(now {data_dir!r}). tna_jax never downloads data at run time.")
@@ -135,7 +135,7 @@ def _read_data_source(builder: Any, split: str, name: str, keys: tuple[str, str]
         if isinstance(err, NotImplementedError):
             raise ValueError(f"tfds dataset {name!r} in {builder.data_dir} is stored as "
                              f"{builder.info.file_format}, which the TensorFlow-free reader cannot open: install "
-                             "TensorFlow (pip install \"tna_jax[tfds]\") or rebuild it with `tfds build "
+                             "TensorFlow (pip install -e \".[tfds]\") or rebuild it with `tfds build "
                              f"{name.split(':')[0]} --file_format=array_record`. ({err})") from None
         raise
     n = len(source)
@@ -229,7 +229,7 @@ def load(cfg: Any, *, reader: str = "auto") -> tuple[np.ndarray, np.ndarray, np.
     test_split = _get(cfg, "test_split", "test") or "test"
     tfds = _import_tfds()
     if reader == "tf_data" and not _has_tensorflow():
-        raise ImportError("the tf_data reader needs TensorFlow: pip install \"tna_jax[tfds]\".")
+        raise ImportError("the tf_data reader needs TensorFlow: pip install -e \".[tfds]\".")
     builder = _builder(tfds, name, data_dir)
     if reader == "auto":
         fmt = getattr(getattr(builder.info, "file_format", None), "value", None)

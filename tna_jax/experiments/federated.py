@@ -165,14 +165,14 @@ def require_data(config: Any) -> None:
         return
     name = source.split(":", 1)[1].split("/")[0]
     data_dir = os.path.expanduser(config.data.data_dir or "~/tensorflow_datasets")
-    how = (f"prepare it on a machine with network access (pip install 'tna_jax[tfds]' && tfds build {name} "
+    how = (f"prepare it on a machine with network access (pip install -e '.[tfds]' && tfds build {name} "
            f"--data_dir {data_dir}), copy the directory here and pass --config.data.data_dir=DIR; nothing is "
            "downloaded at run time")
     if not os.path.isdir(os.path.join(data_dir, name)):
         raise FileNotFoundError(f"config.data.source={source!r}: no prepared {name!r} data in {data_dir}; {how}.")
     if importlib.util.find_spec("tensorflow_datasets") is None:
         raise config_lib.ConfigError(f"config.data.source={source!r} needs tensorflow-datasets: "
-                                     "pip install 'tna_jax[tfds]'.")
+                                     "pip install -e '.[tfds]'.")
     if importlib.util.find_spec("tna_jax.data.tfds_source") is None:
         raise config_lib.ConfigError(f"config.data.source={source!r}: this tna_jax has no tfds loader "
                                      "(tna_jax/data/tfds_source.py).")
