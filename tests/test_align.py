@@ -682,6 +682,24 @@ def test_host_cost_backend_takes_the_same_steps_as_the_device(name):
     assert auto.objective == host.objective
 
 
+def test_device_rebuilds_reuse_the_programs_of_the_first_build():
+    """Tracked matrices rebuilt from the weights (every other update with refresh=1) run the jitted
+    program their first build compiled: nothing is compiled per seed once each is built."""
+    from tna_jax.align import costs as costs_lib
+
+    net = models.build({"name": "mlp", "depth": 3, "width": 24}, (30,), 5)
+    spec = align.permutation_spec(net)
+    a, b = perturbed(net, 4), perturbed(net, 5)
+    costs_lib.build_fn.cache_clear()
+    align.weight_matching(spec, a, b, jax.random.key(1), max_iter=1, cost_backend="device", incremental=True)
+    programs = costs_lib.build_fn.cache_info().misses  # the first sweep built every matrix once
+    assert programs == 2 * len(spec)  # "var" and "const" of each permutation
+    res = align.weight_matching(spec, a, b, jax.random.key(1), cost_backend="device", incremental=True, refresh=1)
+    assert res.converged and res.solves > 2 * len(spec)  # past the first builds: rebuilds and updates ran
+    assert costs_lib.build_fn.cache_info().misses == programs
+    assert_local_optimum(spec, res.perm, a, b)
+
+
 def test_host_cost_backend_refuses_nested_permutations():
     net = make_net("local_encoder")
     spec = align.permutation_spec(net)
