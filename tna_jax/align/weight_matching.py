@@ -35,6 +35,11 @@ optimum as before):
   after ``refresh`` updates, so rounding cannot accumulate.
 * **A faster exact LAP solver** when available (`tna_jax.align.lap`: lapx's Jonker-Volgenant in
   float64, SciPy otherwise).
+* **Small problems on the host.** When one sweep's cost matrices take under 1e8 FLOPs
+  (ResNet-20 x1, narrow MLPs) they are built in NumPy (``cost_backend="auto"``): there a jitted
+  call costs more to dispatch than to compute. Same terms, same steps.
+* **Compiled once.** Each permutation's matrix parts are separate jitted programs, so a run
+  compiles nothing new after its first sweep, whatever the visiting order.
 
 Nested permutations (attention's head dimension, reordered per head) are solved jointly with
 their parent, exactly: for every pair of heads $(h, h')$ the best assignment of their dimensions
