@@ -48,6 +48,7 @@ is a small LAP; the heads are then assigned with those optimal values as costs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -180,6 +181,23 @@ def _host_objective(spec: PermutationSpec, perm: Permutation, a: dict[str, np.nd
                 y = np.take(y, perm[p], axis=ax)
         total += float(np.vdot(a[path].reshape(-1), y.reshape(-1)))
     return total
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller() -> Any:
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager:
+    """The host path's matmuls are tiny: one BLAS thread each. With several, every call waits on a
+    thread hand-off, which on a busy machine made the host path 10x slower (threadpoolctl, from the
+    ``fast`` extra; a no-op without it)."""
+    controller = _blas_controller()
+    return controller.limit(limits=1, user_api="blas") if controller is not None else contextlib.nullcontext()
 
 
 class _Matcher:
@@ -431,14 +449,15 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
     running, converged, it = objective[0], False, 0
     m.pool = ThreadPoolExecutor(int(threads)) if threads > 1 else None
     try:
-        for it in range(1, int(max_iter) + 1):
-            before = dict(m.version)
-            for batch in _batches(order, names, plans, classes, key, it):
-                running += m.run_batch(batch, together=order == "classes")
-            objective.append(running)
-            if m.version == before:  # nothing accepted: every permutation is optimal given the others
-                converged = True
-                break
+        with _one_blas_thread() if on_host else contextlib.nullcontext():
+            for it in range(1, int(max_iter) + 1):
+                before = dict(m.version)
+                for batch in _batches(order, names, plans, classes, key, it):
+                    running += m.run_batch(batch, together=order == "classes")
+                objective.append(running)
+                if m.version == before:  # nothing accepted: every permutation is optimal given the others
+                    converged = True
+                    break
     finally:
         if m.pool is not None:
             m.pool.shutdown()
