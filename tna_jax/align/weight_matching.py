@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -163,9 +164,11 @@ def _var_flops(spec: PermutationSpec, plan: costs_lib.GroupPlan) -> float:
 
 def _sweep_flops(spec: PermutationSpec, plans: dict[str, costs_lib.GroupPlan], paths: list[str]) -> float:
     """FLOPs of building every cost matrix once (``2 n |w|`` per array and axis carrying the permutation)."""
-    leaves = spec.leaves
-    return float(sum(2 * p.size * int(np.prod(leaves[path].shape)) * len(leaves[path].axes_of(g))
-                     for g, p in plans.items() for path in paths))
+    leaves, total = spec.leaves, 0
+    for path in paths:
+        lay = leaves[path]
+        total += 2 * math.prod(lay.shape) * sum(plans[g].size for g in lay.perms if g in plans)
+    return float(total)
 
 
 def _host_objective(spec: PermutationSpec, perm: Permutation, a: dict[str, np.ndarray], b: dict[str, np.ndarray]
