@@ -25,6 +25,7 @@ per sweep`` how far below that floor tna_jax goes (> 1: faster than the old algo
     python benchmarks/align.py                 # all cases, 3 seeds (about 20 min on 2 idle cores)
     python benchmarks/align.py --quick         # MLP w=512 and ResNet-20 x1, 3 seeds (CI guard)
     python benchmarks/align.py --cases "MLP w=2048" --seeds 5
+    python benchmarks/align.py --shared-order  # the reference visits in our order: same path, speed alone
 """
 
 from __future__ import annotations
@@ -86,6 +87,22 @@ def reference_weight_matching(perm_to_axes, axes_to_perm, params_a, params_b, rn
     return perm, iteration, lap_s
 
 
+class SharedOrder:
+    """A stand-in for the reference's ``rng`` that draws weight_matching's visiting order (the
+    same key, sweep by sweep): both then take the same path, so the ratios compare speed alone,
+    free of how many sweeps each drawn order happens to need."""
+
+    def __init__(self, spec, names, key, max_iter):  # drawn here, outside the reference's timing
+        ours = [g for g, _ in spec.groups()]
+        self.orders = [np.array([names.index(ours[int(i)]) for i in jax.random.permutation(jax.random.fold_in(key, it), len(ours))])
+                       for it in range(1, max_iter + 1)]
+        self.sweep = 0
+
+    def permutation(self, n):
+        self.sweep += 1
+        return self.orders[self.sweep - 1]
+
+
 def matmul_peak_gflops(n: int = 2048) -> float:
     """The best of NumPy's and jitted JAX's float32 matmul rate on ``n x n`` matrices."""
     x = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
@@ -110,7 +127,7 @@ def sweep_flops(spec) -> float:
                      for p, axes in spec.perm_to_axes.items() for path, _ in axes if path.startswith("params/")))
 
 
-def run_case(name, cfg, shape, seeds, max_iter, peak):
+def run_case(name, cfg, shape, seeds, max_iter, peak, shared_order=False):
     net = models.build(cfg, shape, 10)
     spec = align.permutation_spec(net)
     init = jax.jit(net.init)
@@ -134,8 +151,9 @@ def run_case(name, cfg, shape, seeds, max_iter, peak):
             out["ours"] = (time.perf_counter() - t0, res.iterations, res.objective[-1], res.converged, res.solves)
 
         def ref(a=a, b=b, s=s, out=out, host_a=host_a, host_b=host_b):
+            rng = SharedOrder(spec, list(p2a), jax.random.key(s), max_iter) if shared_order else np.random.default_rng(s)
             t0 = time.perf_counter()
-            perm, sweeps, lap_s = reference_weight_matching(p2a, a2p, host_a, host_b, np.random.default_rng(s), max_iter)
+            perm, sweeps, lap_s = reference_weight_matching(p2a, a2p, host_a, host_b, rng, max_iter)
             dt = time.perf_counter() - t0
             perm = {k: np.asarray(v, np.int32) for k, v in perm.items()}
             out["ref"] = (dt, sweeps, align.matching_objective(spec, perm, a, b), lap_s)
@@ -183,6 +201,8 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--cases", nargs="*", default=None, help="case names (default: all, or the quick ones)")
     parser.add_argument("--out", default=None, help="results directory (default: benchmarks/results)")
+    parser.add_argument("--shared-order", action="store_true",
+                        help="the reference visits the permutations in weight_matching's order (same path: speed alone)")
     args = parser.parse_args()
     wanted = args.cases or [c[0] for c in CASES if not args.quick or c[0] in QUICK]
     load = os.getloadavg()[0]
@@ -191,7 +211,7 @@ def main():
     rows, large = [], set()
     for name, cfg, shape, max_iter, is_large in CASES:
         if name in wanted:
-            rows.append(run_case(name, cfg, shape, list(range(args.seeds)), max_iter, peak))
+            rows.append(run_case(name, cfg, shape, list(range(args.seeds)), max_iter, peak, args.shared_order))
             if is_large:
                 large.add(name)
     cols = ["model", "perms", "sweeps_ref", "sweeps_ours", "solves_ref", "solves_ours", "ref_s", "ours_s",
@@ -208,7 +228,7 @@ def main():
               "large_per_sweep_min": lowest(big, "per_sweep_ratio"),
               "large_to_convergence_min": lowest(big, "to_convergence_ratio"),
               "objective_min": lowest(rows, "objective_ratio")}
-    write_json("align", {"rows": rows, "table": table, "quick": args.quick, "ratios": ratios,
+    write_json("align", {"rows": rows, "table": table, "quick": args.quick, "shared_order": args.shared_order, "ratios": ratios,
                          "matmul_peak_gflops": peak, "load_start": load, "load_end": os.getloadavg()[0],
                          "note": "random-init pairs, identical for both; medians over seeds; floor = one sweep's "
                                  "cost-matrix FLOPs at the measured matmul peak + the reference's SciPy LAP time "

@@ -634,12 +634,14 @@ def assert_local_optimum(spec, perm, a, b, rtol=1e-6):
 
 
 @settings(max_examples=3, deadline=None)
-@given(seed=st.integers(0, 2**16), width=st.sampled_from([12, 24, 40]), order=st.sampled_from(align.ORDERS))
-def test_fast_weight_matching_ends_at_an_exact_local_optimum(seed, width, order):
+@given(seed=st.integers(0, 2**16), width=st.sampled_from([12, 24, 40]), order=st.sampled_from(align.ORDERS),
+       backend=st.sampled_from(("host", "device")))
+def test_fast_weight_matching_ends_at_an_exact_local_optimum(seed, width, order, backend):
     net = models.build({"name": "mlp", "depth": 3, "width": width}, (20,), 5)
     spec = align.permutation_spec(net)
     a, b = perturbed(net, seed), perturbed(net, seed + 1)
-    res = align.weight_matching(spec, a, b, jax.random.key(seed), order=order, incremental=True, refresh=3)
+    res = align.weight_matching(spec, a, b, jax.random.key(seed), order=order, incremental=True, refresh=3,
+                                cost_backend=backend)
     assert res.converged and res.solves <= res.iterations * len(spec)
     assert_local_optimum(spec, res.perm, a, b)
     # the paper's order without incremental costs is the plain sequential algorithm, step for step
@@ -655,11 +657,55 @@ def test_fast_weight_matching_on_a_resnet_skips_solves_and_is_a_local_optimum():
     net = make_net("resnet20")
     spec = align.permutation_spec(net)
     a, b = perturbed(net, 0), perturbed(net, 1)
-    res = align.weight_matching(spec, a, b, jax.random.key(0), incremental=True)
+    res = align.weight_matching(spec, a, b, jax.random.key(0), incremental=True, cost_backend="device")
     assert res.converged and res.solves < res.iterations * len(spec)  # clean permutations were skipped
     assert_local_optimum(spec, res.perm, a, b)
     classes = align.weight_matching(spec, a, b, jax.random.key(0), order="classes", incremental=True)
     assert_local_optimum(spec, classes.perm, a, b)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mlp"])
+def test_host_cost_backend_takes_the_same_steps_as_the_device(name):
+    net = make_net("resnet20") if name == "resnet20" else models.build({"name": "mlp", "depth": 3, "width": 24}, (30,), 5)
+    spec = align.permutation_spec(net)
+    a, b = perturbed(net, 7), perturbed(net, 8)
+    host = align.weight_matching(spec, a, b, jax.random.key(3), cost_backend="host")
+    device = align.weight_matching(spec, a, b, jax.random.key(3), cost_backend="device", incremental=False)
+    assert host.converged and (host.iterations, host.solves) == (device.iterations, device.solves)
+    assert all(np.array_equal(host.perm[k], device.perm[k]) for k in spec.names)
+    np.testing.assert_allclose(host.objective, device.objective, rtol=1e-5)
+    assert host.objective[-1] > host.objective[0]
+    assert_local_optimum(spec, host.perm, a, b)
+    # small problems take the host path by default: the same result again
+    auto = align.weight_matching(spec, a, b, jax.random.key(3))
+    assert all(np.array_equal(auto.perm[k], host.perm[k]) for k in spec.names)
+    assert auto.objective == host.objective
+
+
+def test_device_rebuilds_reuse_the_programs_of_the_first_build():
+    """Tracked matrices rebuilt from the weights (every other update with refresh=1) run the jitted
+    program their first build compiled: nothing is compiled per seed once each is built."""
+    from tna_jax.align import costs as costs_lib
+
+    net = models.build({"name": "mlp", "depth": 3, "width": 24}, (30,), 5)
+    spec = align.permutation_spec(net)
+    a, b = perturbed(net, 4), perturbed(net, 5)
+    costs_lib.build_fn.cache_clear()
+    align.weight_matching(spec, a, b, jax.random.key(1), max_iter=1, cost_backend="device", incremental=True)
+    programs = costs_lib.build_fn.cache_info().misses  # the first sweep built every matrix once
+    assert programs == 2 * len(spec)  # "var" and "const" of each permutation
+    res = align.weight_matching(spec, a, b, jax.random.key(1), cost_backend="device", incremental=True, refresh=1)
+    assert res.converged and res.solves > 2 * len(spec)  # past the first builds: rebuilds and updates ran
+    assert costs_lib.build_fn.cache_info().misses == programs
+    assert_local_optimum(spec, res.perm, a, b)
+
+
+def test_host_cost_backend_refuses_nested_permutations():
+    net = make_net("local_encoder")
+    spec = align.permutation_spec(net)
+    v = perturbed(net, 0)
+    with pytest.raises(ValueError, match="cost_backend='host' supports plain permutations only"):
+        align.weight_matching(spec, v, v, jax.random.key(0), cost_backend="host")
 
 
 @settings(max_examples=6, deadline=None)
@@ -766,6 +812,8 @@ def test_matching_errors_name_the_argument():
         align.weight_matching(spec, v, v, jax.random.key(0), incremental="yes")
     with pytest.raises(ValueError, match="refresh must be an integer >= 1; got 0"):
         align.weight_matching(spec, v, v, jax.random.key(0), refresh=0)
+    with pytest.raises(ValueError, match=r"cost_backend must be one of \('auto', 'host', 'device'\); got 'gpu'"):
+        align.weight_matching(spec, v, v, jax.random.key(0), cost_backend="gpu")
     with pytest.raises(ValueError, match="at least 2 models; got 1"):
         align.merge_many(spec, [v], jax.random.key(0))
     with pytest.raises(ValueError, match="steps must be a positive integer; got 0"):

@@ -21,7 +21,8 @@ Each term is one of three kinds:
 
 Full builds are jitted JAX functions (on the device, several permutations in one call); the
 rank-$m$ updates run on the host in NumPy (their sizes change from one update to the next, which
-would recompile a jitted function every time).
+would recompile a jitted function every time). Small problems build every matrix on the host
+(`host_costs`): there one call's dispatch costs more than its arithmetic.
 """
 
 from __future__ import annotations
@@ -205,6 +206,27 @@ def build_fn(spec: PermutationSpec, plans: tuple[GroupPlan, ...], parts: tuple[s
         return tuple(group_costs(spec, plan, part, a, b, perm) for plan, part in zip(plans, parts))
 
     return jax.jit(fn)
+
+
+def host_costs(spec: PermutationSpec, plan: GroupPlan, part: str, a: Mapping[str, np.ndarray],
+               b: Mapping[str, np.ndarray], perm: Mapping[str, np.ndarray]) -> Any:
+    """`group_costs` in NumPy for a plan without nested children (float32 products, the terms
+    added in the same order, so the matrices agree up to rounding)."""
+    leaves, n = spec.leaves, plan.size
+    if part == "all":
+        terms = [Term(path, ax) for path in sorted(a) for ax in leaves[path].axes_of(plan.name)]
+    else:
+        terms = plan.constant if part == "const" else [t for _, ts in plan.single for t in ts]
+    c = np.zeros((n, n), np.float32)
+    for t in terms:
+        lay = leaves[t.path]
+        x = a[t.path].reshape(lay.factors)
+        y = b[t.path].reshape(lay.factors)
+        for other, p in enumerate(lay.perms):
+            if p is not None and other != t.axis:
+                y = np.take(y, perm[p], axis=other)
+        c += np.moveaxis(x, t.axis, 0).reshape(n, -1) @ np.moveaxis(y, t.axis, 0).reshape(n, -1).T
+    return (c, {}) if part == "all" else c
 
 
 def rank_update(spec: PermutationSpec, terms: Sequence[Term], a: Mapping[str, np.ndarray],
