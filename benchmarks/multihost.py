@@ -72,11 +72,17 @@ def run_processes(nproc: int, quick: bool) -> dict:
         return json.load(f)
 
 
-def scaling_ratios(rows: list[dict]) -> dict[str, float]:
-    """``per_process_rate_<n>_over_1``: each row's run-epochs/s per process over the one-process row's
-    (1.0: a process loses nothing to the others; run_all.py tabulates these)."""
+def with_efficiency(rows: list[dict]) -> list[dict]:
+    """Each row plus ``efficiency``: its run-epochs/s per process over the one-process row's (1.0: a
+    process loses nothing to the others)."""
     base = rows[0]["runs_per_s_per_process"]
-    return {f"per_process_rate_{r['processes']}_over_1": round(r["runs_per_s_per_process"] / base, 3) for r in rows[1:]}
+    return [{**r, "efficiency": round(r["runs_per_s_per_process"] / base, 3)} for r in rows]
+
+
+def scaling_ratios(rows: list[dict]) -> dict[str, float]:
+    """``per_process_rate_<n>_over_1``: the efficiency of each row after the first (run_all.py
+    tabulates these)."""
+    return {f"per_process_rate_{r['processes']}_over_1": r["efficiency"] for r in with_efficiency(rows)[1:]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                      "train_seconds": round(seconds, 2), "runs_per_s": round(runs * epochs / seconds, 3),
                      "runs_per_s_per_process": round(runs * epochs / seconds / nproc, 3),
                      "oversubscribed": nproc > (os.cpu_count() or 1)})
-    for row in rows:
-        row["efficiency"] = round(row["runs_per_s_per_process"] / rows[0]["runs_per_s_per_process"], 3)
+    rows = with_efficiency(rows)
     table = print_table(rows, list(rows[0]))
     note = ("runs/s counts run-epochs per second of training wall time (set-up and compilation excluded); "
             "each process pinned to one core; efficiency = per-process rate / the one-process rate")

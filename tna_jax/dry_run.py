@@ -57,15 +57,17 @@ def problems(config: Any, kind: str) -> list[tuple[str, Any]]:
     return [("", config)]
 
 
-def _describe(label: str, cfg: Any) -> str:
-    """One problem built abstractly: its data shapes and its parameter count."""
+def _describe(label: str, cfg: Any, top: Any) -> str:
+    """One problem built abstractly: its data shapes and its parameter count (`top`: the whole
+    config, already checked)."""
     import jax
     import numpy as np
 
     from tna_jax.experiments.train import load_problem
 
     prefix = f"{label}: " if label else ""
-    preflight.check_config(cfg)  # a variant or task may name its own model and data
+    if cfg is not top:  # a variant or task may name its own model and data
+        preflight.check_config(cfg)
     source = str(cfg.data.source)
     if source.startswith("tfds:"):  # preflight found it prepared; reading it is the run's work
         return f"{prefix}model {cfg.model.name} on {source} (prepared; not read by a dry run)"
@@ -112,7 +114,7 @@ def dry_run(config: Any, workdir: str | None = None) -> list[str]:
     preflight.check_config(config)
     lines = [f"kind {kind!r}"]
     for label, cfg in problems(config, kind):
-        lines.append(_describe(label, cfg))
+        lines.append(_describe(label, cfg, config))
     if kind == "cold_fusion":
         lines.append("model: the pretrained checkpoint (loaded by the run, not by a dry run)")
     if workdir is not None:
