@@ -96,8 +96,19 @@ def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
       >>> named_leaves({"b": 2, "a": {"w": 1}})
       [('a/w', 1), ('b', 2)]
     """
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(path_str(p), leaf) for p, leaf in flat]
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    names = _names_by_structure.get(treedef)
+    if names is None:  # trees of one structure have the same names: work them out once
+        names = tuple(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+        if len(_names_by_structure) >= 256:
+            _names_by_structure.clear()
+        _names_by_structure[treedef] = names
+    return list(zip(names, leaves))
+
+
+# named_leaves' cache: tree structure -> leaf names (a cache, not state: bounded, never read
+# for anything but the names it was filled with).
+_names_by_structure: dict[Any, tuple[str, ...]] = {}
 
 
 def leaf_names(tree: PyTree) -> list[str]:

@@ -89,6 +89,11 @@ class GroupPlan:
 
 def plan_groups(spec: PermutationSpec, paths: Sequence[str]) -> dict[str, GroupPlan]:
     """A `GroupPlan` for every top-level permutation that touches one of `paths`."""
+    return dict(_plan_groups(spec, tuple(paths)))
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_groups(spec: PermutationSpec, paths: tuple[str, ...]) -> tuple[tuple[str, GroupPlan], ...]:
     leaves, parent = spec.leaves, spec.parent
 
     def top(p: str) -> str:
@@ -123,7 +128,7 @@ def plan_groups(spec: PermutationSpec, paths: Sequence[str]) -> dict[str, GroupP
         if touched:
             plans[g] = GroupPlan(g, tuple(kids), spec.size[g], tuple(constant),
                                  tuple((h, tuple(t)) for h, t in single.items()), full, frozenset(deps))
-    return plans
+    return tuple(plans.items())
 
 
 def colour_classes(plans: Mapping[str, GroupPlan]) -> list[tuple[str, ...]]:
@@ -208,25 +213,67 @@ def build_fn(spec: PermutationSpec, plans: tuple[GroupPlan, ...], parts: tuple[s
     return jax.jit(fn)
 
 
-def host_costs(spec: PermutationSpec, plan: GroupPlan, part: str, a: Mapping[str, np.ndarray],
-               b: Mapping[str, np.ndarray], perm: Mapping[str, np.ndarray]) -> Any:
-    """`group_costs` in NumPy for a plan without nested children (float32 products, the terms
-    added in the same order, so the matrices agree up to rounding)."""
+@dataclasses.dataclass(frozen=True)
+class HostTerms:
+    """One plan's cost matrix prepared on the host once per matching (plans without nested
+    children): the constant terms summed, and for every other term model A's side as an
+    ``(n, -1)`` matrix and model B's array with the permutation's axis moved first, so that a
+    build only gathers B along the other permutations' axes and multiplies.
+
+    Attributes:
+      const: the ``(n, n)`` float32 sum of the constant terms.
+      terms: ``(A matrix, B with the axis first, ((axis of B, other permutation), ...))``.
+    """
+
+    const: np.ndarray
+    terms: tuple[tuple[np.ndarray, np.ndarray, tuple[tuple[int, str], ...]], ...]
+
+
+def _part_terms(spec: PermutationSpec, plan: GroupPlan, part: str, paths: Sequence[str]) -> list[Term]:
+    if part == "const":
+        return list(plan.constant)
+    if part == "var":
+        return [t for _, ts in plan.single for t in ts]
+    leaves = spec.leaves
+    return [Term(path, ax) for path in sorted(paths) for ax in leaves[path].axes_of(plan.name)]
+
+
+def host_terms(spec: PermutationSpec, plan: GroupPlan, part: str, a: Mapping[str, np.ndarray],
+               b: Mapping[str, np.ndarray]) -> HostTerms:
+    """The `HostTerms` of one part of `plan` (``"const"``, ``"var"`` or ``"all"``, as in
+    `group_costs`) from host float32 copies of the two models' arrays."""
     leaves, n = spec.leaves, plan.size
-    if part == "all":
-        terms = [Term(path, ax) for path in sorted(a) for ax in leaves[path].axes_of(plan.name)]
-    else:
-        terms = plan.constant if part == "const" else [t for _, ts in plan.single for t in ts]
-    c = np.zeros((n, n), np.float32)
-    for t in terms:
-        lay = leaves[t.path]
-        x = a[t.path].reshape(lay.factors)
-        y = b[t.path].reshape(lay.factors)
-        for other, p in enumerate(lay.perms):
-            if p is not None and other != t.axis:
-                y = np.take(y, perm[p], axis=other)
-        c += np.moveaxis(x, t.axis, 0).reshape(n, -1) @ np.moveaxis(y, t.axis, 0).reshape(n, -1).T
-    return (c, {}) if part == "all" else c
+    const = np.zeros((n, n), np.float32)
+    terms = []
+    for t in _part_terms(spec, plan, part, list(a)):
+        lay, ax = leaves[t.path], t.axis
+        x = np.moveaxis(a[t.path].reshape(lay.factors), ax, 0).reshape(n, -1)
+        y = np.moveaxis(b[t.path].reshape(lay.factors), ax, 0)  # a view: the gathers copy it
+        # moving `ax` first shifts the axes before it up by one
+        others = tuple((i + 1 if i < ax else i, p) for i, p in enumerate(lay.perms) if p is not None and i != ax)
+        if others:
+            terms.append((x, y, others))
+        else:
+            const += x @ y.reshape(n, -1).T
+    return HostTerms(const, tuple(terms))
+
+
+def host_costs(terms: HostTerms, perm: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The matrix of `host_terms` for the permutations `perm` (float32 products; the matrix of
+    `group_costs` up to the rounding of another summation order)."""
+    c = terms.const.copy()
+    for x, y, others in terms.terms:
+        for ax, p in others:
+            y = np.take(y, perm[p], axis=ax)
+        c += x @ y.reshape(x.shape[0], -1).T
+    return c
+
+
+@functools.lru_cache(maxsize=1024)
+def sub_plan(plan: GroupPlan, other: str) -> GroupPlan:
+    """`plan` restricted to the terms of its neighbour `other` (no constant terms): its ``"var"``
+    part is that neighbour's term alone."""
+    return dataclasses.replace(plan, constant=(), single=((other, plan.singles[other]),))
 
 
 def rank_update(spec: PermutationSpec, terms: Sequence[Term], a: Mapping[str, np.ndarray],

@@ -28,7 +28,7 @@ from tna_jax import tree as tree_lib
 from tna_jax.align import costs as costs_lib
 from tna_jax.align.lap import Solver, get_solver, nested_value, solve_assignment, solve_nested
 from tna_jax.align.spec import Permutation, PermutationSpec, apply_permutation, identity_permutation
-from tna_jax.align.weight_matching import MatchResult, select_leaves, weight_matching
+from tna_jax.align.weight_matching import MatchResult, order_generator, select_leaves, weight_matching
 
 PyTree = Any
 
@@ -214,10 +214,11 @@ def align_to_reference(spec: PermutationSpec, a: PyTree, stacked: PyTree, key: j
         new, value = solve_assignment(c0, solve)
         return i, g, old, {g: new}, value
 
+    orders = order_generator(key)
     with ThreadPoolExecutor(max(1, int(threads))) as pool:
-        for it in range(1, int(max_iter) + 1):
+        for it in range(1, int(max_iter) + 1):  # noqa: B007 (the count is returned)
             before = version.copy()
-            order = np.asarray(jax.random.permutation(jax.random.fold_in(key, it), len(names)))
+            order = orders.permutation(len(names))  # weight_matching's order, sweep for sweep
             for g in (names[int(k)] for k in order):
                 deps = [gi[h] for h in plans[g].deps]
                 dirty = [i for i in range(n) if (i, g) not in seen or not np.array_equal(seen[(i, g)], version[i, deps])]

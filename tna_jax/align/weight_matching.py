@@ -28,11 +28,11 @@ optimum as before):
   jitted call and solves its LAPs in threads; it converges in fewer sweeps but, on random-init
   MLP pairs, to local optima about 0.5% lower (BENCHMARKS.md), so it is not the default.
 * **Incremental cost matrices.** A cost matrix is a constant part (biases, the input side of the
-  first layer: computed once) plus terms that each depend on one neighbour. After the first
-  sweeps an accepted update moves few units, so each such term is updated by a rank-$m$
-  correction for the $m$ moved units (see `tna_jax.align.costs`) instead of being rebuilt; the
-  matrices are kept in float64 on the host and rebuilt from the weights when many units moved or
-  after ``refresh`` updates, so rounding cannot accumulate.
+  first layer: computed once) plus one term per neighbour, each kept with the neighbour's
+  permutation it was computed for. A solve brings up to date only the terms whose neighbour moved
+  since: by a rank-$m$ correction for the $m$ moved units when they are few (see
+  `tna_jax.align.costs`), from the weights when they are many or after ``refresh`` corrections, so
+  rounding cannot accumulate. The terms are kept in float64 on the host.
 * **A faster exact LAP solver** when available (`tna_jax.align.lap`: lapx's Jonker-Volgenant in
   float64, SciPy otherwise).
 * **Small problems on the host.** When one sweep's cost matrices take under 1e8 FLOPs
@@ -72,7 +72,7 @@ from tna_jax.align.spec import (
 PyTree = Any
 
 __all__ = ["weight_matching", "MatchResult", "matching_objective", "select_leaves", "solve_assignment", "solve_nested",
-           "ORDERS", "COST_BACKENDS"]
+           "ORDERS", "COST_BACKENDS", "order_generator"]
 
 ORDERS = ("random", "classes")
 COST_BACKENDS = ("auto", "host", "device")
@@ -84,7 +84,6 @@ _THREAD_MIN_SIZE = 128  # LAPs smaller than this are not worth a thread
 # still 1.1-1.5x up to 1e10 with a single BLAS thread; but with NumPy's BLAS threads on a busy
 # machine small host matmuls stall on thread hand-offs, so only the smallest problems go there.
 _HOST_MAX_FLOPS = 1e8
-_PARTS = {"full": ("all",), "build": ("var", "const"), "rebuild": ("var",)}  # the matrices each kind builds
 
 
 class MatchResult(NamedTuple):
@@ -96,9 +95,10 @@ class MatchResult(NamedTuple):
         included), or ``max_iter`` (1 for one-shot methods such as activation matching).
       converged: whether the last sweep changed nothing.
       objective: the objective after each sweep (starting with the identity). For weight
-        matching ``Σ_w ⟨A_w, P(B_w)⟩``: the first and last entries are computed from the
-        weights; the ones between are the first plus every accepted update's gain, read off the
-        solved cost matrices.
+        matching ``Σ_w ⟨A_w, P(B_w)⟩``: the first entry is computed from the weights, the others
+        are the first plus every accepted update's gain, read off the solved cost matrices
+        (float64 sums of float32 products: within float32 rounding of `matching_objective`,
+        which recomputes it from the weights).
       solves: assignment problems actually solved (permutations skipped because nothing they
         depend on changed are not counted).
     """
@@ -157,6 +157,13 @@ def _objective_fn(spec: PermutationSpec, paths: tuple[str, ...]):
 
 
 
+@jax.jit
+def _inner_products(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> jax.Array:
+    """``Σ_w ⟨A_w, B_w⟩``: the objective at the identity permutation."""
+    return sum((jnp.vdot(a[p].astype(jnp.float32), b[p].astype(jnp.float32)) for p in sorted(a)),
+               jnp.zeros((), jnp.float32))
+
+
 def _var_flops(spec: PermutationSpec, plan: costs_lib.GroupPlan) -> float:
     leaves = spec.leaves
     return float(sum(2 * plan.size * int(np.prod(leaves[t.path].shape)) for _, ts in plan.single for t in ts))
@@ -186,6 +193,17 @@ def _host_objective(spec: PermutationSpec, perm: Permutation, a: dict[str, np.nd
     return total
 
 
+def _host_view(x: jax.Array) -> np.ndarray:
+    """`x` as a float32 NumPy array: for arrays in host memory a zero-copy DLPack view (NumPy's own
+    conversion of a JAX array makes a slow copy: at ResNet-20 x16 it cost more than the matching's
+    first sweep), else a copy."""
+    try:
+        view = np.from_dlpack(x)
+    except (BufferError, RuntimeError, TypeError, ValueError):  # on an accelerator, or not DLPack-able
+        view = np.asarray(x)
+    return view if view.dtype == np.float32 else view.astype(np.float32)
+
+
 @functools.lru_cache(maxsize=1)
 def _blas_controller() -> Any:
     try:
@@ -204,15 +222,21 @@ def _one_blas_thread() -> contextlib.AbstractContextManager:
 
 
 class _Matcher:
-    """The state of one weight-matching run (host copies, cost matrices, versions); not public."""
+    """The state of one weight-matching run (host copies, cost-matrix terms, versions); not public.
+
+    A tracked permutation's cost matrix is kept as its constant part plus one term per neighbour
+    (`costs.sub_plan`), each with the neighbour's permutation it was computed for: a solve brings
+    up to date only the terms whose neighbour moved, by a rank-m correction when it moved little,
+    else from the weights.
+    """
 
     def __init__(self, spec: PermutationSpec, la: dict[str, jax.Array], lb: dict[str, jax.Array],
                  perm: dict[str, np.ndarray], plans: dict[str, costs_lib.GroupPlan], solver: Solver,
                  incremental: bool | str, refresh: int, tol: float, on_host: bool = False):
         self.spec, self.la, self.lb, self.plans = spec, la, lb, plans
         self.on_host = on_host  # every cost matrix built in NumPy from `full_host` (small problems)
-        self.full_host = ({p: np.asarray(x, np.float32) for p, x in la.items()},
-                          {p: np.asarray(x, np.float32) for p, x in lb.items()}) if on_host else None
+        self.full_host = ({p: _host_view(x) for p, x in la.items()},
+                          {p: _host_view(x) for p, x in lb.items()}) if on_host else None
         self.perm = perm
         self.dev = {} if on_host else {k: jnp.asarray(v) for k, v in perm.items()}
         self.solver, self.refresh, self.tol = solver, refresh, tol
@@ -221,12 +245,13 @@ class _Matcher:
                      for g, p in plans.items()}
         self.version = dict.fromkeys(plans, 0)
         self.seen: dict[str, dict[str, int]] = {}
-        self.cost: dict[str, np.ndarray] = {}
-        self.const: dict[str, np.ndarray] = {}
-        self.synced: dict[str, dict[str, np.ndarray]] = {}
-        self.updates = dict.fromkeys(plans, 0)
+        self.const: dict[str, np.ndarray] = {}  # g -> its constant part (float64)
+        self.terms: dict[str, dict[str, np.ndarray]] = {}  # g -> neighbour h -> h's term (float64)
+        self.synced: dict[str, dict[str, np.ndarray]] = {}  # g -> h -> the permutation of h in that term
+        self.updates: dict[tuple[str, str], int] = {}  # rank-m corrections since the term was computed
         self.solves = 0
         self._host: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+        self.host_terms: dict[tuple[str, str], costs_lib.HostTerms] = {}
         self.pool: ThreadPoolExecutor | None = None
 
     # ---- bookkeeping ---------------------------------------------------------------------------
@@ -239,91 +264,108 @@ class _Matcher:
             self._host = self.full_host
         if self._host is None:
             paths = {t.path for g, p in self.plans.items() if self.incr[g] for _, ts in p.single for t in ts}
-            self._host = ({p: np.asarray(self.la[p], np.float32) for p in paths},
-                          {p: np.asarray(self.lb[p], np.float32) for p in paths})
+            self._host = ({p: _host_view(self.la[p]) for p in paths}, {p: _host_view(self.lb[p]) for p in paths})
         return self._host
 
-    def moved(self, g: str) -> dict[str, np.ndarray]:
-        synced = self.synced[g]
-        return {h: np.flatnonzero(self.perm[h] != synced[h]) for h in synced}
-
-    def kind(self, g: str) -> str:
-        """``"full"`` (whole matrix, every time), ``"build"`` (first build of a tracked matrix),
-        ``"rebuild"`` (its non-constant part again) or ``"update"`` (rank-m corrections)."""
+    def jobs(self, g: str) -> list[tuple[str, str]]:
+        """What brings the cost matrix of `g` up to date, as ``(neighbour, action)``: ``("", "full")``
+        (the whole matrix, every time: untracked), ``("", "const")`` (its constant part, once),
+        ``(h, "term")`` (the term of neighbour h from the weights) or ``(h, "update")`` (a rank-m
+        correction of it)."""
         if not self.incr[g]:
-            return "full"
-        if g not in self.cost:
-            return "build"
-        moved = {h: r for h, r in self.moved(g).items() if r.size}
-        if any(r.size * 2 > self.spec.size[h] for h, r in moved.items()) or \
-                self.updates[g] + len(moved) > self.refresh:
-            return "rebuild"
-        return "update"
+            return [("", "full")]
+        singles = self.plans[g].singles
+        if g not in self.terms:
+            return [("", "const")] + [(h, "term") for h in singles]
+        out = []
+        for h in singles:
+            moved = int(np.count_nonzero(self.perm[h] != self.synced[g][h]))
+            if moved:
+                many = moved * 2 > self.spec.size[h] or self.updates[g, h] >= self.refresh
+                out.append((h, "term" if many else "update"))
+        return out
+
+    def part(self, g: str, h: str, action: str) -> tuple[costs_lib.GroupPlan, str]:
+        """The plan and part `costs.group_costs` builds for one job."""
+        if action == "term":
+            return costs_lib.sub_plan(self.plans[g], h), "var"
+        return self.plans[g], "all" if action == "full" else "const"
 
     # ---- one batch of independent permutations -------------------------------------------------
-    def dispatch(self, todo: list[tuple[str, str]], together: bool) -> dict[str, Any]:
-        """Starts the jitted builds the batch needs (asynchronously); ``{group: outputs}``."""
-        need = [(g, k) for g, k in todo if k != "update"]
+    def dispatch(self, todo: list[tuple[str, list[tuple[str, str]]]], together: bool) -> dict[tuple[str, str], Any]:
+        """Starts the jitted builds the batch needs (asynchronously); ``{(group, neighbour): output}``."""
+        need = [(g, h, a) for g, jobs in todo for h, a in jobs if a != "update"]
         if not need or self.on_host:
             return {}
-        if together and len(need) > 1 and len({k for _, k in need}) == 1:
-            plans = tuple(self.plans[g] for g, k in need for _ in _PARTS[k])
-            flat = tuple(p for _, k in need for p in _PARTS[k])
-            outs = costs_lib.build_fn(self.spec, plans, flat)(self.la, self.lb, self.dev)
-            width = len(_PARTS[need[0][1]])
-            return {g: outs[i * width:(i + 1) * width] for i, (g, _) in enumerate(need)}
-        # one program per (permutation, part): a rebuild reuses the "var" program of the first build,
-        # so a run compiles nothing new once every permutation has been built once
-        return {g: tuple(costs_lib.build_fn(self.spec, (self.plans[g],), (p,))(self.la, self.lb, self.dev)[0]
-                         for p in _PARTS[k]) for g, k in need}
+        if together and len(need) > 1:
+            plans, parts = zip(*(self.part(g, h, a) for g, h, a in need))
+            outs = costs_lib.build_fn(self.spec, plans, parts)(self.la, self.lb, self.dev)
+            return {(g, h): out for (g, h, _), out in zip(need, outs)}
+        # one program per (permutation, part): a run compiles nothing new once each has been built once
+        out = {}
+        for g, h, a in need:
+            plan, part = self.part(g, h, a)
+            out[g, h] = costs_lib.build_fn(self.spec, (plan,), (part,))(self.la, self.lb, self.dev)[0]
+        return out
 
-    def solve_one(self, g: str, kind: str, out: Any) -> tuple[str, float, dict[str, np.ndarray], float]:
+    def host_part(self, g: str, h: str, action: str) -> Any:
+        """One job's matrix built in NumPy (``on_host``)."""
+        if (g, h) not in self.host_terms:
+            plan, part = self.part(g, h, action)
+            self.host_terms[g, h] = costs_lib.host_terms(self.spec, plan, part, *self.full_host)
+        c = costs_lib.host_costs(self.host_terms[g, h], self.perm)
+        return (c, {}) if action == "full" else c
+
+    def current_cost(self, g: str, jobs: list[tuple[str, str]], outs: dict[tuple[str, str], Any]) -> np.ndarray:
+        """Brings the tracked terms of `g` up to date and returns its cost matrix (float64)."""
+        for h, action in jobs:
+            if action == "update":
+                ha, hb = self.host()
+                rows = np.flatnonzero(self.perm[h] != self.synced[g][h])
+                self.terms[g][h] += costs_lib.rank_update(self.spec, self.plans[g].singles[h], ha, hb, rows,
+                                                          self.perm[h][rows], self.synced[g][h][rows])
+                self.updates[g, h] += 1
+            else:
+                out = self.host_part(g, h, action) if self.on_host else outs[g, h]
+                if action == "const":
+                    self.const[g], self.terms[g], self.synced[g] = np.asarray(out, np.float64), {}, {}
+                    continue
+                self.terms[g][h] = np.asarray(out, np.float64)
+                self.updates[g, h] = 0
+            self.synced[g][h] = self.perm[h].copy()
+        cost = self.const[g].copy()
+        for term in self.terms[g].values():
+            cost += term
+        return cost
+
+    def solve_one(self, g: str, jobs: list[tuple[str, str]], outs: dict[tuple[str, str], Any]
+                  ) -> tuple[str, float, dict[str, np.ndarray], float]:
         """Brings the cost matrix of `g` up to date and solves it: ``(g, old value, new perms, value)``."""
         plan = self.plans[g]
-        n = plan.size
-        if self.on_host and kind != "update":
-            out = tuple(costs_lib.host_costs(self.spec, plan, p, *self.full_host, self.perm) for p in _PARTS[kind])
-        if kind == "full":
-            c0, cc = out[0]
-            c0 = np.asarray(c0, np.float64)
+        if jobs == [("", "full")]:
+            c0, cc = self.host_part(g, "", "full") if self.on_host else outs[g, ""]
+            cost = np.asarray(c0, np.float64)
             if plan.children:
                 cc = {k: np.asarray(v, np.float64) for k, v in cc.items()}
-                old = nested_value(c0, cc, self.perm[g], {k: self.perm[k] for k in plan.children})
-                new, kids, value = solve_nested(c0, cc, self.solver)
+                old = nested_value(cost, cc, self.perm[g], {k: self.perm[k] for k in plan.children})
+                new, kids, value = solve_nested(cost, cc, self.solver)
                 return g, old, {g: new, **kids}, value
-            cost = c0
         else:
-            if kind in ("build", "rebuild"):
-                if kind == "build":
-                    self.const[g] = np.asarray(out[1], np.float32)
-                self.cost[g] = np.asarray(out[0], np.float64) + self.const[g]
-                self.synced[g] = {h: self.perm[h].copy() for h, _ in plan.single}
-                self.updates[g] = 0
-            else:
-                ha, hb = self.host()
-                singles = plan.singles
-                for h, rows in self.moved(g).items():
-                    if rows.size:
-                        self.cost[g] += costs_lib.rank_update(self.spec, singles[h], ha, hb, rows, self.perm[h][rows],
-                                                              self.synced[g][h][rows])
-                        self.synced[g][h] = self.perm[h].copy()
-                        self.updates[g] += 1
-            cost = self.cost[g]
-        old = float(cost[np.arange(n), self.perm[g]].sum())
+            cost = self.current_cost(g, jobs, outs)
+        old = float(cost[np.arange(plan.size), self.perm[g]].sum())
         new, value = solve_assignment(cost, self.solver)
         return g, old, {g: new}, value
 
     def run_batch(self, batch: list[str], together: bool) -> float:
         """Solves the permutations of `batch` that are not clean; returns the objective's gain."""
-        todo = [(g, self.kind(g)) for g in batch if not self.clean(g)]
+        todo = [(g, self.jobs(g)) for g in batch if not self.clean(g)]
         if not todo:
             return 0.0
         outs = self.dispatch(todo, together)
-        jobs = [(g, k, outs.get(g)) for g, k in todo]
-        if self.pool is not None and len(jobs) > 1 and max(self.plans[g].size for g, _ in todo) >= _THREAD_MIN_SIZE:
-            results = list(self.pool.map(lambda j: self.solve_one(*j), jobs))
+        if self.pool is not None and len(todo) > 1 and max(self.plans[g].size for g, _ in todo) >= _THREAD_MIN_SIZE:
+            results = list(self.pool.map(lambda job: self.solve_one(*job, outs), todo))
         else:
-            results = [self.solve_one(*j) for j in jobs]
+            results = [self.solve_one(g, jobs, outs) for g, jobs in todo]
         for g, _, _, _ in results:  # what each was solved against, before any of them is accepted
             self.seen[g] = {h: self.version[h] for h in self.plans[g].deps}
         gain = 0.0
@@ -339,12 +381,19 @@ class _Matcher:
         return gain
 
 
+def order_generator(key: jax.Array) -> np.random.Generator:
+    """The NumPy generator that draws weight matching's visiting orders from `key`: sweep ``k``
+    visits the permutations (in the spec's order of top-level permutations) in the order of its
+    ``k``-th ``.permutation(len(names))`` (one host draw per sweep, no device call)."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+
+
 def _batches(order: str, names: list[str], plans: dict[str, costs_lib.GroupPlan], classes: list[tuple[str, ...]],
-             key: jax.Array, it: int) -> list[list[str]]:
+             orders: np.random.Generator) -> list[list[str]]:
     """The sweep's visiting order, cut into batches of mutually independent permutations."""
     if order == "classes":
         return [list(c) for c in classes]
-    seq = [names[int(i)] for i in np.asarray(jax.random.permutation(jax.random.fold_in(key, it), len(names)))]
+    seq = [names[int(i)] for i in orders.permutation(len(names))]
     out: list[list[str]] = []
     for g in seq:
         if out and not any(g in plans[h].deps or h in plans[g].deps for h in out[-1]):
@@ -377,7 +426,8 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
     Args:
       spec: the permutation spec of the architecture (`tna_jax.align.permutation_spec`).
       a, b: the two models' variables (``{"params": ..., ["batch_stats": ...]}``).
-      key: PRNG key for the visiting order (``order="random"``; unused by ``"classes"``).
+      key: PRNG key for the visiting order (``order="random"``, drawn by `order_generator`;
+        unused by ``"classes"``).
       max_iter: at most this many sweeps.
       collections: which collections enter the objective (default the parameters; BatchNorm
         statistics are permuted by ``apply_permutation`` but not matched).
@@ -393,7 +443,7 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
       incremental: update cost matrices by rank-m corrections: ``"auto"`` where a matrix costs
         enough to build that tracking it pays (about 10 MFLOP), True wherever possible, False
         never (rebuild each one from the weights at every solve, as the paper does).
-      refresh: rebuild a tracked cost matrix from the weights after this many corrections.
+      refresh: recompute a tracked term from the weights after this many rank-m corrections.
       threads: solve up to this many independent assignment problems at once.
       cost_backend: where cost matrices are built: ``"device"`` (jitted JAX), ``"host"`` (NumPy;
         plain permutations only) or ``"auto"``: the host when one sweep's cost matrices take under
@@ -441,21 +491,27 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
                                          and _sweep_flops(spec, plans, list(la)) < _HOST_MAX_FLOPS)
     m = _Matcher(spec, la, lb, perm, plans, solve, incremental, int(refresh), float(tol), on_host=on_host)
     names = list(plans)
-    classes = costs_lib.colour_classes(plans)
+    classes = costs_lib.colour_classes(plans) if order == "classes" else []
+    orders = order_generator(key)
 
-    def objective_now() -> float:
+    def objective_now(identity: bool = False) -> float:
+        if identity:  # no gathers needed: a plain sum of inner products
+            if on_host:
+                return sum(float(np.vdot(x, m.full_host[1][p])) for p, x in sorted(m.full_host[0].items()))
+            return float(_inner_products(la, lb))
         if on_host:
             return _host_objective(spec, perm, *m.full_host)
         return matching_objective(spec, perm, a, b, collections=collections)
 
-    objective = [objective_now()]
+    objective = [objective_now(identity=init is None)]
     running, converged, it = objective[0], False, 0
-    m.pool = ThreadPoolExecutor(int(threads)) if threads > 1 else None
+    threaded = threads > 1 and max(p.size for p in plans.values()) >= _THREAD_MIN_SIZE
+    m.pool = ThreadPoolExecutor(int(threads)) if threaded else None
     try:
         with _one_blas_thread() if on_host else contextlib.nullcontext():
-            for it in range(1, int(max_iter) + 1):
+            for it in range(1, int(max_iter) + 1):  # noqa: B007 (the count is returned)
                 before = dict(m.version)
-                for batch in _batches(order, names, plans, classes, key, it):
+                for batch in _batches(order, names, plans, classes, orders):
                     running += m.run_batch(batch, together=order == "classes")
                 objective.append(running)
                 if m.version == before:  # nothing accepted: every permutation is optimal given the others
@@ -464,5 +520,4 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
     finally:
         if m.pool is not None:
             m.pool.shutdown()
-    objective[-1] = objective_now()
     return MatchResult(perm=perm, iterations=it, converged=converged, objective=objective, solves=m.solves)
