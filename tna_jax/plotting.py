@@ -48,8 +48,13 @@ def _markevery(num_points: int) -> int | None:
 
 
 def _caption(fig: Any, caption: str) -> None:
+    """Writes `caption` under everything the axes draw (rotated tick labels included)."""
     if caption:
-        fig.text(0.5, -0.01, caption, ha="center", va="top", fontsize=8, wrap=True)
+        fig.canvas.draw()  # lays the figure out, so the axes' extents are final
+        renderer = fig.canvas.get_renderer()
+        bottom = min((ax.get_tightbbox(renderer).y0 for ax in fig.axes), default=0.0)
+        y = min(fig.transFigure.inverted().transform((0.0, bottom))[1], 0.0)
+        fig.text(0.5, y - 0.01, caption, ha="center", va="top", fontsize=8, wrap=True)
 
 
 def save_figure(fig: Any, path: str, dpi: int = 130, *, title: str = "", caption: str = "") -> str:
