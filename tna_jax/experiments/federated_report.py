@@ -105,7 +105,9 @@ def markdown(report: dict[str, Any]) -> str:
     f = report["federation"]
     split = ("a new split of the clients for every seed" if f.get("partition_draw") == "per_seed"
              else "one split of the clients shared by every seed")
-    head = (f"{f['num_clients']} clients ({f['partition']}" + (f", α={f['alpha']}" if f["partition"] == "dirichlet" else "")
+    alphas = sorted({r["alpha"] for r in report["arms"] if r.get("alpha") is not None})
+    alpha = (f", α ∈ {{{', '.join(f'{a:g}' for a in alphas)}}}" if len(alphas) > 1 else f", α={f['alpha']}")
+    head = (f"{f['num_clients']} clients ({f['partition']}" + (alpha if f["partition"] == "dirichlet" else "")
             + f"; {split}), {f['cohort'][0]} of them per round, {f['local_epochs']} local epoch(s) of batch "
             f"{f['batch_size']}, {f['rounds']} rounds; {report['model']['name']} on {report['data']['name']}. "
             f"Accuracy of the global model on the {report['eval_split']} split, mean ± sample std over "
