@@ -3,12 +3,13 @@ of batch 32 per round (SGD with momentum 0.9, lr 0.02, reset every round), 100 r
 FedProx (μ = 0.01) vs FedPFN vs FedPNU (ρ = 0.4), each also with FedAvgM (server momentum 0.9),
 4 seeds each, seeds and clients vmapped (8 arms x 4 seeds = 32 federations).
 
-    nice -n 10 python train.py --config configs/fed_mnist1d.py --workdir runs/fed_mnist1d
+    python train.py --config configs/fed_mnist1d.py --workdir runs/fed_mnist1d
 
-Sweep over α ∈ {0.1, 0.5, 1.0} and ρ ∈ {0.2, 0.4, 0.6} (FedAvg, FedPFN, FedPNU: 21 arms, 2 seeds,
-40 rounds, sized for 2 shared CPU cores; arms that differ only in α or ρ share one compiled program):
+Sweep over α ∈ {0.1, 0.5, 1.0} and ρ ∈ {0.2, 0.4, 0.6} (FedAvg, FedPFN, FedPNU: 21 arms, 4 seeds,
+100 rounds as above; arms that differ only in α or ρ share one compiled program; one CPU device,
+see docs/results/federated.md):
 
-    nice -n 10 python train.py --config configs/fed_mnist1d.py:sweep --workdir runs/fed_mnist1d_sweep
+    python train.py --config configs/fed_mnist1d.py:sweep --workdir runs/fed_mnist1d_sweep --cpu_devices=1
 
 Writes report.json, report.md (final accuracy mean ± std, paired differences to FedAvg),
 accuracy_vs_round.png (and sweep_ratio.png for the sweep), metrics.jsonl and checkpoints.
@@ -48,10 +49,7 @@ def get_config(option: str = ""):
     f.checkpoint_every = 25
     if option == "sweep":
         c.name = "fed_mnist1d_sweep"
-        c.num_seeds = 2
-        f.rounds = 40
         f.eval_every = 10
-        f.checkpoint_every = 10
         f.algorithms = ("fedavg", "fedpfn", "fedpnu")
         f.server_optimizers = ("none",)
         f.sweep_alphas = (0.1, 0.5, 1.0)
