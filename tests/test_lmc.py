@@ -393,3 +393,15 @@ def test_grid_and_layerwise_kinds_run_and_report(tmp_path):
         assert by_mode["from_input"]["loss_barrier_mean"][-1] == pytest.approx(full, abs=1e-6)
     text = open(tmp_path / "lw" / "report.md").read()
     assert "### mode `from_input`" in text and "Mean ± sample std over 1 pair of seeds per arm." in text
+
+
+def test_named_leaves_names_each_structure_and_returns_the_given_leaves():
+    """Names are cached per tree structure: a tree of the same structure gets the same names with
+    its own leaves, another structure its own names."""
+    a = {"dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}, "head": [jnp.ones(1), jnp.ones(2)]}
+    b = jax.tree.map(lambda x: x + 1, a)
+    first, second = tree_lib.named_leaves(a), tree_lib.named_leaves(b)
+    assert [n for n, _ in first] == [n for n, _ in second] == ["dense_0/bias", "dense_0/kernel", "head/0", "head/1"]
+    assert all(x is y for (_, x), y in zip(second, jax.tree.leaves(b), strict=True))
+    other = tree_lib.named_leaves({"dense_0": {"kernel": 1.0}, "tail": (2.0,)})
+    assert other == [("dense_0/kernel", 1.0), ("tail/0", 2.0)]
