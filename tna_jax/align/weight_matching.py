@@ -382,9 +382,23 @@ class _Matcher:
 
 
 def order_generator(key: jax.Array) -> np.random.Generator:
-    """The NumPy generator that draws weight matching's visiting orders from `key`: sweep ``k``
-    visits the permutations (in the spec's order of top-level permutations) in the order of its
-    ``k``-th ``.permutation(len(names))`` (one host draw per sweep, no device call)."""
+    """The NumPy generator that draws weight matching's visiting orders from `key`.
+
+    Sweep ``k`` visits the top-level permutations (in the spec's order) in the order of the
+    generator's ``k``-th ``.permutation(len(names))``: one host draw per sweep, no device call.
+
+    Args:
+      key: the PRNG key given to `weight_matching`.
+
+    Returns:
+      A fresh ``numpy.random.Generator`` seeded with the key's data (the same key, the same orders).
+
+    Examples:
+      >>> import jax
+      >>> a, b = order_generator(jax.random.key(0)), order_generator(jax.random.key(0))
+      >>> a.permutation(3).tolist() == b.permutation(3).tolist()
+      True
+    """
     return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
 
 
