@@ -679,7 +679,7 @@ def test_host_cost_backend_takes_the_same_steps_as_the_device(name):
     np.testing.assert_allclose(host.objective, device.objective, rtol=1e-5)
     assert host.objective[-1] > host.objective[0]
     assert_local_optimum(spec, host.perm, a, b)
-    # small problems take the host path by default: the same result again
+    # arrays in host memory (JAX on CPU) take the host path by default: the same result again
     auto = align.weight_matching(spec, a, b, jax.random.key(3))
     assert all(np.array_equal(auto.perm[k], host.perm[k]) for k in spec.names)
     assert auto.objective == host.objective
@@ -703,6 +703,63 @@ def test_device_rebuilds_reuse_the_programs_of_the_first_build():
     assert res.converged and res.solves > 2 * len(spec)  # past the first builds: rebuilds and updates ran
     assert costs_lib.build_fn.cache_info().misses == programs
     assert_local_optimum(spec, res.perm, a, b)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), data=st.data(),
+       loop_slice=st.sampled_from((0, 1 << 30)), loop_max=st.sampled_from((1, 64)))
+def test_contract_all_but_equals_the_transposed_product(shape, data, loop_slice, loop_max):
+    """Every route of `contract_all_but` (one GEMM with the axis first or last, a GEMM per leading
+    index, a transposed copy) gives the product of the arrays with the axis moved first."""
+    from tna_jax.align import costs as costs_lib
+
+    axis = data.draw(st.integers(0, len(shape) - 1))
+    rng = np.random.default_rng(len(shape) * 7 + axis)
+    x, y = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    n = shape[axis]
+    expected = np.moveaxis(x, axis, 0).reshape(n, -1).astype(np.float64) @ np.moveaxis(y, axis, 0).reshape(n, -1).T
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(costs_lib, "_MIN_GEMM_LOOP_SLICE", loop_slice)
+        patch.setattr(costs_lib, "_MAX_GEMM_LOOP", loop_max)
+        got = costs_lib.contract_all_but(x, y, axis)
+    chex.assert_shape(got, (n, n))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_host_cost_backend_tracks_convolution_terms_to_a_local_optimum():
+    """The host path with every term tracked (rank-m corrections of convolution kernels whose
+    permuted axis sits between the taps and the other channels) ends where the device path does."""
+    net = make_net("resnet20")
+    spec = align.permutation_spec(net)
+    a, b = perturbed(net, 2), perturbed(net, 3)
+    from tna_jax.align import costs as costs_lib
+
+    original, updates = costs_lib.rank_update, []
+
+    def counted(*args):  # the rank-m corrections, by the number of moved units
+        updates.append(len(args[4]))
+        return original(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(costs_lib, "rank_update", counted)
+        host = align.weight_matching(spec, a, b, jax.random.key(5), incremental=True, cost_backend="host", refresh=2)
+    assert updates, "no rank-m correction ran"
+    device = align.weight_matching(spec, a, b, jax.random.key(5), incremental=False, cost_backend="device")
+    assert host.converged and host.solves < host.iterations * len(spec)
+    assert_local_optimum(spec, host.perm, a, b)
+    np.testing.assert_allclose(host.objective[-1], align.matching_objective(spec, host.perm, a, b), rtol=1e-5)
+    np.testing.assert_allclose(host.objective[-1], device.objective[-1], rtol=1e-3)
+
+
+def test_permutation_spec_hash_is_computed_once_and_matches_equality():
+    import dataclasses
+
+    spec = align.permutation_spec(make_net("resnet20"))
+    twin = dataclasses.replace(spec)
+    assert twin == spec and hash(twin) == hash(spec) and twin is not spec
+    assert spec.__dict__["_hash"] == hash((spec.sizes, spec.parents, spec.layouts))
+    other = dataclasses.replace(spec, sizes=spec.sizes[:-1])
+    assert other != spec and hash(other) != hash(spec)
 
 
 def test_host_cost_backend_refuses_nested_permutations():

@@ -82,6 +82,13 @@ class PermutationSpec:
     parents: tuple[tuple[str, str | None], ...]
     layouts: tuple[tuple[str, LeafLayout], ...]
 
+    def __hash__(self) -> int:  # computed once: the spec keys the caches of every matching step
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.sizes, self.parents, self.layouts))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     # ---- views -----------------------------------------------------------------------------
     @property
     def names(self) -> tuple[str, ...]:

@@ -24,8 +24,8 @@ optimum as before):
   costs. In the default ``order="random"`` (the paper's: a random permutation of all of them every
   sweep, from `key`) consecutive independent permutations are solved together, their LAPs in
   threads: exactly the result of visiting them one at a time. ``order="classes"`` visits them in
-  fixed classes (a colouring of the dependency graph), builds a class's cost matrices in one
-  jitted call and solves its LAPs in threads; it converges in fewer sweeps but, on random-init
+  fixed classes (a colouring of the dependency graph), builds a class's cost matrices together
+  (one jitted call on a device) and solves its LAPs in threads; it converges in fewer sweeps but, on random-init
   MLP pairs, to local optima about 0.5% lower (BENCHMARKS.md), so it is not the default.
 * **Incremental cost matrices.** A cost matrix is a constant part (biases, the input side of the
   first layer: computed once) plus one term per neighbour, each kept with the neighbour's
@@ -35,9 +35,11 @@ optimum as before):
   rounding cannot accumulate. The terms are kept in float64 on the host.
 * **A faster exact LAP solver** when available (`tna_jax.align.lap`: lapx's Jonker-Volgenant in
   float64, SciPy otherwise).
-* **Small problems on the host.** When one sweep's cost matrices take under 1e8 FLOPs
-  (ResNet-20 x1, narrow MLPs) they are built in NumPy (``cost_backend="auto"``): there a jitted
-  call costs more to dispatch than to compute. Same terms, same steps.
+* **Host cost matrices when the weights are in host memory** (JAX on CPU;
+  ``cost_backend="auto"``): NumPy's BLAS contracts each array in its own layout (a GEMM per
+  convolution tap where the permuted axis sits in the middle: no transposed copies) and beats
+  XLA:CPU's dot on these shapes; small problems also skip a jitted call's dispatch. On an
+  accelerator the matrices are built there by jitted JAX. Same terms, same steps.
 * **Compiled once.** Each permutation's matrix parts are separate jitted programs, so a run
   compiles nothing new after its first sweep, whatever the visiting order.
 
@@ -78,11 +80,9 @@ ORDERS = ("random", "classes")
 COST_BACKENDS = ("auto", "host", "device")
 _MIN_INCREMENTAL_FLOPS = 1e7  # below this a group's matrix is cheaper to rebuild than to track
 _THREAD_MIN_SIZE = 128  # LAPs smaller than this are not worth a thread
-# Below this many FLOPs per sweep (all cost matrices once) the cost matrices are built in NumPy: a
-# jitted call per solve costs more to dispatch than to compute. Measured in one process, host vs
-# device per matching: 2.4x faster at ResNet-20 x1 (6e7 FLOPs), 1.6x at an MLP of width 64, and
-# still 1.1-1.5x up to 1e10 with a single BLAS thread; but with NumPy's BLAS threads on a busy
-# machine small host matmuls stall on thread hand-offs, so only the smallest problems go there.
+# Below this many FLOPs per sweep (all cost matrices once) host builds use one BLAS thread: their
+# matmuls are tiny, and with NumPy's BLAS threads on a busy machine each stalled on thread
+# hand-offs (10x slower). Larger problems let BLAS use every core.
 _HOST_MAX_FLOPS = 1e8
 
 
@@ -193,6 +193,12 @@ def _host_objective(spec: PermutationSpec, perm: Permutation, a: dict[str, np.nd
     return total
 
 
+def _in_host_memory(*trees: dict[str, Any]) -> bool:
+    """Whether every array lives in host memory (NumPy, or JAX on CPU devices)."""
+    return all(not isinstance(x, jax.Array) or all(d.platform == "cpu" for d in x.devices())
+               for t in trees for x in t.values())
+
+
 def _host_view(x: jax.Array) -> np.ndarray:
     """`x` as a float32 NumPy array: for arrays in host memory a zero-copy DLPack view (NumPy's own
     conversion of a JAX array makes a slow copy: at ResNet-20 x16 it cost more than the matching's
@@ -214,8 +220,8 @@ def _blas_controller() -> Any:
 
 
 def _one_blas_thread() -> contextlib.AbstractContextManager:
-    """The host path's matmuls are tiny: one BLAS thread each. With several, every call waits on a
-    thread hand-off, which on a busy machine made the host path 10x slower (threadpoolctl, from the
+    """A small problem's host matmuls are tiny: one BLAS thread each. With several, every call waits
+    on a thread hand-off, which on a busy machine made the host path 10x slower (threadpoolctl, from the
     ``fast`` extra; a no-op without it)."""
     controller = _blas_controller()
     return controller.limit(limits=1, user_api="blas") if controller is not None else contextlib.nullcontext()
@@ -234,7 +240,7 @@ class _Matcher:
                  perm: dict[str, np.ndarray], plans: dict[str, costs_lib.GroupPlan], solver: Solver,
                  incremental: bool | str, refresh: int, tol: float, on_host: bool = False):
         self.spec, self.la, self.lb, self.plans = spec, la, lb, plans
-        self.on_host = on_host  # every cost matrix built in NumPy from `full_host` (small problems)
+        self.on_host = on_host  # every cost matrix built in NumPy from `full_host`
         self.full_host = ({p: _host_view(x) for p, x in la.items()},
                           {p: _host_view(x) for p, x in lb.items()}) if on_host else None
         self.perm = perm
@@ -338,21 +344,23 @@ class _Matcher:
             cost += term
         return cost
 
-    def solve_one(self, g: str, jobs: list[tuple[str, str]], outs: dict[tuple[str, str], Any]
-                  ) -> tuple[str, float, dict[str, np.ndarray], float]:
-        """Brings the cost matrix of `g` up to date and solves it: ``(g, old value, new perms, value)``."""
-        plan = self.plans[g]
+    def cost_matrix(self, g: str, jobs: list[tuple[str, str]], outs: dict[tuple[str, str], Any]
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """The up-to-date cost matrix of `g` (float64) and, for nested permutations, the children's terms."""
         if jobs == [("", "full")]:
             c0, cc = self.host_part(g, "", "full") if self.on_host else outs[g, ""]
-            cost = np.asarray(c0, np.float64)
-            if plan.children:
-                cc = {k: np.asarray(v, np.float64) for k, v in cc.items()}
-                old = nested_value(cost, cc, self.perm[g], {k: self.perm[k] for k in plan.children})
-                new, kids, value = solve_nested(cost, cc, self.solver)
-                return g, old, {g: new, **kids}, value
-        else:
-            cost = self.current_cost(g, jobs, outs)
-        old = float(cost[np.arange(plan.size), self.perm[g]].sum())
+            children = {k: np.asarray(v, np.float64) for k, v in cc.items()} if self.plans[g].children else None
+            return np.asarray(c0, np.float64), children
+        return self.current_cost(g, jobs, outs), None
+
+    def assign(self, g: str, cost: np.ndarray, children: dict[str, np.ndarray] | None
+               ) -> tuple[str, float, dict[str, np.ndarray], float]:
+        """Solves the LAP of `g`: ``(g, value of the current permutation, new permutations, value)``."""
+        if children is not None:
+            old = nested_value(cost, children, self.perm[g], {k: self.perm[k] for k in children})
+            new, kids, value = solve_nested(cost, children, self.solver)
+            return g, old, {g: new, **kids}, value
+        old = float(cost[np.arange(self.plans[g].size), self.perm[g]].sum())
         new, value = solve_assignment(cost, self.solver)
         return g, old, {g: new}, value
 
@@ -362,10 +370,12 @@ class _Matcher:
         if not todo:
             return 0.0
         outs = self.dispatch(todo, together)
+        # matrices one after another (a host build's BLAS uses every core already), LAPs in threads
+        problems = [(g, *self.cost_matrix(g, jobs, outs)) for g, jobs in todo]
         if self.pool is not None and len(todo) > 1 and max(self.plans[g].size for g, _ in todo) >= _THREAD_MIN_SIZE:
-            results = list(self.pool.map(lambda job: self.solve_one(*job, outs), todo))
+            results = list(self.pool.map(lambda problem: self.assign(*problem), problems))
         else:
-            results = [self.solve_one(g, jobs, outs) for g, jobs in todo]
+            results = [self.assign(*problem) for problem in problems]
         for g, _, _, _ in results:  # what each was solved against, before any of them is accepted
             self.seen[g] = {h: self.version[h] for h in self.plans[g].deps}
         gain = 0.0
@@ -460,9 +470,9 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
       refresh: recompute a tracked term from the weights after this many rank-m corrections.
       threads: solve up to this many independent assignment problems at once.
       cost_backend: where cost matrices are built: ``"device"`` (jitted JAX), ``"host"`` (NumPy;
-        plain permutations only) or ``"auto"``: the host when one sweep's cost matrices take under
-        1e8 FLOPs (ResNet-20 x1, MLPs up to width ~128) and no permutation is nested, since there
-        a jitted call costs more to dispatch than to compute. Same matrices up to float32
+        plain permutations only) or ``"auto"``: the host when both models' arrays are in host
+        memory (NumPy, or JAX on CPU) and no permutation is nested, since there NumPy's BLAS
+        builds them faster than XLA:CPU; the device otherwise. Same matrices up to float32
         rounding, same algorithm.
 
     Returns:
@@ -501,8 +511,8 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
     if cost_backend == "host" and nested:
         raise ValueError("cost_backend='host' supports plain permutations only; this spec has nested ones "
                          f"({sorted(k for p in plans.values() for k in p.children)}): use 'auto' or 'device'.")
-    on_host = cost_backend == "host" or (cost_backend == "auto" and not nested
-                                         and _sweep_flops(spec, plans, list(la)) < _HOST_MAX_FLOPS)
+    flops = _sweep_flops(spec, plans, list(la))
+    on_host = cost_backend == "host" or (cost_backend == "auto" and not nested and _in_host_memory(la, lb))
     m = _Matcher(spec, la, lb, perm, plans, solve, incremental, int(refresh), float(tol), on_host=on_host)
     names = list(plans)
     classes = costs_lib.colour_classes(plans) if order == "classes" else []
@@ -522,7 +532,7 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
     threaded = threads > 1 and max(p.size for p in plans.values()) >= _THREAD_MIN_SIZE
     m.pool = ThreadPoolExecutor(int(threads)) if threaded else None
     try:
-        with _one_blas_thread() if on_host else contextlib.nullcontext():
+        with _one_blas_thread() if on_host and flops < _HOST_MAX_FLOPS else contextlib.nullcontext():
             for it in range(1, int(max_iter) + 1):  # noqa: B007 (the count is returned)
                 before = dict(m.version)
                 for batch in _batches(order, names, plans, classes, orders):
