@@ -6,8 +6,8 @@ FedProx (μ = 0.01) vs FedPFN vs FedPNU (ρ = 0.4), each also with FedAvgM (serv
     python train.py --config configs/fed_mnist1d.py --workdir runs/fed_mnist1d
 
 Sweep over α ∈ {0.1, 0.5, 1.0} and ρ ∈ {0.2, 0.4, 0.6} (FedAvg, FedPFN, FedPNU: 21 arms, 4 seeds,
-100 rounds as above; arms that differ only in α or ρ share one compiled program; one CPU device,
-see docs/results/federated.md):
+100 rounds as above; arms that differ only in α or ρ share one compiled program; the results page
+was made on one CPU device, see docs/results/federated.md):
 
     python train.py --config configs/fed_mnist1d.py:sweep --workdir runs/fed_mnist1d_sweep --cpu_devices=1
 

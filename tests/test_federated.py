@@ -603,3 +603,21 @@ def test_train_py_over_two_processes_matches_one_process_and_resumes(tmp_path):
     rows = [json.loads(line) for line in open(two / "metrics.jsonl")]
     assert len(rows) == 3 * 2 * 2  # rounds x arms x seeds, once each: process 1 wrote nothing
     assert open(two / ".lock").read() == ""  # released cleanly
+
+
+def test_rounds_are_awaited_one_arm_at_a_time_only_on_several_cpu_devices():
+    """XLA:CPU can deadlock with several programs' collectives in flight (an all-gather rendezvous
+    of the 21-arm sweep on two CPU devices never completed): there each arm's round is awaited
+    before the next is dispatched; one device (no collectives) keeps asynchronous dispatch."""
+    from util import run_python
+
+    from tna_jax.experiments.federated import _one_program_at_a_time
+
+    assert not _one_program_at_a_time(sharding_lib.run_mesh(jax.devices()[:1]))
+    code = ("import jax\nfrom tna_jax import sharding\n"
+            "from tna_jax.experiments.federated import _one_program_at_a_time\n"
+            "assert jax.device_count() == 2\n"
+            "print(_one_program_at_a_time(sharding.run_mesh()), _one_program_at_a_time(sharding.run_mesh(jax.devices()[:1])))")
+    out = run_python(code, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False"]

@@ -499,6 +499,19 @@ def _resume_or_init(config: Any, workdir: str | None, fed: _Federation,
     return checkpointer, states, start_round
 
 
+def _one_program_at_a_time(mesh: Any) -> bool:
+    """Whether each arm's round must finish before the next arm's is dispatched: on meshes of
+    several CPU devices.
+
+    XLA:CPU runs every device's share of a program on one shared thread pool. With several
+    programs' collectives in flight at once, the devices can wait in different programs'
+    rendezvous and never meet: the 21-arm α × ρ sweep on two CPU devices aborted in an
+    all-gather rendezvous after 39 of 40 rounds, and ran through once each round was awaited.
+    Accelerators order collectives per device stream and keep the asynchronous dispatch.
+    """
+    return mesh.devices.size > 1 and all(d.platform == "cpu" for d in mesh.devices.flat)
+
+
 def _train_rounds(config: Any, fed: _Federation, states: dict[str, Any], checkpointer: Any, metrics_log: Any,
                   start_round: int, primary: bool) -> dict[str, Any]:
     """Advances every arm one round at a time (in lockstep) to ``federated.rounds``: metrics on the
@@ -510,6 +523,7 @@ def _train_rounds(config: Any, fed: _Federation, states: dict[str, Any], checkpo
                      for key, alg in fed.programs.items()}
     round_fns = {a.slug: shared_rounds[_program_key(a, fed.bucketed)] for a in fed.arms}
     rounds = int(f.rounds)
+    one_at_a_time = _one_program_at_a_time(fed.mesh)
 
     def save(done: int) -> None:
         checkpointer.save(done, states, meta={"round": done, "arms": [a.label for a in fed.arms]})
@@ -527,6 +541,8 @@ def _train_rounds(config: Any, fed: _Federation, states: dict[str, Any], checkpo
             for a in fed.arms:
                 states[a.slug], m = round_fns[a.slug](states[a.slug], fed.placed[a.alpha], rk)
                 round_metrics[a.slug] = m
+                if one_at_a_time:
+                    jax.block_until_ready((states[a.slug], m))
             done = r + 1
             postfix = None
             if done % f.eval_every == 0 or done == rounds:
