@@ -194,8 +194,10 @@ def _host_objective(spec: PermutationSpec, perm: Permutation, a: dict[str, np.nd
 
 
 def _in_host_memory(*trees: dict[str, Any]) -> bool:
-    """Whether every array lives in host memory (NumPy, or JAX on CPU devices)."""
-    return all(not isinstance(x, jax.Array) or all(d.platform == "cpu" for d in x.devices())
+    """Whether every array lives in this process's host memory (NumPy, or JAX on CPU devices and
+    fully addressable: a global array of several processes stays with jitted JAX)."""
+    return all(not isinstance(x, jax.Array)
+               or (x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices()))
                for t in trees for x in t.values())
 
 
