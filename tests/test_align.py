@@ -581,8 +581,9 @@ def test_align_compare_config_tasks_are_valid():
 # ---------------------------------------------------------------------------------------------
 
 
-def fresh_costs(spec, perm, a, b, group):
-    """C_group from the weights, in float64 NumPy (independent of tna_jax.align.costs)."""
+def fresh_costs(spec, perm, a, b, group, leave_out=frozenset()):
+    """C_group from the weights, in float64 NumPy (independent of tna_jax.align.costs), without
+    the terms of arrays that also carry a permutation in `leave_out`."""
     n = spec.size[group]
     c = np.zeros((n, n))
     named_a, named_b = dict(map_with_names_list(a)), dict(map_with_names_list(b))
@@ -592,6 +593,8 @@ def fresh_costs(spec, perm, a, b, group):
         for ax in lay.axes_of(group):
             x = np.asarray(named_a[path], np.float64).reshape(lay.factors)
             y = np.asarray(named_b[path], np.float64).reshape(lay.factors)
+            if any(p in leave_out for other, p in enumerate(lay.perms) if other != ax):
+                continue
             for other, p in enumerate(lay.perms):
                 if p is not None and other != ax:
                     y = np.take(y, np.asarray(perm[p]), axis=other)
@@ -605,23 +608,25 @@ def map_with_names_list(v):
     return named_leaves(v)
 
 
-def reference_matching(spec, a, b, key, max_iter=100, tol=1e-9):
+def reference_matching(spec, a, b, key, max_iter=100, tol=1e-9, first_sweep="standard"):
     """Sequential coordinate descent with fresh float64 costs, in the order weight_matching's
-    order="random" visits (plain permutations only)."""
+    order="random" visits (plain permutations only). ``first_sweep="forward"``: the first sweep
+    visits the permutations in the spec's order, each against the neighbours visited before it."""
     perm = align.identity_permutation(spec)
     names = [g for g, _ in spec.groups()]
     orders = order_generator(key)
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
-        progress = False
-        for i in orders.permutation(len(names)):
-            g = names[int(i)]
-            c = fresh_costs(spec, perm, a, b, g)
+        progress, forward = False, first_sweep == "forward" and it == 1
+        visited = set()
+        for g in names if forward else [names[int(i)] for i in orders.permutation(len(names))]:
+            c = fresh_costs(spec, perm, a, b, g, leave_out=set(names) - visited - {g} if forward else frozenset())
+            visited.add(g)
             old = c[np.arange(len(c)), perm[g]].sum()
             cols, value = align.solve_assignment(c, "scipy")
             if value > old + tol * max(1.0, abs(old)):
                 perm[g], progress = cols, True
-        if not progress:
+        if not progress and not forward:
             break
     return perm, it
 
@@ -647,11 +652,13 @@ def test_fast_weight_matching_ends_at_an_exact_local_optimum(seed, width, order,
                                 cost_backend=backend)
     assert res.converged and res.solves <= res.iterations * len(spec)
     assert_local_optimum(spec, res.perm, a, b)
-    # the paper's order without incremental costs is the plain sequential algorithm, step for step
+    # the paper's order without incremental costs is the plain sequential algorithm, step for step,
+    # with the paper's first sweep or the forward one
     if order == "random":
-        ref, sweeps = reference_matching(spec, a, b, jax.random.key(seed))
-        plain = align.weight_matching(spec, a, b, jax.random.key(seed), incremental=False)
-        assert plain.iterations == sweeps and all(np.array_equal(plain.perm[k], ref[k]) for k in spec.names)
+        for first_sweep in ("standard", "forward"):  # forward last: the default, as `res`
+            ref, sweeps = reference_matching(spec, a, b, jax.random.key(seed), first_sweep=first_sweep)
+            plain = align.weight_matching(spec, a, b, jax.random.key(seed), incremental=False, first_sweep=first_sweep)
+            assert plain.iterations == sweeps and all(np.array_equal(plain.perm[k], ref[k]) for k in spec.names)
         obj_ref = align.matching_objective(spec, ref, a, b)
         assert res.objective[-1] >= obj_ref - 1e-3 * abs(obj_ref)
 
@@ -694,28 +701,35 @@ def test_device_rebuilds_reuse_the_programs_of_the_first_build():
     spec = align.permutation_spec(net)
     a, b = perturbed(net, 4), perturbed(net, 5)
     costs_lib.build_fn.cache_clear()
-    align.weight_matching(spec, a, b, jax.random.key(1), max_iter=1, cost_backend="device", incremental=True)
+    align.weight_matching(spec, a, b, jax.random.key(1), max_iter=1, cost_backend="device", incremental=True,
+                          first_sweep="standard")
     programs = costs_lib.build_fn.cache_info().misses  # the first sweep built every matrix once
     plans = costs_lib.plan_groups(spec, [p for p in spec.leaves if p.startswith("params/")])
     # each permutation's constant part and one term per neighbour (an MLP's middle layer has two)
     assert programs == sum(1 + len(p.single) for p in plans.values()) == 7
-    res = align.weight_matching(spec, a, b, jax.random.key(1), cost_backend="device", incremental=True, refresh=1)
+    res = align.weight_matching(spec, a, b, jax.random.key(1), cost_backend="device", incremental=True, refresh=1,
+                                first_sweep="standard")
     assert res.converged and res.solves > 2 * len(spec)  # past the first builds: rebuilds and updates ran
+    assert costs_lib.build_fn.cache_info().misses == programs
+    # the forward first sweep builds a subset of the same parts: nothing new to compile either
+    assert align.weight_matching(spec, a, b, jax.random.key(1), cost_backend="device", incremental=True).converged
     assert costs_lib.build_fn.cache_info().misses == programs
     assert_local_optimum(spec, res.perm, a, b)
 
 
 @settings(max_examples=25, deadline=None)
 @given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), data=st.data(),
-       loop_slice=st.sampled_from((0, 1 << 30)), loop_max=st.sampled_from((1, 64)))
-def test_contract_all_but_equals_the_transposed_product(shape, data, loop_slice, loop_max):
-    """Every route of `contract_all_but` (one GEMM with the axis first or last, a GEMM per leading
-    index, a transposed copy) gives the product of the arrays with the axis moved first."""
+       loop_slice=st.sampled_from((0, 1 << 30)), loop_max=st.sampled_from((1, 64)),
+       dtype=st.sampled_from((np.float32, np.float64, np.int32)))
+def test_contract_all_but_equals_the_transposed_product(shape, data, loop_slice, loop_max, dtype):
+    """Every route of `contract_all_but` (one GEMM with the axis first or last, GEMMs accumulated per
+    leading index, a transposed copy, NumPy for dtypes BLAS lacks) gives the product of the arrays
+    with the axis moved first, C-ordered, in their dtype."""
     from tna_jax.align import costs as costs_lib
 
     axis = data.draw(st.integers(0, len(shape) - 1))
     rng = np.random.default_rng(len(shape) * 7 + axis)
-    x, y = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    x, y = ((4 * rng.standard_normal(shape)).astype(dtype) for _ in range(2))
     n = shape[axis]
     expected = np.moveaxis(x, axis, 0).reshape(n, -1).astype(np.float64) @ np.moveaxis(y, axis, 0).reshape(n, -1).T
     with pytest.MonkeyPatch.context() as patch:
@@ -723,6 +737,7 @@ def test_contract_all_but_equals_the_transposed_product(shape, data, loop_slice,
         patch.setattr(costs_lib, "_MAX_GEMM_LOOP", loop_max)
         got = costs_lib.contract_all_but(x, y, axis)
     chex.assert_shape(got, (n, n))
+    assert got.dtype == dtype and got.flags.c_contiguous
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -876,9 +891,52 @@ def test_matching_errors_name_the_argument():
         align.weight_matching(spec, v, v, jax.random.key(0), refresh=0)
     with pytest.raises(ValueError, match=r"cost_backend must be one of \('auto', 'host', 'device'\); got 'gpu'"):
         align.weight_matching(spec, v, v, jax.random.key(0), cost_backend="gpu")
+    for fn in (align.weight_matching, align.align_to_reference):
+        with pytest.raises(ValueError, match=r"first_sweep must be one of \('auto', 'forward', 'standard'\); got 'greedy'"):
+            fn(spec, v, v if fn is align.weight_matching else jax.tree.map(lambda x: x[None], v), jax.random.key(0),
+               first_sweep="greedy")
     with pytest.raises(ValueError, match="at least 2 models; got 1"):
         align.merge_many(spec, [v], jax.random.key(0))
     with pytest.raises(ValueError, match="steps must be a positive integer; got 0"):
         align.ste_matching(net, v, v, (jnp.ones((4, 40)), jnp.zeros(4, jnp.int32)), key=jax.random.key(0), steps=0)
     with pytest.raises(TypeError, match="data must be a pair"):
         align.ste_matching(net, v, v, jnp.ones((4, 40)), key=jax.random.key(0))
+
+
+def test_a_forward_first_sweep_never_ends_the_descent_by_itself():
+    """Solves against some neighbours only are not a convergence check: with nothing to move, a
+    forward sweep is followed by a full one, and only that one ends the descent."""
+    net = models.build({"name": "mlp", "depth": 3, "width": 16}, (40,), 10)
+    spec = align.permutation_spec(net)
+    a = perturbed(net, 0)
+    res = align.weight_matching(spec, a, a, jax.random.key(0))
+    # sweep 2 solves again the two solved without a neighbour; the last of the forward sweep saw both of its
+    assert res.converged and res.iterations == 2 and res.solves == len(spec) + 2
+    assert all(np.array_equal(res.perm[k], np.arange(spec.size[k])) for k in spec.names)
+    capped = align.weight_matching(spec, a, a, jax.random.key(0), max_iter=1)
+    assert capped.iterations == 1 and not capped.converged
+
+
+def test_a_forward_first_sweep_never_leaves_the_objective_below_the_identity():
+    """Two hidden units built so that the first layer alone asks for a swap that the second layer
+    pays for: the forward sweep's result (objective 1) is worse than the identity (200), so the
+    descent restarts from the identity, and the history never dips below its start."""
+    net = models.build({"name": "mlp", "depth": 2, "width": 2}, (1,), 1)
+    spec = align.permutation_spec(net)
+    zeros = jax.tree.map(jnp.zeros_like, net.init(jax.random.key(0)))
+
+    def model(first):
+        params = {**zeros["params"], "dense_0": {"kernel": jnp.asarray([first]), "bias": jnp.zeros(2)},
+                  "dense_1": {"kernel": jnp.asarray([[10.0, 0.0], [0.0, -10.0]]), "bias": jnp.zeros(2)}}
+        return {**zeros, "params": params}
+
+    a, b = model([1.0, 0.0]), model([0.0, 1.0])
+    swap = {"dense_0": np.array([1, 0]), "dense_1": np.array([0, 1])}
+    assert align.matching_objective(spec, swap, a, b) == pytest.approx(1.0)  # where a forward pass lands
+    res = align.weight_matching(spec, a, b, jax.random.key(0), first_sweep="forward")
+    np.testing.assert_allclose(res.objective, [200.0] * len(res.objective), rtol=1e-6)
+    assert res.converged and all(np.array_equal(res.perm[k], [0, 1]) for k in spec.names)
+    from tna_jax import tree as tree_lib
+
+    many = align.align_to_reference(spec, a, tree_lib.stack([b, b]), jax.random.key(0))
+    np.testing.assert_allclose(np.stack(many.objective), 200.0, rtol=1e-6)

@@ -49,13 +49,19 @@ from tna_jax.align.spec import (
     spec_from_axes,
 )
 from tna_jax.align.ste import STEResult, ste_matching
-from tna_jax.align.weight_matching import ORDERS, MatchResult, matching_objective, weight_matching
+from tna_jax.align.weight_matching import (
+    FIRST_SWEEPS,
+    ORDERS,
+    MatchResult,
+    matching_objective,
+    weight_matching,
+)
 
 __all__ = [
     "PermutationSpec", "LeafLayout", "Permutation", "dense", "conv", "norm", "spec_from_axes",
     "apply_permutation", "identity_permutation", "random_permutation", "invert_permutation",
     "check_permutation", "permutation_spec", "analyze", "Analysis",
-    "weight_matching", "MatchResult", "matching_objective", "ORDERS", "SOLVERS", "get_solver", "solve_assignment",
+    "weight_matching", "MatchResult", "matching_objective", "ORDERS", "FIRST_SWEEPS", "SOLVERS", "get_solver", "solve_assignment",
     "ste_matching", "STEResult", "merge_many", "MergeResult", "align_to_reference",
     "activation_matching", "activation_correlations",
     "repair", "make_repair", "repair_points", "RepairPoint", "output_stats",

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -28,7 +29,13 @@ from tna_jax import tree as tree_lib
 from tna_jax.align import costs as costs_lib
 from tna_jax.align.lap import Solver, get_solver, nested_value, solve_assignment, solve_nested
 from tna_jax.align.spec import Permutation, PermutationSpec, apply_permutation, identity_permutation
-from tna_jax.align.weight_matching import MatchResult, order_generator, select_leaves, weight_matching
+from tna_jax.align.weight_matching import (
+    FIRST_SWEEPS,
+    MatchResult,
+    order_generator,
+    select_leaves,
+    weight_matching,
+)
 
 PyTree = Any
 
@@ -148,9 +155,20 @@ def _batched_fn(spec: PermutationSpec, plan: costs_lib.GroupPlan):
     return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
 
 
+@functools.lru_cache(maxsize=256)
+def _batched_partial_fn(spec: PermutationSpec, plan: costs_lib.GroupPlan, neighbours: frozenset[str]):
+    """`_batched_fn` without the terms of the neighbours outside `neighbours` (forward first sweep)."""
+    plan = dataclasses.replace(plan, single=tuple((h, ts) for h, ts in plan.single if h in neighbours))
+
+    def one(a, b, perm):
+        return costs_lib.group_costs(spec, plan, "const", a, b, perm) + costs_lib.group_costs(spec, plan, "var", a, b, perm)
+
+    return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
+
+
 def align_to_reference(spec: PermutationSpec, a: PyTree, stacked: PyTree, key: jax.Array, max_iter: int = 100, *,
                        collections: tuple[str, ...] = ("params",), tol: float = 1e-9,
-                       solver: str | Solver = "auto", threads: int = 2) -> MatchResult:
+                       solver: str | Solver = "auto", threads: int = 2, first_sweep: str = "auto") -> MatchResult:
     """Weight-matches N models (stacked on a leading axis) to the reference `a`, all at once.
 
     Args:
@@ -163,6 +181,8 @@ def align_to_reference(spec: PermutationSpec, a: PyTree, stacked: PyTree, key: j
       tol: relative improvement needed to replace a permutation (as in `weight_matching`).
       solver: the exact assignment solver (see `tna_jax.align.lap`).
       threads: assignment problems solved at once.
+      first_sweep: ``"auto"``/``"forward"`` (the first sweep in the spec's order, each permutation
+        against the neighbours solved before it) or ``"standard"``, as in `weight_matching`.
 
     Returns:
       a `MatchResult` whose ``perm`` holds ``(N, ...)`` index arrays (row ``i`` aligns model
@@ -170,7 +190,8 @@ def align_to_reference(spec: PermutationSpec, a: PyTree, stacked: PyTree, key: j
       array per sweep and ``solves`` the assignment problems solved.
 
     Raises:
-      ValueError: models that do not fit the spec (the path is named), ``max_iter < 1``.
+      ValueError: models that do not fit the spec (the path is named), ``max_iter < 1``, an
+        unknown `first_sweep`.
 
     Examples:
       >>> import jax
@@ -186,6 +207,8 @@ def align_to_reference(spec: PermutationSpec, a: PyTree, stacked: PyTree, key: j
     """
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer; got {max_iter!r}.")
+    if first_sweep not in FIRST_SWEEPS:
+        raise ValueError(f"first_sweep must be one of {FIRST_SWEEPS}; got {first_sweep!r}.")
     collections = (collections,) if isinstance(collections, str) else tuple(collections)
     first = tree_lib.index(stacked, 0)
     la = select_leaves(spec, a, collections, "a")
@@ -197,6 +220,7 @@ def align_to_reference(spec: PermutationSpec, a: PyTree, stacked: PyTree, key: j
     names = list(plans)
     ident = identity_permutation(spec)
     perm = {k: np.stack([ident[k]] * n).astype(np.int32) for k in spec.names}
+    ident_n = {k: v.copy() for k, v in perm.items()}
     version = np.zeros((n, len(names)), np.int64)
     seen: dict[tuple[int, str], np.ndarray] = {}
     gi = {g: i for i, g in enumerate(names)}
@@ -218,25 +242,42 @@ def align_to_reference(spec: PermutationSpec, a: PyTree, stacked: PyTree, key: j
     with ThreadPoolExecutor(max(1, int(threads))) as pool:
         for it in range(1, int(max_iter) + 1):  # noqa: B007 (the count is returned)
             before = version.copy()
-            order = orders.permutation(len(names))  # weight_matching's order, sweep for sweep
-            for g in (names[int(k)] for k in order):
+            forward = first_sweep != "standard" and it == 1
+            # weight_matching's order, sweep for sweep
+            sweep = names if forward else [names[int(k)] for k in orders.permutation(len(names))]
+            visited: set[str] = set()
+            for g in sweep:
                 deps = [gi[h] for h in plans[g].deps]
                 dirty = [i for i in range(n) if (i, g) not in seen or not np.array_equal(seen[(i, g)], version[i, deps])]
                 if not dirty:
                     continue
-                c0s, ccs = _batched_fn(spec, plans[g])(la, lb, {k: jnp.asarray(v) for k, v in perm.items()})
+                plan = plans[g]
+                partial = forward and not plan.full and any(h not in visited for h in plan.singles)
+                visited.add(g)
+                fn = _batched_partial_fn(spec, plan, frozenset(visited)) if partial else _batched_fn(spec, plan)
+                out = fn(la, lb, {k: jnp.asarray(v) for k, v in perm.items()})
+                c0s, ccs = (out, {}) if partial else out
                 c0s = np.asarray(c0s, np.float64)
                 ccs = {k: np.asarray(v, np.float64) for k, v in ccs.items()}
                 jobs = [(i, g, c0s[i], {k: v[i] for k, v in ccs.items()}) for i in dirty]
                 for i, g_, old, updates, value in pool.map(task, jobs):
                     solves += 1
-                    seen[(i, g_)] = version[i, deps].copy()
+                    if not partial:  # solved without some neighbour's term: to be solved again
+                        seen[(i, g_)] = version[i, deps].copy()
                     if value > old + tol * max(1.0, abs(old)):
                         version[i, gi[g_]] += 1
                         for k, v in updates.items():
                             perm[k][i] = v
             objective.append(_objectives(spec, perm, a, stacked, collections, n))
-            if np.array_equal(version, before):
+            if forward:  # never worse than the identity: a model the forward sweep made worse starts over
+                worse = np.flatnonzero(objective[-1] < _objectives(spec, ident_n, a, stacked, collections, n))
+                for i in worse:
+                    for k in spec.names:
+                        if not np.array_equal(perm[k][i], ident[k]):
+                            perm[k][i] = ident[k]
+                            version[i, gi[k if k in gi else spec.parent[k]]] += 1
+                objective[-1] = _objectives(spec, perm, a, stacked, collections, n) if len(worse) else objective[-1]
+            if np.array_equal(version, before) and not forward:
                 converged = True
                 break
     return MatchResult(perm=perm, iterations=it, converged=converged, objective=objective, solves=solves)
