@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax.align.spec import PermutationSpec, permute_leaf
+from tna_jax.align.spec import PermutationSpec, hash_once, permute_leaf
 
 __all__ = ["group_costs"]  # the rest is internal to weight matching; documented here for readers
 
@@ -89,11 +89,8 @@ class GroupPlan:
         return dict(self.single)
 
     def __hash__(self) -> int:  # computed once: plans key the caches of every solve
-        cached = self.__dict__.get("_hash")
-        if cached is None:
-            cached = hash((self.name, self.children, self.size, self.constant, self.single, self.full, self.deps))
-            object.__setattr__(self, "_hash", cached)
-        return cached
+        return hash_once(self, lambda: (self.name, self.children, self.size, self.constant, self.single, self.full,
+                                        self.deps))
 
 
 def plan_groups(spec: PermutationSpec, paths: Sequence[str]) -> dict[str, GroupPlan]:
@@ -151,6 +148,16 @@ def colour_classes(plans: Mapping[str, GroupPlan]) -> list[tuple[str, ...]]:
     return [tuple(g for g in plans if colour[g] == c) for c in range(max(colour.values(), default=-1) + 1)]
 
 
+def _part_terms(spec: PermutationSpec, plan: GroupPlan, part: str, paths: Sequence[str]) -> list[Term]:
+    """The terms of one part of `plan`: ``"const"``, ``"var"`` (every neighbour's) or ``"all"``
+    (every axis carrying the permutation in the arrays `paths`; plain permutations)."""
+    if part == "const":
+        return list(plan.constant)
+    if part == "var":
+        return [t for _, ts in plan.single for t in ts]
+    return [Term(path, ax) for path in paths for ax in spec.leaves[path].axes_of(plan.name)]
+
+
 def _matrix(x: jax.Array, axis: int) -> jax.Array:
     return jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
 
@@ -175,8 +182,7 @@ def group_costs(spec: PermutationSpec, plan: GroupPlan, part: str, a: Mapping[st
     n = plan.size
     c0 = jnp.zeros((n, n), jnp.float32)
     if part in ("const", "var"):
-        terms = plan.constant if part == "const" else [t for _, ts in plan.single for t in ts]
-        for t in terms:
+        for t in _part_terms(spec, plan, part, ()):
             lay = leaves[t.path]
             x = jnp.reshape(a[t.path], lay.factors).astype(jnp.float32)
             y = permute_leaf(lay, parent, perm, b[t.path], skip={t.axis})
@@ -297,14 +303,8 @@ def _host_layout(spec: PermutationSpec, plan: GroupPlan, part: str, paths: tuple
                  ) -> tuple[tuple[str, int, tuple[tuple[int, str], ...]], ...]:
     """``(path, axis, ((other axis, other permutation), ...))`` of every term of one part of `plan`."""
     leaves = spec.leaves
-    if part == "const":
-        terms = list(plan.constant)
-    elif part == "var":
-        terms = [t for _, ts in plan.single for t in ts]
-    else:
-        terms = [Term(path, ax) for path in paths for ax in leaves[path].axes_of(plan.name)]
     return tuple((t.path, t.axis, tuple((i, p) for i, p in enumerate(leaves[t.path].perms) if p is not None and i != t.axis))
-                 for t in terms)
+                 for t in _part_terms(spec, plan, part, paths))
 
 
 def host_terms(spec: PermutationSpec, plan: GroupPlan, part: str, a: Mapping[str, np.ndarray],

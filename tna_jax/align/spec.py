@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -46,6 +46,26 @@ __all__ = [
     "identity_permutation", "random_permutation", "invert_permutation", "check_permutation",
     "apply_permutation",
 ]
+
+
+def hash_once(obj: Any, values: Callable[[], tuple]) -> int:
+    """The hash of ``values()``, computed on the first call and kept on the frozen dataclass `obj`.
+
+    Specs and cost plans key the caches of every matching step; hashing their nested tuples each
+    time cost more than the lookups.
+
+    Args:
+      obj: a frozen dataclass instance (the hash is stored in its ``__dict__``).
+      values: the fields that define it.
+
+    Returns:
+      the hash.
+    """
+    cached = obj.__dict__.get("_hash")
+    if cached is None:
+        cached = hash(values())
+        object.__setattr__(obj, "_hash", cached)
+    return cached
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +103,7 @@ class PermutationSpec:
     layouts: tuple[tuple[str, LeafLayout], ...]
 
     def __hash__(self) -> int:  # computed once: the spec keys the caches of every matching step
-        cached = self.__dict__.get("_hash")
-        if cached is None:
-            cached = hash((self.sizes, self.parents, self.layouts))
-            object.__setattr__(self, "_hash", cached)
-        return cached
+        return hash_once(self, lambda: (self.sizes, self.parents, self.layouts))
 
     # ---- views -----------------------------------------------------------------------------
     @property

@@ -528,8 +528,8 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
     if cost_backend == "host" and nested:
         raise ValueError("cost_backend='host' supports plain permutations only; this spec has nested ones "
                          f"({sorted(k for p in plans.values() for k in p.children)}): use 'auto' or 'device'.")
-    flops = _sweep_flops(spec, plans, list(la))
     on_host = cost_backend == "host" or (cost_backend == "auto" and not nested and _in_host_memory(la, lb))
+    one_blas_thread = on_host and _sweep_flops(spec, plans, list(la)) < _HOST_MAX_FLOPS
     greedy = first_sweep == "forward" or (first_sweep == "auto" and init is None)
     m = _Matcher(spec, la, lb, perm, plans, solve, incremental, int(refresh), float(tol), on_host=on_host,
                  greedy=greedy)
@@ -552,7 +552,7 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
     threaded = threads > 1 and max(p.size for p in plans.values()) >= _THREAD_MIN_SIZE
     m.pool = ThreadPoolExecutor(int(threads)) if threaded else None
     try:
-        with _one_blas_thread() if on_host and flops < _HOST_MAX_FLOPS else contextlib.nullcontext():
+        with _one_blas_thread() if one_blas_thread else contextlib.nullcontext():
             for it in range(1, int(max_iter) + 1):  # noqa: B007 (the count is returned)
                 before, partial = dict(m.version), m.partial_solves
                 sweep = (independent_runs(names, plans) if greedy and it == 1
