@@ -240,11 +240,11 @@ def contract_all_but(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
     channels between its taps and its output channels) it is a sum of one GEMM per leading index,
     each accumulated into the result by BLAS itself (``beta=1``: no temporary per GEMM). Moving the
     axis first instead copies both arrays, which at ResNet-20 x16 cost a third of the product, and
-    for a rank-m correction's thin slices the accumulating GEMMs are 2-5x faster than either.
+    for a rank-m correction's thin slices the accumulating GEMMs beat both by more.
 
     Float32 and float64 arrays go to SciPy's BLAS, every GEMM of a matching to the same library:
     NumPy and SciPy wheels each bundle an OpenBLAS with its own thread pool, and alternating
-    between them left one pool spinning while the other worked (the 2-core matching ran 1.5x slower).
+    between them left one pool spinning while the other worked, and the two fought for the cores.
 
     Args:
       x, y: NumPy arrays of one shape.
