@@ -29,6 +29,7 @@ from tna_jax import tree as tree_lib
 from tna_jax.align import costs as costs_lib
 from tna_jax.align.lap import Solver, get_solver, nested_value, solve_assignment, solve_nested
 from tna_jax.align.spec import Permutation, PermutationSpec, apply_permutation, identity_permutation
+from tna_jax.align.visiting import leaves_out_neighbours
 from tna_jax.align.weight_matching import (
     FIRST_SWEEPS,
     MatchResult,
@@ -252,7 +253,7 @@ def align_to_reference(spec: PermutationSpec, a: PyTree, stacked: PyTree, key: j
                 if not dirty:
                     continue
                 plan = plans[g]
-                partial = forward and not plan.full and any(h not in visited for h in plan.singles)
+                partial = forward and leaves_out_neighbours(plan, visited)
                 visited.add(g)
                 fn = _batched_partial_fn(spec, plan, frozenset(visited)) if partial else _batched_fn(spec, plan)
                 out = fn(la, lb, {k: jnp.asarray(v) for k, v in perm.items()})

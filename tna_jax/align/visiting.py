@@ -6,12 +6,14 @@ which are solved together with the result of visiting them one at a time.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import jax
 import numpy as np
 
 from tna_jax.align import costs as costs_lib
 
-__all__ = ["order_generator", "sweep_batches", "independent_runs"]
+__all__ = ["order_generator", "sweep_batches", "independent_runs", "leaves_out_neighbours"]
 
 
 def order_generator(key: jax.Array) -> np.random.Generator:
@@ -73,3 +75,17 @@ def independent_runs(seq: list[str], plans: dict[str, costs_lib.GroupPlan]) -> l
         else:
             out.append([g])
     return out
+
+
+def leaves_out_neighbours(plan: costs_lib.GroupPlan, solved: Collection[str]) -> bool:
+    """Whether a forward first sweep solves `plan`'s permutation without some neighbour's term.
+
+    Args:
+      plan: the permutation's cost-matrix plan (`costs.plan_groups`).
+      solved: the permutations solved so far.
+
+    Returns:
+      True when its matrix is a sum of per-neighbour terms (no nested permutations or terms of
+      several) and some neighbour is not in `solved`: that neighbour's term is left out.
+    """
+    return not plan.full and any(h not in solved for h in plan.singles)

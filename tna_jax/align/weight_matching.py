@@ -79,7 +79,7 @@ from tna_jax.align.spec import (
     identity_permutation,
     permute_leaf,
 )
-from tna_jax.align.visiting import independent_runs, order_generator, sweep_batches
+from tna_jax.align.visiting import independent_runs, leaves_out_neighbours, order_generator, sweep_batches
 
 PyTree = Any
 
@@ -253,7 +253,7 @@ class _Matcher:
     def __init__(self, spec: PermutationSpec, la: dict[str, jax.Array], lb: dict[str, jax.Array],
                  perm: dict[str, np.ndarray], plans: dict[str, costs_lib.GroupPlan], solver: Solver,
                  incremental: bool | str, refresh: int, tol: float, on_host: bool = False,
-                 greedy: bool = False):
+                 forward: bool = False):
         self.spec, self.la, self.lb, self.plans = spec, la, lb, plans
         self.on_host = on_host  # every cost matrix built in NumPy from `full_host`
         self.full_host = ({p: _host_view(x) for p, x in la.items()},
@@ -271,9 +271,8 @@ class _Matcher:
         self.synced: dict[str, dict[str, np.ndarray]] = {}  # g -> h -> the permutation of h in that term
         self.updates: dict[tuple[str, str], int] = {}  # rank-m corrections since the term was computed
         self.solves = 0
-        # greedy first sweep: a tracked matrix leaves out the terms of neighbours never solved yet
-        self.greedy = greedy
-        self.visited: set[str] = set()  # permutations solved at least once
+        # forward first sweep: a matrix leaves out the terms of neighbours never solved yet (not in `seen`)
+        self.forward = forward
         self.partial: set[str] = set()  # solved last without some neighbour's term: not clean
         self.partial_solves = 0  # their gains are not the objective's: it is recomputed after the sweep
         self._host: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
@@ -311,17 +310,16 @@ class _Matcher:
         ``(h, "term")`` (the term of neighbour h from the weights) or ``(h, "update")`` (a rank-m
         correction of it)."""
         plan = self.plans[g]
-        # greedy first visit: the terms of the neighbours solved so far, whether tracked or not
-        partial = (self.greedy and g not in self.visited and not plan.full
-                   and any(h not in self.visited for h in plan.singles))
+        # forward first visit: the terms of the neighbours solved so far, whether tracked or not
+        partial = self.forward and g not in self.seen and leaves_out_neighbours(plan, self.seen)
         if not self.incr[g] and not partial:
             return [("", "full")]
         singles = plan.singles
         out = [] if g in self.terms else [("", "const")]
         have = self.terms.get(g, {})
         for h in singles:
-            if h not in have:  # never built, or left out while h was unsolved (greedy first sweep)
-                if not self.greedy or h in self.visited:
+            if h not in have:  # never built, or left out while h was unsolved (forward first sweep)
+                if not self.forward or h in self.seen:
                     out.append((h, "term"))
                 continue
             moved = int(np.count_nonzero(self.perm[h] != self.synced[g][h]))
@@ -423,7 +421,6 @@ class _Matcher:
                 self.partial_solves += 1
             else:
                 self.partial.discard(g)
-        self.visited.update(g for g, _, _, _ in results)
         gain = 0.0
         for g, old, updates, value in results:
             self.solves += 1
@@ -530,9 +527,9 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
                          f"({sorted(k for p in plans.values() for k in p.children)}): use 'auto' or 'device'.")
     on_host = cost_backend == "host" or (cost_backend == "auto" and not nested and _in_host_memory(la, lb))
     one_blas_thread = on_host and _sweep_flops(spec, plans, list(la)) < _HOST_MAX_FLOPS
-    greedy = first_sweep == "forward" or (first_sweep == "auto" and init is None)
+    forward = first_sweep == "forward" or (first_sweep == "auto" and init is None)
     m = _Matcher(spec, la, lb, perm, plans, solve, incremental, int(refresh), float(tol), on_host=on_host,
-                 greedy=greedy)
+                 forward=forward)
     names = list(plans)
     classes = costs_lib.colour_classes(plans) if order == "classes" else []
     orders = order_generator(key)
@@ -555,7 +552,7 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
         with _one_blas_thread() if one_blas_thread else contextlib.nullcontext():
             for it in range(1, int(max_iter) + 1):  # noqa: B007 (the count is returned)
                 before, partial = dict(m.version), m.partial_solves
-                sweep = (independent_runs(names, plans) if greedy and it == 1
+                sweep = (independent_runs(names, plans) if forward and it == 1
                          else sweep_batches(order, names, plans, classes, orders))
                 for batch in sweep:
                     running += m.run_batch(batch, together=order == "classes")
