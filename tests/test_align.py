@@ -917,6 +917,23 @@ def test_a_forward_first_sweep_never_ends_the_descent_by_itself():
     assert capped.iterations == 1 and not capped.converged
 
 
+@pytest.mark.parametrize("name,backend", [("mlp", "host"), ("mlp", "device"), ("resnet20", "host"),
+                                          ("local_resnet_bn", "device"), ("vit", "auto"), ("transformer", "auto")])
+def test_the_objective_after_a_forward_sweep_is_the_models(name, backend):
+    """After the forward sweep the objective is summed from the matrices solved (every array enters
+    the one of the later of its permutations) or, with nested or shared terms (the ViT's heads),
+    computed from the weights: either way it is the matching objective of the permutation reached."""
+    net = make_net(name)
+    spec = align.permutation_spec(net)
+    a, b = perturbed(net, 3), perturbed(net, 4)
+    one = align.weight_matching(spec, a, b, jax.random.key(0), max_iter=1, first_sweep="forward", cost_backend=backend)
+    assert len(one.objective) == 2 and one.objective[1] > one.objective[0]
+    np.testing.assert_allclose(one.objective[1], align.matching_objective(spec, one.perm, a, b), rtol=1e-5)
+    full = align.weight_matching(spec, a, b, jax.random.key(0), first_sweep="forward", cost_backend=backend)
+    assert full.objective[:2] == one.objective and full.converged
+    np.testing.assert_allclose(full.objective[-1], align.matching_objective(spec, full.perm, a, b), rtol=1e-5)
+
+
 def test_a_forward_first_sweep_never_leaves_the_objective_below_the_identity():
     """Two hidden units built so that the first layer alone asks for a swap that the second layer
     pays for: the forward sweep's result (objective 1) is worse than the identity (200), so the

@@ -17,7 +17,7 @@ from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 from test_anchors import OPTIMIZERS, mlp_params, quadratic_loss
-from util import run_python
+from util import run_python, xla_flags_with_devices
 
 from tna_jax import anchors
 from tna_jax.anchors import anchor_mask, fixed_anchor_mask
@@ -292,7 +292,7 @@ print(json.dumps({
 
 
 def test_masks_of_sharded_params_are_drawn_sharded_like_them():
-    out = run_python(SHARDED_MASK, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    out = run_python(SHARDED_MASK, env={"XLA_FLAGS": xla_flags_with_devices(4)})
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 4 and result["same_sharding"] and result["same_bits"]

@@ -609,7 +609,7 @@ def test_rounds_are_awaited_one_arm_at_a_time_only_on_several_cpu_devices():
     """XLA:CPU can deadlock with several programs' collectives in flight (an all-gather rendezvous
     of the 21-arm sweep on two CPU devices never completed): there each arm's round is awaited
     before the next is dispatched; one device (no collectives) keeps asynchronous dispatch."""
-    from util import run_python
+    from util import run_python, xla_flags_with_devices
 
     from tna_jax.experiments.federated import _one_program_at_a_time
 
@@ -618,6 +618,6 @@ def test_rounds_are_awaited_one_arm_at_a_time_only_on_several_cpu_devices():
             "from tna_jax.experiments.federated import _one_program_at_a_time\n"
             "assert jax.device_count() == 2\n"
             "print(_one_program_at_a_time(sharding.run_mesh()), _one_program_at_a_time(sharding.run_mesh(jax.devices()[:1])))")
-    out = run_python(code, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    out = run_python(code, env={"XLA_FLAGS": xla_flags_with_devices(2)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "False"]

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 from doc_commands import flag_value, page_commands
-from util import ROOT
+from util import ROOT, xla_flags_with_devices
 
 PAGE = "docs/howto/multihost.md"
 
@@ -196,7 +196,7 @@ print(json.dumps({"sharded_programs": pairs_lib._sharded_pairs_program.cache_siz
 def run_code(code, nproc, devices_per_process):
     """`code` in `nproc` processes of `devices_per_process` CPU devices; each one's last JSON line."""
     port = str(free_port())
-    proc_env = {**env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+    proc_env = {**env(), "XLA_FLAGS": xla_flags_with_devices(devices_per_process)}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(i), str(nproc), port], cwd=ROOT, env=proc_env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(nproc)]
     return [json.loads([line for line in out.splitlines() if line.startswith("{")][-1]) for out in finish(procs)]
@@ -284,7 +284,7 @@ print(json.dumps({"processes": jax.process_count(), "numbers": out}))
 
 def run_kinds(kinds, root, nproc, devices_per_process):
     port = str(free_port())
-    proc_env = {**env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+    proc_env = {**env(), "XLA_FLAGS": xla_flags_with_devices(devices_per_process)}
     procs = [subprocess.Popen([sys.executable, "-c", KIND_CODE, str(i), str(nproc), port, ",".join(kinds), str(root)],
                               cwd=ROOT, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(nproc)]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from util import ROOT, run_python, tensorboard_events, tiny_config
+from util import ROOT, run_python, tensorboard_events, tiny_config, xla_flags_with_devices
 
 from tna_jax import anchors, data, evaluation, models, optimizers, runner, training
 from tna_jax import checkpoint as ckpt_lib
@@ -492,7 +492,7 @@ print(json.dumps({"devices": jax.device_count(), "acc": res.test["accuracy"].tol
 
 def test_four_devices_match_one_device():
     one = run_python(MULTI_DEVICE_CODE)
-    four = run_python(MULTI_DEVICE_CODE, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    four = run_python(MULTI_DEVICE_CODE, env={"XLA_FLAGS": xla_flags_with_devices(4)})
     assert one.returncode == 0, one.stderr[-2000:]
     assert four.returncode == 0, four.stderr[-2000:]
     a = json.loads(one.stdout.strip().splitlines()[-1])

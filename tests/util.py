@@ -36,6 +36,13 @@ def tiny_config(**overrides):
     return c
 
 
+def xla_flags_with_devices(count: int) -> str:
+    """The session's XLA_FLAGS (conftest's compile level) with a forced host device count: a process
+    a test starts with its own device count still compiles like the rest of the suite."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={count}"])
+
+
 def run_python(code: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Runs `code` in a fresh Python process from the repository root."""
     full_env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **(env or {})}

@@ -274,7 +274,11 @@ class _Matcher:
         # forward first sweep: a matrix leaves out the terms of neighbours never solved yet (not in `seen`)
         self.forward = forward
         self.partial: set[str] = set()  # solved last without some neighbour's term: not clean
-        self.partial_solves = 0  # their gains are not the objective's: it is recomputed after the sweep
+        self.partial_solves = 0  # their gains are not the objective's (see `kept`)
+        # the sum over solves of the matrix's value at the permutation kept: over a forward sweep
+        # (each permutation solved once, against the neighbours solved before it) every array that
+        # carries a permutation enters exactly one of these matrices, at its final permutations
+        self.kept = 0.0
         self._host: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         self.host_terms: dict[tuple[str, str, str], costs_lib.HostTerms] = {}
         self.pool: ThreadPoolExecutor | None = None
@@ -426,11 +430,14 @@ class _Matcher:
             self.solves += 1
             if value > old + self.tol * max(1.0, abs(old)):
                 gain += value - old
+                self.kept += value
                 self.version[g] += 1
                 for k, v in updates.items():
                     self.perm[k] = np.asarray(v, np.int32)
                     if not self.on_host:
                         self.dev[k] = jnp.asarray(self.perm[k])
+            else:
+                self.kept += old
         return gain
 
 
@@ -544,6 +551,11 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
         return matching_objective(spec, perm, a, b, collections=collections)
 
     objective = [objective_now(identity=init is None)]
+    # After a forward sweep the objective is the sum of the kept values (`_Matcher.kept`; every
+    # array of a spec carries a permutation) when every matrix is a sum of constant and
+    # per-neighbour terms; otherwise (nested permutations, an array carrying one twice or three) it
+    # is computed from the weights, which at ResNet-20 x16 costs a tenth of the matching.
+    exact_forward = forward and not any(p.full for p in plans.values())
     start = {k: v.copy() for k, v in perm.items()}
     running, converged, it = objective[0], False, 0
     threaded = threads > 1 and max(p.size for p in plans.values()) >= _THREAD_MIN_SIZE
@@ -552,12 +564,13 @@ def weight_matching(spec: PermutationSpec, a: PyTree, b: PyTree, key: jax.Array,
         with _one_blas_thread() if one_blas_thread else contextlib.nullcontext():
             for it in range(1, int(max_iter) + 1):  # noqa: B007 (the count is returned)
                 before, partial = dict(m.version), m.partial_solves
+                m.kept = 0.0
                 sweep = (independent_runs(names, plans) if forward and it == 1
                          else sweep_batches(order, names, plans, classes, orders))
                 for batch in sweep:
                     running += m.run_batch(batch, together=order == "classes")
                 if m.partial_solves != partial:  # gains on partial matrices are not the objective's
-                    running = objective_now()
+                    running = m.kept if exact_forward and it == 1 else objective_now()
                     if running < objective[0]:  # keep the guarantee: never worse than the start
                         m.restart(start)
                         running = objective[0]
