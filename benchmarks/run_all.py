@@ -88,10 +88,15 @@ BENCHMARKS = (
         # benchmark only; --quick measures the small ones, where the target is "never slower".
         Ratio("small_to_convergence_min", 1.0, "small models (MLP w=512, ResNet-20 x1): time to converge, "
               "reference / ours (median over 3 seeds)"),
-        Ratio("large_per_sweep_min", 2.5, "MLP w=2048, w=4096, ResNet-20 x16: time per sweep of the same kind, "
-              "reference / ours with the paper's first sweep"),
-        Ratio("large_per_sweep_default_min", None, "the same with our defaults (a forward first sweep: an MLP "
-              "converges in 2 sweeps, so this ratio is capped near 2 by one build of every matrix)"),
+        # Per sweep compares the work of a sweep where both sweep alike: at ResNet-20 x16 both take
+        # 3-4 sweeps (defaults); our MLP descents take 2 sweeps where the reference takes 20-28, so
+        # there the like-for-like run is ours with the paper's first sweep (same sweep counts), and
+        # the defaults' per-sweep ratio is reported with its ceiling (BENCHMARKS.md, align).
+        Ratio("x16_per_sweep", 2.5, "ResNet-20 x16: time per sweep, reference / ours (defaults; 3 vs 3-4 sweeps)"),
+        Ratio("mlp_large_per_sweep_paper_first_sweep_min", 2.5, "MLP w=2048, w=4096: time per sweep, reference / "
+              "ours with the paper's first sweep (the same sweep counts)"),
+        Ratio("mlp_large_per_sweep_default_min", None, "the same with our defaults (2 sweeps against 20-28: capped "
+              "near 1.8 by building every matrix once, see per_sweep_ceiling)"),
         Ratio("large_to_convergence_min", 2.0, "the same cases: time to converge, reference / ours"),
         Ratio("objective_min", 0.999, "objective reached, ours / reference (median over seeds, lowest case)",
               guarded=False),
