@@ -149,12 +149,15 @@ def colour_classes(plans: Mapping[str, GroupPlan]) -> list[tuple[str, ...]]:
 
 
 def _part_terms(spec: PermutationSpec, plan: GroupPlan, part: str, paths: Sequence[str]) -> list[Term]:
-    """The terms of one part of `plan`: ``"const"``, ``"var"`` (every neighbour's) or ``"all"``
-    (every axis carrying the permutation in the arrays `paths`; plain permutations)."""
+    """The terms of one part of `plan`: ``"const"``, ``"var"`` (every neighbour's), ``"terms"``
+    (both: a plan restricted to some neighbours builds just those) or ``"all"`` (every axis
+    carrying the permutation in the arrays `paths`; plain permutations)."""
     if part == "const":
         return list(plan.constant)
     if part == "var":
         return [t for _, ts in plan.single for t in ts]
+    if part == "terms":
+        return [*plan.constant, *(t for _, ts in plan.single for t in ts)]
     return [Term(path, ax) for path in paths for ax in spec.leaves[path].axes_of(plan.name)]
 
 
@@ -170,18 +173,19 @@ def group_costs(spec: PermutationSpec, plan: GroupPlan, part: str, a: Mapping[st
       spec: the permutation spec.
       plan: the group's plan (its size, constant, single and pair terms).
       part: ``"const"`` (terms that never change), ``"var"`` (terms that depend on the other
-        permutations) or ``"all"``.
+        permutations), ``"terms"`` (the plan's const and var terms: of a plan restricted to
+        some neighbours, just theirs) or ``"all"``.
       a, b: the two models' parameters by path.
       perm: the current permutations by name.
 
     Returns:
-      ``c0``, the ``(n, n)`` float32 matrix of the single terms, for ``"const"`` and ``"var"``;
+      ``c0``, the ``(n, n)`` float32 matrix of the plan's terms, for ``"const"``, ``"var"`` and ``"terms"``;
       ``(c0, {child: (n, d, n, d)})`` with the per-child terms of rank-m updates for ``"all"``.
     """
     leaves, parent = spec.leaves, spec.parent
     n = plan.size
     c0 = jnp.zeros((n, n), jnp.float32)
-    if part in ("const", "var"):
+    if part in ("const", "var", "terms"):
         for t in _part_terms(spec, plan, part, ()):
             lay = leaves[t.path]
             x = jnp.reshape(a[t.path], lay.factors).astype(jnp.float32)
@@ -309,7 +313,7 @@ def _host_layout(spec: PermutationSpec, plan: GroupPlan, part: str, paths: tuple
 
 def host_terms(spec: PermutationSpec, plan: GroupPlan, part: str, a: Mapping[str, np.ndarray],
                b: Mapping[str, np.ndarray]) -> HostTerms:
-    """The `HostTerms` of one part of `plan` (``"const"``, ``"var"`` or ``"all"``, as in
+    """The `HostTerms` of one part of `plan` (``"const"``, ``"var"``, ``"terms"`` or ``"all"``, as in
     `group_costs`) from host float32 copies of the two models' arrays."""
     leaves = spec.leaves
     const = np.zeros((plan.size, plan.size), np.float32)

@@ -162,7 +162,7 @@ def _batched_partial_fn(spec: PermutationSpec, plan: costs_lib.GroupPlan, neighb
     plan = dataclasses.replace(plan, single=tuple((h, ts) for h, ts in plan.single if h in neighbours))
 
     def one(a, b, perm):
-        return costs_lib.group_costs(spec, plan, "const", a, b, perm) + costs_lib.group_costs(spec, plan, "var", a, b, perm)
+        return costs_lib.group_costs(spec, plan, "terms", a, b, perm)
 
     return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
 

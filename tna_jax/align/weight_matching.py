@@ -425,6 +425,9 @@ class _Matcher:
                 self.partial_solves += 1
             else:
                 self.partial.discard(g)
+            if not self.incr[g]:  # an untracked matrix is rebuilt whole at its next solve: keep no parts
+                for parts in (self.const, self.terms, self.synced):
+                    parts.pop(g, None)
         gain = 0.0
         for g, old, updates, value in results:
             self.solves += 1
