@@ -287,12 +287,11 @@ def main():
     def lowest(rs, key):
         return min((r[key] for r in rs), default=None)
 
+    big_mlps = [r for r in big if r["model"].startswith("MLP")]
     ratios = {"small_to_convergence_min": lowest(small, "to_convergence_ratio"),
               "x16_per_sweep": lowest([r for r in big if r["model"] == "ResNet-20 x16"], "per_sweep_ratio"),
-              "mlp_large_per_sweep_paper_first_sweep_min": lowest([r for r in big if r["model"].startswith("MLP")],
-                                                                  "per_sweep_ratio_paper_first_sweep"),
-              "mlp_large_per_sweep_default_min": lowest([r for r in big if r["model"].startswith("MLP")],
-                                                        "per_sweep_ratio"),
+              "mlp_large_per_sweep_paper_first_sweep_min": lowest(big_mlps, "per_sweep_ratio_paper_first_sweep"),
+              "mlp_large_per_sweep_default_min": lowest(big_mlps, "per_sweep_ratio"),
               "large_to_convergence_min": lowest(big, "to_convergence_ratio"),
               "objective_min": lowest(rows, "objective_ratio")}
     write_json("align", {"rows": rows, "table": table, "quick": args.quick, "shared_order": args.shared_order, "ratios": ratios,
